@@ -1,0 +1,72 @@
+"""regcollect: Keras-style regularization for PyTorch, collected in one place.
+
+>>> import torch, regcollect as rc
+>>> model = torch.nn.Sequential(rc.nn.Linear(3, 2, kernel_regularizer=rc.l2(0.01)))
+>>> total = rc.loss()          # add it to the task loss, then backward()
+>>> total.shape
+torch.Size([])
+"""
+
+from . import compat, engine, nn, regularizers
+from .attach import add_activity_regularizer, add_regularizer
+from .collection import (
+    Collection,
+    Entry,
+    Handle,
+    get_collection,
+    get_regularization_loss,
+    get_regularization_losses,
+    loss,
+    penalties,
+    scope,
+)
+from .regularizers import (
+    L1,
+    L1L2,
+    L2,
+    Orthogonal,
+    OrthogonalRegularizer,
+    Regularizer,
+    deserialize,
+    l1,
+    l1_l2,
+    l2,
+    orthogonal,
+    register,
+    serialize,
+)
+from .summary import summary
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Collection",
+    "Entry",
+    "Handle",
+    "L1",
+    "L1L2",
+    "L2",
+    "Orthogonal",
+    "OrthogonalRegularizer",
+    "Regularizer",
+    "add_activity_regularizer",
+    "add_regularizer",
+    "compat",
+    "deserialize",
+    "engine",
+    "get_collection",
+    "get_regularization_loss",
+    "get_regularization_losses",
+    "l1",
+    "l1_l2",
+    "l2",
+    "loss",
+    "nn",
+    "orthogonal",
+    "penalties",
+    "register",
+    "regularizers",
+    "scope",
+    "serialize",
+    "summary",
+]

@@ -1,0 +1,128 @@
+"""Where a module sits: parent links, qualified paths and Keras-style automatic names.
+
+PyTorch modules do not know their parents, yet an entry's name is its path inside the outermost
+model that holds it, and that model usually comes into existence after the layer. So we record
+every ``parent -> child`` registration with PyTorch's global module-registration hook (weakly:
+a record never keeps a module alive) and walk the links upwards when a name is asked for. Links
+are checked against ``parent._modules`` when used, so replaced or removed children never resolve
+to a stale path. Models built before regcollect was imported are recorded by
+:func:`record_tree` when they are handed to regcollect.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import threading
+import weakref
+from collections import defaultdict
+
+import torch
+
+__all__ = ["record_tree", "path_to_root", "auto_name", "version", "strip_wrappers"]
+
+_lock = threading.Lock()
+_parents: weakref.WeakKeyDictionary[torch.nn.Module, list[tuple[weakref.ref[torch.nn.Module], str]]]
+_parents = weakref.WeakKeyDictionary()
+_auto_names: weakref.WeakKeyDictionary[torch.nn.Module, str] = weakref.WeakKeyDictionary()
+_name_counters: defaultdict[str, itertools.count[int]] = defaultdict(itertools.count)
+_version = 0
+
+# Attributes through which wrappers hold the real model; they never appear in names.
+_WRAPPER_ATTRS = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+_DATA_PARALLEL = ("DistributedDataParallel", "DataParallel")
+_WRAPPER_PREFIX = re.compile(
+    r"(^|\.)(module|_orig_mod|_fsdp_wrapped_module|_checkpoint_wrapped_module)\."
+)
+
+
+def version() -> int:
+    """Bumped whenever a module is registered anywhere; cached names compare against it."""
+    return _version
+
+
+def _link(parent: torch.nn.Module, name: str, child: torch.nn.Module) -> None:
+    global _version
+    with _lock:
+        links = _parents.get(child)
+        if links is None:
+            _parents[child] = [(weakref.ref(parent), name)]
+        else:
+            links[:] = [
+                (r, n) for r, n in links if r() is not None and not (r() is parent and n == name)
+            ]
+            links.append((weakref.ref(parent), name))
+        _version += 1
+
+
+def _on_module_registration(
+    parent: torch.nn.Module, name: str, child: torch.nn.Module | None
+) -> None:
+    if isinstance(child, torch.nn.Module):
+        _link(parent, name, child)
+
+
+torch.nn.modules.module.register_module_module_registration_hook(_on_module_registration)
+
+
+def record_tree(root: torch.nn.Module) -> None:
+    """Record the links of a whole model (one built before regcollect was imported)."""
+    for parent in root.modules():
+        for name, child in parent._modules.items():
+            if child is not None:
+                links = _parents.get(child)
+                if links is None or not any(r() is parent and n == name for r, n in links):
+                    _link(parent, name, child)
+
+
+def _parent_of(module: torch.nn.Module) -> tuple[torch.nn.Module, str] | None:
+    for ref, name in _parents.get(module, ()):
+        parent = ref()
+        if parent is not None and parent._modules.get(name) is module:
+            return parent, name
+    return None
+
+
+def _is_wrapper(parent: torch.nn.Module, name: str) -> bool:
+    return name in _WRAPPER_ATTRS or (name == "module" and type(parent).__name__ in _DATA_PARALLEL)
+
+
+def path_to_root(module: torch.nn.Module) -> tuple[torch.nn.Module, str]:
+    """``(outermost model holding module, dotted path of module in it)``; ``""`` for a root."""
+    parts: list[str] = []
+    seen = {id(module)}
+    current = module
+    while (link := _parent_of(current)) is not None:
+        parent, name = link
+        if id(parent) in seen:
+            break
+        seen.add(id(parent))
+        if not _is_wrapper(parent, name):
+            parts.append(name)
+        current = parent
+    return current, ".".join(reversed(parts))
+
+
+def strip_wrappers(name: str) -> str:
+    """Remove ``module.``, ``_orig_mod.`` and ``_fsdp_wrapped_module.`` from a qualified name."""
+    previous = None
+    while previous != name:
+        previous, name = name, _WRAPPER_PREFIX.sub(r"\1", name, count=1)
+    return name
+
+
+def _snake(name: str) -> str:
+    name = re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", name)
+    return re.sub(r"(?<=[A-Z])([A-Z][a-z])", r"_\1", name).lower()
+
+
+def auto_name(module: torch.nn.Module) -> str:
+    """Keras-style unique name for ``module``: ``linear``, ``linear_1``, ``linear_2``, ..."""
+    with _lock:
+        name = _auto_names.get(module)
+        if name is None:
+            prefix = _snake(type(module).__name__)
+            uid = next(_name_counters[prefix])
+            name = prefix if uid == 0 else f"{prefix}_{uid}"
+            _auto_names[module] = name
+        return name

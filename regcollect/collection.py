@@ -1,0 +1,709 @@
+"""The collection: entries, names, scopes and ``loss()``.
+
+An *entry* is one regularizer on one thing: a parameter of a module (looked up by name at
+``loss()`` time, so replaced parameters, ``.to()`` and sharding keep working), a module's output
+(an activity entry) or a bare tensor (TF1's ``apply_regularization``). Entries hold what they
+regularize weakly: a deleted model stops counting and nothing leaks. The only global state is
+the default collection and the stack of active :func:`scope` blocks.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import operator
+import re
+import threading
+import weakref
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import _naming
+from .engine import Plan, Result
+from .regularizers import Regularizer, accumulation_dtype
+from .regularizers import get as get_regularizer
+
+__all__ = [
+    "Collection",
+    "Entry",
+    "Handle",
+    "get_collection",
+    "loss",
+    "get_regularization_loss",
+    "get_regularization_losses",
+    "penalties",
+    "scope",
+]
+
+WEIGHT, ACTIVITY, TENSOR = "weight", "activity", "tensor"
+
+
+class Entry:
+    """One regularizer on one parameter, module output or tensor. Read-only for users."""
+
+    __slots__ = (
+        "__weakref__",
+        "explicit_name",
+        "hook_handle",
+        "kind",
+        "module_ref",
+        "name",
+        "param",
+        "prefix",
+        "regularizer",
+        "tensor_ref",
+    )
+
+    def __init__(
+        self,
+        kind: str,
+        regularizer: Regularizer,
+        *,
+        module_ref: weakref.ref[torch.nn.Module] | None = None,
+        param: str | None = None,
+        tensor_ref: weakref.ref[torch.Tensor] | None = None,
+        prefix: str = "",
+        explicit_name: str | None = None,
+    ) -> None:
+        self.kind = kind
+        self.regularizer = regularizer
+        self.module_ref = module_ref
+        self.param = param
+        self.tensor_ref = tensor_ref
+        self.prefix = prefix
+        self.explicit_name = explicit_name
+        self.hook_handle: Any = None
+        self.name: str = ""
+
+    @property
+    def module(self) -> torch.nn.Module | None:
+        """The module holding the parameter (or producing the output); None once deleted."""
+        return None if self.module_ref is None else self.module_ref()
+
+    @property
+    def alive(self) -> bool:
+        ref = self.module_ref if self.module_ref is not None else self.tensor_ref
+        return ref is not None and ref() is not None
+
+    def resolve(self) -> torch.Tensor | None:
+        """The tensor this entry regularizes now (None for activity entries and dead ones)."""
+        if self.kind == WEIGHT:
+            module = self.module_ref() if self.module_ref is not None else None
+            return None if module is None else module._parameters.get(self.param)  # type: ignore[arg-type]
+        if self.kind == TENSOR and self.tensor_ref is not None:
+            return self.tensor_ref()
+        return None
+
+    @property
+    def shape(self) -> tuple[int, ...] | None:
+        tensor = self.resolve()
+        if tensor is None:
+            return None
+        full = getattr(tensor, "full_shape", None)  # sharded tensors report their global shape
+        return tuple(full if full is not None else tensor.shape)
+
+    def _base_name(self) -> tuple[str, torch.nn.Module | None]:
+        if self.explicit_name is not None:
+            return self.prefix + self.explicit_name, None
+        module = self.module
+        if module is None:
+            return self.prefix + "<deleted>", None
+        root, path = _naming.path_to_root(module)
+        owner = path or _naming.auto_name(module)
+        suffix = ":activity" if self.kind == ACTIVITY else f".{self.param}"
+        return self.prefix + owner + suffix, root
+
+    def __repr__(self) -> str:
+        return f"Entry({self.name or self._base_name()[0]!r}, {self.regularizer!r})"
+
+
+# --- scopes -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _ScopeFrame:
+    name: str
+    defaults: dict[str, Regularizer | None]
+    collection: Collection | None
+
+
+_scope_stack: contextvars.ContextVar[tuple[_ScopeFrame, ...]] = contextvars.ContextVar(
+    "regcollect_scope", default=()
+)
+
+
+@contextmanager
+def scope(
+    name: str,
+    *,
+    kernel_regularizer: object = None,
+    bias_regularizer: object = None,
+    activity_regularizer: object = None,
+    collection: Collection | None = None,
+) -> Iterator[None]:
+    """Name entries made inside ``name/...`` and give layers made inside default regularizers.
+
+    Like TF1's ``variable_scope(regularizer=...)``: a layer built inside takes the scope's
+    ``kernel_regularizer``/``bias_regularizer``/``activity_regularizer`` for the arguments it
+    was not given explicitly. Scopes nest (``"encoder/block1/..."``); inner defaults win.
+
+    >>> import regcollect as rc
+    >>> with rc.scope("encoder", kernel_regularizer=rc.l2(1e-4)):
+    ...     layer = rc.nn.Linear(2, 2)
+    >>> layer.kernel_regularizer
+    L2(l2=0.0001)
+    """
+    if not isinstance(name, str) or not name.strip("/"):
+        raise ValueError(f"scope name must be a non-empty string, got {name!r}")
+    if collection is not None and not isinstance(collection, Collection):
+        raise TypeError(
+            f"collection must be a regcollect.Collection, got {type(collection).__name__}"
+        )
+    defaults = {
+        "kernel_regularizer": get_regularizer(kernel_regularizer),
+        "bias_regularizer": get_regularizer(bias_regularizer),
+        "activity_regularizer": get_regularizer(activity_regularizer),
+    }
+    frame = _ScopeFrame(name.strip("/"), defaults, collection)
+    token = _scope_stack.set((*_scope_stack.get(), frame))
+    try:
+        yield
+    finally:
+        _scope_stack.reset(token)
+
+
+def current_prefix() -> str:
+    """``"outer/inner/"`` for the active scopes, ``""`` outside any."""
+    stack = _scope_stack.get()
+    return "".join(frame.name + "/" for frame in stack)
+
+
+def scope_default(argument: str) -> Regularizer | None:
+    """The innermost active scope's default for a layer argument such as ``kernel_regularizer``."""
+    for frame in reversed(_scope_stack.get()):
+        reg = frame.defaults.get(argument)
+        if reg is not None:
+            return reg
+    return None
+
+
+def active_collection(explicit: Collection | None = None) -> Collection:
+    """``explicit`` if given, else the innermost scope's collection, else the default one."""
+    if explicit is not None:
+        if not isinstance(explicit, Collection):
+            raise TypeError(
+                f"collection must be a regcollect.Collection, got {type(explicit).__name__}"
+            )
+        return explicit
+    for frame in reversed(_scope_stack.get()):
+        if frame.collection is not None:
+            return frame.collection
+    return _default
+
+
+# --- the collection ---------------------------------------------------------------------------
+
+
+@dataclass
+class _CachedPlan:
+    version: int
+    names_version: int | None
+    candidates: list[Entry]
+    tensors: list[torch.Tensor | None]
+    flags: list[bool]
+    plan: Plan
+    plan_entries: list[Entry]
+
+
+@dataclass
+class _Last:
+    """What the last ``loss()`` computed, kept on the device until a summary asks."""
+
+    plan_entries: list[Entry]
+    result: Result
+    records: list[tuple[Entry, torch.Tensor]]
+    skipped: dict[Entry, str] = field(default_factory=dict)
+
+
+def _compile_scope(pattern: str | None) -> re.Pattern[str] | None:
+    if pattern is None:
+        return None
+    if not isinstance(pattern, str):
+        raise TypeError(f"scope must be a string (a regular expression) or None, got {pattern!r}")
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(
+            f"scope must be a valid regular expression, got {pattern!r}: {exc}"
+        ) from None
+
+
+class Collection:
+    """An independent set of penalties. :func:`get_collection` returns the default one.
+
+    >>> import torch, regcollect as rc
+    >>> coll = rc.Collection()
+    >>> layer = rc.nn.Linear(2, 2, kernel_regularizer=rc.l1(1.0), collection=coll)
+    >>> torch.allclose(coll.loss(), layer.weight.abs().sum())
+    True
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._entries: dict[tuple[Any, ...], Entry] = {}
+        self._by_tensor: dict[int, tuple[weakref.ref[torch.Tensor], tuple[Any, ...]]] = {}
+        self._version = 0
+        self._has_dead = False
+        self._plans: dict[str | None, _CachedPlan] = {}
+        self._names_cache: tuple[tuple[int, int], dict[Entry, str]] | None = None
+        self._records: list[tuple[Entry, torch.Tensor]] = []
+        self._last: _Last | None = None
+
+    # Collections are registries, not data: copying a model must not copy its collection.
+    def __deepcopy__(self, memo: dict[int, Any]) -> Collection:
+        return self
+
+    def __copy__(self) -> Collection:
+        return self
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (get_collection, ()) if self is _default else (Collection, ())
+
+    def __repr__(self) -> str:
+        return f"<regcollect.Collection with {len(self)} entries>"
+
+    def __len__(self) -> int:
+        with self._lock:
+            self._cleanup()
+            return len(self._entries)
+
+    # -- registration (used by regcollect.attach and regcollect.nn) --
+
+    def _on_death(self, _ref: object) -> None:
+        # May run inside the garbage collector in any thread: only set flags here.
+        self._has_dead = True
+        self._plans = {}
+        self._version += 1
+
+    def _module_ref(self, module: torch.nn.Module) -> weakref.ref[torch.nn.Module]:
+        return weakref.ref(module, self._on_death)
+
+    def add_weight(
+        self, module: torch.nn.Module, param: str, regularizer: Regularizer, prefix: str = ""
+    ) -> Entry:
+        """Register ``regularizer`` on ``module._parameters[param]``, replacing any previous one."""
+        entry = Entry(
+            WEIGHT, regularizer, module_ref=self._module_ref(module), param=param, prefix=prefix
+        )
+        return self._insert((entry.module_ref, param), entry)
+
+    def add_tensor(self, tensor: torch.Tensor, regularizer: Regularizer, name: str) -> Entry:
+        """Register ``regularizer`` on a bare tensor (held weakly) under ``name``."""
+        entry = Entry(
+            TENSOR,
+            regularizer,
+            tensor_ref=weakref.ref(tensor, self._on_death),
+            explicit_name=name,
+            prefix=current_prefix(),
+        )
+        return self._insert((entry.tensor_ref, None), entry)
+
+    def add_activity(
+        self, module: torch.nn.Module, regularizer: Regularizer, prefix: str = ""
+    ) -> Entry:
+        """Penalise ``module``'s output: ``regularizer(output) / batch_size`` per forward pass."""
+        entry = Entry(ACTIVITY, regularizer, module_ref=self._module_ref(module), prefix=prefix)
+        entry.hook_handle = module.register_forward_hook(_ActivityHook(self, entry))
+        return self._insert((entry.module_ref, ":activity"), entry)
+
+    def _insert(self, key: tuple[Any, ...], entry: Entry) -> Entry:
+        with self._lock:
+            self._cleanup()
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._detach(old)
+            tensor = entry.resolve()
+            if tensor is not None:
+                # One regularizer per parameter: a tied parameter reached through another
+                # module replaces the earlier entry instead of counting twice.
+                previous = self._by_tensor.get(id(tensor))
+                if previous is not None and previous[0]() is tensor:
+                    tied = self._entries.pop(previous[1], None)
+                    if tied is not None:
+                        self._detach(tied)
+                self._by_tensor[id(tensor)] = (weakref.ref(tensor), key)
+            self._entries[key] = entry
+            self._changed()
+            return entry
+
+    def _changed(self) -> None:
+        self._version += 1
+        self._plans = {}
+
+    @staticmethod
+    def _detach(entry: Entry) -> None:
+        if entry.hook_handle is not None:
+            entry.hook_handle.remove()
+            entry.hook_handle = None
+
+    def _discard(self, entry: Entry) -> bool:
+        """Remove ``entry`` if it is still registered here (not replaced since)."""
+        with self._lock:
+            for key, current in self._entries.items():
+                if current is entry:
+                    del self._entries[key]
+                    self._detach(entry)
+                    self._changed()
+                    return True
+            return False
+
+    def _cleanup(self) -> None:
+        if not self._has_dead:
+            return
+        self._has_dead = False
+        dead = [key for key, entry in self._entries.items() if not entry.alive]
+        for key in dead:
+            self._detach(self._entries.pop(key))
+        self._by_tensor = {k: v for k, v in self._by_tensor.items() if v[0]() is not None}
+        self._records = [(e, v) for e, v in self._records if e.alive]
+        if dead:
+            self._changed()
+
+    def remove(self, module: torch.nn.Module) -> int:
+        """Remove the entries on ``module`` and its submodules; return how many."""
+        if not isinstance(module, torch.nn.Module):
+            raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+        ids = {id(m) for m in module.modules()}
+        with self._lock:
+            doomed = [e for e in self._entries.values() if id(e.module) in ids]
+            for entry in doomed:
+                self._discard(entry)
+            return len(doomed)
+
+    def clear(self) -> None:
+        """Remove every entry and every recorded activity penalty."""
+        with self._lock:
+            for entry in self._entries.values():
+                self._detach(entry)
+            self._entries.clear()
+            self._by_tensor.clear()
+            self._records = []
+            self._last = None
+            self._changed()
+
+    # -- names --
+
+    def _names(self) -> dict[Entry, str]:
+        with self._lock:
+            self._cleanup()
+            key = (self._version, _naming.version())
+            if self._names_cache is not None and self._names_cache[0] == key:
+                return self._names_cache[1]
+            names: dict[Entry, str] = {}
+            used: set[str] = set()
+            for entry in self._entries.values():
+                base, root = entry._base_name()
+                name = base
+                if name in used and root is not None:
+                    name = entry.prefix + _naming.auto_name(root) + "/" + base[len(entry.prefix) :]
+                k = 1
+                while name in used:
+                    name, k = f"{base}_{k}", k + 1
+                used.add(name)
+                names[entry] = entry.name = name
+            self._names_cache = (key, names)
+            return names
+
+    def entries(self, scope: str | None = None) -> list[Entry]:
+        """Live entries in registration order, optionally filtered by a ``scope`` regex."""
+        pattern = _compile_scope(scope)
+        names = self._names()
+        return [e for e, n in names.items() if pattern is None or pattern.match(n)]
+
+    # -- computing --
+
+    def _plan(self, scope: str | None) -> _CachedPlan:
+        with self._lock:
+            self._cleanup()
+            cached = self._plans.get(scope)
+            names_version = None if scope is None else _naming.version()
+            if (
+                cached is not None
+                and cached.version == self._version
+                and (cached.names_version == names_version)
+            ):
+                tensors = [e.resolve() for e in cached.candidates]
+                if all(map(operator.is_, tensors, cached.tensors)) and cached.flags == [
+                    t is not None and t.requires_grad for t in tensors
+                ]:
+                    return cached
+            candidates = [e for e in self.entries(scope) if e.kind != ACTIVITY]
+            tensors = [e.resolve() for e in candidates]
+            flags = [t is not None and t.requires_grad for t in tensors]
+            # A parameter reached through two entries (tied after registration) counts once:
+            # the later registration wins, as re-registering does.
+            chosen: dict[int, int] = {}
+            for i, (t, flag) in enumerate(zip(tensors, flags)):
+                if flag:
+                    chosen[id(t)] = i
+            order = sorted(chosen.values())
+            plan = Plan(
+                [tensors[i] for i in order],  # type: ignore[misc]
+                [candidates[i].regularizer for i in order],
+            )
+            cached = _CachedPlan(
+                self._version,
+                names_version,
+                candidates,
+                tensors,
+                flags,
+                plan,
+                [candidates[i] for i in order],
+            )
+            self._plans[scope] = cached
+            return cached
+
+    def _take_records(self, scope: str | None) -> list[tuple[Entry, torch.Tensor]]:
+        with self._lock:
+            self._cleanup()
+            if scope is None:
+                taken, self._records = self._records, []
+                return taken
+            keep = set(self.entries(scope))
+            taken = [(e, v) for e, v in self._records if e in keep]
+            self._records = [(e, v) for e, v in self._records if e not in keep]
+            return taken
+
+    def _record(self, entry: Entry, value: torch.Tensor) -> None:
+        self._records.append((entry, value))
+
+    def loss(self, scope: str | None = None) -> torch.Tensor:
+        """Sum of every live penalty: weights plus activity penalties recorded since last call.
+
+        A 0-dim tensor, differentiable, on the parameters' device, float32 at least;
+        ``tensor(0.)`` when nothing is registered. Reads nothing back to the host.
+        """
+        cached = self._plan(scope)
+        result = cached.plan()
+        records = self._take_records(scope)
+        total = result.total
+        if records:
+            values = [v for _, v in records]
+            if not cached.plan_entries:
+                total = torch.zeros((), dtype=values[0].dtype, device=values[0].device)
+            activity = torch.stack([v.to(device=total.device) for v in values]).sum()
+            total = total + activity
+        self._last = _Last(cached.plan_entries, result, records)
+        return total
+
+    def losses(self, scope: str | None = None) -> list[torch.Tensor]:
+        """One differentiable 0-dim tensor per live entry that contributes, in registration order.
+
+        Weight entries are evaluated one by one (use :meth:`loss` in training loops); activity
+        entries give the sum of the penalties recorded since the last call.
+        """
+        cached = self._plan(scope)
+        records = self._take_records(scope)
+        out: list[torch.Tensor] = []
+        parts: list[tuple[torch.Tensor, list[int]]] = []
+        for i, (entry, tensor) in enumerate(zip(cached.plan_entries, cached.plan.tensors)):
+            value = entry.regularizer(tensor)
+            out.append(value)
+            parts.append((value.detach().reshape(1), [i]))
+        by_entry: dict[Entry, list[torch.Tensor]] = {}
+        for entry, value in records:
+            by_entry.setdefault(entry, []).append(value)
+        out.extend(torch.stack(vs).sum() for vs in by_entry.values())
+        total = torch.stack([v.to(out[0].device) for v in out]).sum() if out else torch.zeros(())
+        self._last = _Last(cached.plan_entries, Result(total, parts), records)
+        return out
+
+    # -- reading the last values (one device-to-host copy) --
+
+    def _snapshot(
+        self, scope: str | None = None, extra: Sequence[torch.Tensor] = ()
+    ) -> tuple[list[tuple[Entry, str, float | None]], float, list[float]]:
+        """Rows ``(entry, name, value or None)``, the total, and ``extra`` tensors as floats."""
+        entries = self.entries(scope)
+        names = self._names()
+        last = self._last
+        tensors: list[torch.Tensor] = [t.detach().reshape(-1) for t in extra]
+        owners: list[list[Entry]] = [[] for _ in extra]
+        if last is not None:
+            for values, indices in last.result.parts:
+                tensors.append(values.reshape(-1))
+                owners.append([last.plan_entries[i] for i in indices])
+            for entry, value in last.records:
+                tensors.append(value.detach().reshape(-1))
+                owners.append([entry])
+        floats = _to_host(tensors)
+        extra_values = [f[0] for f in floats[: len(extra)]]
+        value_of: dict[Entry, float] = {}
+        if last is not None:
+            for e in last.plan_entries:
+                value_of[e] = 0.0
+        for flat, owner in zip(floats[len(extra) :], owners[len(extra) :]):
+            for e, v in zip(owner, flat):
+                value_of[e] = value_of.get(e, 0.0) + v
+        rows = [(e, names[e], value_of.get(e)) for e in entries]
+        total = sum(v for _, _, v in rows if v is not None)
+        return rows, total, extra_values
+
+    def penalties(self, scope: str | None = None) -> dict[str, float]:
+        """``{entry name: penalty, ..., "total": sum}`` from the last :meth:`loss` call."""
+        rows, total, _ = self._snapshot(scope)
+        out = {name: value for _, name, value in rows if value is not None}
+        out["total"] = total
+        return out
+
+    def summary(
+        self,
+        loss: torch.Tensor | float | None = None,
+        scope: str | None = None,
+        *,
+        tablefmt: str = "simple",
+        file: Any = None,
+    ) -> str:
+        """Print and return the table of penalties; see :func:`regcollect.summary`."""
+        from .summary import render  # the renderer sits a layer above; imported on use
+
+        return render(self, loss=loss, scope=scope, tablefmt=tablefmt, file=file)
+
+
+def _to_host(tensors: Sequence[torch.Tensor]) -> list[list[float]]:
+    """Each tensor as a list of floats, with one device-to-host copy per device."""
+    out: list[list[float]] = [[] for _ in tensors]
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    for indices in by_device.values():
+        flat = torch.cat([tensors[i].to(torch.float64) for i in indices]).tolist()
+        pos = 0
+        for i in indices:
+            n = tensors[i].numel()
+            out[i] = flat[pos : pos + n]
+            pos += n
+    return out
+
+
+class _ActivityHook:
+    """Forward hook recording ``regularizer(output) / batch_size`` while gradients are on.
+
+    Pickled or deep-copied, it becomes inert: a copy re-registers through its layer (see
+    :mod:`regcollect.nn`), never by smuggling a reference to this collection along.
+    """
+
+    def __init__(self, collection: Collection, entry: Entry) -> None:
+        self.collection = weakref.ref(collection)
+        self.entry = weakref.ref(entry)
+
+    def __call__(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if not torch.is_grad_enabled():
+            return
+        collection, entry = self.collection(), self.entry()
+        if collection is None or entry is None:
+            return
+        collection._record(entry, activity_penalty(entry.regularizer, module, output))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_inert_hook_factory, ())
+
+
+def _inert_hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+    """What an activity hook becomes in a pickled or copied model: nothing."""
+
+
+def _inert_hook_factory() -> Any:
+    return _inert_hook
+
+
+def activity_penalty(
+    regularizer: Regularizer, module: torch.nn.Module, output: Any
+) -> torch.Tensor:
+    """Keras semantics: ``regularizer(output) / batch_size``, 0 for an empty batch.
+
+    The output is the first tensor of a tuple (RNNs return ``(output, state)``); a packed
+    sequence contributes its data. Batch-first unless the module says ``batch_first=False``.
+    """
+    batch_dim = 0
+    if isinstance(output, (tuple, list)):
+        output = output[0]
+    if isinstance(output, torch.nn.utils.rnn.PackedSequence):
+        batch = int(output.batch_sizes[0]) if output.batch_sizes.numel() else 0
+        output = output.data
+    else:
+        if not isinstance(output, torch.Tensor):
+            raise TypeError(
+                f"activity regularizer on {type(module).__name__} expects a tensor output, "
+                f"got {type(output).__name__}"
+            )
+        if getattr(module, "batch_first", True) is False and output.dim() == 3:
+            batch_dim = 1
+        batch = output.shape[batch_dim] if output.dim() > 0 else 1
+    if batch == 0 or output.numel() == 0:
+        return torch.zeros((), dtype=accumulation_dtype(output.dtype), device=output.device)
+    return regularizer(output) / batch
+
+
+class Handle:
+    """What registration calls return: ``.remove()`` undoes exactly what the call added.
+
+    Also a context manager, removing its entries on exit.
+    """
+
+    def __init__(self, pairs: Sequence[tuple[Collection, Entry]] = ()) -> None:
+        self._pairs = list(pairs)
+
+    @property
+    def entries(self) -> list[Entry]:
+        return [entry for _, entry in self._pairs]
+
+    def remove(self) -> None:
+        for collection, entry in self._pairs:
+            collection._discard(entry)
+        self._pairs = []
+
+    def __enter__(self) -> Handle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def __len__(self) -> int:
+        return len(self._pairs)
+
+    def __repr__(self) -> str:
+        return f"<regcollect.Handle of {len(self._pairs)} entries>"
+
+
+_default = Collection()
+
+
+def get_collection() -> Collection:
+    """The default collection, used when no ``collection=`` is given."""
+    return _default
+
+
+def loss(scope: str | None = None, *, collection: Collection | None = None) -> torch.Tensor:
+    """Total regularization loss of a collection (default one); see :meth:`Collection.loss`."""
+    return active_collection(collection).loss(scope)
+
+
+get_regularization_loss = loss
+
+
+def get_regularization_losses(
+    scope: str | None = None, *, collection: Collection | None = None
+) -> list[torch.Tensor]:
+    """One tensor per entry; see :meth:`Collection.losses`."""
+    return active_collection(collection).losses(scope)
+
+
+def penalties(
+    scope: str | None = None, *, collection: Collection | None = None
+) -> dict[str, float]:
+    """``{name: value, ..., "total": sum}`` from the last ``loss()``, for loggers."""
+    return active_collection(collection).penalties(scope)

@@ -1,0 +1,136 @@
+"""TensorFlow 1 names over the public API, so TF1 training code ports line by line.
+
+TF1 scales L2 by one half: ``l2_regularizer(s)(w) == s * sum(w**2) / 2``, which is Keras's
+``l2(s / 2)`` and what ``SGD(weight_decay=s)`` applies.
+
+>>> import torch
+>>> from regcollect.compat import v1
+>>> float(v1.l2_regularizer(0.5)(torch.tensor([2.0])))  # 0.5 * 4 / 2
+1.0
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..collection import (
+    active_collection,
+    get_regularization_loss,
+    get_regularization_losses,
+)
+from ..regularizers import L1, L1L2, L2, Regularizer, check_coefficient, register
+from ..regularizers import get as get_regularizer
+
+__all__ = [
+    "GraphKeys",
+    "apply_regularization",
+    "get_collection",
+    "get_regularization_loss",
+    "get_regularization_losses",
+    "l1_l2_regularizer",
+    "l1_regularizer",
+    "l2_regularizer",
+    "sum_regularizer",
+]
+
+
+class GraphKeys:
+    """The collection keys regcollect understands."""
+
+    REGULARIZATION_LOSSES = "regularization_losses"
+
+
+def l1_regularizer(scale: float) -> L1:
+    """``scale * sum(abs(w))``."""
+    return L1(check_coefficient("scale", scale))
+
+
+def l2_regularizer(scale: float) -> L2:
+    """``scale * sum(w**2) / 2`` (TF1 scaling), i.e. ``L2(scale / 2)``."""
+    return L2(check_coefficient("scale", scale) / 2.0)
+
+
+def l1_l2_regularizer(scale_l1: float = 1.0, scale_l2: float = 1.0) -> L1L2:
+    """``scale_l1 * sum(abs(w)) + scale_l2 * sum(w**2) / 2``."""
+    return L1L2(
+        l1=check_coefficient("scale_l1", scale_l1),
+        l2=check_coefficient("scale_l2", scale_l2) / 2.0,
+    )
+
+
+@register("Sum")
+class Sum(Regularizer):
+    """The sum of several regularizers (TF1's ``sum_regularizer``)."""
+
+    def __init__(self, regularizers: Sequence[Any]) -> None:
+        if isinstance(regularizers, (str, bytes)) or not isinstance(regularizers, Sequence):
+            raise TypeError(f"regularizer_list must be a list, got {type(regularizers).__name__}")
+        self.regularizers = [get_regularizer(r) for r in regularizers if r is not None]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        values = [reg(x) for reg in self.regularizers if reg is not None]
+        return torch.stack(values).sum() if values else torch.zeros((), device=x.device)
+
+    def terms(self) -> tuple[tuple[str, float], ...] | None:
+        out: list[tuple[str, float]] = []
+        for reg in self.regularizers:
+            terms = reg.terms() if reg is not None else ()
+            if terms is None:
+                return None
+            out.extend(terms)
+        return tuple(out)
+
+    def get_config(self) -> dict[str, Any]:
+        from ..regularizers import serialize
+
+        return {"regularizers": [serialize(r) for r in self.regularizers if r is not None]}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Sum:
+        return cls(config.get("regularizers", []))
+
+
+def sum_regularizer(regularizer_list: Sequence[Any]) -> Sum | None:
+    """A regularizer adding up ``regularizer_list``; None for an empty list, as in TF1."""
+    result = Sum(regularizer_list)
+    return result if result.regularizers else None
+
+
+def apply_regularization(
+    regularizer: Any, weights_list: Sequence[torch.Tensor] | None = None
+) -> torch.Tensor:
+    """Penalise each weight, add the penalties to the collection, and return their sum.
+
+    The weights keep counting in ``get_regularization_loss()`` afterwards (as the TF1 graph
+    would); calling again on the same weights replaces, never double counts.
+    """
+    reg = get_regularizer(regularizer)
+    if reg is None:
+        raise ValueError("regularizer must not be None")
+    if weights_list is None or isinstance(weights_list, torch.Tensor) or len(weights_list) == 0:
+        raise ValueError(
+            "weights_list must be a non-empty list of tensors (PyTorch has no global weights "
+            f"collection to default to), got {weights_list!r}"
+        )
+    collection = active_collection()
+    values = []
+    for i, w in enumerate(weights_list):
+        if not isinstance(w, torch.Tensor):
+            raise TypeError(f"weights_list[{i}] must be a torch.Tensor, got {type(w).__name__}")
+        collection.add_tensor(w, reg, name="tensor")
+        values.append(reg(w))
+    device = values[0].device
+    return torch.stack([v.to(device) for v in values]).sum()
+
+
+def get_collection(key: str, scope: str | None = None) -> list[torch.Tensor]:
+    """``get_collection(GraphKeys.REGULARIZATION_LOSSES, scope)``: the per-entry penalties."""
+    if key != GraphKeys.REGULARIZATION_LOSSES:
+        raise ValueError(
+            f"regcollect only keeps the {GraphKeys.REGULARIZATION_LOSSES!r} collection "
+            f"(GraphKeys.REGULARIZATION_LOSSES), got key {key!r}"
+        )
+    return get_regularization_losses(scope)

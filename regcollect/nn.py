@@ -1,0 +1,253 @@
+"""Drop-in ``torch.nn`` layers that take Keras-style regularizer arguments.
+
+Each class subclasses its ``torch.nn`` twin with the same constructor arguments and the same
+``state_dict`` keys, plus keyword-only regularizer arguments (anything
+:func:`regcollect.regularizers.get` accepts) and ``collection=``. One mixin,
+:class:`RegularizedLayer`, does the work for every class; a class only declares which
+parameters each argument covers.
+
+>>> import torch, regcollect as rc
+>>> layer = rc.nn.Linear(4, 2, kernel_regularizer=rc.l2(1e-4), bias_regularizer="l1")
+>>> isinstance(layer, torch.nn.Linear), layer.kernel_regularizer
+(True, L2(l2=0.0001))
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from typing import Any, ClassVar
+
+import torch
+
+from .collection import Collection, _inert_hook, active_collection, current_prefix, scope_default
+from .regularizers import Regularizer
+from .regularizers import get as get_regularizer
+
+__all__ = [
+    "RegularizedLayer",
+    "Linear",
+    "Bilinear",
+    "Conv1d",
+    "Conv2d",
+    "Conv3d",
+    "ConvTranspose1d",
+    "ConvTranspose2d",
+    "ConvTranspose3d",
+    "Embedding",
+    "EmbeddingBag",
+    "RNN",
+    "LSTM",
+    "GRU",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "LayerNorm",
+    "GroupNorm",
+]
+
+_UNSET: Any = object()
+_ACTIVITY = "activity_regularizer"
+_SCOPED = ("kernel_regularizer", "bias_regularizer", _ACTIVITY)  # arguments scope() defaults
+
+
+class RegularizedLayer(torch.nn.Module):
+    """Mixin adding regularizer arguments to a ``torch.nn`` layer.
+
+    Subclasses set ``_rc_targets``: for each argument, a regular expression selecting the
+    parameter names it covers (``{"kernel_regularizer": "weight"}``). Every layer also takes
+    ``activity_regularizer`` (penalising its output) and ``collection``.
+    """
+
+    _rc_targets: ClassVar[dict[str, str]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        base = next((b for b in cls.__mro__[1:] if not issubclass(b, RegularizedLayer)), None)
+        if base is None or base is torch.nn.Module:
+            return
+        try:
+            params = list(inspect.signature(base.__init__).parameters.values())
+        except (TypeError, ValueError):
+            return
+        extra = [
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None)
+            for name in (*cls._rc_targets, _ACTIVITY, "collection")
+        ]
+        positional = [p for p in params if p.kind != inspect.Parameter.VAR_KEYWORD]
+        keyword = [p for p in params if p.kind == inspect.Parameter.VAR_KEYWORD]
+        cls.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+            positional[1:] + extra + keyword
+        )
+
+    def __init__(self, *args: Any, collection: Collection | None = None, **kwargs: Any) -> None:
+        given = {name: kwargs.pop(name, _UNSET) for name in self._rc_arguments()}
+        super().__init__(*args, **kwargs)
+        regs: dict[str, Regularizer | None] = {}
+        for name, value in given.items():
+            if value is _UNSET:
+                regs[name] = scope_default(name) if name in _SCOPED else None
+            else:
+                regs[name] = get_regularizer(value)
+        for name, reg in regs.items():
+            object.__setattr__(self, name, reg)
+        self._rc_collection = active_collection(collection)
+        self._rc_prefix = current_prefix()
+        self._rc_register()
+
+    @classmethod
+    def _rc_arguments(cls) -> tuple[str, ...]:
+        return (*cls._rc_targets, _ACTIVITY)
+
+    def _rc_register(self) -> None:
+        coll: Collection = self._rc_collection
+        for argument, pattern in self._rc_targets.items():
+            reg = getattr(self, argument)
+            if reg is None:
+                continue
+            for name, param in self._parameters.items():
+                if param is not None and re.fullmatch(pattern, name):
+                    coll.add_weight(self, name, reg, prefix=self._rc_prefix)
+        activity = getattr(self, _ACTIVITY)
+        if activity is not None:
+            coll.add_activity(self, activity, prefix=self._rc_prefix)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Unpickled or deep-copied: hooks came back inert; register this copy afresh.
+        super().__setstate__(state)
+        for hooks in (self._forward_hooks,):
+            for key in [k for k, hook in hooks.items() if hook is _inert_hook]:
+                del hooks[key]
+                self._forward_hooks_with_kwargs.pop(key, None)
+                self._forward_hooks_always_called.pop(key, None)
+        if "_rc_collection" in self.__dict__:
+            self._rc_register()
+
+    def extra_repr(self) -> str:
+        regs = [
+            f"{name}={getattr(self, name)!r}"
+            for name in self._rc_arguments()
+            if getattr(self, name, None) is not None
+        ]
+        return ", ".join([s for s in (super().extra_repr(), *regs) if s])
+
+
+_KERNEL_BIAS = {"kernel_regularizer": "weight", "bias_regularizer": "bias"}
+_EMBEDDINGS = {"embeddings_regularizer": "weight"}
+_RECURRENT = {
+    "kernel_regularizer": r"weight_(ih|hr)_l\d+(_reverse)?",
+    "recurrent_regularizer": r"weight_hh_l\d+(_reverse)?",
+    "bias_regularizer": r"bias_(ih|hh)_l\d+(_reverse)?",
+}
+_NORM = {"gamma_regularizer": "weight", "beta_regularizer": "bias"}
+
+
+class Linear(RegularizedLayer, torch.nn.Linear):
+    """``torch.nn.Linear`` with ``kernel_regularizer`` (weight), ``bias_regularizer`` (bias)."""
+
+    _rc_targets = _KERNEL_BIAS
+
+
+class Bilinear(RegularizedLayer, torch.nn.Bilinear):
+    """``torch.nn.Bilinear`` with ``kernel_regularizer`` (weight), ``bias_regularizer`` (bias)."""
+
+    _rc_targets = _KERNEL_BIAS
+
+
+class Conv1d(RegularizedLayer, torch.nn.Conv1d):
+    """``torch.nn.Conv1d`` with ``kernel_regularizer`` (weight), ``bias_regularizer`` (bias)."""
+
+    _rc_targets = _KERNEL_BIAS
+
+
+class Conv2d(RegularizedLayer, torch.nn.Conv2d):
+    """``torch.nn.Conv2d`` with ``kernel_regularizer`` (weight), ``bias_regularizer`` (bias)."""
+
+    _rc_targets = _KERNEL_BIAS
+
+
+class Conv3d(RegularizedLayer, torch.nn.Conv3d):
+    """``torch.nn.Conv3d`` with ``kernel_regularizer`` (weight), ``bias_regularizer`` (bias)."""
+
+    _rc_targets = _KERNEL_BIAS
+
+
+class ConvTranspose1d(RegularizedLayer, torch.nn.ConvTranspose1d):
+    """``torch.nn.ConvTranspose1d`` with ``kernel_regularizer``, ``bias_regularizer``."""
+
+    _rc_targets = _KERNEL_BIAS
+
+
+class ConvTranspose2d(RegularizedLayer, torch.nn.ConvTranspose2d):
+    """``torch.nn.ConvTranspose2d`` with ``kernel_regularizer``, ``bias_regularizer``."""
+
+    _rc_targets = _KERNEL_BIAS
+
+
+class ConvTranspose3d(RegularizedLayer, torch.nn.ConvTranspose3d):
+    """``torch.nn.ConvTranspose3d`` with ``kernel_regularizer``, ``bias_regularizer``."""
+
+    _rc_targets = _KERNEL_BIAS
+
+
+class Embedding(RegularizedLayer, torch.nn.Embedding):
+    """``torch.nn.Embedding`` with ``embeddings_regularizer`` (weight)."""
+
+    _rc_targets = _EMBEDDINGS
+
+
+class EmbeddingBag(RegularizedLayer, torch.nn.EmbeddingBag):
+    """``torch.nn.EmbeddingBag`` with ``embeddings_regularizer`` (weight)."""
+
+    _rc_targets = _EMBEDDINGS
+
+
+class RNN(RegularizedLayer, torch.nn.RNN):
+    """``torch.nn.RNN`` with ``kernel_regularizer`` (``weight_ih_l*``), ``recurrent_regularizer``
+    (``weight_hh_l*``) and ``bias_regularizer`` (``bias_*``)."""
+
+    _rc_targets = _RECURRENT
+
+
+class LSTM(RegularizedLayer, torch.nn.LSTM):
+    """``torch.nn.LSTM`` with ``kernel_regularizer`` (``weight_ih_l*`` and projections
+    ``weight_hr_l*``), ``recurrent_regularizer`` (``weight_hh_l*``), ``bias_regularizer``."""
+
+    _rc_targets = _RECURRENT
+
+
+class GRU(RegularizedLayer, torch.nn.GRU):
+    """``torch.nn.GRU`` with ``kernel_regularizer`` (``weight_ih_l*``), ``recurrent_regularizer``
+    (``weight_hh_l*``) and ``bias_regularizer`` (``bias_*``)."""
+
+    _rc_targets = _RECURRENT
+
+
+class BatchNorm1d(RegularizedLayer, torch.nn.BatchNorm1d):
+    """``torch.nn.BatchNorm1d`` with ``gamma_regularizer`` (weight), ``beta_regularizer`` (bias)."""
+
+    _rc_targets = _NORM
+
+
+class BatchNorm2d(RegularizedLayer, torch.nn.BatchNorm2d):
+    """``torch.nn.BatchNorm2d`` with ``gamma_regularizer`` (weight), ``beta_regularizer`` (bias)."""
+
+    _rc_targets = _NORM
+
+
+class BatchNorm3d(RegularizedLayer, torch.nn.BatchNorm3d):
+    """``torch.nn.BatchNorm3d`` with ``gamma_regularizer`` (weight), ``beta_regularizer`` (bias)."""
+
+    _rc_targets = _NORM
+
+
+class LayerNorm(RegularizedLayer, torch.nn.LayerNorm):
+    """``torch.nn.LayerNorm`` with ``gamma_regularizer`` (weight), ``beta_regularizer`` (bias)."""
+
+    _rc_targets = _NORM
+
+
+class GroupNorm(RegularizedLayer, torch.nn.GroupNorm):
+    """``torch.nn.GroupNorm`` with ``gamma_regularizer`` (weight), ``beta_regularizer`` (bias)."""
+
+    _rc_targets = _NORM
