@@ -48,6 +48,7 @@ class Entry:
         "__weakref__",
         "explicit_name",
         "hook_handle",
+        "key",
         "kind",
         "module_ref",
         "name",
@@ -76,6 +77,7 @@ class Entry:
         self.prefix = prefix
         self.explicit_name = explicit_name
         self.hook_handle: Any = None
+        self.key: tuple[Any, ...] = ()
         self.name: str = ""
 
     @property
@@ -309,7 +311,9 @@ class Collection:
             explicit_name=name,
             prefix=current_prefix(),
         )
-        return self._insert((entry.tensor_ref, None), entry)
+        # Keyed by id: weak references to tensors compare their referents with ==, which is
+        # elementwise. A dead tensor's entry is cleaned up before its id can be reused.
+        return self._insert((TENSOR, id(tensor)), entry)
 
     def add_activity(
         self, module: torch.nn.Module, regularizer: Regularizer, prefix: str = ""
@@ -335,6 +339,7 @@ class Collection:
                     if tied is not None:
                         self._detach(tied)
                 self._by_tensor[id(tensor)] = (weakref.ref(tensor), key)
+            entry.key = key
             self._entries[key] = entry
             self._changed()
             return entry
@@ -343,22 +348,21 @@ class Collection:
         self._version += 1
         self._plans = {}
 
-    @staticmethod
-    def _detach(entry: Entry) -> None:
+    def _detach(self, entry: Entry) -> None:
         if entry.hook_handle is not None:
             entry.hook_handle.remove()
             entry.hook_handle = None
+            self._records = [(e, v) for e, v in self._records if e is not entry]
 
     def _discard(self, entry: Entry) -> bool:
         """Remove ``entry`` if it is still registered here (not replaced since)."""
         with self._lock:
-            for key, current in self._entries.items():
-                if current is entry:
-                    del self._entries[key]
-                    self._detach(entry)
-                    self._changed()
-                    return True
-            return False
+            if self._entries.get(entry.key) is not entry:
+                return False
+            del self._entries[entry.key]
+            self._detach(entry)
+            self._changed()
+            return True
 
     def _cleanup(self) -> None:
         if not self._has_dead:

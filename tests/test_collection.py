@@ -1,0 +1,378 @@
+import gc
+import threading
+
+import pytest
+import torch
+
+import regcollect as rc
+
+
+def test_keras_documentation_example():
+    layer = rc.nn.Linear(
+        5, 5, bias=False, kernel_regularizer=rc.L1(0.01), activity_regularizer=rc.L2(0.01)
+    )
+    torch.nn.init.ones_(layer.weight)
+    layer(torch.ones(5, 5) * 2.0)
+    # kernel: 0.01 * 25 = 0.25; activity: 0.01 * 25 * 10**2 / 5 = 5.0
+    assert rc.loss().item() == pytest.approx(5.25)
+
+
+def test_empty_collection():
+    total = rc.loss()
+    assert total.shape == () and total.dtype == torch.float32 and total.item() == 0.0
+    assert rc.get_regularization_losses() == []
+    assert rc.Collection().loss().item() == 0.0
+
+
+def test_loss_value_and_gradient_match_reference():
+    model = torch.nn.Sequential(
+        rc.nn.Linear(4, 3, kernel_regularizer=rc.l2(0.1), bias_regularizer=rc.l1(0.2)),
+        torch.nn.ReLU(),
+        rc.nn.Linear(3, 2, kernel_regularizer=rc.l1_l2(0.05, 0.3)),
+    )
+    w0, b0, w1 = model[0].weight, model[0].bias, model[2].weight
+    expected = (
+        0.1 * (w0**2).sum() + 0.2 * b0.abs().sum() + 0.05 * w1.abs().sum() + 0.3 * (w1**2).sum()
+    )
+    total = rc.loss()
+    assert total.item() == pytest.approx(expected.item(), rel=1e-6)
+    grads = torch.autograd.grad(total, [w0, b0, w1])
+    ref = torch.autograd.grad(expected, [w0, b0, w1])
+    for g, r in zip(grads, ref):
+        assert torch.allclose(g, r, atol=1e-6)
+    assert rc.get_regularization_loss is rc.loss
+
+
+def test_sgd_weight_decay_equivalence():
+    torch.manual_seed(1)
+    plain = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    mine = torch.nn.Sequential(rc.nn.Linear(6, 8), torch.nn.Tanh(), rc.nn.Linear(8, 1))
+    mine.load_state_dict(plain.state_dict())
+    wd = 0.1
+    for name, _ in mine.named_parameters():
+        rc.add_regularizer(mine, name, rc.l2(wd / 2))  # biases included, like weight_decay
+    opt_plain = torch.optim.SGD(plain.parameters(), lr=0.1, weight_decay=wd)
+    opt_mine = torch.optim.SGD(mine.parameters(), lr=0.1)
+    x, y = torch.randn(16, 6), torch.randn(16, 1)
+    for _ in range(5):
+        for model, opt, extra in ((plain, opt_plain, None), (mine, opt_mine, rc.loss)):
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            if extra is not None:
+                loss = loss + extra()
+            loss.backward()
+            opt.step()
+    for p, q in zip(plain.parameters(), mine.parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
+
+
+def test_deleted_model_stops_counting():
+    keep = rc.nn.Linear(2, 2, kernel_regularizer=rc.l2(1.0))
+    model = torch.nn.Sequential(rc.nn.Linear(3, 3, kernel_regularizer=rc.l2(1.0)))
+    both = rc.loss().item()
+    assert len(rc.get_collection()) == 2
+    del model
+    gc.collect()
+    assert len(rc.get_collection()) == 1
+    assert rc.loss().item() == pytest.approx((keep.weight**2).sum().item())
+    assert rc.loss().item() < both
+
+
+def test_entries_hold_modules_weakly():
+    import weakref
+
+    layer = rc.nn.Linear(2, 2, kernel_regularizer="l2", activity_regularizer="l1")
+    rc.loss()
+    ref = weakref.ref(layer)
+    del layer
+    gc.collect()
+    assert ref() is None
+    assert rc.get_collection().entries() == []
+
+
+def test_reregistration_replaces():
+    layer = torch.nn.Linear(3, 3)
+    for _ in range(3):  # set-up code run three times
+        rc.add_regularizer(layer, "weight", rc.l2(0.5))
+    rc.add_regularizer(layer, "weight", rc.l1(0.5))
+    assert len(rc.get_collection()) == 1
+    assert rc.loss().item() == pytest.approx(0.5 * layer.weight.abs().sum().item())
+
+
+def test_tied_parameter_counts_once():
+    emb = torch.nn.Embedding(10, 4)
+    head = torch.nn.Linear(4, 10, bias=False)
+    head.weight = emb.weight
+    model = torch.nn.ModuleDict({"emb": emb, "head": head})
+    rc.add_regularizer(model, "emb.weight", rc.l2(1.0))
+    rc.add_regularizer(model, "head.weight", rc.l2(1.0))
+    assert len(rc.get_collection()) == 1
+    assert rc.loss().item() == pytest.approx((emb.weight**2).sum().item(), rel=1e-6)
+
+
+def test_parameter_tied_after_registration_counts_once():
+    a, b = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)
+    rc.add_regularizer(a, "weight", rc.l2(1.0))
+    rc.add_regularizer(b, "weight", rc.l2(1.0))
+    b.weight = a.weight
+    assert rc.loss().item() == pytest.approx((a.weight**2).sum().item(), rel=1e-6)
+
+
+def test_frozen_parameters_contribute_nothing_until_unfrozen():
+    layer = rc.nn.Linear(3, 3, kernel_regularizer=rc.l2(1.0), bias_regularizer=rc.l2(1.0))
+    layer.weight.requires_grad_(False)
+    assert rc.loss().item() == pytest.approx((layer.bias**2).sum().item())
+    layer.weight.requires_grad_(True)
+    expected = (layer.bias**2).sum() + (layer.weight**2).sum()
+    assert rc.loss().item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_replaced_parameter_is_looked_up_by_name():
+    layer = rc.nn.Linear(3, 3, kernel_regularizer=rc.l1(1.0))
+    rc.loss()
+    layer.weight = torch.nn.Parameter(torch.full((3, 3), 2.0))
+    assert rc.loss().item() == pytest.approx(18.0)
+    with torch.no_grad():
+        layer.weight.mul_(0.5)  # in-place updates are seen without any re-registration
+    assert rc.loss().item() == pytest.approx(9.0)
+
+
+def test_half_precision_parameters():
+    layer = rc.nn.Linear(100, 100, kernel_regularizer=rc.l2(1.0), dtype=torch.float16)
+    with torch.no_grad():
+        layer.weight.fill_(300.0)
+    total = rc.loss()
+    assert total.dtype == torch.float32
+    assert total.item() == pytest.approx(300.0**2 * 1e4, rel=1e-3)
+    total.backward()
+    assert layer.weight.grad.dtype == torch.float16
+    assert torch.allclose(layer.weight.grad.float(), torch.full((100, 100), 600.0))
+
+
+def test_bfloat16_and_float64_mix():
+    a = rc.nn.Linear(4, 4, kernel_regularizer=rc.l2(1.0), dtype=torch.bfloat16)
+    b = rc.nn.Linear(4, 4, kernel_regularizer=rc.l2(1.0), dtype=torch.float64)
+    total = rc.loss()
+    assert total.dtype == torch.float64
+    expected = (a.weight.double() ** 2).sum() + (b.weight**2).sum()
+    assert total.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_activity_penalty_semantics():
+    layer = rc.nn.Linear(3, 2, activity_regularizer=rc.l2(0.5))
+    x = torch.randn(4, 3)
+    out = layer(x)
+    expected = 0.5 * (out**2).sum() / 4
+    assert rc.loss().item() == pytest.approx(expected.item(), rel=1e-6)
+    assert rc.loss().item() == 0.0  # each forward pass counts once
+    layer(x)
+    layer(x)  # called twice: two penalties
+    assert rc.loss().item() == pytest.approx(2 * expected.item(), rel=1e-6)
+
+
+def test_activity_not_recorded_without_gradients():
+    layer = rc.nn.Linear(3, 2, activity_regularizer=rc.l2(0.5))
+    with torch.no_grad():
+        layer(torch.randn(4, 3))
+    with torch.inference_mode():
+        layer(torch.randn(4, 3))
+    assert rc.loss().item() == 0.0
+
+
+def test_activity_empty_batch_and_gradient():
+    layer = rc.nn.Linear(3, 2, activity_regularizer=rc.l1(1.0))
+    layer(torch.randn(0, 3))
+    assert rc.loss().item() == 0.0
+    x = torch.randn(5, 3)
+    out = layer(x)
+    rc.loss().backward()
+    layer2 = torch.nn.Linear(3, 2)
+    layer2.load_state_dict(layer.state_dict())
+    assert layer.weight.grad is not None
+    expected = torch.autograd.grad(layer2(x).abs().sum() / 5, layer2.weight)[0]
+    assert torch.allclose(layer.weight.grad, expected, atol=1e-6)
+    assert out.shape == (5, 2)
+
+
+def test_activity_rnn_uses_batch_dimension():
+    lstm = rc.nn.LSTM(3, 4, activity_regularizer=rc.l2(1.0))  # (seq, batch, feature)
+    out, _ = lstm(torch.randn(7, 2, 3))
+    assert rc.loss().item() == pytest.approx(((out**2).sum() / 2).item(), rel=1e-5)
+    lstm_bf = rc.nn.GRU(3, 4, batch_first=True, activity_regularizer=rc.l2(1.0))
+    out, _ = lstm_bf(torch.randn(2, 7, 3))
+    assert rc.loss().item() == pytest.approx(((out**2).sum() / 2).item(), rel=1e-5)
+
+
+def test_losses_one_per_entry():
+    a = rc.nn.Linear(2, 2, kernel_regularizer=rc.l2(1.0), bias_regularizer=rc.l1(1.0))
+    a(torch.randn(3, 2))
+    b = rc.nn.Linear(2, 2, kernel_regularizer=rc.orthogonal(1.0), activity_regularizer="l2")
+    b(torch.randn(3, 2))
+    losses = rc.get_regularization_losses()
+    assert len(losses) == 4  # a.weight, a.bias, b.weight, b:activity
+    assert losses[0].item() == pytest.approx((a.weight**2).sum().item(), rel=1e-6)
+    assert losses[1].item() == pytest.approx(a.bias.abs().sum().item(), rel=1e-6)
+    assert losses[2].item() == pytest.approx(rc.orthogonal(1.0)(b.weight).item(), rel=1e-6)
+    assert all(t.requires_grad for t in losses)
+
+
+def test_names_and_scope_filter():
+    lone = rc.nn.Linear(2, 2, kernel_regularizer="l2")
+    with rc.scope("encoder"):
+        enc = torch.nn.Sequential(
+            rc.nn.Linear(2, 2, kernel_regularizer="l2"), rc.nn.Linear(2, 2, kernel_regularizer="l2")
+        )
+    with rc.scope("decoder"):
+        with rc.scope("inner"):
+            dec = torch.nn.Sequential(
+                rc.nn.Linear(2, 2, kernel_regularizer="l2", activity_regularizer="l1")
+            )
+    names = [e.name for e in rc.get_collection().entries()]
+    assert names[0].startswith("linear") and names[0].endswith(".weight")
+    assert names[1:] == [
+        "encoder/0.weight",
+        "encoder/1.weight",
+        "decoder/inner/0.weight",
+        "decoder/inner/0:activity",
+    ]
+    assert len(rc.get_regularization_losses(scope="encoder/")) == 2
+    expected = (enc[0].weight ** 2).sum() + (enc[1].weight ** 2).sum()
+    assert rc.loss(scope="encoder").item() == pytest.approx(0.01 * expected.item(), rel=1e-6)
+    assert rc.loss(scope="inner").item() == 0.0  # matched at the start, TF-style
+    assert len(rc.get_collection().entries(scope=r"decoder/.*activity")) == 1
+    assert lone is not None and dec is not None
+
+
+def test_outermost_model_names_and_stability():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList()
+            for _ in range(2):  # appended after the list is attached to the block
+                self.layers.append(rc.nn.Linear(2, 2, kernel_regularizer="l2"))
+
+    model = torch.nn.Sequential()
+    model.add_module("encoder", Block())
+    names = [e.name for e in rc.get_collection().entries()]
+    assert names == ["encoder.layers.0.weight", "encoder.layers.1.weight"]
+    assert [e.name for e in rc.get_collection().entries()] == names
+
+
+def test_names_unique_across_models():
+    a = torch.nn.Sequential(rc.nn.Linear(2, 2, kernel_regularizer="l2"))
+    b = torch.nn.Sequential(rc.nn.Linear(2, 2, kernel_regularizer="l2"))
+    names = [e.name for e in rc.get_collection().entries()]
+    assert names[0] == "0.weight"
+    assert names[1] != "0.weight" and names[1].endswith("/0.weight")
+    rc.loss()
+    assert set(rc.penalties()) == {names[0], names[1], "total"}
+    assert a is not b
+
+
+def test_scope_defaults_and_nesting():
+    with rc.scope("outer", kernel_regularizer=rc.l2(0.1), activity_regularizer=rc.l1(0.1)):
+        a = rc.nn.Linear(2, 2)
+        with rc.scope("inner", kernel_regularizer=rc.l1(0.2)):
+            b = rc.nn.Linear(2, 2)
+            c = rc.nn.Linear(2, 2, kernel_regularizer=None, activity_regularizer=None)
+        bn = rc.nn.BatchNorm1d(2)
+    assert a.kernel_regularizer == rc.l2(0.1) and a.bias_regularizer is None
+    assert a.activity_regularizer == rc.l1(0.1)
+    assert b.kernel_regularizer == rc.l1(0.2) and b.activity_regularizer == rc.l1(0.1)
+    assert c.kernel_regularizer is None and c.activity_regularizer is None  # explicit None wins
+    assert bn.gamma_regularizer is None and bn.activity_regularizer == rc.l1(0.1)
+
+
+def test_scope_collection_and_bad_arguments():
+    coll = rc.Collection()
+    with rc.scope("s", collection=coll):
+        layer = rc.nn.Linear(2, 2, kernel_regularizer="l2")
+    assert len(coll) == 1 and len(rc.get_collection()) == 0
+    assert coll.entries()[0].name.startswith("s/linear") and coll.entries()[0].name.endswith(
+        ".weight"
+    )
+    with pytest.raises(ValueError, match="scope name"):
+        with rc.scope(""):
+            pass
+    with pytest.raises(ValueError, match="l7"):
+        with rc.scope("x", kernel_regularizer="l7"):
+            pass
+    with pytest.raises(ValueError, match="scope must be a valid regular expression"):
+        rc.loss(scope="enc[")
+    assert layer is not None
+
+
+def test_independent_collections():
+    c1, c2 = rc.Collection(), rc.Collection()
+    a = rc.nn.Linear(2, 2, kernel_regularizer=rc.l2(1.0), collection=c1)
+    b = rc.nn.Linear(2, 2, kernel_regularizer=rc.l1(1.0), collection=c2)
+    assert c1.loss().item() == pytest.approx((a.weight**2).sum().item(), rel=1e-6)
+    assert c2.loss().item() == pytest.approx(b.weight.abs().sum().item(), rel=1e-6)
+    assert rc.loss().item() == 0.0
+    assert rc.loss(collection=c1).item() == pytest.approx(c1.loss().item())
+
+
+def test_handles_and_context_manager():
+    layer = torch.nn.Linear(2, 2)
+    with rc.add_regularizer(layer, "weight", rc.l2(1.0)) as handle:
+        assert len(rc.get_collection()) == 1
+        assert len(handle) == 1
+    assert len(rc.get_collection()) == 0
+    h1 = rc.add_activity_regularizer(layer, rc.l2(1.0))
+    layer(torch.randn(2, 2))
+    h1.remove()
+    assert len(layer._forward_hooks) == 0
+    assert rc.loss().item() == 0.0
+
+
+def test_add_regularizer_errors_name_the_argument():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2, bias=False))
+    with pytest.raises(ValueError, match=r"no parameter '0\.wieght'.*'0\.weight'"):
+        rc.add_regularizer(model, "0.wieght", "l2")
+    with pytest.raises(ValueError, match=r"no parameter '0\.bias'"):
+        rc.add_regularizer(model, "0.bias", "l2")
+    with pytest.raises(ValueError, match=r"no parameter '3\.weight'"):
+        rc.add_regularizer(model, "3.weight", "l2")
+    with pytest.raises(TypeError, match="module must be a torch.nn.Module, got Tensor"):
+        rc.add_regularizer(torch.ones(2), "weight", "l2")
+    with pytest.raises(ValueError, match="unknown regularizer 'l5'"):
+        rc.add_regularizer(model, "0.weight", "l5")
+    with pytest.raises(ValueError, match="must not be None"):
+        rc.add_regularizer(model, "0.weight", None)
+    with pytest.raises(TypeError, match="collection must be a regcollect.Collection"):
+        rc.add_regularizer(model, "0.weight", "l2", collection="default")
+
+
+def test_concurrent_registration_counts_each_entry_once():
+    layers = []
+    lock = threading.Lock()
+
+    def build():
+        made = [rc.nn.Linear(2, 2, kernel_regularizer=rc.l1(1.0)) for _ in range(100)]
+        with lock:
+            layers.extend(made)
+        rc.loss()
+
+    threads = [threading.Thread(target=build) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(rc.get_collection()) == 400
+    expected = sum(layer.weight.abs().sum() for layer in layers)
+    assert rc.loss().item() == pytest.approx(expected.item(), rel=1e-5)
+    assert len({e.name for e in rc.get_collection().entries()}) == 400
+
+
+def test_loss_plan_is_cached_and_invalidated():
+    layer = rc.nn.Linear(2, 2, kernel_regularizer=rc.l2(1.0))
+    coll = rc.get_collection()
+    rc.loss()
+    plan = coll._plans[None].plan
+    rc.loss()
+    assert coll._plans[None].plan is plan  # nothing changed: reused
+    other = rc.nn.Linear(2, 2, kernel_regularizer=rc.l2(1.0))
+    rc.loss()
+    assert coll._plans[None].plan is not plan
+    assert len(coll._plans[None].plan) == 2
+    assert other is not layer

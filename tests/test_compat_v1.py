@@ -1,0 +1,61 @@
+import pytest
+import torch
+
+import regcollect as rc
+from regcollect.compat import v1
+
+W = torch.tensor([[1.0, -2.0], [3.0, 0.0]])
+
+
+def test_tf1_scaling():
+    assert v1.l2_regularizer(0.1)(W).item() == pytest.approx(0.1 * 14 / 2)
+    assert v1.l1_regularizer(0.1)(W).item() == pytest.approx(0.1 * 6)
+    assert v1.l1_l2_regularizer()(W).item() == pytest.approx(6 + 14 / 2)
+    assert v1.l1_l2_regularizer(0.5, 0.2)(W).item() == pytest.approx(0.5 * 6 + 0.2 * 14 / 2)
+    # TF1's l2_regularizer(s) is Keras's l2(s / 2) and SGD(weight_decay=s)
+    assert v1.l2_regularizer(0.3) == rc.l2(0.15)
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), "0.1", True])
+def test_scales_validated(bad):
+    with pytest.raises(ValueError, match="scale"):
+        v1.l2_regularizer(bad)
+    with pytest.raises(ValueError, match="scale_l1"):
+        v1.l1_l2_regularizer(scale_l1=bad)
+
+
+def test_sum_regularizer():
+    reg = v1.sum_regularizer([v1.l1_regularizer(0.1), None, v1.l2_regularizer(0.2)])
+    assert reg(W).item() == pytest.approx(0.1 * 6 + 0.2 * 14 / 2)
+    assert reg.terms() == (("l1", 0.1), ("l2", 0.1))
+    assert rc.deserialize(rc.serialize(reg))(W).item() == pytest.approx(reg(W).item())
+    assert v1.sum_regularizer([]) is None
+
+
+def test_apply_regularization_and_collection_keys():
+    layer = torch.nn.Linear(2, 2)
+    total = v1.apply_regularization(v1.l2_regularizer(1.0), [layer.weight, layer.bias])
+    expected = ((layer.weight**2).sum() + (layer.bias**2).sum()) / 2
+    assert total.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert v1.get_regularization_loss().item() == pytest.approx(expected.item(), rel=1e-6)
+    v1.apply_regularization(v1.l2_regularizer(1.0), [layer.weight])  # re-run: replaces
+    assert len(v1.get_regularization_losses()) == 2
+    losses = v1.get_collection(v1.GraphKeys.REGULARIZATION_LOSSES)
+    assert sum(t.item() for t in losses) == pytest.approx(expected.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="regularization_losses"):
+        v1.get_collection("update_ops")
+    with pytest.raises(ValueError, match="weights_list"):
+        v1.apply_regularization(v1.l2_regularizer(1.0))
+    with pytest.raises(TypeError, match=r"weights_list\[0\]"):
+        v1.apply_regularization(v1.l2_regularizer(1.0), [1.0])
+
+
+def test_tf1_style_scope_filtering():
+    with rc.scope("tower_0"):
+        tower = torch.nn.Sequential(rc.nn.Linear(2, 2, kernel_regularizer=v1.l2_regularizer(1.0)))
+    keep = rc.nn.Linear(2, 2, kernel_regularizer=v1.l2_regularizer(1.0))
+    losses = v1.get_regularization_losses(scope="tower_0")
+    assert len(losses) == 1
+    assert losses[0].item() == pytest.approx(((tower[0].weight ** 2).sum() / 2).item(), rel=1e-6)
+    assert len(v1.get_regularization_losses()) == 2
+    assert keep is not None
