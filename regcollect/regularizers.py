@@ -153,7 +153,7 @@ class L1(Regularizer):
 class L2(Regularizer):
     """``l2 * sum(x**2)`` (Keras scaling; ``SGD(weight_decay=wd)`` equals ``L2(wd / 2)``).
 
-    >>> float(L2(0.01)(torch.full((2, 2), 3.0)))
+    >>> round(float(L2(0.01)(torch.full((2, 2), 3.0))), 6)
     0.36
     """
 
