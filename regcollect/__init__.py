@@ -8,11 +8,12 @@ torch.Size([])
 """
 
 from . import compat, engine, nn, regularizers
-from .attach import add_activity_regularizer, add_regularizer
+from .attach import add_activity_regularizer, add_regularizer, regularize
 from .collection import (
     Collection,
     Entry,
     Handle,
+    RegcollectWarning,
     get_collection,
     get_regularization_loss,
     get_regularization_losses,
@@ -43,6 +44,7 @@ __all__ = [
     "Collection",
     "Entry",
     "Handle",
+    "RegcollectWarning",
     "L1",
     "L1L2",
     "L2",
@@ -66,6 +68,7 @@ __all__ = [
     "penalties",
     "register",
     "regularizers",
+    "regularize",
     "scope",
     "serialize",
     "summary",

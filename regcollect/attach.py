@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import fnmatch
+
 import torch
 
 from . import _naming
-from .collection import Collection, Handle, active_collection, current_prefix
+from .collection import Collection, Entry, Handle, active_collection, current_prefix
 from .regularizers import Regularizer
 from .regularizers import get as get_regularizer
 
-__all__ = ["add_regularizer", "add_activity_regularizer"]
+__all__ = ["add_activity_regularizer", "add_regularizer", "is_norm", "regularize"]
 
 
 def _check_module(module: object, argument: str = "module") -> torch.nn.Module:
@@ -82,3 +84,168 @@ def add_activity_regularizer(
     coll = active_collection(collection)
     _naming.record_tree(module)
     return Handle([(coll, coll.add_activity(module, reg, prefix=current_prefix()))])
+
+
+_NORM_TYPES: tuple[type, ...] = tuple(
+    t
+    for t in (
+        torch.nn.modules.batchnorm._NormBase,  # BatchNorm*, InstanceNorm*, SyncBatchNorm
+        torch.nn.LayerNorm,
+        torch.nn.GroupNorm,
+        getattr(torch.nn, "RMSNorm", None),
+        torch.nn.LocalResponseNorm,
+    )
+    if t is not None
+)
+_EMBEDDING_TYPES = (torch.nn.Embedding, torch.nn.EmbeddingBag)
+
+
+def is_norm(module: torch.nn.Module) -> bool:
+    """A normalisation layer: a known class, or a custom one that is clearly a norm (its class
+    name says ``Norm`` and it holds only vectors, as ``LlamaRMSNorm`` or ``T5LayerNorm`` do)."""
+    if isinstance(module, _NORM_TYPES):
+        return True
+    params = [p for p in module._parameters.values() if p is not None]
+    return "norm" in type(module).__name__.lower() and all(p.dim() <= 1 for p in params)
+
+
+def _patterns(value: object, argument: str) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str) or not isinstance(value, (list, tuple, set, frozenset)):
+        raise TypeError(
+            f"{argument} must be a list of glob patterns such as ['encoder.*.weight'], "
+            f"got {value!r} of type {type(value).__name__}"
+        )
+    for pattern in value:
+        if not isinstance(pattern, str):
+            raise TypeError(f"{argument} must contain strings, got {pattern!r} in {value!r}")
+    return list(value)
+
+
+def _matches(name: str, patterns: list[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _no_weight_decay(model: torch.nn.Module) -> set[str]:
+    root = model
+    for attr in ("module", "_orig_mod"):  # look through DDP / torch.compile wrappers
+        if not hasattr(root, "no_weight_decay"):
+            root = getattr(root, attr, root)
+    method = getattr(root, "no_weight_decay", None)
+    names = method() if callable(method) else ()
+    return {_naming.strip_wrappers(n) for n in names}
+
+
+def _walk_parameters(
+    model: torch.nn.Module,
+) -> list[tuple[str, str, torch.nn.Module, str, torch.nn.Module]]:
+    """``(name, logical name, owner, local name, layer)`` for each distinct parameter.
+
+    A parametrized weight (``torch.nn.utils.parametrize``, e.g. ``weight_norm``) is reported on
+    the tensor the optimizer updates (``parametrizations.weight.original``), with the logical
+    name ``weight`` of the layer it belongs to for patterns and classification.
+    """
+    seen: set[int] = set()
+    out = []
+    for qualified, module in model.named_modules():
+        qualified = _naming.strip_wrappers(qualified + ".")[:-1] if qualified else ""
+        for local, param in module._parameters.items():
+            if param is None or id(param) in seen:
+                continue
+            seen.add(id(param))
+            name = f"{qualified}.{local}" if qualified else local
+            logical, layer = name, module
+            parts = qualified.split(".")
+            if type(module).__name__ == "ParametrizationList" and len(parts) >= 2:
+                # <layer>.parametrizations.<weight>.original  ->  <layer>.<weight>
+                layer_path = ".".join(parts[:-2])
+                logical = f"{layer_path}.{parts[-1]}" if layer_path else parts[-1]
+                layer = model.get_submodule(layer_path) if layer_path else model
+            out.append((name, logical, module, local, layer))
+    return out
+
+
+def regularize(
+    model: torch.nn.Module,
+    *,
+    kernel: object = None,
+    bias: object = None,
+    norm: object = None,
+    embeddings: object = None,
+    activity: object = None,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    collection: Collection | None = None,
+) -> Handle:
+    """Regularize an existing (e.g. pretrained) model in one call.
+
+    - ``kernel``: parameters of rank >= 2 outside normalisation and embedding layers;
+    - ``bias``: biases outside normalisation layers;
+    - ``norm``: every parameter of normalisation layers (BatchNorm*, LayerNorm, GroupNorm,
+      InstanceNorm*, RMSNorm and custom classes named ``*Norm*`` holding only vectors);
+    - ``embeddings``: tables of ``Embedding``/``EmbeddingBag``;
+    - ``activity``: output penalty on the model, or on the modules whose names match ``include``.
+
+    ``include``/``exclude`` are lists of glob patterns over qualified parameter names
+    (``"encoder.*.weight"``); wrapper prefixes (``module.``, ``_orig_mod.``,
+    ``_fsdp_wrapped_module.``) never appear in them. Names listed by ``model.no_weight_decay()``
+    are skipped. Calling again replaces (never double counts); ``.remove()`` on the returned
+    handle undoes exactly this call.
+
+    >>> import torch, regcollect as rc
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    >>> handle = rc.regularize(model, kernel=rc.l2(1e-4))
+    >>> [e.name for e in handle.entries]
+    ['0.weight']
+    """
+    _check_module(model)
+    regs = {
+        "kernel": get_regularizer(kernel),
+        "bias": get_regularizer(bias),
+        "norm": get_regularizer(norm),
+        "embeddings": get_regularizer(embeddings),
+    }
+    activity_reg = get_regularizer(activity)
+    include_p, exclude_p = _patterns(include, "include"), _patterns(exclude, "exclude")
+    coll = active_collection(collection)
+    _naming.record_tree(model)
+    skip = _no_weight_decay(model)
+    prefix = current_prefix()
+    pairs: list[tuple[Collection, Entry]] = []
+    for name, logical, owner, local, layer in _walk_parameters(model):
+        if name in skip or logical in skip:
+            continue
+        if include_p is not None and not (
+            _matches(name, include_p) or _matches(logical, include_p)
+        ):
+            continue
+        if exclude_p is not None and (_matches(name, exclude_p) or _matches(logical, exclude_p)):
+            continue
+        param = owner._parameters[local]
+        assert param is not None
+        last = logical.rpartition(".")[2]
+        if is_norm(layer):
+            kind = "norm"
+        elif isinstance(layer, _EMBEDDING_TYPES) and last == "weight":
+            kind = "embeddings"
+        elif "bias" in last:
+            kind = "bias"
+        elif param.dim() >= 2:
+            kind = "kernel"
+        else:
+            continue  # other vectors (scales, PReLU slopes): only by explicit add_regularizer
+        reg = regs[kind]
+        if reg is not None:
+            pairs.append((coll, coll.add_weight(owner, local, reg, prefix=prefix)))
+    if activity_reg is not None:
+        targets = [model]
+        if include_p is not None:
+            targets = [
+                m
+                for n, m in model.named_modules()
+                if n and _matches(_naming.strip_wrappers(n + ".")[:-1], include_p)
+            ]
+        for module in targets:
+            pairs.append((coll, coll.add_activity(module, activity_reg, prefix=prefix)))
+    return Handle(pairs)

@@ -13,6 +13,7 @@ import contextvars
 import operator
 import re
 import threading
+import warnings
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -27,6 +28,7 @@ from .regularizers import Regularizer, accumulation_dtype
 from .regularizers import get as get_regularizer
 
 __all__ = [
+    "RegcollectWarning",
     "Collection",
     "Entry",
     "Handle",
@@ -39,6 +41,10 @@ __all__ = [
 ]
 
 WEIGHT, ACTIVITY, TENSOR = "weight", "activity", "tensor"
+
+
+class RegcollectWarning(UserWarning):
+    """Something regcollect cannot fix for you, such as penalties that are never consumed."""
 
 
 class Entry:
@@ -253,7 +259,15 @@ class Collection:
     True
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_pending: int = 256) -> None:
+        if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
+            raise ValueError(f"max_pending must be a positive int, got {max_pending!r}")
+        # Each pending activity penalty keeps its forward pass's graph alive until loss()
+        # consumes it; past this many, the oldest are dropped (with a warning), so a
+        # forgotten loss() costs bounded memory instead of an out-of-memory crash.
+        self.max_pending = max_pending
+        self._dropped = 0
+        self._warned = False
         self._lock = threading.RLock()
         self._entries: dict[tuple[Any, ...], Entry] = {}
         self._by_tensor: dict[int, tuple[weakref.ref[torch.Tensor], tuple[Any, ...]]] = {}
@@ -483,6 +497,22 @@ class Collection:
 
     def _record(self, entry: Entry, value: torch.Tensor) -> None:
         self._records.append((entry, value))
+        if len(self._records) > self.max_pending:
+            with self._lock:
+                excess = len(self._records) - self.max_pending
+                if excess > 0:
+                    del self._records[:excess]
+                    self._dropped += excess
+            if not self._warned:
+                self._warned = True
+                warnings.warn(
+                    f"activity penalties of more than {self.max_pending} forward passes were "
+                    "recorded but never consumed by rc.loss(); the oldest are being dropped. "
+                    "Add rc.loss() to the training loss, or run forward passes that need no "
+                    "penalty under torch.no_grad().",
+                    RegcollectWarning,
+                    stacklevel=4,
+                )
 
     def loss(self, scope: str | None = None) -> torch.Tensor:
         """Sum of every live penalty: weights plus activity penalties recorded since last call.
@@ -663,7 +693,12 @@ class Handle:
 
     @property
     def entries(self) -> list[Entry]:
-        return [entry for _, entry in self._pairs]
+        """The entries this call added that are still registered, with their names resolved."""
+        out = []
+        for collection, entry in self._pairs:
+            if entry in collection._names():
+                out.append(entry)
+        return out
 
     def remove(self) -> None:
         for collection, entry in self._pairs:

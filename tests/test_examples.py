@@ -31,3 +31,20 @@ def test_quickstart():
         sum(v for k, v in result.items() if k not in ("total", "accuracy"))
     )
     assert result["accuracy"] > 0.7
+
+
+def test_pretrained():
+    out = io.StringIO()
+    with redirect_stdout(out):
+        result = load("pretrained").main(steps=3)
+    assert set(result) == {
+        "stem.0.weight",
+        "layers.0.conv1.weight",
+        "layers.0.conv2.weight",
+        "layers.1.conv1.weight",
+        "layers.1.conv2.weight",
+        "head.weight",
+        "total",
+    }
+    assert "regularized 6 tensors" in out.getvalue()
+    assert result["total"] == pytest.approx(sum(v for k, v in result.items() if k != "total"))
