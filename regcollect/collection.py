@@ -200,6 +200,9 @@ def scope_default(argument: str) -> Regularizer | None:
 
 def active_collection(explicit: Collection | None = None) -> Collection:
     """``explicit`` if given, else the innermost scope's collection, else the default one."""
+    if explicit is None and torch.compiler.is_compiling():
+        # Scopes are a model-building tool; torch.compile cannot trace ContextVar reads.
+        return _default
     if explicit is not None:
         if not isinstance(explicit, Collection):
             raise TypeError(
@@ -219,7 +222,7 @@ def active_collection(explicit: Collection | None = None) -> Collection:
 class _CachedPlan:
     version: int
     names_version: int | None
-    candidates: list[Entry]
+    locators: list[tuple[Any, str | None]]
     tensors: list[torch.Tensor | None]
     flags: list[bool]
     plan: Plan
@@ -451,15 +454,23 @@ class Collection:
             if (
                 cached is not None
                 and cached.version == self._version
-                and (cached.names_version == names_version)
+                and cached.names_version == names_version
             ):
-                tensors = [e.resolve() for e in cached.candidates]
+                # The hot path: one identity and requires_grad check per tensor, no names.
+                tensors = _current_tensors(cached.locators)
                 if all(map(operator.is_, tensors, cached.tensors)) and cached.flags == [
                     t is not None and t.requires_grad for t in tensors
                 ]:
                     return cached
-            candidates = [e for e in self.entries(scope) if e.kind != ACTIVITY]
-            tensors = [e.resolve() for e in candidates]
+            if scope is None:
+                candidates = [e for e in self._entries.values() if e.kind != ACTIVITY]
+            else:
+                candidates = [e for e in self.entries(scope) if e.kind != ACTIVITY]
+            locators = [
+                (e.module_ref, e.param) if e.kind == WEIGHT else (e.tensor_ref, None)
+                for e in candidates
+            ]
+            tensors = _current_tensors(locators)
             flags = [t is not None and t.requires_grad for t in tensors]
             # A parameter reached through two entries (tied after registration) counts once:
             # the later registration wins, as re-registering does.
@@ -475,7 +486,7 @@ class Collection:
             cached = _CachedPlan(
                 self._version,
                 names_version,
-                candidates,
+                locators,
                 tensors,
                 flags,
                 plan,
@@ -605,6 +616,14 @@ class Collection:
         from .summary import render  # the renderer sits a layer above; imported on use
 
         return render(self, loss=loss, scope=scope, tablefmt=tablefmt, file=file)
+
+
+def _current_tensors(locators: list[tuple[Any, str | None]]) -> list[torch.Tensor | None]:
+    """The tensors entries point at now: ``module._parameters[name]``, or a tensor's referent."""
+    return [
+        (m._parameters.get(n) if (m := ref()) is not None else None) if n is not None else ref()
+        for ref, n in locators
+    ]
 
 
 def _to_host(tensors: Sequence[torch.Tensor]) -> list[list[float]]:

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff not installed (pip install .[test])")
 def test_ruff_clean():
     result = subprocess.run(
-        ["ruff", "check", "regcollect", "tests", "examples"],
+        ["ruff", "check", "regcollect", "tests", "examples", "benchmarks"],
         cwd=ROOT,
         capture_output=True,
         text=True,

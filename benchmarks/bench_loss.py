@@ -1,0 +1,250 @@
+"""How much does rc.loss() cost per training step, against what people use today?
+
+One process, interleaved repetitions, medians; prints ratios. No assertion anywhere: timings
+belong here, not in tests.
+
+    pip install keras   # optional, for the Keras 3 (torch backend) comparison
+    python benchmarks/bench_loss.py [--repeats 30] [--threads 1] [--device cpu]
+
+Scenarios:
+1. many-small: 100 Linear(64, 64), kernel l2(1e-3) and bias l1(1e-4) (200 entries), forward +
+   backward of the total penalty, against the Python loop users write and Keras 3.
+2. large: 33 tensors, 25.6M parameters, l2, against the optimizer's multi-tensor weight decay
+   (torch._foreach_add_(grads, params, alpha=2c)).
+3. training step: 4-layer 1024-wide MLP, batch 256, forward + backward + SGD step, rc.l2 on the
+   kernels against SGD(weight_decay=...): overhead in %.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+os.environ.setdefault("KERAS_BACKEND", "torch")
+
+import torch
+
+import regcollect as rc
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(
+    candidates: dict[str, Callable[[], object]], repeats: int, inner: int, device: torch.device
+) -> dict[str, float]:
+    """Median seconds per call of each candidate, repetitions interleaved between them."""
+    for fn in candidates.values():  # warm-up
+        for _ in range(3):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(repeats):
+        for name, fn in candidates.items():
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            sync(device)
+            times[name].append((time.perf_counter() - start) / inner)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def report(title: str, medians: dict[str, float], base: str) -> None:
+    print(f"\n## {title}")
+    for name, seconds in medians.items():
+        ratio = medians[name] / medians[base]
+        print(f"{name:<44} {seconds * 1e3:9.3f} ms   {ratio:6.2f}x of {base}")
+
+
+def many_small(repeats: int, device: torch.device) -> dict[str, float]:
+    coll = rc.Collection()
+    layers = [
+        rc.nn.Linear(
+            64,
+            64,
+            kernel_regularizer=rc.l2(1e-3),
+            bias_regularizer=rc.l1(1e-4),
+            collection=coll,
+            device=device,
+        )
+        for _ in range(100)
+    ]
+
+    def regcollect_step() -> None:
+        coll.loss().backward()
+
+    def python_loop() -> None:  # what users write today
+        total = sum(1e-3 * torch.norm(layer.weight) ** 2 for layer in layers)
+        total = total + sum(1e-4 * torch.norm(layer.bias, 1) for layer in layers)
+        total.backward()
+
+    candidates: dict[str, Callable[[], object]] = {
+        "regcollect rc.loss()": regcollect_step,
+        "python loop (torch.norm)": python_loop,
+    }
+    try:
+        import keras
+
+        if keras.backend.backend() != "torch":
+            raise ImportError(f"keras backend is {keras.backend.backend()}, not torch")
+        model = keras.Sequential(
+            [keras.Input((64,))]
+            + [
+                keras.layers.Dense(
+                    64,
+                    kernel_regularizer=keras.regularizers.l2(1e-3),
+                    bias_regularizer=keras.regularizers.l1(1e-4),
+                )
+                for _ in range(100)
+            ]
+        )
+
+        def keras_losses() -> None:
+            sum(model.losses).backward()
+
+        candidates["keras 3 sum(model.losses), torch backend"] = keras_losses
+    except Exception as exc:  # keras is optional
+        print(f"(keras comparison skipped: {type(exc).__name__}: {exc})")
+    medians = measure(candidates, repeats, inner=20, device=device)
+    report(
+        "1. many-small: 100 x Linear(64, 64), 200 entries, forward + backward",
+        medians,
+        "regcollect rc.loss()",
+    )
+    return medians
+
+
+def large(repeats: int, device: torch.device) -> dict[str, float]:
+    shapes = []
+    for c_in, c_out, n in (
+        (64, 64, 8),
+        (64, 128, 1),
+        (128, 128, 7),
+        (128, 256, 1),
+        (256, 256, 6),
+        (256, 512, 1),
+        (512, 512, 8),
+    ):
+        shapes += [(c_out, c_in, 3, 3)] * n
+    shapes.append((1000, 512))
+    params = [torch.nn.Parameter(torch.randn(s, device=device) * 0.01) for s in shapes]
+    total = sum(p.numel() for p in params)
+    coll = rc.Collection()
+    holder = torch.nn.Module()
+    for i, p in enumerate(params):
+        holder.register_parameter(f"p{i}", p)
+        rc.add_regularizer(holder, f"p{i}", rc.l2(1e-4), collection=coll)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
+
+    def regcollect_step() -> None:
+        coll.loss().backward()
+
+    def weight_decay() -> None:  # what SGD/Adam(foreach=True) do for weight_decay
+        torch._foreach_add_(grads, params, alpha=2 * 1e-4)
+
+    medians = measure(
+        {
+            "regcollect rc.loss() fwd+bwd": regcollect_step,
+            "optimizer foreach weight decay": weight_decay,
+        },
+        repeats,
+        inner=3,
+        device=device,
+    )
+    report(
+        f"2. large: {len(params)} tensors, {total / 1e6:.1f}M parameters, l2",
+        medians,
+        "optimizer foreach weight decay",
+    )
+    return medians
+
+
+def training_step(repeats: int, device: torch.device) -> dict[str, float]:
+    def mlp() -> torch.nn.Sequential:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(
+            torch.nn.Linear(1024, 1024),
+            torch.nn.ReLU(),
+            torch.nn.Linear(1024, 1024),
+            torch.nn.ReLU(),
+            torch.nn.Linear(1024, 1024),
+            torch.nn.ReLU(),
+            torch.nn.Linear(1024, 10),
+        ).to(device)
+
+    x = torch.randn(256, 1024, device=device)
+    y = torch.randint(0, 10, (256,), device=device)
+    wd = 1e-4
+    plain = mlp()
+    # weight_decay on the kernels only, the same set regcollect regularizes
+    decay = [p for p in plain.parameters() if p.dim() >= 2]
+    rest = [p for p in plain.parameters() if p.dim() < 2]
+    opt_plain = torch.optim.SGD(
+        [{"params": decay, "weight_decay": wd}, {"params": rest, "weight_decay": 0.0}], lr=1e-3
+    )
+    ours = mlp()
+    coll = rc.Collection()
+    rc.regularize(ours, kernel=rc.l2(wd / 2), collection=coll)
+    opt_ours = torch.optim.SGD(ours.parameters(), lr=1e-3)
+
+    def step_plain() -> None:
+        opt_plain.zero_grad()
+        torch.nn.functional.cross_entropy(plain(x), y).backward()
+        opt_plain.step()
+
+    def step_ours() -> None:
+        opt_ours.zero_grad()
+        (torch.nn.functional.cross_entropy(ours(x), y) + coll.loss()).backward()
+        opt_ours.step()
+
+    medians = measure(
+        {"SGD(weight_decay) step": step_plain, "rc.loss() + SGD step": step_ours},
+        repeats,
+        inner=2,
+        device=device,
+    )
+    report("3. training step: 4 x 1024 MLP, batch 256", medians, "SGD(weight_decay) step")
+    overhead = medians["rc.loss() + SGD step"] / medians["SGD(weight_decay) step"] - 1
+    print(f"overhead of rc.loss() over weight_decay: {100 * overhead:+.1f}%")
+    return medians
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="rc.loss() benchmark")
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    print(
+        f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
+        f"repeats {args.repeats} (medians)"
+    )
+    small = many_small(args.repeats, device)
+    big = large(args.repeats, device)
+    step = training_step(args.repeats, device)
+    base = small["regcollect rc.loss()"]
+    print("\n## summary")
+    print(
+        f"many-small: {small['python loop (torch.norm)'] / base:.2f}x faster than the loop", end=""
+    )
+    keras_key = "keras 3 sum(model.losses), torch backend"
+    print(f", {small[keras_key] / base:.2f}x faster than Keras" if keras_key in small else "")
+    print(
+        f"large: {big['regcollect rc.loss() fwd+bwd'] / big['optimizer foreach weight decay']:.2f}x"
+        " the optimizer's weight-decay update"
+    )
+    plain, ours = step["SGD(weight_decay) step"], step["rc.loss() + SGD step"]
+    print(f"training step overhead: {100 * (ours / plain - 1):+.1f}%")
+
+
+if __name__ == "__main__":
+    main()

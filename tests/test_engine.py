@@ -1,0 +1,123 @@
+import pytest
+import torch
+
+import regcollect as rc
+from regcollect.engine import Plan, group_penalty
+
+REGS = [
+    rc.l2(0.3),
+    rc.l1(0.2),
+    rc.l1_l2(0.1, 0.4),
+    rc.orthogonal(0.5),
+    rc.l2(0.7),
+    rc.regularizers.get(lambda x: x.sum() ** 2),
+]
+
+
+def reference(tensors, regs):
+    return sum((reg(t) for t, reg in zip(tensors, regs)), torch.zeros((), dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_plan_values_and_gradients_equal_per_entry_reference(dtype):
+    shapes = [(3, 4), (5,), (2, 3, 2), (4, 4), (1,), (3, 3)]
+    tensors = [torch.randn(s, dtype=dtype, requires_grad=True) for s in shapes]
+    result = Plan(tensors, REGS)()
+    expected = reference(tensors, REGS)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert result.total.dtype == dtype
+    assert result.total.item() == pytest.approx(expected.item(), rel=tol)
+    grads = torch.autograd.grad(result.total, tensors)
+    ref_grads = torch.autograd.grad(expected, tensors)
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == dtype
+        assert torch.allclose(g, r, rtol=tol, atol=tol)
+
+
+def test_group_penalty_gradcheck():
+    xs = [torch.randn(3, 2, dtype=torch.float64, requires_grad=True) + 0.5 for _ in range(3)]
+    xs = [x.detach().requires_grad_(True) for x in xs]
+    for kind in ("l1", "l2"):
+        assert torch.autograd.gradcheck(lambda *t, k=kind: group_penalty(k, 0.7, t)[0], xs)
+
+
+def test_per_entry_values_for_summary():
+    tensors = [torch.ones(2, 2), torch.full((3,), 2.0)]
+    result = Plan(tensors, [rc.l1_l2(1.0, 1.0), rc.l2(0.5)])()
+    per = {}
+    for values, indices in result.parts:
+        for v, i in zip(values.tolist(), indices):
+            per[i] = per.get(i, 0.0) + v
+    assert per == pytest.approx({0: 4.0 + 4.0, 1: 0.5 * 12.0})
+    assert not any(values.requires_grad for values, _ in result.parts)
+
+
+def test_mixed_dtypes_grouped_separately():
+    half = torch.full((10, 10), 300.0, dtype=torch.float16, requires_grad=True)
+    single = torch.ones(4, requires_grad=True)
+    plan = Plan([half, single], [rc.l2(1.0), rc.l2(1.0)])
+    assert len(plan.groups) == 2
+    result = plan()
+    assert result.total.dtype == torch.float32
+    assert result.total.item() == pytest.approx(300.0**2 * 100 + 4.0, rel=1e-3)
+    result.total.backward()
+    assert half.grad.dtype == torch.float16 and torch.all(half.grad == 600.0)
+
+
+def test_empty_and_zero_coefficient_plans():
+    empty = Plan([], [])()
+    assert empty.total.shape == () and empty.total.item() == 0.0 and empty.parts == []
+    zero = Plan([torch.ones(3, requires_grad=True)], [rc.L1L2()])()
+    assert zero.total.item() == 0.0
+    with pytest.raises(ValueError, match="same length"):
+        Plan([torch.ones(1)], [])
+    with pytest.raises(ValueError, match='kind must be "l1" or "l2"'):
+        group_penalty("l3", 1.0, [torch.ones(1)])
+
+
+def test_grouping_is_by_kind_and_coefficient():
+    tensors = [torch.randn(2, 2, requires_grad=True) for _ in range(6)]
+    regs = [rc.l2(0.1)] * 3 + [rc.l2(0.2), rc.l1(0.1), rc.orthogonal()]
+    plan = Plan(tensors, regs)
+    assert sorted((k, c, len(idx)) for k, c, idx, _ in plan.groups) == [
+        ("l1", 0.1, 1),
+        ("l2", 0.1, 3),
+        ("l2", 0.2, 1),
+    ]
+    assert plan.fallback == [5]
+
+
+def test_cache_invalidation_on_remove_and_replace():
+    layer = rc.nn.Linear(3, 3, kernel_regularizer=rc.l2(1.0))
+    handle = rc.add_regularizer(layer, "bias", rc.l1(1.0))
+    coll = rc.get_collection()
+    rc.loss()
+    first = coll._plans[None].plan
+    handle.remove()
+    assert rc.loss().item() == pytest.approx((layer.weight**2).sum().item(), rel=1e-6)
+    assert coll._plans[None].plan is not first
+    second = coll._plans[None].plan
+    layer.weight = torch.nn.Parameter(torch.ones(3, 3))
+    assert rc.loss().item() == pytest.approx(9.0)
+    assert coll._plans[None].plan is not second
+
+
+def test_torch_compile_matches_eager():
+    model = torch.nn.Sequential(
+        rc.nn.Linear(8, 8, kernel_regularizer=rc.l2(0.1), bias_regularizer=rc.l1(0.1)),
+        torch.nn.ReLU(),
+        rc.nn.Linear(8, 2, kernel_regularizer=rc.l1_l2(0.1, 0.1)),
+    )
+    x, y = torch.randn(4, 8), torch.randint(0, 2, (4,))
+
+    def step(x, y):
+        return torch.nn.functional.cross_entropy(model(x), y) + rc.loss()
+
+    compiled = torch.compile(step)
+    params = list(model.parameters())
+    for _ in range(2):
+        eager = step(x, y)
+        got = compiled(x, y)
+        assert got.item() == pytest.approx(eager.item(), rel=1e-6)
+        for a, b in zip(torch.autograd.grad(eager, params), torch.autograd.grad(got, params)):
+            assert torch.allclose(a, b, atol=1e-6)
