@@ -80,21 +80,6 @@ class Result:
     total: torch.Tensor
     parts: list[tuple[torch.Tensor, list[int]]]
 
-    def per_index(self, n: int) -> list[float]:
-        """Per-tensor values as floats, in one device-to-host copy per device."""
-        out = [0.0] * n
-        by_device: dict[torch.device, list[tuple[torch.Tensor, list[int]]]] = {}
-        for values, indices in self.parts:
-            by_device.setdefault(values.device, []).append((values, indices))
-        for parts in by_device.values():
-            flat = torch.cat([v.reshape(-1).to(torch.float64) for v, _ in parts]).tolist()
-            pos = 0
-            for _, indices in parts:
-                for i in indices:
-                    out[i] += flat[pos]
-                    pos += 1
-        return out
-
 
 class Plan:
     """A reusable grouping of ``(tensor, regularizer)`` pairs; call it to get a :class:`Result`.
