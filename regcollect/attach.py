@@ -123,6 +123,11 @@ def _patterns(value: object, argument: str) -> list[str] | None:
     return list(value)
 
 
+def _module_name(qualified: str) -> str:
+    """A submodule's qualified name without wrapper components (``module.``, ``_orig_mod.``)."""
+    return _naming.strip_wrappers(qualified + ".")[:-1] if qualified else ""
+
+
 def _matches(name: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
@@ -149,7 +154,7 @@ def _walk_parameters(
     seen: set[int] = set()
     out = []
     for qualified, module in model.named_modules():
-        qualified = _naming.strip_wrappers(qualified + ".")[:-1] if qualified else ""
+        qualified = _module_name(qualified)
         for local, param in module._parameters.items():
             if param is None or id(param) in seen:
                 continue
@@ -242,9 +247,7 @@ def regularize(
         targets = [model]
         if include_p is not None:
             targets = [
-                m
-                for n, m in model.named_modules()
-                if n and _matches(_naming.strip_wrappers(n + ".")[:-1], include_p)
+                m for n, m in model.named_modules() if n and _matches(_module_name(n), include_p)
             ]
         for module in targets:
             pairs.append((coll, coll.add_activity(module, activity_reg, prefix=prefix)))

@@ -96,14 +96,16 @@ class Entry:
         ref = self.module_ref if self.module_ref is not None else self.tensor_ref
         return ref is not None and ref() is not None
 
+    @property
+    def locator(self) -> tuple[Any, str | None]:
+        """``(module ref, parameter name)`` for weights, ``(tensor ref, None)`` otherwise."""
+        if self.kind == WEIGHT:
+            return (self.module_ref, self.param)
+        return (self.tensor_ref if self.kind == TENSOR else _dead_ref, None)
+
     def resolve(self) -> torch.Tensor | None:
         """The tensor this entry regularizes now (None for activity entries and dead ones)."""
-        if self.kind == WEIGHT:
-            module = self.module_ref() if self.module_ref is not None else None
-            return None if module is None else module._parameters.get(self.param)  # type: ignore[arg-type]
-        if self.kind == TENSOR and self.tensor_ref is not None:
-            return self.tensor_ref()
-        return None
+        return _current_tensors([self.locator])[0]
 
     @property
     def shape(self) -> tuple[int, ...] | None:
@@ -269,7 +271,6 @@ class Collection:
         # consumes it; past this many, the oldest are dropped (with a warning), so a
         # forgotten loss() costs bounded memory instead of an out-of-memory crash.
         self.max_pending = max_pending
-        self._dropped = 0
         self._warned = False
         self._lock = threading.RLock()
         self._entries: dict[tuple[Any, ...], Entry] = {}
@@ -466,10 +467,7 @@ class Collection:
                 candidates = [e for e in self._entries.values() if e.kind != ACTIVITY]
             else:
                 candidates = [e for e in self.entries(scope) if e.kind != ACTIVITY]
-            locators = [
-                (e.module_ref, e.param) if e.kind == WEIGHT else (e.tensor_ref, None)
-                for e in candidates
-            ]
+            locators = [e.locator for e in candidates]
             tensors = _current_tensors(locators)
             flags = [t is not None and t.requires_grad for t in tensors]
             # A parameter reached through two entries (tied after registration) counts once:
@@ -513,7 +511,6 @@ class Collection:
                 excess = len(self._records) - self.max_pending
                 if excess > 0:
                     del self._records[:excess]
-                    self._dropped += excess
             if not self._warned:
                 self._warned = True
                 warnings.warn(
@@ -616,6 +613,11 @@ class Collection:
         from .summary import render  # the renderer sits a layer above; imported on use
 
         return render(self, loss=loss, scope=scope, tablefmt=tablefmt, file=file)
+
+
+def _dead_ref() -> None:
+    """Stands in for the weak reference of an entry that regularizes no tensor."""
+    return None
 
 
 def _current_tensors(locators: list[tuple[Any, str | None]]) -> list[torch.Tensor | None]:
