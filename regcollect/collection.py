@@ -552,7 +552,8 @@ class Collection:
         out: list[torch.Tensor] = []
         parts: list[tuple[torch.Tensor, list[int]]] = []
         for i, (entry, tensor) in enumerate(zip(cached.plan_entries, cached.plan.tensors)):
-            value = entry.regularizer(tensor)
+            # A one-tensor plan: sharded tensors are completed exactly, as in loss().
+            value = Plan([tensor], [entry.regularizer])().total
             out.append(value)
             parts.append((value.detach().reshape(1), [i]))
         by_entry: dict[Entry, list[torch.Tensor]] = {}

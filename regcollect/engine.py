@@ -8,16 +8,30 @@ calls, accumulating in float32 at least. Other regularizers (orthogonal, custom)
 their tensor one by one. The per-call Python cost is proportional to the number of groups, not
 the number of tensors, and nothing here reads a value back to the host.
 
+Sharded tensors (``DTensor``, as FSDP2 and tensor parallelism make them) are handled exactly:
+
+* L1/L2 terms are sums over elements, so each rank computes them on its local shard, in the
+  same grouped kernels, and the partial values of every sharded tensor are summed across the
+  ranks that hold the shards with **one** all-reduce per ``loss()`` (one per sharded mesh
+  dimension, so one for FSDP2 and HSDP). The all-reduce is outside autograd: each rank's
+  gradient is the gradient of its own shard's partial penalty, which is exactly the shard of
+  the full penalty's gradient, with no factor of the world size.
+* Other regularizers (orthogonal, custom) need the whole tensor: it is gathered
+  (``full_tensor()``, one all-gather per such tensor), every rank computes the same value, and
+  the gathered tensor's backward hands each rank the gradient of its own shard.
+
 This module knows nothing of modules, names or collections.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from .regularizers import Regularizer, accumulation_dtype
 
@@ -99,19 +113,22 @@ class Plan:
             )
         self.tensors = list(tensors)
         self.regularizers = list(regularizers)
-        groups: dict[tuple[str, float, torch.device, torch.dtype], list[int]] = {}
+        # Plain tensors go straight to the kernels; a DTensor contributes its local shard,
+        # taken with to_local() at every call so that gradients reach the sharded parameter.
+        groups: dict[tuple[Any, ...], list[int]] = {}
         self.fallback: list[int] = []
         for i, (x, reg) in enumerate(zip(self.tensors, self.regularizers)):
-            terms = reg.terms() if x.is_floating_point() and _foreach_ok(x) else None
-            if terms is None:
+            terms = reg.terms() if x.is_floating_point() else None
+            reduce_over = _shard_reduction(x) if terms is not None else None
+            if terms is None or reduce_over is None:
                 self.fallback.append(i)
                 continue
             for kind, coef in terms:
                 if coef:
-                    groups.setdefault((kind, coef, x.device, x.dtype), []).append(i)
+                    groups.setdefault((kind, coef, x.device, x.dtype, reduce_over), []).append(i)
         self.groups = [
-            (kind, coef, idx, [self.tensors[i] for i in idx])
-            for (kind, coef, _, _), idx in groups.items()
+            _Group(kind, coef, idx, [self.tensors[i] for i in idx], reduce_over)
+            for (kind, coef, _, _, reduce_over), idx in groups.items()
         ]
         self.device = self.tensors[0].device if self.tensors else torch.device("cpu")
         self.dtype = torch.float32
@@ -124,12 +141,38 @@ class Plan:
     def __call__(self) -> Result:
         total: torch.Tensor | None = None
         parts: list[tuple[torch.Tensor, list[int]]] = []
-        for kind, coef, indices, tensors in self.groups:
-            group_total, values = group_penalty(kind, coef, tensors)
-            parts.append((values, indices))
-            total = _add(total, group_total, self.device, self.dtype)
+        pending: dict[tuple[Any, ...], list[tuple[torch.Tensor, torch.Tensor, list[int]]]] = {}
+        for group in self.groups:
+            tensors = group.tensors
+            if group.sharded:
+                tensors = [x.to_local() for x in tensors]  # type: ignore[attr-defined]
+            group_total, values = group_penalty(group.kind, group.coef, tensors)
+            if group.reduce_over:
+                pending.setdefault(group.reduce_over, []).append(
+                    (group_total, values, group.indices)
+                )
+            else:
+                total = _add(total, group_total, self.device, self.dtype)
+                parts.append((values, group.indices))
+        for reduce_over, local_parts in pending.items():
+            # Partial values from every shard: one all-reduce for all sharded tensors alike.
+            local = torch.cat([v.to(self.dtype) for _, v, _ in local_parts])
+            full = _all_reduce(local, reduce_over)
+            local_total = _sum([t.to(self.dtype) for t, _, _ in local_parts])
+            # The value is the full penalty, bit-identical on every rank; the gradient is that
+            # of this rank's partial penalty, i.e. exactly this shard's part of the full one.
+            total = _add(
+                total, full.sum() + (local_total - local_total.detach()), self.device, self.dtype
+            )
+            start = 0
+            for _, values, indices in local_parts:
+                parts.append((full[start : start + len(values)], indices))
+                start += len(values)
         for i in self.fallback:
-            value = self.regularizers[i](self.tensors[i])
+            x = self.tensors[i]
+            if _is_dtensor(x):
+                x = x.full_tensor()  # type: ignore[attr-defined]
+            value = self.regularizers[i](x)
             parts.append((value.detach().reshape(1), [i]))
             total = _add(total, value, self.device, self.dtype)
         if total is None:
@@ -137,9 +180,59 @@ class Plan:
         return Result(total, parts)
 
 
-def _foreach_ok(x: torch.Tensor) -> bool:
-    # Tensor subclasses (DTensor and friends) take the per-tensor path unless they opt in.
-    return type(x) in (torch.Tensor, torch.nn.Parameter)
+@dataclass
+class _Group:
+    kind: str
+    coef: float
+    indices: list[int]
+    tensors: list[torch.Tensor]
+    # () for tensors whose values are all here; else the (mesh, dim) pairs to sum over.
+    reduce_over: tuple[Any, ...]
+
+    @property
+    def sharded(self) -> bool:
+        return bool(self.tensors) and _is_dtensor(self.tensors[0])
+
+
+def _is_dtensor(x: torch.Tensor) -> bool:
+    # A DTensor exists only once torch.distributed.tensor is imported; never import it here.
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(x, module.DTensor)
+
+
+def _shard_reduction(x: torch.Tensor) -> tuple[Any, ...] | None:
+    """How an elementwise-sum penalty of ``x`` is completed from local values.
+
+    ``()`` for plain tensors and replicated DTensors (the local value is the full one);
+    ``((mesh, dim), ...)`` for the mesh dimensions a DTensor is sharded over; None when the
+    local values cannot be summed (a ``Partial`` placement, another tensor subclass), which
+    sends the tensor down the per-tensor path.
+    """
+    if type(x) in (torch.Tensor, torch.nn.Parameter):
+        return ()
+    if not _is_dtensor(x):
+        return None
+    from torch.distributed.tensor import Replicate, Shard
+
+    reduce_over = []
+    for dim, placement in enumerate(x.placements):  # type: ignore[attr-defined]
+        if isinstance(placement, Shard):
+            reduce_over.append((x.device_mesh, dim))  # type: ignore[attr-defined]
+        elif not isinstance(placement, Replicate):
+            return None
+    return tuple(reduce_over)
+
+
+def _all_reduce(local: torch.Tensor, reduce_over: tuple[Any, ...]) -> torch.Tensor:
+    """Sum ``local`` (detached) over the mesh dimensions the tensors are sharded over."""
+    out = local.detach().clone()
+    for mesh, dim in reduce_over:
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=mesh.get_group(dim))
+    return out
+
+
+def _sum(values: list[torch.Tensor]) -> torch.Tensor:
+    return values[0] if len(values) == 1 else torch.stack(values).sum()
 
 
 def _add(

@@ -79,7 +79,7 @@ def test_grouping_is_by_kind_and_coefficient():
     tensors = [torch.randn(2, 2, requires_grad=True) for _ in range(6)]
     regs = [rc.l2(0.1)] * 3 + [rc.l2(0.2), rc.l1(0.1), rc.orthogonal()]
     plan = Plan(tensors, regs)
-    assert sorted((k, c, len(idx)) for k, c, idx, _ in plan.groups) == [
+    assert sorted((g.kind, g.coef, len(g.indices)) for g in plan.groups) == [
         ("l1", 0.1, 1),
         ("l2", 0.1, 3),
         ("l2", 0.2, 1),

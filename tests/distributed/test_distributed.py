@@ -1,0 +1,168 @@
+"""DDP and FSDP2 give the single-process penalties and gradients.
+
+One ``torchrun --nproc_per_node=2`` launch (gloo, CPU) runs every scenario of ``worker.py``;
+each test below checks one scenario of its report against the single-process reference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(
+    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+    reason="torch.distributed with the gloo backend is not available in this build",
+)
+
+WORKER = Path(__file__).with_name("worker.py")
+TOL = 1e-5
+
+EXACT = [
+    "ddp",
+    "ddp_find_unused",
+    "ddp_penalty_only_param",
+    "ddp_static_graph_penalty_only_param",
+    "ddp_find_unused_penalty_only_param_in_forward",
+    "ddp_regularize_after_wrap",
+    "fsdp2",
+    "fsdp2_root_only",
+    "fsdp2_orthogonal",
+    "fsdp2_custom",
+    "fsdp2_penalty_only_param",
+    "fsdp2_regularize_after_shard",
+    "hsdp_2d_mesh",
+]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("distributed") / "report.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(WORKER),
+        str(out),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and out.exists(), proc.stdout[-4000:] + proc.stderr[-4000:]
+    result: dict[str, Any] = json.loads(out.read_text())
+    return result
+
+
+@pytest.mark.parametrize("scenario", EXACT)
+def test_matches_single_process(report: dict[str, Any], scenario: str) -> None:
+    r = report[scenario]
+    assert "error" not in r, r.get("error")
+    assert r["moved"] > 1e-2  # three steps really trained the model
+    assert r["param_diff"] < TOL
+    assert r["penalty_diff"] < TOL
+    assert r["penalties_diff"] < TOL
+    # Same entry names as the unwrapped model: no "module." or FSDP prefixes.
+    assert r["names"] == r["reference_names"]
+
+
+@pytest.mark.parametrize("scenario", EXACT)
+def test_every_rank_sees_the_same_values(report: dict[str, Any], scenario: str) -> None:
+    r = report[scenario]
+    assert "error" not in r, r.get("error")
+    first_seen, *other_seen = r["seen_by_rank"]
+    assert all(seen == first_seen for seen in other_seen)  # bit-identical loss() values
+    first, *others = r["penalties_by_rank"]
+    assert all(p == first for p in others)
+    table, *other_tables = r["summary_by_rank"]
+    assert all(t == table for t in other_tables) and "total" in table
+
+
+@pytest.mark.parametrize(
+    ("scenario", "after_forward", "after_backward"),
+    [
+        # DDP: replicated parameters, nothing to communicate.
+        ("ddp", {}, {}),
+        ("ddp_find_unused", {}, {}),
+        # FSDP2: one all-reduce per loss(), whatever the number of entries.
+        ("fsdp2", {"c10d": 1}, {"c10d": 1}),
+        ("hsdp_2d_mesh", {"c10d": 1}, {"c10d": 1}),
+        ("fsdp2_penalty_only_param", {"c10d": 1}, {"c10d": 1}),
+        # The root keeps its parameters unsharded after forward: nothing to reduce then.
+        ("fsdp2_root_only", {}, {"c10d": 1}),
+        # Orthogonal and custom regularizers gather their one sharded tensor.
+        ("fsdp2_orthogonal", {"c10d": 1, "c10d_functional": 1}, {"c10d": 1, "c10d_functional": 1}),
+        ("fsdp2_custom", {"c10d": 1, "c10d_functional": 1}, {"c10d": 1, "c10d_functional": 1}),
+    ],
+)
+def test_collectives_per_loss(
+    report: dict[str, Any],
+    scenario: str,
+    after_forward: dict[str, int],
+    after_backward: dict[str, int],
+) -> None:
+    assert report[scenario]["collectives"] == [after_forward, after_backward]
+
+
+def test_ddp_find_unused_with_a_penalty_only_parameter_is_ddps_own_error(
+    report: dict[str, Any],
+) -> None:
+    # With find_unused_parameters=True, DDP marks parameters unreachable from the forward
+    # output as unused, then refuses the gradient the penalty gives them. regcollect cannot
+    # change that; docs/distributed.md gives the fixes tested above (static_graph=True, or
+    # the penalty inside the wrapped forward). This test notices if PyTorch lifts the limit.
+    error = report["ddp_find_unused_penalty_only_param"].get("error", "")
+    assert "marked as ready twice" in error
+    assert re.search(r"name side\.(weight|bias) has been marked", error), error
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_example(mode: str) -> None:
+    example = Path(__file__).resolve().parents[2] / "examples" / "distributed.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(example),
+        "--mode",
+        mode,
+        "--steps",
+        "5",
+    ]
+    # The example's last line is printed after all its work. gloo processes sometimes abort
+    # ("terminate called without an active exception") or hang while the interpreter shuts
+    # down after that: a PyTorch teardown issue, which worker.py sidesteps with os._exit.
+    # Such an exit is reported as a warning, not a failure.
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+    assert "penalties identical on all 2 ranks: True" in stdout, stdout[-4000:] + stderr[-4000:]
+    if proc.returncode != 0:
+        warnings.warn(
+            f"torchrun ended with {proc.returncode} after the example finished", stacklevel=1
+        )
+    assert f"[{mode}, 2 ranks] step 5" in stdout
+    for name in ("0.weight", "0.bias", "2.weight", "4.weight", "total loss"):
+        assert name in stdout

@@ -1,0 +1,249 @@
+"""Multi-process checks, run by ``test_distributed.py`` as ``torchrun --nproc_per_node=2``.
+
+Every scenario trains a small regularized MLP for 3 SGD steps, each rank on its half of the
+batch, and the same model in this process alone on the whole batch (the reference). It writes,
+per scenario, the largest differences to the reference (parameters, per-step penalties,
+``penalties()`` values), what every rank saw, and which collectives one ``loss()`` ran. The
+pytest side asserts on that report, so a failure names the scenario and the number.
+"""
+
+from __future__ import annotations
+
+import datetime
+import io
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.debug import CommDebugMode
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import regcollect as rc
+
+STEPS, BATCH, LR = 3, 8, 0.1
+Wrap = Callable[[torch.nn.Module], torch.nn.Module]
+
+
+def build(coll: rc.Collection | None, *, middle: str = "l1_l2", side: bool = False) -> Any:
+    """The test MLP. ``coll=None`` builds plain torch layers (for ``rc.regularize``).
+
+    The last layer has one output, so on 2 ranks its weight and bias have an empty shard.
+    ``middle`` picks the middle kernel's regularizer; ``side`` adds a layer the forward never
+    uses, whose parameters get gradients from the penalty only.
+    """
+    torch.manual_seed(0)
+    regs: dict[str, Any] = {
+        "l1_l2": rc.l1_l2(l1=1e-3, l2=1e-2),
+        "orthogonal": rc.orthogonal(0.5),
+        "custom": rc.regularizers.get(lambda w: 0.05 * (w.sum(dim=1) ** 2).sum()),
+    }
+
+    def linear(n_in: int, n_out: int, **kwargs: Any) -> torch.nn.Module:
+        if coll is None:
+            return torch.nn.Linear(n_in, n_out)
+        return rc.nn.Linear(n_in, n_out, collection=coll, **kwargs)
+
+    body = torch.nn.Sequential(
+        linear(6, 12, kernel_regularizer=rc.l2(0.05), bias_regularizer=rc.l1(0.01)),
+        torch.nn.Tanh(),
+        linear(12, 9, kernel_regularizer=regs[middle], bias_regularizer=rc.l2(0.02)),
+        torch.nn.Tanh(),
+        linear(9, 1, kernel_regularizer=rc.l1_l2(l1=0.002, l2=0.03), bias_regularizer=rc.l2(0.1)),
+    )
+    if side:
+        return WithSide(body, linear(5, 7, kernel_regularizer=rc.l2(0.1), bias_regularizer="l1"))
+    return body
+
+
+class WithSide(torch.nn.Module):
+    def __init__(self, body: torch.nn.Module, side: torch.nn.Module) -> None:
+        super().__init__()
+        self.body, self.side = body, side
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class PenaltyInForward(torch.nn.Module):
+    """Returns ``(output, coll.loss())``, so DDP's unused-parameter search sees the penalty."""
+
+    def __init__(self, model: torch.nn.Module, coll: rc.Collection) -> None:
+        super().__init__()
+        self.model, self.coll = model, coll
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model(x), self.coll.loss()
+
+
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(BATCH, 6, generator=g), torch.randn(BATCH, 1, generator=g)
+
+
+def train(
+    model: torch.nn.Module, coll: rc.Collection, x: torch.Tensor, y: torch.Tensor
+) -> list[float]:
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    seen = []
+    for _ in range(STEPS):
+        opt.zero_grad()
+        out = model(x)
+        out, penalty = out if isinstance(out, tuple) else (out, coll.loss())
+        (torch.nn.functional.mse_loss(out, y) + penalty).backward()
+        opt.step()
+        seen.append(penalty.item())
+    return seen
+
+
+def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, p in model.named_parameters():
+        name = name.removeprefix("module.").removeprefix("model.")
+        out[name] = (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+    return out
+
+
+def everyone(value: Any) -> list[Any]:
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def count_collectives(coll: rc.Collection) -> dict[str, int]:
+    with CommDebugMode() as comm:  # sees c10d and functional collectives alike
+        coll.loss()
+    return {str(op).split(".")[-2]: n for op, n in comm.get_comm_counts().items()}
+
+
+def compare(
+    wrap: Wrap, *, regularize: bool = False, in_forward: bool = False, **build_kwargs: Any
+) -> dict[str, Any]:
+    """Train the wrapped model on this rank's half batch and the reference on the whole batch.
+
+    ``regularize``: build plain torch layers and call ``rc.regularize`` after wrapping.
+    ``in_forward``: compute the penalty inside the wrapped forward (:class:`PenaltyInForward`).
+    """
+    rank, world = dist.get_rank(), dist.get_world_size()
+    x, y = data()
+    rules = {"kernel": rc.l2(0.05), "bias": rc.l1(0.01)}
+
+    ref_coll = rc.Collection()
+    ref = build(None if regularize else ref_coll, **build_kwargs)
+    if regularize:
+        rc.regularize(ref, collection=ref_coll, **rules)
+    initial = full_state(ref)
+    ref_seen = train(ref, ref_coll, x, y)
+    ref_pen = ref_coll.penalties()
+
+    coll = rc.Collection()
+    model = build(None if regularize else coll, **build_kwargs)
+    model = wrap(PenaltyInForward(model, coll) if in_forward else model)
+    if regularize:
+        rc.regularize(model, collection=coll, **rules)
+    half = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+    seen = train(model, coll, x[half], y[half])
+    # PenaltyInForward adds "model." to the names; nothing else may change them.
+    pen = {k.removeprefix("model."): v for k, v in coll.penalties().items()}
+    summary = io.StringIO()
+    coll.summary(file=summary)
+
+    # One loss() right after a forward pass (FSDP2's root keeps its parameters unsharded
+    # then) and one after a backward pass (everything sharded).
+    out = model(x[half])
+    counts = [count_collectives(coll)]
+    (out[0] if isinstance(out, tuple) else out).sum().backward()
+    counts.append(count_collectives(coll))
+
+    got, want = full_state(model), full_state(ref)
+    if got.keys() != want.keys():
+        raise AssertionError(f"parameters differ: {sorted(got)} vs {sorted(want)}")
+    return {
+        "param_diff": max(float((got[k] - want[k]).abs().max()) for k in want),
+        "moved": max(float((want[k] - initial[k]).abs().max()) for k in want),
+        "penalty_diff": max(abs(a - b) for a, b in zip(seen, ref_seen)),
+        "penalties_diff": max(abs(pen[k] - ref_pen[k]) for k in ref_pen),
+        "names": sorted(pen),
+        "reference_names": sorted(ref_pen),
+        "collectives": counts,
+        "seen_by_rank": everyone(seen),
+        "penalties_by_rank": everyone(pen),
+        "summary_by_rank": everyone(summary.getvalue()),
+    }
+
+
+def fsdp(model: torch.nn.Module, **kwargs: Any) -> torch.nn.Module:
+    """``fully_shard`` on every layer with parameters, then on the root (the usual recipe)."""
+    for layer in model.modules():
+        if layer is not model and any(True for _ in layer.parameters(recurse=False)):
+            fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def hsdp(model: torch.nn.Module) -> torch.nn.Module:
+    mesh = init_device_mesh("cpu", (1, dist.get_world_size()), mesh_dim_names=("rep", "shard"))
+    return fsdp(model, mesh=mesh)
+
+
+def ddp_find_unused(model: torch.nn.Module) -> torch.nn.Module:
+    return DDP(model, find_unused_parameters=True)
+
+
+def ddp_static(model: torch.nn.Module) -> torch.nn.Module:
+    return DDP(model, static_graph=True)
+
+
+SCENARIOS: dict[str, Callable[[], dict[str, Any]]] = {
+    "ddp": lambda: compare(DDP),
+    "ddp_find_unused": lambda: compare(ddp_find_unused),
+    "ddp_penalty_only_param": lambda: compare(DDP, side=True),
+    "ddp_static_graph_penalty_only_param": lambda: compare(ddp_static, side=True),
+    "ddp_find_unused_penalty_only_param_in_forward": lambda: compare(
+        ddp_find_unused, side=True, in_forward=True
+    ),
+    # DDP's own limit, kept here so a PyTorch change in either direction is noticed.
+    "ddp_find_unused_penalty_only_param": lambda: compare(ddp_find_unused, side=True),
+    "ddp_regularize_after_wrap": lambda: compare(DDP, regularize=True),
+    "fsdp2": lambda: compare(fsdp),
+    "fsdp2_root_only": lambda: compare(fully_shard),
+    "fsdp2_orthogonal": lambda: compare(fsdp, middle="orthogonal"),
+    "fsdp2_custom": lambda: compare(fsdp, middle="custom"),
+    "fsdp2_penalty_only_param": lambda: compare(fsdp, side=True),
+    "fsdp2_regularize_after_shard": lambda: compare(fsdp, regularize=True),
+    "hsdp_2d_mesh": lambda: compare(hsdp),
+}
+
+
+def main(path: str, names: list[str]) -> None:
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    torch.set_num_threads(1)
+    report: dict[str, Any] = {}
+    for name in names or SCENARIOS:
+        try:
+            report[name] = SCENARIOS[name]()
+        except Exception:
+            report[name] = {"error": traceback.format_exc()}
+        dist.barrier()
+    if dist.get_rank() == 0:
+        with open(path, "w") as f:
+            json.dump(report, f, indent=1)
+    dist.barrier()
+    dist.destroy_process_group()
+    # With gloo, a process that has imported numpy sometimes aborts while the interpreter
+    # shuts down ("terminate called without an active exception"), after all work is done.
+    # The report is written; skip the teardown so that PyTorch issue cannot fail the suite.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2:])
