@@ -277,7 +277,9 @@ class Collection:
         self._by_tensor: dict[int, tuple[weakref.ref[torch.Tensor], tuple[Any, ...]]] = {}
         self._version = 0
         self._has_dead = False
-        self._plans: dict[str | None, _CachedPlan] = {}
+        # Per scope, the plans for the last two sets of tensors: FSDP2 swaps a root module's
+        # parameters between sharded and unsharded objects every step.
+        self._plans: dict[str | None, list[_CachedPlan]] = {}
         self._names_cache: tuple[tuple[int, int], dict[Entry, str]] | None = None
         self._records: list[tuple[Entry, torch.Tensor]] = []
         self._last: _Last | None = None
@@ -450,18 +452,18 @@ class Collection:
     def _plan(self, scope: str | None) -> _CachedPlan:
         with self._lock:
             self._cleanup()
-            cached = self._plans.get(scope)
+            recent = self._plans.get(scope, [])
             names_version = None if scope is None else _naming.version()
-            if (
-                cached is not None
-                and cached.version == self._version
-                and cached.names_version == names_version
-            ):
+            for cached in recent:
+                if cached.version != self._version or cached.names_version != names_version:
+                    continue
                 # The hot path: one identity and requires_grad check per tensor, no names.
                 tensors = _current_tensors(cached.locators)
                 if all(map(operator.is_, tensors, cached.tensors)) and cached.flags == [
                     t is not None and t.requires_grad for t in tensors
                 ]:
+                    if cached is not recent[0]:
+                        self._plans[scope] = [cached, recent[0]]
                     return cached
             if scope is None:
                 candidates = [e for e in self._entries.values() if e.kind != ACTIVITY]
@@ -490,7 +492,7 @@ class Collection:
                 plan,
                 [candidates[i] for i in order],
             )
-            self._plans[scope] = cached
+            self._plans[scope] = [cached, *recent[:1]]
             return cached
 
     def _take_records(self, scope: str | None) -> list[tuple[Entry, torch.Tensor]]:

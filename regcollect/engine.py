@@ -101,7 +101,7 @@ class Plan:
     >>> w = torch.ones(2, 2, requires_grad=True)
     >>> from regcollect.regularizers import L2, L1L2
     >>> plan = Plan([w, w[0]], [L2(0.5), L1L2(1.0, 0.0)])
-    >>> float(plan().total)   # 0.5 * 4 + 1.0 * 2
+    >>> plan().total.item()   # 0.5 * 4 + 1.0 * 2
     4.0
     """
 

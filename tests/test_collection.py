@@ -368,11 +368,24 @@ def test_loss_plan_is_cached_and_invalidated():
     layer = rc.nn.Linear(2, 2, kernel_regularizer=rc.l2(1.0))
     coll = rc.get_collection()
     rc.loss()
-    plan = coll._plans[None].plan
+    plan = coll._plans[None][0].plan
     rc.loss()
-    assert coll._plans[None].plan is plan  # nothing changed: reused
+    assert coll._plans[None][0].plan is plan  # nothing changed: reused
     other = rc.nn.Linear(2, 2, kernel_regularizer=rc.l2(1.0))
     rc.loss()
-    assert coll._plans[None].plan is not plan
-    assert len(coll._plans[None].plan) == 2
+    assert coll._plans[None][0].plan is not plan
+    assert len(coll._plans[None][0].plan) == 2
     assert other is not layer
+
+
+def test_parameters_swapped_back_and_forth_reuse_two_plans():
+    # FSDP2 swaps a root module's parameters between two objects every step.
+    layer = rc.nn.Linear(2, 2, kernel_regularizer=rc.l2(1.0))
+    coll = rc.get_collection()
+    a, b = layer.weight, torch.nn.Parameter(layer.weight.detach() * 2)
+    plans = []
+    for p in (a, b, a, b):
+        layer.weight = p
+        assert rc.loss().item() == pytest.approx((p.detach() ** 2).sum().item())
+        plans.append(coll._plans[None][0].plan)
+    assert plans[2] is plans[0] and plans[3] is plans[1] and plans[0] is not plans[1]

@@ -92,14 +92,14 @@ def test_cache_invalidation_on_remove_and_replace():
     handle = rc.add_regularizer(layer, "bias", rc.l1(1.0))
     coll = rc.get_collection()
     rc.loss()
-    first = coll._plans[None].plan
+    first = coll._plans[None][0].plan
     handle.remove()
     assert rc.loss().item() == pytest.approx((layer.weight**2).sum().item(), rel=1e-6)
-    assert coll._plans[None].plan is not first
-    second = coll._plans[None].plan
+    assert coll._plans[None][0].plan is not first
+    second = coll._plans[None][0].plan
     layer.weight = torch.nn.Parameter(torch.ones(3, 3))
     assert rc.loss().item() == pytest.approx(9.0)
-    assert coll._plans[None].plan is not second
+    assert coll._plans[None][0].plan is not second
 
 
 def test_torch_compile_matches_eager():
