@@ -10,17 +10,19 @@ the default collection and the stack of active :func:`scope` blocks.
 from __future__ import annotations
 
 import contextvars
+import math
 import operator
 import re
 import threading
 import warnings
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import _naming
 from .engine import Plan, Result
@@ -264,9 +266,19 @@ class Collection:
     True
     """
 
-    def __init__(self, *, max_pending: int = 256) -> None:
+    def __init__(self, *, max_pending: int = 256, check_finite: bool = False) -> None:
         if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
             raise ValueError(f"max_pending must be a positive int, got {max_pending!r}")
+        if not isinstance(check_finite, bool):
+            raise TypeError(f"check_finite must be a bool, got {check_finite!r}")
+        # Opt-in: every loss() reads its values back (one host synchronisation) and raises
+        # FloatingPointError naming the entries whose penalty is NaN or infinite.
+        self.check_finite = check_finite
+        # Whether loss()/losses() ever ran: if not when an optimizer steps over regularized
+        # parameters, the penalties are not part of training and the user is told, once.
+        self._consumed = False
+        self._warned_forgotten = False
+        _live.add(self)
         # Each pending activity penalty keeps its forward pass's graph alive until loss()
         # consumes it; past this many, the oldest are dropped (with a warning), so a
         # forgotten loss() costs bounded memory instead of an out-of-memory crash.
@@ -479,9 +491,11 @@ class Collection:
                 if flag:
                     chosen[id(t)] = i
             order = sorted(chosen.values())
+            chosen_entries = [candidates[i] for i in order]
             plan = Plan(
                 [tensors[i] for i in order],  # type: ignore[misc]
-                [candidates[i].regularizer for i in order],
+                [e.regularizer for e in chosen_entries],
+                self._describer(chosen_entries),
             )
             cached = _CachedPlan(
                 self._version,
@@ -490,10 +504,18 @@ class Collection:
                 tensors,
                 flags,
                 plan,
-                [candidates[i] for i in order],
+                chosen_entries,
             )
             self._plans[scope] = [cached, *recent[:1]]
             return cached
+
+    def _describer(self, entries: list[Entry]) -> Callable[[int], str]:
+        """Names ``entries[i]`` in engine error messages (resolved only on error)."""
+
+        def describe(i: int) -> str:
+            return f"entry {self._names().get(entries[i], '?')!r}"
+
+        return describe
 
     def _take_records(self, scope: str | None) -> list[tuple[Entry, torch.Tensor]]:
         with self._lock:
@@ -541,6 +563,9 @@ class Collection:
             activity = torch.stack([v.to(device=total.device) for v in values]).sum()
             total = total + activity
         self._last = _Last(cached.plan_entries, result, records)
+        self._consumed = True
+        if self.check_finite:
+            self.assert_finite(scope)
         return total
 
     def losses(self, scope: str | None = None) -> list[torch.Tensor]:
@@ -555,7 +580,7 @@ class Collection:
         parts: list[tuple[torch.Tensor, list[int]]] = []
         for i, (entry, tensor) in enumerate(zip(cached.plan_entries, cached.plan.tensors)):
             # A one-tensor plan: sharded tensors are completed exactly, as in loss().
-            value = Plan([tensor], [entry.regularizer])().total
+            value = Plan([tensor], [entry.regularizer], self._describer([entry]))().total
             out.append(value)
             parts.append((value.detach().reshape(1), [i]))
         by_entry: dict[Entry, list[torch.Tensor]] = {}
@@ -564,6 +589,9 @@ class Collection:
         out.extend(torch.stack(vs).sum() for vs in by_entry.values())
         total = torch.stack([v.to(out[0].device) for v in out]).sum() if out else torch.zeros(())
         self._last = _Last(cached.plan_entries, Result(total, parts), records)
+        self._consumed = True
+        if self.check_finite:
+            self.assert_finite(scope)
         return out
 
     # -- reading the last values (one device-to-host copy) --
@@ -597,6 +625,27 @@ class Collection:
         total = sum(v for _, _, v in rows if v is not None)
         return rows, total, extra_values
 
+    def assert_finite(self, scope: str | None = None) -> None:
+        """Raise ``FloatingPointError`` naming every entry whose last penalty is NaN or inf.
+
+        Reads the values of the last :meth:`loss` (one device-to-host copy). Weights that are
+        NaN or infinite always make ``loss()`` non-finite; this turns that into an error that
+        says where. ``Collection(check_finite=True)`` runs it after every ``loss()``.
+        """
+        rows, _, _ = self._snapshot(scope)
+        bad = [
+            (name, value)
+            for _, name, value in rows
+            if value is not None and not math.isfinite(value)
+        ]
+        if bad:
+            listed = ", ".join(f"{name!r} ({value})" for name, value in bad)
+            raise FloatingPointError(
+                f"non-finite regularization penalty in {len(bad)} entr"
+                f"{'y' if len(bad) == 1 else 'ies'}: {listed}; the weights (or, for activity "
+                "entries, the layer outputs) hold NaN or inf values"
+            )
+
     def penalties(self, scope: str | None = None) -> dict[str, float]:
         """``{entry name: penalty, ..., "total": sum}`` from the last :meth:`loss` call."""
         rows, total, _ = self._snapshot(scope)
@@ -616,6 +665,38 @@ class Collection:
         from .summary import render  # the renderer sits a layer above; imported on use
 
         return render(self, loss=loss, scope=scope, tablefmt=tablefmt, file=file)
+
+
+_live: weakref.WeakSet[Collection] = weakref.WeakSet()
+
+
+def _forgotten_loss_check(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    """Optimizer step hook: warn once per collection whose penalties never reach a loss."""
+    for coll in list(_live):
+        if coll._consumed or coll._warned_forgotten or not coll._entries:
+            continue
+        with coll._lock:
+            entries = list(coll._entries.values())
+            tensors = _current_tensors([e.locator for e in entries])
+            pending = bool(coll._records)
+        ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        trained = [e for e, t in zip(entries, tensors) if t is not None and id(t) in ids]
+        if not trained and not pending:
+            continue
+        coll._warned_forgotten = True
+        names = coll._names()
+        example = names.get(trained[0] if trained else entries[0], "?")
+        warnings.warn(
+            f"{len(entries)} regularization penalties (e.g. {example!r}) are registered, but "
+            f"{type(optimizer).__name__}.step() ran before rc.loss() was ever called: the "
+            "penalties are not part of training. Add rc.loss() to the loss you backpropagate "
+            "(total_loss = loss + rc.loss()).",
+            RegcollectWarning,
+            stacklevel=3,
+        )
+
+
+register_optimizer_step_post_hook(_forgotten_loss_check)
 
 
 def _dead_ref() -> None:
@@ -664,7 +745,12 @@ class _ActivityHook:
         collection, entry = self.collection(), self.entry()
         if collection is None or entry is None:
             return
-        collection._record(entry, activity_penalty(entry.regularizer, module, output))
+        try:
+            value = activity_penalty(entry.regularizer, module, output)
+        except (TypeError, ValueError) as exc:
+            name = collection._names().get(entry, "?")
+            raise type(exc)(f"entry {name!r}: {exc}") from exc
+        collection._record(entry, value)
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_inert_hook_factory, ())

@@ -26,7 +26,7 @@ This module knows nothing of modules, names or collections.
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,19 +39,24 @@ __all__ = ["Plan", "Result", "group_penalty"]
 
 
 class _GroupPenalty(torch.autograd.Function):
-    """``total = coef * sum_i ||x_i||_p^p`` for p in {1, 2}, with per-tensor values on the side."""
+    """``total = coef * sum_i ||x_i||_p^p`` for p in {1, 2}, with per-tensor values on the side.
+
+    Written in the ``setup_context`` style so that ``torch.func`` transforms accept it.
+    """
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, kind: str, coef: float, *xs: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(kind: str, coef: float, *xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
         acc = accumulation_dtype(xs[0].dtype)
         norms = torch.stack(torch._foreach_norm(xs, 1 if kind == "l1" else 2, dtype=acc))
         values = coef * (norms * norms if kind == "l2" else norms)
+        return values.sum(), values
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        kind, coef, *xs = inputs
         ctx.kind, ctx.coef = kind, coef
         ctx.save_for_backward(*xs)
-        ctx.mark_non_differentiable(values)
-        return values.sum(), values
+        ctx.mark_non_differentiable(output[1])
 
     @staticmethod
     def backward(  # type: ignore[override]
@@ -105,7 +110,12 @@ class Plan:
     4.0
     """
 
-    def __init__(self, tensors: Sequence[torch.Tensor], regularizers: Sequence[Regularizer]):
+    def __init__(
+        self,
+        tensors: Sequence[torch.Tensor],
+        regularizers: Sequence[Regularizer],
+        describe: Callable[[int], str] | None = None,
+    ):
         if len(tensors) != len(regularizers):
             raise ValueError(
                 f"tensors and regularizers must have the same length, "
@@ -113,6 +123,8 @@ class Plan:
             )
         self.tensors = list(tensors)
         self.regularizers = list(regularizers)
+        # Names the tensor in error messages; called only when a regularizer fails.
+        self.describe = describe or (lambda i: f"tensor {i}")
         # Plain tensors go straight to the kernels; a DTensor contributes its local shard,
         # taken with to_local() at every call so that gradients reach the sharded parameter.
         groups: dict[tuple[Any, ...], list[int]] = {}
@@ -172,7 +184,10 @@ class Plan:
             x = self.tensors[i]
             if _is_dtensor(x):
                 x = x.full_tensor()  # type: ignore[attr-defined]
-            value = self.regularizers[i](x)
+            try:
+                value = self.regularizers[i](x)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"{self.describe(i)}: {exc}") from exc
             parts.append((value.detach().reshape(1), [i]))
             total = _add(total, value, self.device, self.dtype)
         if total is None:

@@ -122,6 +122,7 @@ def apply_regularization(
             raise TypeError(f"weights_list[{i}] must be a torch.Tensor, got {type(w).__name__}")
         collection.add_tensor(w, reg, name="tensor")
         values.append(reg(w))
+    collection._consumed = True  # the caller adds the returned sum to its loss
     device = values[0].device
     return torch.stack([v.to(device) for v in values]).sum()
 
