@@ -34,6 +34,7 @@ __all__ = [
     "Collection",
     "Entry",
     "Handle",
+    "assert_finite",
     "get_collection",
     "loss",
     "get_regularization_loss",
@@ -849,6 +850,11 @@ def get_regularization_losses(
 ) -> list[torch.Tensor]:
     """One tensor per entry; see :meth:`Collection.losses`."""
     return active_collection(collection).losses(scope)
+
+
+def assert_finite(scope: str | None = None, *, collection: Collection | None = None) -> None:
+    """Raise ``FloatingPointError`` naming the entries whose last penalty is NaN or inf."""
+    active_collection(collection).assert_finite(scope)
 
 
 def penalties(
