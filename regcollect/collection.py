@@ -229,7 +229,7 @@ class _CachedPlan:
     names_version: int | None
     locators: list[tuple[Any, str | None]]
     tensors: list[torch.Tensor | None]
-    flags: list[bool]
+    flags: list[tuple[Any, ...]]
     plan: Plan
     plan_entries: list[Entry]
 
@@ -421,7 +421,7 @@ class Collection:
             return len(doomed)
 
     def clear(self) -> None:
-        """Remove every entry and every recorded activity penalty."""
+        """Remove every entry and every recorded activity penalty; start over as if new."""
         with self._lock:
             for entry in self._entries.values():
                 self._detach(entry)
@@ -429,6 +429,7 @@ class Collection:
             self._by_tensor.clear()
             self._records = []
             self._last = None
+            self._consumed = self._warned_forgotten = self._warned = False
             self._changed()
 
     # -- names --
@@ -472,9 +473,9 @@ class Collection:
                     continue
                 # The hot path: one identity and requires_grad check per tensor, no names.
                 tensors = _current_tensors(cached.locators)
-                if all(map(operator.is_, tensors, cached.tensors)) and cached.flags == [
-                    t is not None and t.requires_grad for t in tensors
-                ]:
+                if all(map(operator.is_, tensors, cached.tensors)) and cached.flags == _flags(
+                    tensors
+                ):
                     if cached is not recent[0]:
                         self._plans[scope] = [cached, recent[0]]
                     return cached
@@ -484,12 +485,12 @@ class Collection:
                 candidates = [e for e in self.entries(scope) if e.kind != ACTIVITY]
             locators = [e.locator for e in candidates]
             tensors = _current_tensors(locators)
-            flags = [t is not None and t.requires_grad for t in tensors]
+            flags = _flags(tensors)
             # A parameter reached through two entries (tied after registration) counts once:
             # the later registration wins, as re-registering does.
             chosen: dict[int, int] = {}
             for i, (t, flag) in enumerate(zip(tensors, flags)):
-                if flag:
+                if flag[0]:
                     chosen[id(t)] = i
             order = sorted(chosen.values())
             chosen_entries = [candidates[i] for i in order]
@@ -711,6 +712,12 @@ def _current_tensors(locators: list[tuple[Any, str | None]]) -> list[torch.Tenso
         (m._parameters.get(n) if (m := ref()) is not None else None) if n is not None else ref()
         for ref, n in locators
     ]
+
+
+def _flags(tensors: list[torch.Tensor | None]) -> list[tuple[Any, ...]]:
+    """What the plan depends on besides identity. ``module.to(dtype)`` and ``.cuda()`` change
+    a parameter's dtype and device in place, keeping the same object."""
+    return [(t.requires_grad, t.dtype, t.device) if t is not None else (False,) for t in tensors]
 
 
 def _to_host(tensors: Sequence[torch.Tensor]) -> list[list[float]]:

@@ -60,7 +60,7 @@ def export_plan(model: torch.nn.Module, *, collection: Collection | None = None)
             continue
         try:
             regularizer = serialize(entry.regularizer)
-        except NotImplementedError as exc:
+        except (ValueError, NotImplementedError) as exc:
             raise TypeError(f"cannot export entry {entry.name!r}: {exc}") from None
         record: dict[str, Any] = {"module": paths[id(module)][0], "scope": entry.prefix}
         if entry.kind == WEIGHT:

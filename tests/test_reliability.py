@@ -1,0 +1,540 @@
+"""Adversarial checks: bad input, non-finite values, mixed precision, threads, faults, loading.
+
+docs/reliability.md lists what each test tries; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import gc
+import io
+import json
+import sys
+import threading
+import warnings
+
+import pytest
+import torch
+
+import regcollect as rc
+
+
+def mlp(coll=None, **regs):
+    regs = regs or {"kernel_regularizer": rc.l2(0.1), "bias_regularizer": rc.l1(0.01)}
+    kwargs = {"collection": coll} if coll is not None else {}
+    return torch.nn.Sequential(
+        rc.nn.Linear(4, 8, **regs, **kwargs), torch.nn.ReLU(), rc.nn.Linear(8, 2, **regs, **kwargs)
+    )
+
+
+def reference(model, l2=0.1, l1=0.01):
+    return sum(
+        l2 * (m.weight.double() ** 2).sum() + l1 * m.bias.double().abs().sum()
+        for m in model
+        if isinstance(m, torch.nn.Linear)
+    )
+
+
+# --- bad input, everywhere public ---------------------------------------------------------------
+
+LINEAR = torch.nn.Sequential(torch.nn.Linear(2, 2))
+
+BAD_INPUT = [
+    # (call, exception, pattern the message must contain)
+    (
+        lambda: rc.add_regularizer(LINEAR, "0.wieght", rc.l2()),
+        ValueError,
+        r"'0\.wieght'.*0\.weight",
+    ),
+    (lambda: rc.add_regularizer(LINEAR, "", rc.l2()), TypeError, "param_name"),
+    (
+        lambda: rc.add_regularizer("model", "weight", rc.l2()),
+        TypeError,
+        "module must be a torch.nn.Module, got str",
+    ),
+    (
+        lambda: rc.add_activity_regularizer(42, rc.l2()),
+        TypeError,
+        "module must be a torch.nn.Module, got int",
+    ),
+    (lambda: rc.regularize([LINEAR], kernel=rc.l2()), TypeError, "torch.nn.Module, got list"),
+    (lambda: rc.add_regularizer(LINEAR, "0.weight", 0.5), ValueError, r"0\.5"),
+    (lambda: rc.add_regularizer(LINEAR, "0.weight", "l3"), ValueError, "unknown regularizer 'l3'"),
+    (
+        lambda: rc.add_regularizer(LINEAR, "0.weight", None),
+        ValueError,
+        "regularizer must not be None",
+    ),
+    (lambda: rc.nn.Linear(2, 2, kernel_regularizer=1e-4), ValueError, r"0\.0001"),
+    (lambda: rc.l2(-1.0), ValueError, "l2 must be a non-negative finite real number"),
+    (lambda: rc.l1("0.1"), ValueError, r"l1 must be .*'0\.1' of type str"),
+    (lambda: rc.l2(True), ValueError, "l2 must be .*True of type bool"),
+    (lambda: rc.l1_l2(l1=float("nan")), ValueError, "l1 must be .*nan"),
+    (lambda: rc.orthogonal(factor=float("inf")), ValueError, "factor must be .*inf"),
+    (lambda: rc.orthogonal(mode="diagonal"), ValueError, "mode must be .*'diagonal'"),
+    (
+        lambda: rc.regularize(LINEAR, kernel=rc.l2(), include="*.weight"),
+        TypeError,
+        r"include must be a list of glob patterns.*'\*\.weight'",
+    ),
+    (
+        lambda: rc.regularize(LINEAR, kernel=rc.l2(), exclude=[3]),
+        TypeError,
+        "exclude must contain strings, got 3",
+    ),
+    (
+        lambda: rc.loss(scope="encoder/("),
+        ValueError,
+        r"scope must be a valid regular expression, got 'encoder/\('",
+    ),
+    (lambda: rc.loss(scope=3), TypeError, "scope must be a string"),
+    (lambda: rc.summary(tablefmt="nope"), ValueError, "tablefmt.*'nope'"),
+    (
+        lambda: rc.loss(collection="default"),
+        TypeError,
+        "collection must be a regcollect.Collection, got str",
+    ),
+    (lambda: rc.Collection(max_pending=0), ValueError, "max_pending must be a positive int, got 0"),
+    (
+        lambda: rc.Collection(check_finite="yes"),
+        TypeError,
+        "check_finite must be a bool, got 'yes'",
+    ),
+    (lambda: rc.scope(""), ValueError, "scope name"),
+    (
+        lambda: rc.regularizers.deserialize({"class_name": "os.system"}),
+        ValueError,
+        "unknown regularizer class_name 'os.system'",
+    ),
+]
+
+
+@pytest.mark.parametrize(("call", "error", "pattern"), BAD_INPUT)
+def test_bad_input_names_argument_expected_and_received(call, error, pattern):
+    with pytest.raises(error, match=pattern):
+        result = call()
+        if hasattr(result, "__enter__"):  # rc.scope checks its arguments when entered
+            result.__enter__()
+
+
+@pytest.mark.parametrize(
+    ("fn", "error", "pattern"),
+    [
+        (lambda w: 1.0, TypeError, "must return a torch.Tensor, got float"),
+        (lambda w: w * 2, ValueError, r"must return a scalar tensor, got shape \(2, 3\)"),
+        (lambda w: torch.zeros((), device="meta"), ValueError, "returned a tensor on meta"),
+    ],
+)
+def test_bad_custom_regularizer_result_names_the_entry(fn, error, pattern):
+    model = torch.nn.Sequential(rc.nn.Linear(3, 2, kernel_regularizer=fn))
+    with pytest.raises(error, match=r"entry '0\.weight': .*" + pattern):
+        rc.loss()
+    with pytest.raises(error, match=r"entry '0\.weight'"):
+        rc.get_regularization_losses()
+    assert model is not None
+
+
+def test_bad_custom_activity_regularizer_names_the_entry():
+    model = torch.nn.Sequential(rc.nn.Linear(3, 2, activity_regularizer=lambda out: out))
+    with pytest.raises(ValueError, match=r"entry '0:activity': .*scalar tensor"):
+        model(torch.randn(4, 3))
+
+
+# --- non-finite values are never hidden ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weight_makes_loss_non_finite_and_is_named(bad):
+    model = mlp()
+    with torch.no_grad():
+        model[2].weight[0, 0] = bad
+    total = rc.loss()
+    assert not torch.isfinite(total)
+    table = rc.summary(file=io.StringIO())
+    row = next(line for line in table.splitlines() if line.startswith("2.weight"))
+    assert "(!)" in row
+    assert all("(!)" not in line for line in table.splitlines() if line.startswith("0."))
+    with pytest.raises(FloatingPointError, match=r"1 entry: '2\.weight' \((nan|inf)\)"):
+        rc.assert_finite()
+
+
+def test_check_finite_opt_in_raises_on_every_loss():
+    coll = rc.Collection(check_finite=True)
+    model = mlp(coll)
+    coll.loss()  # finite: no error
+    with torch.no_grad():
+        model[0].bias[1] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"'0\.bias' \(nan\)"):
+        coll.loss()
+    coll.check_finite = False
+    assert torch.isnan(coll.loss())
+
+
+def test_non_finite_activity_is_named():
+    coll = rc.Collection(check_finite=True)
+    model = torch.nn.Sequential(
+        rc.nn.Linear(2, 2, activity_regularizer=rc.l2(1.0), collection=coll)
+    )
+    model(torch.tensor([[float("inf"), 1.0]]))
+    with pytest.raises(FloatingPointError, match=r"'0:activity' \(inf\)"):
+        coll.loss()
+
+
+# --- mixed precision -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_weights_never_overflow(dtype):
+    layer = rc.nn.Linear(300, 300, kernel_regularizer=rc.l2(1.0), dtype=dtype)
+    with torch.no_grad():
+        layer.weight.fill_(200.0)  # 200**2 * 90000 = 3.6e9, far beyond float16's 65504
+    total = rc.loss()
+    assert total.dtype == torch.float32 and torch.isfinite(total)
+    assert total.item() == pytest.approx(3.6e9, rel=1e-6)
+    total.backward()
+    assert layer.weight.grad.dtype == dtype and torch.isfinite(layer.weight.grad).all()
+
+
+def test_autocast_block_gives_the_float32_penalty():
+    model = mlp()
+    expected = reference(model).item()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(5, 4))
+        total = rc.loss()
+    assert out.dtype == torch.bfloat16
+    assert total.dtype == torch.float32
+    assert total.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_grad_scaler_flow_matches_unscaled_training():
+    x, y = torch.randn(16, 4), torch.randn(16, 2)
+
+    def train(use_scaler):
+        rc.get_collection().clear()
+        torch.manual_seed(0)
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, enabled=use_scaler)
+        for _ in range(3):
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                data = torch.nn.functional.mse_loss(model(x).float(), y)
+            total = data + rc.loss()  # the penalty is added outside autocast, in float32
+            scaler.scale(total).backward()
+            scaler.unscale_(opt)  # gradients are unscaled before clipping or inspection
+            scaler.step(opt)
+            scaler.update()
+        return [p.detach().clone() for p in model.parameters()]
+
+    for scaled, plain in zip(train(True), train(False)):
+        assert torch.allclose(scaled, plain, rtol=1e-5, atol=1e-6)
+
+
+# --- concurrency -----------------------------------------------------------------------------------
+
+
+def test_eight_threads_registering_300_layers_each_while_computing_loss():
+    coll = rc.Collection()
+    layers: list[list[torch.nn.Module]] = [[] for _ in range(8)]
+    errors: list[BaseException] = []
+    start = threading.Barrier(8)
+
+    def work(k):
+        try:
+            start.wait()
+            for i in range(300):
+                layers[k].append(rc.nn.Linear(3, 3, kernel_regularizer=rc.l1(1.0), collection=coll))
+                if i % 30 == 0:
+                    assert torch.isfinite(coll.loss())
+                    coll.penalties()
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    everything = [layer for group in layers for layer in group]
+    assert len(coll) == 2400
+    expected = sum(layer.weight.detach().double().abs().sum() for layer in everything)
+    assert coll.loss().item() == pytest.approx(expected.item(), rel=1e-6)
+    names = [e.name for e in coll.entries()]
+    assert len(set(names)) == 2400
+    assert len(coll.penalties()) == 2401  # every entry once, plus the total
+
+
+# --- faults during training --------------------------------------------------------------------------
+
+
+def sgd_steps(model, steps=2):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(steps):
+        opt.zero_grad()
+        (model(torch.randn(3, 4)).sum() + rc.loss()).backward()
+        opt.step()
+
+
+def test_module_deleted_mid_training_stops_counting():
+    model = mlp()
+    sgd_steps(model)
+    del model[2]  # the last layer is gone (and garbage)
+    gc.collect()
+    assert sorted(e.name for e in rc.get_collection().entries()) == ["0.bias", "0.weight"]
+    expected = (
+        0.1 * (model[0].weight.double() ** 2).sum() + 0.01 * model[0].bias.double().abs().sum()
+    )
+    assert rc.loss().item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_parameter_replaced_mid_training_is_followed():
+    model = mlp()
+    sgd_steps(model)
+    model[0].weight = torch.nn.Parameter(torch.full((8, 4), 2.0))
+    assert rc.loss().item() == pytest.approx(reference(model).item(), rel=1e-6)
+    sgd_steps(model)  # a fresh optimizer over the new parameter trains fine
+    assert rc.loss().item() == pytest.approx(reference(model).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_model_to_dtype(dtype):
+    model = mlp()
+    sgd_steps(model)
+    model.to(dtype)
+    total = rc.loss()
+    assert total.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert total.item() == pytest.approx(reference(model).item(), rel=1e-6)
+    total.backward()
+    assert model[0].weight.grad.dtype == dtype
+
+
+@pytest.mark.parametrize("assign", [False, True])
+def test_load_state_dict_after_registration(assign):
+    model, source = (
+        mlp(),
+        torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)),
+    )
+    model.load_state_dict(source.state_dict(), assign=assign)
+    assert rc.loss().item() == pytest.approx(reference(source).item(), rel=1e-6)
+    assert len(rc.get_collection()) == 4
+
+
+def test_functional_call_inside_the_wrapped_forward_penalises_the_given_parameters():
+    model = mlp()
+
+    class WithPenalty(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x), rc.loss()
+
+    wrapped = WithPenalty(model)
+    params = {k: v.detach() * 3 for k, v in wrapped.named_parameters()}
+    x = torch.randn(5, 4)
+
+    def objective(p):
+        out, penalty = torch.func.functional_call(wrapped, p, (x,))
+        return out.pow(2).mean() + penalty
+
+    grads = torch.func.grad(objective)(params)
+    leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    h = torch.relu(torch.nn.functional.linear(x, leaves["inner.0.weight"], leaves["inner.0.bias"]))
+    out = torch.nn.functional.linear(h, leaves["inner.2.weight"], leaves["inner.2.bias"])
+    penalty = sum(
+        0.1 * (leaves[f"inner.{i}.weight"] ** 2).sum()
+        + 0.01 * leaves[f"inner.{i}.bias"].abs().sum()
+        for i in (0, 2)
+    )
+    (out.pow(2).mean() + penalty).backward()
+    for k in params:
+        assert torch.allclose(grads[k], leaves[k].grad, atol=1e-6)
+    # Outside any functional_call, the module's own parameters count again.
+    assert rc.loss().item() == pytest.approx(reference(model).item(), rel=1e-6)
+
+
+# --- persistence and safe loading ---------------------------------------------------------------------
+
+
+@rc.register("reliability_Scaled")
+class Scaled(rc.Regularizer):
+    def __init__(self, factor=1.0):
+        self.factor = factor
+
+    def __call__(self, x):
+        return self.factor * x.float().pow(4).sum()
+
+    def get_config(self):
+        return {"factor": self.factor}
+
+
+def build_for_plan(coll):
+    with rc.scope("enc"):
+        model = torch.nn.Sequential(
+            rc.nn.Linear(
+                4, 6, kernel_regularizer=rc.l1_l2(0.1, 0.2), bias_regularizer="l1", collection=coll
+            ),
+            torch.nn.Tanh(),
+            rc.nn.Linear(
+                6,
+                3,
+                kernel_regularizer=rc.orthogonal(0.3, mode="columns"),
+                activity_regularizer=rc.l2(1e-3),
+                collection=coll,
+            ),
+        )
+    rc.add_regularizer(model, "2.bias", Scaled(0.5), collection=coll)
+    return model
+
+
+def test_plan_round_trips_through_json_by_names():
+    source_coll = rc.Collection()
+    source = build_for_plan(source_coll)
+    text = json.dumps(rc.export_plan(source, collection=source_coll))
+    target = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+    target.load_state_dict(source.state_dict())
+    coll = rc.Collection()
+    handle = rc.load_plan(target, json.loads(text), collection=coll)
+    assert len(handle) == 5
+    want = {e.name: e.regularizer for e in source_coll.entries()}
+    got = {e.name: e.regularizer for e in coll.entries()}
+    assert got == want
+    assert set(got) == {"enc/0.weight", "enc/0.bias", "enc/2.weight", "enc/2:activity", "2.bias"}
+    x = torch.randn(7, 4)
+    source(x), target(x)
+    assert coll.loss().item() == pytest.approx(source_coll.loss().item(), rel=1e-6)
+    # Loading again replaces, never double counts.
+    rc.load_plan(target, json.loads(text), collection=coll)
+    assert len(coll) == 5
+
+
+def test_plan_export_through_wrappers_and_errors():
+    coll = rc.Collection()
+    model = build_for_plan(coll)
+    wrapped = torch.compile(model)  # names inside the wrapper carry "_orig_mod."
+    assert rc.export_plan(wrapped, collection=coll) == rc.export_plan(model, collection=coll)
+    rc.add_regularizer(model, "0.bias", lambda b: b.sum() ** 2, collection=coll)
+    with pytest.raises(TypeError, match=r"cannot export entry '0\.bias'.*register"):
+        rc.export_plan(model, collection=coll)
+
+
+def _good_entry(**changes):
+    entry = {
+        "module": "0",
+        "param": "weight",
+        "scope": "",
+        "regularizer": {"class_name": "L2", "config": {"l2": 0.1}},
+    }
+    entry.update(changes)
+    return {k: v for k, v in entry.items() if v is not _DROP}
+
+
+_DROP = object()
+
+
+def _plan(*entries, **top):
+    return {"format": "regcollect.plan", "version": 1, "entries": list(entries), **top}
+
+
+MALICIOUS = [
+    ("not a dict", TypeError, "plan must be a dict"),
+    ({"format": "regcollect.plan", "version": 1}, ValueError, "exactly the keys"),
+    (_plan(extra="x"), ValueError, "exactly the keys"),
+    ({"format": "pickle", "version": 1, "entries": []}, ValueError, "format 'pickle'"),
+    ({"format": "regcollect.plan", "version": "1", "entries": []}, ValueError, "version '1'"),
+    ({"format": "regcollect.plan", "version": 1, "entries": {}}, TypeError, "must be a list"),
+    (_plan("0.weight"), TypeError, r"plan\['entries'\]\[1\] must be a dict"),
+    (
+        _plan(_good_entry(code="__import__('os').system('true')")),
+        ValueError,
+        r"unknown keys \['code'\]",
+    ),
+    (
+        _plan(_good_entry(regularizer={"class_name": "os.system", "config": {}})),
+        ValueError,
+        "unknown regularizer class_name 'os.system'",
+    ),
+    (
+        _plan(
+            _good_entry(
+                regularizer={"class_name": "builtins.eval", "module": "builtins", "config": {}}
+            )
+        ),
+        ValueError,
+        "unknown regularizer class_name",
+    ),
+    (
+        _plan(_good_entry(regularizer={"class_name": "L2", "config": {"l2": "__import__('os')"}})),
+        ValueError,
+        "l2 must be a non-negative",
+    ),
+    (
+        _plan(_good_entry(regularizer={"class_name": "L2", "config": {"__class__": 1}})),
+        ValueError,
+        "bad config for regularizer 'L2'",
+    ),
+    (_plan(_good_entry(regularizer="lambda w: w")), TypeError, r"\[1\]\['regularizer'\]: .*dict"),
+    (_plan(_good_entry(module="__class__")), ValueError, "has no module '__class__'"),
+    (_plan(_good_entry(module="0.__globals__")), ValueError, "has no module"),
+    (_plan(_good_entry(param="__dict__")), ValueError, "has no parameter '__dict__'"),
+    (_plan(_good_entry(param="training")), ValueError, "has no parameter 'training'"),
+    (_plan(_good_entry(module=["0"])), TypeError, r"\['module'\] must be a string"),
+    (_plan(_good_entry(scope="../")), ValueError, None),
+    (_plan(_good_entry(activity=True)), ValueError, "either 'param' or 'activity'"),
+    (_plan(_good_entry(param=_DROP)), ValueError, "either 'param' or 'activity'"),
+    (
+        _plan(_good_entry(param=_DROP, activity="yes")),
+        TypeError,
+        r"\['activity'\] must be true or false",
+    ),
+    (_plan(_good_entry(scope=7)), ValueError, r"\['scope'\] must be"),
+]
+
+
+@pytest.mark.parametrize(("plan", "error", "pattern"), MALICIOUS)
+def test_malicious_plan_is_rejected_and_registers_nothing(plan, error, pattern):
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    coll = rc.Collection()
+    modules_before = set(sys.modules)
+    good_first = (
+        plan
+        if not isinstance(plan, dict) or not isinstance(plan.get("entries"), list)
+        else {**plan, "entries": [_good_entry(module="0", param="bias"), *plan["entries"]]}
+    )
+    if pattern is None:  # a scope with odd characters is only a name prefix: accepted
+        rc.load_plan(model, good_first, collection=coll)
+        assert {e.name for e in coll.entries()} == {"0.bias", "../0.weight"}
+        return
+    with pytest.raises(error, match=pattern):
+        rc.load_plan(model, good_first, collection=coll)
+    assert len(coll) == 0  # all or nothing
+    assert set(sys.modules) == modules_before  # nothing was imported
+
+
+# --- forgotten loss() -----------------------------------------------------------------------------------
+
+
+def test_forgotten_loss_warns_once_naming_an_entry():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(
+        rc.RegcollectWarning,
+        match=r"4 regularization penalties \(e\.g\. '0\.weight'\).*SGD\.step\(\) ran before rc\.loss\(\)",
+    ):
+        model(torch.randn(2, 4)).sum().backward()
+        opt.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()  # once only
+
+
+def test_no_warning_when_loss_is_used_or_optimizer_is_unrelated():
+    model = mlp()
+    other = torch.nn.Linear(3, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.optim.SGD(other.parameters(), lr=0.1).step()  # not regularized parameters
+        opt = torch.optim.Adam(model.parameters())
+        (model(torch.randn(2, 4)).sum() + rc.loss()).backward()
+        opt.step()
