@@ -135,9 +135,10 @@ class Plan:
             if terms is None or reduce_over is None:
                 self.fallback.append(i)
                 continue
-            for kind, coef in terms:
-                if coef:
-                    groups.setdefault((kind, coef, x.device, x.dtype, reduce_over), []).append(i)
+            # Zero terms are skipped, but a tensor whose terms are all zero (a lambda = 0 run
+            # of a sweep) keeps one, so that it stays in the graph with a zero gradient.
+            for kind, coef in [t for t in terms if t[1]] or terms[:1]:
+                groups.setdefault((kind, coef, x.device, x.dtype, reduce_over), []).append(i)
         self.groups = [
             _Group(kind, coef, idx, [self.tensors[i] for i in idx], reduce_over)
             for (kind, coef, _, _, reduce_over), idx in groups.items()

@@ -121,3 +121,13 @@ def test_torch_compile_matches_eager():
         assert got.item() == pytest.approx(eager.item(), rel=1e-6)
         for a, b in zip(torch.autograd.grad(eager, params), torch.autograd.grad(got, params)):
             assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_all_zero_coefficients_keep_a_zero_gradient():
+    # A lambda = 0 run of a sweep: loss() is 0 but still differentiable, with zero gradients.
+    w = torch.randn(3, 3, requires_grad=True)
+    b = torch.randn(3, requires_grad=True)
+    result = Plan([w, b], [rc.l2(0.0), rc.l1_l2(0.0, 0.0)])()
+    assert result.total.item() == 0.0
+    gw, gb = torch.autograd.grad(result.total, [w, b])
+    assert torch.equal(gw, torch.zeros_like(w)) and torch.equal(gb, torch.zeros_like(b))

@@ -1,0 +1,172 @@
+"""Property-based tests: random shapes, dtypes, coefficients and registration sequences."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+import regcollect as rc
+from regcollect.engine import Plan
+
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-5, torch.bfloat16: 1e-5}
+
+shapes = st.lists(st.integers(1, 5), min_size=0, max_size=3).map(tuple)
+coefficients = st.floats(0.0, 10.0, allow_nan=False, allow_infinity=False)
+kinds = st.sampled_from(["l1", "l2", "l1_l2"])
+
+
+def make(kind: str, a: float, b: float) -> rc.Regularizer:
+    return {"l1": rc.l1(a), "l2": rc.l2(a), "l1_l2": rc.l1_l2(l1=a, l2=b)}[kind]
+
+
+def formula(kind: str, a: float, b: float, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(value, gradient) in float64, straight from the documented formulas."""
+    x = x.detach().double()
+    l1, l2 = {"l1": (a, 0.0), "l2": (0.0, a), "l1_l2": (a, b)}[kind]
+    return l1 * x.abs().sum() + l2 * (x * x).sum(), l1 * x.sign() + 2 * l2 * x
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(shapes, st.sampled_from(DTYPES), kinds, coefficients, coefficients),
+        min_size=0,
+        max_size=6,
+    ),
+    st.integers(0, 2**31 - 1),
+)
+def test_plan_values_and_gradients_equal_the_formulas(specs, seed):
+    g = torch.Generator().manual_seed(seed)
+    tensors = [
+        (torch.randn(shape, generator=g, dtype=torch.float64) * 3).to(dtype).requires_grad_(True)
+        for shape, dtype, *_ in specs
+    ]
+    regs = [make(kind, a, b) for (_, _, kind, a, b) in specs]
+    result = Plan(tensors, regs)()
+    expected = [formula(kind, a, b, t) for t, (_, _, kind, a, b) in zip(tensors, specs)]
+    total = sum((v for v, _ in expected), torch.zeros((), dtype=torch.float64))
+    tol = max((TOLERANCE[t.dtype] for t in tensors), default=1e-10)
+    assert result.total.dtype in (torch.float32, torch.float64)
+    assert result.total.item() == pytest.approx(total.item(), rel=tol, abs=tol)
+    if not tensors:
+        return
+    grads = torch.autograd.grad(result.total, tensors, allow_unused=True)
+    for grad, x, (_, want) in zip(grads, tensors, expected):
+        assert grad is not None and grad.dtype == x.dtype and grad.shape == x.shape
+        # The gradient is computed in the tensor's own dtype: compare at that precision.
+        assert torch.allclose(
+            grad.double(),
+            want.to(x.dtype).double(),
+            rtol=1e-2 if x.dtype in (torch.float16, torch.bfloat16) else 1e-6,
+            atol=1e-6,
+        )
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shapes.filter(lambda s: len(s) >= 1), st.sampled_from(DTYPES), kinds, coefficients, coefficients
+)
+def test_a_regularizer_called_alone_agrees_with_the_engine(shape, dtype, kind, a, b):
+    x = (torch.randn(shape, dtype=torch.float64) * 3).to(dtype)
+    reg = make(kind, a, b)
+    alone = reg(x)
+    engine = Plan([x], [reg])().total
+    assert (
+        alone.dtype == engine.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    )
+    assert alone.item() == pytest.approx(engine.item(), rel=1e-5, abs=1e-6)
+
+
+class RegistrationMachine(RuleBasedStateMachine):
+    """Random add / re-register / remove / delete / replace / freeze sequences.
+
+    The model of the world: ``expected[(layer id, param)] = regularizer`` for live, registered
+    parameters. After every step the collection must hold exactly those, once each, and
+    ``loss()`` must equal their sum computed by hand.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.coll = rc.Collection()
+        self.layers: list[torch.nn.Linear] = []
+        self.handles: dict[tuple[int, str], rc.Handle] = {}
+        self.expected: dict[tuple[int, str], rc.Regularizer] = {}
+
+    @rule(kind=kinds, a=coefficients, b=coefficients, bias=st.booleans())
+    def add_layer(self, kind, a, b, bias):
+        layer = rc.nn.Linear(
+            3,
+            2,
+            kernel_regularizer=make(kind, a, b),
+            bias_regularizer=make(kind, b, a) if bias else None,
+            collection=self.coll,
+        )
+        self.layers.append(layer)
+        self.expected[(id(layer), "weight")] = layer.kernel_regularizer
+        if bias:
+            self.expected[(id(layer), "bias")] = layer.bias_regularizer
+
+    @precondition(lambda self: self.layers)
+    @rule(data=st.data(), kind=kinds, a=coefficients, param=st.sampled_from(["weight", "bias"]))
+    def register_again(self, data, kind, a, param):
+        layer = data.draw(st.sampled_from(self.layers))
+        reg = make(kind, a, a)
+        self.handles[(id(layer), param)] = rc.add_regularizer(
+            layer, param, reg, collection=self.coll
+        )
+        self.expected[(id(layer), param)] = reg
+
+    @precondition(lambda self: self.handles)
+    @rule(data=st.data())
+    def remove_handle(self, data):
+        key = data.draw(st.sampled_from(sorted(self.handles)))
+        self.handles.pop(key).remove()
+        self.expected.pop(key, None)
+
+    @precondition(lambda self: self.layers)
+    @rule(data=st.data())
+    def delete_layer(self, data):
+        layer = data.draw(st.sampled_from(self.layers))
+        self.layers.remove(layer)
+        for key in [k for k in self.expected if k[0] == id(layer)]:
+            del self.expected[key]
+        for key in [k for k in self.handles if k[0] == id(layer)]:
+            del self.handles[key]
+        del layer
+        gc.collect()
+
+    @precondition(lambda self: self.layers)
+    @rule(data=st.data(), value=st.floats(-2, 2))
+    def replace_weight(self, data, value):
+        layer = data.draw(st.sampled_from(self.layers))
+        layer.weight = torch.nn.Parameter(torch.full((2, 3), value))
+
+    @precondition(lambda self: self.layers)
+    @rule(data=st.data(), frozen=st.booleans())
+    def freeze(self, data, frozen):
+        data.draw(st.sampled_from(self.layers)).bias.requires_grad_(not frozen)
+
+    @invariant()
+    def collection_matches_the_model(self):
+        assert len(self.coll) == len(self.expected)
+        names = [e.name for e in self.coll.entries()]
+        assert len(set(names)) == len(names)
+        by_id = {id(layer): layer for layer in self.layers}
+        want = torch.zeros((), dtype=torch.float64)
+        for (layer_id, param), reg in self.expected.items():
+            tensor = getattr(by_id[layer_id], param)
+            if tensor.requires_grad:
+                want = want + reg(tensor.detach().double())
+        assert self.coll.loss().item() == pytest.approx(want.item(), rel=1e-5, abs=1e-6)
+
+
+RegistrationMachine.TestCase.settings = settings(
+    max_examples=25, stateful_step_count=20, deadline=None
+)
+test_registration_sequences_keep_the_collection_consistent = RegistrationMachine.TestCase
