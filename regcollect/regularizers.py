@@ -195,7 +195,7 @@ class L1L2(Regularizer):
         return {"l1": self.l1, "l2": self.l2}
 
     def terms(self) -> tuple[tuple[str, float], ...]:
-        return tuple((kind, c) for kind, c in (("l1", self.l1), ("l2", self.l2)) if c)
+        return (("l1", self.l1), ("l2", self.l2))
 
 
 class Orthogonal(Regularizer):
