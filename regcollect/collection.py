@@ -10,6 +10,7 @@ the default collection and the stack of active :func:`scope` blocks.
 from __future__ import annotations
 
 import contextvars
+import functools
 import math
 import operator
 import re
@@ -489,8 +490,8 @@ class Collection:
             # A parameter reached through two entries (tied after registration) counts once:
             # the later registration wins, as re-registering does.
             chosen: dict[int, int] = {}
-            for i, (t, flag) in enumerate(zip(tensors, flags)):
-                if flag[0]:
+            for i, t in enumerate(tensors):
+                if t is not None and t.requires_grad:
                     chosen[id(t)] = i
             order = sorted(chosen.values())
             chosen_entries = [candidates[i] for i in order]
@@ -714,10 +715,15 @@ def _current_tensors(locators: list[tuple[Any, str | None]]) -> list[torch.Tenso
     ]
 
 
+# What a plan depends on besides identity: module.to(dtype) and .cuda() change a parameter's
+# dtype and device in place, keeping the same object. attrgetter keeps this check in C.
+_meta = operator.attrgetter("requires_grad", "dtype", "device")
+_exists = functools.partial(operator.is_not, None)
+
+
 def _flags(tensors: list[torch.Tensor | None]) -> list[tuple[Any, ...]]:
-    """What the plan depends on besides identity. ``module.to(dtype)`` and ``.cuda()`` change
-    a parameter's dtype and device in place, keeping the same object."""
-    return [(t.requires_grad, t.dtype, t.device) if t is not None else (False,) for t in tensors]
+    """``(requires_grad, dtype, device)`` of each tensor that exists (None entries skipped)."""
+    return list(map(_meta, filter(_exists, tensors)))
 
 
 def _to_host(tensors: Sequence[torch.Tensor]) -> list[list[float]]:
