@@ -1,0 +1,22 @@
+"""Optional integrations with logging tools; each needs its own extra.
+
+- :mod:`regcollect.integrations.tensorboard` (``pip install regcollect[tensorboard]``)
+- :mod:`regcollect.integrations.lightning` (``pip install regcollect[lightning]``)
+
+They are not imported by ``import regcollect``.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+
+def require(package: str, extra: str, module: str) -> None:
+    """Import ``package`` or raise an ImportError that says which extra to install."""
+    try:
+        importlib.import_module(package)
+    except ImportError as exc:
+        raise ImportError(
+            f"{module} needs the {package!r} package, which is not installed: "
+            f"pip install 'regcollect[{extra}]' (or pip install {extra})"
+        ) from exc

@@ -1,0 +1,70 @@
+"""A Lightning callback that logs every penalty of the last ``rc.loss()``.
+
+Add the penalty yourself in ``training_step`` (Lightning backpropagates what you return), and
+let the callback report it:
+
+>>> import lightning as L                                  # doctest: +SKIP
+>>> class Model(L.LightningModule):                        # doctest: +SKIP
+...     def training_step(self, batch, batch_idx):
+...         x, y = batch
+...         return self.criterion(self(x), y) + rc.loss()
+>>> trainer = L.Trainer(callbacks=[RegularizationLogger()])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import require
+
+require("lightning", "lightning", __name__)
+
+import lightning.pytorch as pl  # noqa: E402
+
+from ..collection import Collection, active_collection  # noqa: E402
+
+__all__ = ["RegularizationLogger"]
+
+
+class RegularizationLogger(pl.Callback):
+    """Logs ``{prefix}{entry name}`` and ``{prefix}total`` with ``log_dict`` while training.
+
+    Values are those of the last ``rc.loss()``: one device-to-host copy, no recomputation and
+    no collective under DDP/FSDP (every rank holds the same values). The callback reads them
+    only on the steps the trainer writes logs (``Trainer(log_every_n_steps=...)``), so it adds
+    no synchronisation to the other steps.
+    """
+
+    def __init__(
+        self,
+        *,
+        prefix: str = "reg/",
+        scope: str | None = None,
+        collection: Collection | None = None,
+        prog_bar: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(prefix, str):
+            raise TypeError(f"prefix must be a string, got {prefix!r}")
+        if collection is not None and not isinstance(collection, Collection):
+            raise TypeError(
+                f"collection must be a regcollect.Collection, got {type(collection).__name__}"
+            )
+        self.prefix, self.scope, self.prog_bar = prefix, scope, prog_bar
+        self.collection = collection
+
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        connector = getattr(trainer, "_logger_connector", None)
+        if not getattr(connector, "should_update_logs", True):
+            return
+        values = active_collection(self.collection).penalties(self.scope)
+        if len(values) <= 1:  # no loss() computed yet: only the "total" key
+            return
+        pl_module.log_dict(
+            {f"{self.prefix}{name}": value for name, value in values.items()},
+            on_step=True,
+            on_epoch=False,
+            prog_bar=self.prog_bar,
+        )

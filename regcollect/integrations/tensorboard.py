@@ -1,0 +1,68 @@
+"""Log each penalty, the total and optionally weight norms and histograms to TensorBoard.
+
+>>> from torch.utils.tensorboard import SummaryWriter     # doctest: +SKIP
+>>> writer = SummaryWriter("runs/exp1")                   # doctest: +SKIP
+>>> for step, (x, y) in enumerate(loader):                # doctest: +SKIP
+...     total = criterion(model(x), y) + rc.loss()
+...     total.backward(); optimizer.step(); optimizer.zero_grad()
+...     if step % 100 == 0:
+...         log_penalties(writer, step)
+
+Values are those of the last ``rc.loss()``: one device-to-host copy, no recomputation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from . import require
+
+require("tensorboard", "tensorboard", __name__)
+
+from ..collection import WEIGHT, Collection, active_collection  # noqa: E402
+
+__all__ = ["log_penalties"]
+
+
+def log_penalties(
+    writer: Any,
+    step: int,
+    *,
+    prefix: str = "regularization",
+    scope: str | None = None,
+    collection: Collection | None = None,
+    weight_norms: bool = False,
+    histograms: bool = False,
+) -> dict[str, float]:
+    """Write ``{prefix}/{entry name}`` and ``{prefix}/total`` scalars for the last ``loss()``.
+
+    ``weight_norms`` adds ``{prefix}/norm/{name}`` (the L2 norm of each regularized weight);
+    ``histograms`` adds ``{prefix}/weights/{name}`` histograms. Returns the penalties logged.
+    ``writer`` is a ``torch.utils.tensorboard.SummaryWriter`` (anything with ``add_scalar``
+    and ``add_histogram``).
+    """
+    if not callable(getattr(writer, "add_scalar", None)):
+        raise TypeError(
+            f"writer must be a SummaryWriter (with add_scalar), got {type(writer).__name__}"
+        )
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be a non-negative int, got {step!r}")
+    if not isinstance(prefix, str) or not prefix:
+        raise ValueError(f"prefix must be a non-empty string, got {prefix!r}")
+    coll = active_collection(collection)
+    values = coll.penalties(scope)
+    for name, value in values.items():
+        writer.add_scalar(f"{prefix}/{name}", value, step)
+    if weight_norms or histograms:
+        weights = [(e.name, e.resolve()) for e in coll.entries(scope) if e.kind == WEIGHT]
+        live = [(name, t.detach()) for name, t in weights if t is not None]
+        if weight_norms and live:
+            norms = torch.stack([t.float().norm() for _, t in live]).tolist()  # one copy
+            for (name, _), norm in zip(live, norms):
+                writer.add_scalar(f"{prefix}/norm/{name}", norm, step)
+        if histograms:
+            for name, t in live:
+                writer.add_histogram(f"{prefix}/weights/{name}", t.float().cpu(), step)
+    return values
