@@ -1,10 +1,11 @@
 """regcollect: Keras-style regularization for PyTorch, collected in one place.
 
->>> import torch, regcollect as rc
->>> model = torch.nn.Sequential(rc.nn.Linear(3, 2, kernel_regularizer=rc.l2(0.01)))
->>> total = rc.loss()          # add it to the task loss, then backward()
->>> total.shape
-torch.Size([])
+Examples:
+    >>> import torch, regcollect as rc
+    >>> model = torch.nn.Sequential(rc.nn.Linear(3, 2, kernel_regularizer=rc.l2(0.01)))
+    >>> total = rc.loss()          # add it to the task loss, then backward()
+    >>> total.shape
+    torch.Size([])
 """
 
 from . import compat, engine, nn, regularizers

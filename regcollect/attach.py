@@ -62,10 +62,11 @@ def add_regularizer(
     Registering again on the same parameter (or a parameter tied to it) replaces the previous
     regularizer in that collection.
 
-    >>> import torch, regcollect as rc
-    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 2))
-    >>> handle = rc.add_regularizer(model, "0.weight", rc.l2(0.01))
-    >>> handle.remove()
+    Examples:
+        >>> import torch, regcollect as rc
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+        >>> handle = rc.add_regularizer(model, "0.weight", rc.l2(0.01))
+        >>> handle.remove()
     """
     owner, local = resolve_parameter(_check_module(module), param_name)
     reg = _required(regularizer)
@@ -198,11 +199,12 @@ def regularize(
     are skipped. Calling again replaces (never double counts); ``.remove()`` on the returned
     handle undoes exactly this call.
 
-    >>> import torch, regcollect as rc
-    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
-    >>> handle = rc.regularize(model, kernel=rc.l2(1e-4))
-    >>> [e.name for e in handle.entries]
-    ['0.weight']
+    Examples:
+        >>> import torch, regcollect as rc
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+        >>> handle = rc.regularize(model, kernel=rc.l2(1e-4))
+        >>> [e.name for e in handle.entries]
+        ['0.weight']
     """
     _check_module(model)
     regs = {

@@ -164,11 +164,12 @@ def scope(
     ``kernel_regularizer``/``bias_regularizer``/``activity_regularizer`` for the arguments it
     was not given explicitly. Scopes nest (``"encoder/block1/..."``); inner defaults win.
 
-    >>> import regcollect as rc
-    >>> with rc.scope("encoder", kernel_regularizer=rc.l2(1e-4)):
-    ...     layer = rc.nn.Linear(2, 2)
-    >>> layer.kernel_regularizer
-    L2(l2=0.0001)
+    Examples:
+        >>> import regcollect as rc
+        >>> with rc.scope("encoder", kernel_regularizer=rc.l2(1e-4)):
+        ...     layer = rc.nn.Linear(2, 2)
+        >>> layer.kernel_regularizer
+        L2(l2=0.0001)
     """
     if not isinstance(name, str) or not name.strip("/"):
         raise ValueError(f"scope name must be a non-empty string, got {name!r}")
@@ -261,11 +262,12 @@ def _compile_scope(pattern: str | None) -> re.Pattern[str] | None:
 class Collection:
     """An independent set of penalties. :func:`get_collection` returns the default one.
 
-    >>> import torch, regcollect as rc
-    >>> coll = rc.Collection()
-    >>> layer = rc.nn.Linear(2, 2, kernel_regularizer=rc.l1(1.0), collection=coll)
-    >>> torch.allclose(coll.loss(), layer.weight.abs().sum())
-    True
+    Examples:
+        >>> import torch, regcollect as rc
+        >>> coll = rc.Collection()
+        >>> layer = rc.nn.Linear(2, 2, kernel_regularizer=rc.l1(1.0), collection=coll)
+        >>> torch.allclose(coll.loss(), layer.weight.abs().sum())
+        True
     """
 
     def __init__(self, *, max_pending: int = 256, check_finite: bool = False) -> None:

@@ -137,11 +137,12 @@ class Result:
 class Plan:
     """A reusable grouping of ``(tensor, regularizer)`` pairs; call it to get a :class:`Result`.
 
-    >>> w = torch.ones(2, 2, requires_grad=True)
-    >>> from regcollect.regularizers import L2, L1L2
-    >>> plan = Plan([w, w[0]], [L2(0.5), L1L2(1.0, 0.0)])
-    >>> plan().total.item()   # 0.5 * 4 + 1.0 * 2
-    4.0
+    Examples:
+        >>> w = torch.ones(2, 2, requires_grad=True)
+        >>> from regcollect.regularizers import L2, L1L2
+        >>> plan = Plan([w, w[0]], [L2(0.5), L1L2(1.0, 0.0)])
+        >>> plan().total.item()   # 0.5 * 4 + 1.0 * 2
+        4.0
     """
 
     def __init__(

@@ -6,10 +6,11 @@ Each class subclasses its ``torch.nn`` twin with the same constructor arguments 
 :class:`RegularizedLayer`, does the work for every class; a class only declares which
 parameters each argument covers.
 
->>> import torch, regcollect as rc
->>> layer = rc.nn.Linear(4, 2, kernel_regularizer=rc.l2(1e-4), bias_regularizer="l1")
->>> isinstance(layer, torch.nn.Linear), layer.kernel_regularizer
-(True, L2(l2=0.0001))
+Examples:
+    >>> import torch, regcollect as rc
+    >>> layer = rc.nn.Linear(4, 2, kernel_regularizer=rc.l2(1e-4), bias_regularizer="l1")
+    >>> isinstance(layer, torch.nn.Linear), layer.kernel_regularizer
+    (True, L2(l2=0.0001))
 """
 
 from __future__ import annotations

@@ -1,14 +1,15 @@
 """A model's regularization plan as JSON-safe data, and back onto a model by names.
 
->>> import json, torch, regcollect as rc
->>> coll = rc.Collection()
->>> model = torch.nn.Sequential(torch.nn.Linear(3, 2))
->>> _ = rc.regularize(model, kernel=rc.l2(1e-4), collection=coll)
->>> text = json.dumps(rc.export_plan(model, collection=coll))
->>> fresh, other = torch.nn.Sequential(torch.nn.Linear(3, 2)), rc.Collection()
->>> handle = rc.load_plan(fresh, json.loads(text), collection=other)
->>> [(e.name, e.regularizer) for e in other.entries()]
-[('0.weight', L2(l2=0.0001))]
+Examples:
+    >>> import json, torch, regcollect as rc
+    >>> coll = rc.Collection()
+    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    >>> _ = rc.regularize(model, kernel=rc.l2(1e-4), collection=coll)
+    >>> text = json.dumps(rc.export_plan(model, collection=coll))
+    >>> fresh, other = torch.nn.Sequential(torch.nn.Linear(3, 2)), rc.Collection()
+    >>> handle = rc.load_plan(fresh, json.loads(text), collection=other)
+    >>> [(e.name, e.regularizer) for e in other.entries()]
+    [('0.weight', L2(l2=0.0001))]
 
 Loading treats the data as untrusted: it never imports a module, never evaluates code and
 never looks an attribute up by a name from the file. Regularizers resolve through

@@ -3,11 +3,12 @@
 Every regularizer maps a tensor ``x`` to a 0-dim penalty tensor on ``x``'s device, computed in
 float32 at least (so float16/bfloat16 weights never overflow) and differentiable:
 
->>> import torch, regcollect as rc
->>> float(rc.l2(0.1)(torch.tensor([1.0, 2.0])))   # 0.1 * (1 + 4)
-0.5
->>> float(rc.l1(0.5)(torch.tensor([-1.0, 2.0])))  # 0.5 * (1 + 2)
-1.5
+Examples:
+    >>> import torch, regcollect as rc
+    >>> float(rc.l2(0.1)(torch.tensor([1.0, 2.0])))   # 0.1 * (1 + 4)
+    0.5
+    >>> float(rc.l1(0.5)(torch.tensor([-1.0, 2.0])))  # 0.5 * (1 + 2)
+    1.5
 
 This module imports only torch: it knows nothing of modules or collections.
 """
@@ -132,8 +133,9 @@ def _zero_like(x: torch.Tensor) -> torch.Tensor:
 class L1(Regularizer):
     """``l1 * sum(abs(x))``.
 
-    >>> float(L1(0.01)(torch.ones(5, 5)))
-    0.25
+    Examples:
+        >>> float(L1(0.01)(torch.ones(5, 5)))
+        0.25
     """
 
     def __init__(self, l1: float = 0.01) -> None:
@@ -153,8 +155,9 @@ class L1(Regularizer):
 class L2(Regularizer):
     """``l2 * sum(x**2)`` (Keras scaling; ``SGD(weight_decay=wd)`` equals ``L2(wd / 2)``).
 
-    >>> round(float(L2(0.01)(torch.full((2, 2), 3.0))), 6)
-    0.36
+    Examples:
+        >>> round(float(L2(0.01)(torch.full((2, 2), 3.0))), 6)
+        0.36
     """
 
     def __init__(self, l2: float = 0.01) -> None:
@@ -174,8 +177,9 @@ class L2(Regularizer):
 class L1L2(Regularizer):
     """``l1 * sum(abs(x)) + l2 * sum(x**2)``; both default to 0 as in Keras's class.
 
-    >>> float(L1L2(l1=0.5, l2=0.25)(torch.tensor([2.0])))  # 0.5*2 + 0.25*4
-    2.0
+    Examples:
+        >>> float(L1L2(l1=0.5, l2=0.25)(torch.tensor([2.0])))  # 0.5*2 + 0.25*4
+        2.0
     """
 
     def __init__(self, l1: float = 0.0, l2: float = 0.0) -> None:
@@ -205,8 +209,9 @@ class Orthogonal(Regularizer):
     of the L2-normalised rows (``mode="rows"``) or columns (``mode="columns"``) and ``s`` their
     count. Tensors of rank > 2 are flattened to ``(shape[0], -1)``; ``s == 1`` gives 0.
 
-    >>> float(Orthogonal(1.0)(torch.tensor([[1.0, 0.0], [1.0, 0.0]])))  # two equal rows
-    1.0
+    Examples:
+        >>> float(Orthogonal(1.0)(torch.tensor([[1.0, 0.0], [1.0, 0.0]])))  # two equal rows
+        1.0
     """
 
     def __init__(self, factor: float = 0.01, mode: str = "rows") -> None:
@@ -399,10 +404,11 @@ def deserialize(config: dict[str, Any]) -> Regularizer:
 def get(identifier: object) -> Regularizer | None:
     """Resolve anything a layer argument accepts into a :class:`Regularizer` (or None).
 
-    >>> get("l2")
-    L2(l2=0.01)
-    >>> get({"class_name": "L1", "config": {"l1": 0.5}})
-    L1(l1=0.5)
+    Examples:
+        >>> get("l2")
+        L2(l2=0.01)
+        >>> get({"class_name": "L1", "config": {"l1": 0.5}})
+        L1(l1=0.5)
     """
     if identifier is None:
         return None

@@ -3,10 +3,11 @@
 TF1 scales L2 by one half: ``l2_regularizer(s)(w) == s * sum(w**2) / 2``, which is Keras's
 ``l2(s / 2)`` and what ``SGD(weight_decay=s)`` applies.
 
->>> import torch
->>> from regcollect.compat import v1
->>> float(v1.l2_regularizer(0.5)(torch.tensor([2.0])))  # 0.5 * 4 / 2
-1.0
+Examples:
+    >>> import torch
+    >>> from regcollect.compat import v1
+    >>> float(v1.l2_regularizer(0.5)(torch.tensor([2.0])))  # 0.5 * 4 / 2
+    1.0
 """
 
 from __future__ import annotations

@@ -3,12 +3,13 @@
 Add the penalty yourself in ``training_step`` (Lightning backpropagates what you return), and
 let the callback report it:
 
->>> import lightning as L                                  # doctest: +SKIP
->>> class Model(L.LightningModule):                        # doctest: +SKIP
-...     def training_step(self, batch, batch_idx):
-...         x, y = batch
-...         return self.criterion(self(x), y) + rc.loss()
->>> trainer = L.Trainer(callbacks=[RegularizationLogger()])  # doctest: +SKIP
+Examples:
+    >>> import lightning as L                                  # doctest: +SKIP
+    >>> class Model(L.LightningModule):                        # doctest: +SKIP
+    ...     def training_step(self, batch, batch_idx):
+    ...         x, y = batch
+    ...         return self.criterion(self(x), y) + rc.loss()
+    >>> trainer = L.Trainer(callbacks=[RegularizationLogger()])  # doctest: +SKIP
 """
 
 from __future__ import annotations

@@ -1,12 +1,13 @@
 """Log each penalty, the total and optionally weight norms and histograms to TensorBoard.
 
->>> from torch.utils.tensorboard import SummaryWriter     # doctest: +SKIP
->>> writer = SummaryWriter("runs/exp1")                   # doctest: +SKIP
->>> for step, (x, y) in enumerate(loader):                # doctest: +SKIP
-...     total = criterion(model(x), y) + rc.loss()
-...     total.backward(); optimizer.step(); optimizer.zero_grad()
-...     if step % 100 == 0:
-...         log_penalties(writer, step)
+Examples:
+    >>> from torch.utils.tensorboard import SummaryWriter     # doctest: +SKIP
+    >>> writer = SummaryWriter("runs/exp1")                   # doctest: +SKIP
+    >>> for step, (x, y) in enumerate(loader):                # doctest: +SKIP
+    ...     total = criterion(model(x), y) + rc.loss()
+    ...     total.backward(); optimizer.step(); optimizer.zero_grad()
+    ...     if step % 100 == 0:
+    ...         log_penalties(writer, step)
 
 Values are those of the last ``rc.loss()``: one device-to-host copy, no recomputation.
 """
