@@ -557,21 +557,51 @@ class Collection:
         A 0-dim tensor, differentiable, on the parameters' device, float32 at least;
         ``tensor(0.)`` when nothing is registered. Reads nothing back to the host.
         """
-        cached = self._plan(scope)
-        result = cached.plan()
-        records = self._take_records(scope)
+        if scope is None and torch.compiler.is_compiling():
+            plan_entries, plan = self._traced_plan()
+            records, self._records = self._records, []
+        else:
+            cached = self._plan(scope)
+            plan_entries, plan = cached.plan_entries, cached.plan
+            records = self._take_records(scope)
+        result = plan()
         total = result.total
         if records:
             values = [v for _, v in records]
-            if not cached.plan_entries:
+            if not plan_entries:
                 total = torch.zeros((), dtype=values[0].dtype, device=values[0].device)
             activity = torch.stack([v.to(device=total.device) for v in values]).sum()
             total = total + activity
-        self._last = _Last(cached.plan_entries, result, records)
+        self._last = _Last(plan_entries, result, records)
         self._consumed = True
-        if self.check_finite:
+        if self.check_finite and not torch.compiler.is_compiling():
             self.assert_finite(scope)
         return total
+
+    def _traced_plan(self) -> tuple[list[Entry], Plan]:
+        """The plan, rebuilt while torch.compile traces ``loss()``: no lock, no cache, no names.
+
+        Dynamo turns this into guards on the modules' parameters and a graph of the penalty
+        math, so a compiled step has no graph break here. It reruns only when the guards fail
+        (a parameter replaced, frozen, moved), which is when the cache would rebuild too.
+        """
+        chosen: dict[int, tuple[Entry, torch.Tensor]] = {}
+        for entry in list(self._entries.values()):
+            if entry.kind == ACTIVITY:
+                continue
+            ref, name = entry.locator
+            owner = ref()
+            tensor = (
+                owner if name is None else (None if owner is None else owner._parameters.get(name))
+            )
+            if tensor is None or not tensor.requires_grad:
+                continue
+            # A parameter reached through two entries counts once (the later one wins).
+            chosen.pop(id(tensor), None)
+            chosen[id(tensor)] = (entry, tensor)
+        entries = [entry for entry, _ in chosen.values()]
+        tensors = [tensor for _, tensor in chosen.values()]
+        return entries, Plan(tensors, [e.regularizer for e in entries], self._describer(entries))
 
     def losses(self, scope: str | None = None) -> list[torch.Tensor]:
         """One differentiable 0-dim tensor per live entry that contributes, in registration order.

@@ -102,25 +102,38 @@ def test_cache_invalidation_on_remove_and_replace():
     assert coll._plans[None][0].plan is not second
 
 
-def test_torch_compile_matches_eager():
+def test_torch_compile_matches_eager_with_zero_graph_breaks():
     model = torch.nn.Sequential(
         rc.nn.Linear(8, 8, kernel_regularizer=rc.l2(0.1), bias_regularizer=rc.l1(0.1)),
         torch.nn.ReLU(),
-        rc.nn.Linear(8, 2, kernel_regularizer=rc.l1_l2(0.1, 0.1)),
+        rc.nn.Linear(8, 2, kernel_regularizer=rc.l1_l2(0.1, 0.1), activity_regularizer=rc.l2(0.01)),
     )
     x, y = torch.randn(4, 8), torch.randint(0, 2, (4,))
 
     def step(x, y):
         return torch.nn.functional.cross_entropy(model(x), y) + rc.loss()
 
+    explained = torch._dynamo.explain(step)(x, y)
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    rc.loss()  # drop the activity penalty explain() recorded
     compiled = torch.compile(step)
     params = list(model.parameters())
-    for _ in range(2):
+    opt = torch.optim.SGD(params, lr=0.1)
+    for _ in range(3):
         eager = step(x, y)
+        eager_penalties = rc.penalties()
         got = compiled(x, y)
         assert got.item() == pytest.approx(eager.item(), rel=1e-6)
-        for a, b in zip(torch.autograd.grad(eager, params), torch.autograd.grad(got, params)):
+        assert rc.penalties() == pytest.approx(eager_penalties, rel=1e-6)
+        got_grads = torch.autograd.grad(got, params, retain_graph=True)
+        for a, b in zip(torch.autograd.grad(eager, params), got_grads):
             assert torch.allclose(a, b, atol=1e-6)
+        opt.zero_grad()
+        got.backward()
+        opt.step()  # parameters change in place: the compiled step keeps up
+    # A replaced parameter fails dynamo's guards and is picked up, as in eager mode.
+    model[0].weight = torch.nn.Parameter(torch.full((8, 8), 0.5))
+    assert compiled(x, y).item() == pytest.approx(step(x, y).item(), rel=1e-6)
 
 
 def test_all_zero_coefficients_keep_a_zero_gradient():
