@@ -44,21 +44,35 @@ EXACT = [
 ]
 
 
+def torchrun(script: Path, *args: str, timeout: float) -> tuple[int | None, str, str]:
+    """Run ``script`` on 2 gloo ranks; ``(returncode or None on timeout, stdout, stderr)``.
+
+    The launcher and its ranks get a session of their own, so a timeout kills them all.
+    """
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [*cmd, str(script), *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+        return proc.returncode, stdout, stderr
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        return None, stdout, stderr
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("distributed") / "report.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(WORKER),
-        str(out),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0 and out.exists(), proc.stdout[-4000:] + proc.stderr[-4000:]
+    returncode, stdout, stderr = torchrun(WORKER, str(out), timeout=600)
+    assert returncode == 0 and out.exists(), stdout[-4000:] + stderr[-4000:]
     result: dict[str, Any] = json.loads(out.read_text())
     return result
 
@@ -128,41 +142,14 @@ def test_ddp_find_unused_with_a_penalty_only_parameter_is_ddps_own_error(
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 def test_example(mode: str) -> None:
     example = Path(__file__).resolve().parents[2] / "examples" / "distributed.py"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(example),
-        "--mode",
-        mode,
-        "--steps",
-        "5",
-    ]
     # The example's last line is printed after all its work. gloo processes sometimes abort
     # ("terminate called without an active exception") or hang while the interpreter shuts
     # down after that: a PyTorch teardown issue, which worker.py sidesteps with os._exit.
     # Such an exit is reported as a warning, not a failure.
-    proc = subprocess.Popen(
-        cmd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        stdout, stderr = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
+    returncode, stdout, stderr = torchrun(example, "--mode", mode, "--steps", "5", timeout=120)
     assert "penalties identical on all 2 ranks: True" in stdout, stdout[-4000:] + stderr[-4000:]
-    if proc.returncode != 0:
-        warnings.warn(
-            f"torchrun ended with {proc.returncode} after the example finished", stacklevel=1
-        )
+    if returncode != 0:
+        warnings.warn(f"torchrun ended with {returncode} after the example finished", stacklevel=1)
     assert f"[{mode}, 2 ranks] step 5" in stdout
     for name in ("0.weight", "0.bias", "2.weight", "4.weight", "total loss"):
         assert name in stdout
