@@ -489,16 +489,9 @@ class Collection:
             locators = [e.locator for e in candidates]
             tensors = _current_tensors(locators)
             flags = _flags(tensors)
-            # A parameter reached through two entries (tied after registration) counts once:
-            # the later registration wins, as re-registering does.
-            chosen: dict[int, int] = {}
-            for i, t in enumerate(tensors):
-                if t is not None and t.requires_grad:
-                    chosen[id(t)] = i
-            order = sorted(chosen.values())
-            chosen_entries = [candidates[i] for i in order]
+            chosen_entries, chosen_tensors = _choose(candidates, tensors)
             plan = Plan(
-                [tensors[i] for i in order],  # type: ignore[misc]
+                chosen_tensors,
                 [e.regularizer for e in chosen_entries],
                 self._describer(chosen_entries),
             )
@@ -585,22 +578,16 @@ class Collection:
         math, so a compiled step has no graph break here. It reruns only when the guards fail
         (a parameter replaced, frozen, moved), which is when the cache would rebuild too.
         """
-        chosen: dict[int, tuple[Entry, torch.Tensor]] = {}
-        for entry in list(self._entries.values()):
-            if entry.kind == ACTIVITY:
-                continue
-            ref, name = entry.locator
+        candidates = [e for e in self._entries.values() if e.kind != ACTIVITY]
+        # _current_tensors' one-line comprehension is the faster eager lookup, but dynamo
+        # misreads its walrus cell ("Read uninitialized cell"): the same lookup, spelled out.
+        current: list[torch.Tensor | None] = []
+        for ref, name in (e.locator for e in candidates):
             owner = ref()
-            tensor = (
-                owner if name is None else (None if owner is None else owner._parameters.get(name))
-            )
-            if tensor is None or not tensor.requires_grad:
-                continue
-            # A parameter reached through two entries counts once (the later one wins).
-            chosen.pop(id(tensor), None)
-            chosen[id(tensor)] = (entry, tensor)
-        entries = [entry for entry, _ in chosen.values()]
-        tensors = [tensor for _, tensor in chosen.values()]
+            if name is not None and owner is not None:
+                owner = owner._parameters.get(name)
+            current.append(owner)
+        entries, tensors = _choose(candidates, current)
         return entries, Plan(tensors, [e.regularizer for e in entries], self._describer(entries))
 
     def losses(self, scope: str | None = None) -> list[torch.Tensor]:
@@ -737,6 +724,22 @@ register_optimizer_step_post_hook(_forgotten_loss_check)
 def _dead_ref() -> None:
     """Stands in for the weak reference of an entry that regularizes no tensor."""
     return None
+
+
+def _choose(
+    candidates: list[Entry], tensors: list[torch.Tensor | None]
+) -> tuple[list[Entry], list[torch.Tensor]]:
+    """The entries whose tensor exists and trains, in registration order, each tensor once.
+
+    A parameter reached through two entries (tied after registration) counts once: the later
+    registration wins, as re-registering does.
+    """
+    chosen: dict[int, int] = {}
+    for i, t in enumerate(tensors):
+        if t is not None and t.requires_grad:
+            chosen[id(t)] = i
+    order = sorted(chosen.values())
+    return [candidates[i] for i in order], [tensors[i] for i in order]  # type: ignore[misc]
 
 
 def _current_tensors(locators: list[tuple[Any, str | None]]) -> list[torch.Tensor | None]:
