@@ -172,11 +172,14 @@ class Plan:
                 continue
             # Zero terms are skipped, but a tensor whose terms are all zero (a lambda = 0 run
             # of a sweep) keeps one, so that it stays in the graph with a zero gradient.
+            # A replicated DTensor has nothing to reduce but still needs to_local(): it must
+            # not share a group with plain tensors, hence the is-DTensor part of the key.
+            key = (x.device, x.dtype, _is_dtensor(x), reduce_over)
             for kind, coef in [t for t in terms if t[1]] or terms[:1]:
-                groups.setdefault((kind, coef, x.device, x.dtype, reduce_over), []).append(i)
+                groups.setdefault((kind, coef, *key), []).append(i)
         self.groups = [
-            _Group(kind, coef, idx, [self.tensors[i] for i in idx], reduce_over)
-            for (kind, coef, _, _, reduce_over), idx in groups.items()
+            _Group(kind, coef, idx, [self.tensors[i] for i in idx], sharded, reduce_over)
+            for (kind, coef, _, _, sharded, reduce_over), idx in groups.items()
         ]
         self.device = self.tensors[0].device if self.tensors else torch.device("cpu")
         self.dtype = torch.float32
@@ -237,12 +240,10 @@ class _Group:
     coef: float
     indices: list[int]
     tensors: list[torch.Tensor]
+    # DTensors, which contribute their local shard (to_local()) to the kernels.
+    sharded: bool
     # () for tensors whose values are all here; else the (mesh, dim) pairs to sum over.
     reduce_over: tuple[Any, ...]
-
-    @property
-    def sharded(self) -> bool:
-        return bool(self.tensors) and _is_dtensor(self.tensors[0])
 
 
 def _is_dtensor(x: torch.Tensor) -> bool:

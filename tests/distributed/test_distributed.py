@@ -127,6 +127,13 @@ def test_collectives_per_loss(
     assert report[scenario]["collectives"] == [after_forward, after_backward]
 
 
+def test_replicated_dtensor_beside_a_plain_tensor(report: dict[str, Any]) -> None:
+    r = report["replicated_beside_plain"]
+    assert "error" not in r, r.get("error")
+    assert r["value_diff"] < 1e-5
+    assert r["plain_grad_diff"] < 1e-6 and r["replicated_grad_diff"] < 1e-6
+
+
 def test_ddp_find_unused_with_a_penalty_only_parameter_is_ddps_own_error(
     report: dict[str, Any],
 ) -> None:

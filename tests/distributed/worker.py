@@ -201,7 +201,29 @@ def ddp_static(model: torch.nn.Module) -> torch.nn.Module:
     return DDP(model, static_graph=True)
 
 
+def replicated_beside_plain() -> dict[str, Any]:
+    """A replicated DTensor and a plain tensor with the same kind, coefficient and dtype."""
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    from regcollect.engine import Plan
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    torch.manual_seed(0)
+    plain = torch.randn(4, 3, requires_grad=True)
+    full = torch.randn(5, 2)
+    replicated = distribute_tensor(full, mesh, [Replicate()]).requires_grad_(True)
+    result = Plan([plain, replicated], [rc.l2(0.3), rc.l2(0.3)])()
+    result.total.backward()
+    want = 0.3 * (plain.detach() ** 2).sum() + 0.3 * (full**2).sum()
+    return {
+        "value_diff": abs(result.total.item() - want.item()),
+        "plain_grad_diff": float((plain.grad - 0.6 * plain.detach()).abs().max()),
+        "replicated_grad_diff": float((replicated.grad.to_local() - 0.6 * full).abs().max()),
+    }
+
+
 SCENARIOS: dict[str, Callable[[], dict[str, Any]]] = {
+    "replicated_beside_plain": replicated_beside_plain,
     "ddp": lambda: compare(DDP),
     "ddp_find_unused": lambda: compare(ddp_find_unused),
     "ddp_penalty_only_param": lambda: compare(DDP, side=True),
