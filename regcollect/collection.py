@@ -26,7 +26,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import _naming
-from .engine import Plan, Result
+from .engine import Plan
 from .regularizers import Regularizer, accumulation_dtype
 from .regularizers import get as get_regularizer
 
@@ -241,7 +241,9 @@ class _Last:
     """What the last ``loss()`` computed, kept on the device until a summary asks."""
 
     plan_entries: list[Entry]
-    result: Result
+    # Detached values only: holding a differentiable total or activity penalty would keep
+    # the last step's autograd graph (and what it saved) alive until the next loss().
+    parts: list[tuple[torch.Tensor, list[int]]]
     records: list[tuple[Entry, torch.Tensor]]
     skipped: dict[Entry, str] = field(default_factory=dict)
 
@@ -565,7 +567,7 @@ class Collection:
                 total = torch.zeros((), dtype=values[0].dtype, device=values[0].device)
             activity = torch.stack([v.to(device=total.device) for v in values]).sum()
             total = total + activity
-        self._last = _Last(plan_entries, result, records)
+        self._last = _Last(plan_entries, result.parts, [(e, v.detach()) for e, v in records])
         self._consumed = True
         if self.check_finite and not torch.compiler.is_compiling():
             self.assert_finite(scope)
@@ -609,8 +611,7 @@ class Collection:
         for entry, value in records:
             by_entry.setdefault(entry, []).append(value)
         out.extend(torch.stack(vs).sum() for vs in by_entry.values())
-        total = torch.stack([v.to(out[0].device) for v in out]).sum() if out else torch.zeros(())
-        self._last = _Last(cached.plan_entries, Result(total, parts), records)
+        self._last = _Last(cached.plan_entries, parts, [(e, v.detach()) for e, v in records])
         self._consumed = True
         if self.check_finite:
             self.assert_finite(scope)
@@ -628,11 +629,11 @@ class Collection:
         tensors: list[torch.Tensor] = [t.detach().reshape(-1) for t in extra]
         owners: list[list[Entry]] = [[] for _ in extra]
         if last is not None:
-            for values, indices in last.result.parts:
+            for values, indices in last.parts:
                 tensors.append(values.reshape(-1))
                 owners.append([last.plan_entries[i] for i in indices])
             for entry, value in last.records:
-                tensors.append(value.detach().reshape(-1))
+                tensors.append(value.reshape(-1))
                 owners.append([entry])
         floats = _to_host(tensors)
         extra_values = [f[0] for f in floats[: len(extra)]]

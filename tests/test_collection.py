@@ -170,6 +170,22 @@ def test_activity_penalty_semantics():
     assert rc.loss().item() == pytest.approx(2 * expected.item(), rel=1e-6)
 
 
+def test_loss_keeps_no_autograd_graph_alive_after_it_is_dropped():
+    # summary() needs the last values, not their graph: the graph (and the activations it
+    # saved) must be freed as soon as the caller drops the loss, not at the next loss().
+    import gc
+    import weakref
+
+    layer = rc.nn.Linear(3, 2, kernel_regularizer=rc.l2(0.1), activity_regularizer=rc.l2(0.5))
+    out = layer(torch.randn(4, 3))
+    saved = weakref.ref(out)  # saved by the activity penalty's square for its backward
+    total = rc.loss()
+    del out, total
+    gc.collect()
+    assert saved() is None
+    assert set(rc.penalties()) == {"linear.weight", "linear:activity", "total"}
+
+
 def test_activity_not_recorded_without_gradients():
     layer = rc.nn.Linear(3, 2, activity_regularizer=rc.l2(0.5))
     with torch.no_grad():
