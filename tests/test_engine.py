@@ -144,3 +144,105 @@ def test_all_zero_coefficients_keep_a_zero_gradient():
     assert result.total.item() == 0.0
     gw, gb = torch.autograd.grad(result.total, [w, b])
     assert torch.equal(gw, torch.zeros_like(w)) and torch.equal(gb, torch.zeros_like(b))
+
+
+# -- small CPU tensors of one shape are stacked (_StackedPenalty) --
+
+
+def _stacked_groups(plan):
+    return sorted((g.kind, len(g.indices)) for g in plan.groups if g.stacked)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(7,), (3, 4), (), (0,), (1,)])
+def test_stacked_groups_equal_the_per_entry_reference(dtype, shape):
+    torch.manual_seed(0)
+    tensors = [torch.randn(shape, dtype=dtype, requires_grad=True) for _ in range(6)]
+    regs = [rc.l2(0.3)] * 3 + [rc.l1(0.2)] * 2 + [rc.l1_l2(0.2, 0.3)]
+    plan = Plan(tensors, regs)
+    # l2(0.3): 3 + the L1L2's l2 part = 4 tensors; l1(0.2): 2 + the L1L2's l1 part = 3 < 4.
+    assert _stacked_groups(plan) == [("l2", 4)]
+    result = plan()
+    expected = reference([t.double() for t in tensors], regs)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    assert result.total.dtype == torch.promote_types(dtype, torch.float32)
+    assert result.total.item() == pytest.approx(expected.item(), rel=tol, abs=tol)
+    grads = torch.autograd.grad(result.total, tensors)
+    ref_grads = torch.autograd.grad(expected, tensors)
+    for g, r, t in zip(grads, ref_grads, tensors):
+        assert g.dtype == dtype and g.shape == t.shape
+        assert torch.allclose(g.double(), r.double(), rtol=tol, atol=tol)
+    per = {}
+    for values, indices in result.parts:
+        for v, i in zip(values.tolist(), indices):
+            per[i] = per.get(i, 0.0) + v
+    want = [reg(t.detach().double()).item() for t, reg in zip(tensors, regs)]
+    assert [per[i] for i in range(6)] == pytest.approx(want, rel=tol, abs=tol)
+
+
+def test_stacked_group_gradcheck_and_double_backward():
+    xs = [torch.randn(3, 2, dtype=torch.float64, requires_grad=True) for _ in range(5)]
+    for kind in ("l1", "l2"):
+
+        def total(*t, k=kind):
+            return group_penalty(k, 0.7, t, stack=True)[0]
+
+        assert torch.autograd.gradcheck(total, xs)
+    # Double backward (a Hessian-vector product through the penalty): d/dx (2c x . v) = 2c v.
+    v = [torch.randn_like(x) for x in xs]
+    grads = torch.autograd.grad(group_penalty("l2", 0.7, xs, stack=True)[0], xs, create_graph=True)
+    dot = sum((g * u).sum() for g, u in zip(grads, v))
+    for hv, u in zip(torch.autograd.grad(dot, xs), v):
+        assert torch.allclose(hv, 1.4 * u)
+
+
+def test_stacked_group_gradients_accumulate_into_grad_and_survive_retain_graph():
+    params = [torch.nn.Parameter(torch.full((5,), float(i + 1))) for i in range(4)]
+    total = group_penalty("l2", 0.5, params, stack=True)[0]
+    total.backward(retain_graph=True)
+    total.backward()
+    for i, p in enumerate(params):
+        assert torch.equal(p.grad, torch.full((5,), 2.0 * (i + 1)))  # twice 2 * 0.5 * x
+    # Changing a parameter afterwards does not reach the gradients already accumulated.
+    with torch.no_grad():
+        params[0].add_(1.0)
+    assert torch.equal(params[1].grad, torch.full((5,), 4.0))
+
+
+def test_stacked_group_detects_in_place_modification_like_the_foreach_node():
+    for stack in (False, True):
+        xs = [torch.randn(4, requires_grad=True) for _ in range(4)]
+        total = group_penalty("l1", 1.0, xs, stack=stack)[0]
+        with torch.no_grad():
+            xs[2].mul_(2.0)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            total.backward()
+
+
+def test_stacking_only_small_cpu_tensors_of_shapes_shared_by_four_or_more():
+    small = [torch.randn(8, 8, requires_grad=True) for _ in range(5)]
+    few = [torch.randn(3, requires_grad=True) for _ in range(3)]
+    big = [torch.randn(64, 64, requires_grad=True) for _ in range(4)]  # 16 KiB each
+    tensors = small + few + big
+    plan = Plan(tensors, [rc.l2(0.1)] * len(tensors))
+    assert sorted((g.stacked, sorted(g.indices)) for g in plan.groups) == [
+        (False, list(range(5, 12))),
+        (True, list(range(5))),
+    ]
+    expected = reference(tensors, [rc.l2(0.1)] * len(tensors))
+    assert plan().total.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_stacked_path_is_used_by_loss_and_matches_the_loop():
+    torch.manual_seed(0)
+    layers = [
+        rc.nn.Linear(6, 6, kernel_regularizer=rc.l2(1e-2), bias_regularizer=rc.l1(1e-3))
+        for _ in range(10)
+    ]
+    plan = rc.get_collection()._plan(None).plan
+    assert _stacked_groups(plan) == [("l1", 10), ("l2", 10)]
+    rc.loss().backward()
+    for layer in layers:
+        w, b = layer.weight.detach(), layer.bias.detach()
+        assert torch.allclose(layer.weight.grad, 2e-2 * w)
+        assert torch.allclose(layer.bias.grad, 1e-3 * torch.sign(b))
