@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import regcollect as rc
-from regcollect.engine import Plan, group_penalty
+from regcollect.engine import _STACK_MAX_BYTES, _STACK_MIN, Plan, group_penalty
 
 REGS = [
     rc.l2(0.3),
@@ -157,11 +157,12 @@ def _stacked_groups(plan):
 @pytest.mark.parametrize("shape", [(7,), (3, 4), (), (0,), (1,)])
 def test_stacked_groups_equal_the_per_entry_reference(dtype, shape):
     torch.manual_seed(0)
-    tensors = [torch.randn(shape, dtype=dtype, requires_grad=True) for _ in range(6)]
-    regs = [rc.l2(0.3)] * 3 + [rc.l1(0.2)] * 2 + [rc.l1_l2(0.2, 0.3)]
+    n = _STACK_MIN + 2
+    tensors = [torch.randn(shape, dtype=dtype, requires_grad=True) for _ in range(n)]
+    regs = [rc.l2(0.3)] * (n - 3) + [rc.l1(0.2)] * 2 + [rc.l1_l2(0.2, 0.3)]
     plan = Plan(tensors, regs)
-    # l2(0.3): 3 + the L1L2's l2 part = 4 tensors; l1(0.2): 2 + the L1L2's l1 part = 3 < 4.
-    assert _stacked_groups(plan) == [("l2", 4)]
+    # l2(0.3): n - 3 plus the L1L2's l2 part, enough to stack; l1(0.2): 2 + 1, too few.
+    assert _stacked_groups(plan) == [("l2", _STACK_MIN)]
     result = plan()
     expected = reference([t.double() for t in tensors], regs)
     tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
@@ -177,7 +178,7 @@ def test_stacked_groups_equal_the_per_entry_reference(dtype, shape):
         for v, i in zip(values.tolist(), indices):
             per[i] = per.get(i, 0.0) + v
     want = [reg(t.detach().double()).item() for t, reg in zip(tensors, regs)]
-    assert [per[i] for i in range(6)] == pytest.approx(want, rel=tol, abs=tol)
+    assert [per[i] for i in range(n)] == pytest.approx(want, rel=tol, abs=tol)
 
 
 def test_stacked_group_gradcheck_and_double_backward():
@@ -219,15 +220,19 @@ def test_stacked_group_detects_in_place_modification_like_the_foreach_node():
             total.backward()
 
 
-def test_stacking_only_small_cpu_tensors_of_shapes_shared_by_four_or_more():
-    small = [torch.randn(8, 8, requires_grad=True) for _ in range(5)]
-    few = [torch.randn(3, requires_grad=True) for _ in range(3)]
-    big = [torch.randn(64, 64, requires_grad=True) for _ in range(4)]  # 16 KiB each
-    tensors = small + few + big
+def test_stacking_only_small_cpu_tensors_of_shapes_shared_by_sixteen_or_more():
+    assert _STACK_MAX_BYTES == 32 * 32 * 4
+    n = _STACK_MIN
+    small = [torch.randn(32, 32, requires_grad=True) for _ in range(n)]  # at the limit
+    few = [torch.randn(3, requires_grad=True) for _ in range(n - 1)]
+    big = [torch.randn(33, 32, requires_grad=True) for _ in range(n)]  # just over it
+    half = [torch.randn(64, dtype=torch.float16, requires_grad=True) for _ in range(n)]
+    tensors = small + few + big + half
     plan = Plan(tensors, [rc.l2(0.1)] * len(tensors))
     assert sorted((g.stacked, sorted(g.indices)) for g in plan.groups) == [
-        (False, list(range(5, 12))),
-        (True, list(range(5))),
+        (False, list(range(n, 3 * n - 1))),
+        (True, list(range(n))),
+        (True, list(range(3 * n - 1, 4 * n - 1))),
     ]
     expected = reference(tensors, [rc.l2(0.1)] * len(tensors))
     assert plan().total.item() == pytest.approx(expected.item(), rel=1e-5)
@@ -237,10 +242,10 @@ def test_stacked_path_is_used_by_loss_and_matches_the_loop():
     torch.manual_seed(0)
     layers = [
         rc.nn.Linear(6, 6, kernel_regularizer=rc.l2(1e-2), bias_regularizer=rc.l1(1e-3))
-        for _ in range(10)
+        for _ in range(_STACK_MIN)
     ]
     plan = rc.get_collection()._plan(None).plan
-    assert _stacked_groups(plan) == [("l1", 10), ("l2", 10)]
+    assert _stacked_groups(plan) == [("l1", _STACK_MIN), ("l2", _STACK_MIN)]
     rc.loss().backward()
     for layer in layers:
         w, b = layer.weight.detach(), layer.bias.detach()
