@@ -10,7 +10,8 @@ Scenarios:
 1. many-small: 100 Linear(64, 64), kernel l2(1e-3) and bias l1(1e-4) (200 entries), forward +
    backward of the total penalty, against the Python loop users write and Keras 3.
 2. large: 33 tensors, 25.6M parameters, l2, against the optimizer's multi-tensor weight decay
-   (torch._foreach_add_(grads, params, alpha=2c)).
+   (torch._foreach_add_(grads, params, alpha=2c)); on CPU it runs again at the very end with
+   glibc's malloc told to keep freed memory (2b), which shows what page faults cost.
 3. training step: 4-layer 1024-wide MLP, batch 256, forward + backward + SGD step, rc.l2 on the
    kernels against SGD(weight_decay=...): overhead in %.
 """
@@ -149,10 +150,17 @@ def large(repeats: int, device: torch.device) -> dict[str, float]:
     def weight_decay() -> None:  # what SGD/Adam(foreach=True) do for weight_decay
         torch._foreach_add_(grads, params, alpha=2 * 1e-4)
 
+    scale = torch.tensor(2e-4, device=device)
+
+    def fresh_gradients() -> None:  # the backward's own kernel, without autograd around it
+        torch._foreach_mul(params, scale)
+
     medians = measure(
         {
             "regcollect rc.loss() fwd+bwd": regcollect_step,
             "optimizer foreach weight decay": weight_decay,
+            "  of which: forward alone, rc.loss()": coll.loss,
+            "  of which: fresh 2c*w tensors, _foreach_mul": fresh_gradients,
         },
         repeats,
         inner=3,
@@ -164,6 +172,25 @@ def large(repeats: int, device: torch.device) -> dict[str, float]:
         "optimizer foreach weight decay",
     )
     return medians
+
+
+def keep_freed_memory() -> bool:
+    """Tell glibc's malloc to keep freed memory instead of returning it to the OS.
+
+    Process-wide and irreversible, so it runs last. It is what jemalloc or tcmalloc (which
+    PyTorch's CPU tuning guide recommends) do by default, and what MALLOC_TRIM_THRESHOLD_ and
+    MALLOC_MMAP_THRESHOLD_ set from the environment. Returns False where libc is not glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_trim_threshold, 2**31 - 1)) and bool(mallopt(m_mmap_threshold, 2**25))
 
 
 def training_step(repeats: int, device: torch.device) -> dict[str, float]:
@@ -244,6 +271,14 @@ def main() -> None:
     )
     plain, ours = step["SGD(weight_decay) step"], step["rc.loss() + SGD step"]
     print(f"training step overhead: {100 * (ours / plain - 1):+.1f}%")
+    if device.type == "cpu" and keep_freed_memory():
+        print("\n## 2b. large again, malloc keeping freed memory (no page faults on fresh tensors)")
+        kept = large(args.repeats, device)
+        print(
+            f"large, malloc keeping freed memory: "
+            f"{kept['regcollect rc.loss() fwd+bwd'] / kept['optimizer foreach weight decay']:.2f}x"
+            " the optimizer's weight-decay update"
+        )
 
 
 if __name__ == "__main__":
