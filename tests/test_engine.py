@@ -251,3 +251,49 @@ def test_stacked_path_is_used_by_loss_and_matches_the_loop():
         w, b = layer.weight.detach(), layer.bias.detach()
         assert torch.allclose(layer.weight.grad, 2e-2 * w)
         assert torch.allclose(layer.bias.grad, 1e-3 * torch.sign(b))
+
+
+def test_loss_reads_nothing_back_to_the_host():
+    # Meta tensors have no values: any .item(), .tolist() or branch on a tensor value inside
+    # loss() or its backward would raise. (The CUDA sync-debug check needs a GPU.)
+    with torch.device("meta"):
+        model = torch.nn.Sequential(
+            rc.nn.Linear(8, 8, kernel_regularizer=rc.l2(0.1), activity_regularizer=rc.l2(0.01)),
+            rc.nn.Linear(8, 4, kernel_regularizer=rc.l1_l2(0.1, 0.2)),
+            rc.nn.Linear(4, 4, kernel_regularizer=rc.orthogonal(0.1)),
+        )
+        rc.regularize(model, bias=rc.l1(0.3))
+        out = model(torch.randn(2, 8))
+        stacked = [torch.randn(3, requires_grad=True) for _ in range(_STACK_MIN)]
+    total = rc.loss()
+    assert total.device.type == "meta" and total.shape == ()
+    (out.sum() + total).backward()
+    assert all(p.grad is not None and p.grad.is_meta for p in model.parameters())
+    for kind in ("l1", "l2"):
+        value, values = group_penalty(kind, 0.5, stacked, stack=True)
+        assert value.is_meta and values.shape == (_STACK_MIN,)
+        value.backward()
+    assert all(x.grad.is_meta and x.grad.shape == (3,) for x in stacked)
+
+
+def test_torch_compile_with_a_stacked_group_matches_eager():
+    layers = [
+        rc.nn.Linear(4, 4, kernel_regularizer=rc.l2(0.1), bias_regularizer=rc.l1(0.2))
+        for _ in range(_STACK_MIN)
+    ]
+    assert _stacked_groups(rc.get_collection()._plan(None).plan) == [
+        ("l1", _STACK_MIN),
+        ("l2", _STACK_MIN),
+    ]
+    params = [p for layer in layers for p in layer.parameters()]
+
+    def penalty():
+        return rc.loss()
+
+    explained = torch._dynamo.explain(penalty)()
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    eager = penalty()
+    got = torch.compile(penalty)()
+    assert got.item() == pytest.approx(eager.item(), rel=1e-6)
+    for a, b in zip(torch.autograd.grad(eager, params), torch.autograd.grad(got, params)):
+        assert torch.allclose(a, b, atol=1e-6)
