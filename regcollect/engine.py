@@ -4,9 +4,11 @@ A :class:`Plan` is built once from ``(tensor, regularizer)`` pairs and evaluated
 step. Regularizers that are sums of L1/L2 terms (:meth:`Regularizer.terms`) are split into their
 terms and grouped by ``(kind, coefficient, device, dtype)``; each group is a single autograd node
 whose forward is one ``torch._foreach_norm`` and whose backward is one or two ``torch._foreach_*``
-calls, accumulating in float32 at least. Other regularizers (orthogonal, custom) are called on
-their tensor one by one. The per-call Python cost is proportional to the number of groups, not
-the number of tensors, and nothing here reads a value back to the host.
+calls, accumulating in float32 at least. On the CPU, where ``_foreach_*`` kernels loop over
+their tensors one by one, 16 or more small tensors of one shape are stacked instead, so that
+each step is one kernel (:class:`_StackedPenalty`). Other regularizers (orthogonal, custom)
+are called on their tensor one by one. The per-call Python cost is proportional to the number
+of groups, not the number of tensors, and nothing here reads a value back to the host.
 
 Sharded tensors (``DTensor``, as FSDP2 and tensor parallelism make them) are handled exactly:
 
