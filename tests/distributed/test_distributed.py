@@ -29,6 +29,8 @@ TOL = 1e-5
 
 EXACT = [
     "ddp",
+    "ddp_stacked",
+    "fsdp2_root_only_stacked",
     "ddp_find_unused",
     "ddp_penalty_only_param",
     "ddp_static_graph_penalty_only_param",
@@ -160,3 +162,11 @@ def test_example(mode: str) -> None:
     assert f"[{mode}, 2 ranks] step 5" in stdout
     for name in ("0.weight", "0.bias", "2.weight", "4.weight", "total loss"):
         assert name in stdout
+
+
+@pytest.mark.parametrize("scenario", ["ddp_stacked", "fsdp2_root_only_stacked"])
+def test_stacked_path_was_taken(report: dict[str, Any], scenario: str) -> None:
+    # The reference of these scenarios uses the foreach path, so matching it (above) checks
+    # the stacked path under DDP and FSDP2; this checks that the stacked path was used.
+    assert report[scenario]["stacked_groups"] >= 3
+    assert report["ddp"]["stacked_groups"] == 0

@@ -27,6 +27,7 @@ from torch.distributed.tensor.debug import CommDebugMode
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import regcollect as rc
+import regcollect.engine
 
 STEPS, BATCH, LR = 3, 8, 0.1
 Wrap = Callable[[torch.nn.Module], torch.nn.Module]
@@ -124,17 +125,37 @@ def count_collectives(coll: rc.Collection) -> dict[str, int]:
 
 
 def compare(
-    wrap: Wrap, *, regularize: bool = False, in_forward: bool = False, **build_kwargs: Any
+    wrap: Wrap,
+    *,
+    regularize: bool = False,
+    in_forward: bool = False,
+    stacked: bool = False,
+    **build_kwargs: Any,
 ) -> dict[str, Any]:
     """Train the wrapped model on this rank's half batch and the reference on the whole batch.
 
     ``regularize``: build plain torch layers and call ``rc.regularize`` after wrapping.
     ``in_forward``: compute the penalty inside the wrapped forward (:class:`PenaltyInForward`).
+    ``stacked``: the wrapped model's plain CPU tensors go through the engine's stacked path
+    (every group stacks, however few its tensors); the reference keeps the foreach path.
     """
+    default_min = regcollect.engine._STACK_MIN
+    try:
+        if stacked:
+            regcollect.engine._STACK_MIN = 1
+        return _compare(wrap, regularize, in_forward, build_kwargs)
+    finally:
+        regcollect.engine._STACK_MIN = default_min
+
+
+def _compare(
+    wrap: Wrap, regularize: bool, in_forward: bool, build_kwargs: dict[str, Any]
+) -> dict[str, Any]:
     rank, world = dist.get_rank(), dist.get_world_size()
     x, y = data()
     rules = {"kernel": rc.l2(0.05), "bias": rc.l1(0.01)}
 
+    stack_min, regcollect.engine._STACK_MIN = regcollect.engine._STACK_MIN, sys.maxsize
     ref_coll = rc.Collection()
     ref = build(None if regularize else ref_coll, **build_kwargs)
     if regularize:
@@ -142,6 +163,7 @@ def compare(
     initial = full_state(ref)
     ref_seen = train(ref, ref_coll, x, y)
     ref_pen = ref_coll.penalties()
+    regcollect.engine._STACK_MIN = stack_min
 
     coll = rc.Collection()
     model = build(None if regularize else coll, **build_kwargs)
@@ -150,6 +172,8 @@ def compare(
         rc.regularize(model, collection=coll, **rules)
     half = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
     seen = train(model, coll, x[half], y[half])
+    # The plan the last loss() used, right after a forward pass.
+    stacked_groups = sum(g.stacked for g in coll._plans[None][0].plan.groups)
     # PenaltyInForward adds "model." to the names; nothing else may change them.
     pen = {k.removeprefix("model."): v for k, v in coll.penalties().items()}
     summary = io.StringIO()
@@ -173,6 +197,7 @@ def compare(
         "names": sorted(pen),
         "reference_names": sorted(ref_pen),
         "collectives": counts,
+        "stacked_groups": stacked_groups,
         "seen_by_rank": everyone(seen),
         "penalties_by_rank": everyone(pen),
         "summary_by_rank": everyone(summary.getvalue()),
@@ -241,6 +266,9 @@ SCENARIOS: dict[str, Callable[[], dict[str, Any]]] = {
     "fsdp2_penalty_only_param": lambda: compare(fsdp, side=True),
     "fsdp2_regularize_after_shard": lambda: compare(fsdp, regularize=True),
     "hsdp_2d_mesh": lambda: compare(hsdp),
+    # The stacked small-tensor path: its gradients are views of one tensor.
+    "ddp_stacked": lambda: compare(DDP, stacked=True),
+    "fsdp2_root_only_stacked": lambda: compare(fully_shard, stacked=True),
 }
 
 
