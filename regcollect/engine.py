@@ -98,7 +98,10 @@ class _StackedPenalty(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: Any, kind: str, coef: float, *xs: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        stacked = torch.stack(xs)
+        try:
+            stacked = torch.stack(xs)
+        except RuntimeError as exc:  # shapes differ: only a direct group_penalty call can do it
+            raise ValueError(f"tensors must all have one shape with stack=True: {exc}") from exc
         rows = stacked.view(len(xs), xs[0].numel())
         acc = accumulation_dtype(stacked.dtype)
         if kind == "l2":

@@ -73,6 +73,8 @@ def test_empty_and_zero_coefficient_plans():
         Plan([torch.ones(1)], [])
     with pytest.raises(ValueError, match='kind must be "l1" or "l2"'):
         group_penalty("l3", 1.0, [torch.ones(1)])
+    with pytest.raises(ValueError, match=r"tensors must all have one shape with stack=True.*\[3\]"):
+        group_penalty("l2", 1.0, [torch.ones(2), torch.ones(3)], stack=True)
 
 
 def test_grouping_is_by_kind_and_coefficient():
