@@ -552,9 +552,13 @@ class Collection:
         A 0-dim tensor, differentiable, on the parameters' device, float32 at least;
         ``tensor(0.)`` when nothing is registered. Reads nothing back to the host.
         """
-        if scope is None and torch.compiler.is_compiling():
-            plan_entries, plan = self._traced_plan()
-            records, self._records = self._records, []
+        if torch.compiler.is_compiling():
+            in_scope, plan_entries, plan = self._traced_plan(scope)
+            if scope is None:
+                records, self._records = self._records, []
+            else:
+                records = [(e, v) for e, v in self._records if e in in_scope]
+                self._records = [(e, v) for e, v in self._records if e not in in_scope]
         else:
             cached = self._plan(scope)
             plan_entries, plan = cached.plan_entries, cached.plan
@@ -573,14 +577,25 @@ class Collection:
             self.assert_finite(scope)
         return total
 
-    def _traced_plan(self) -> tuple[list[Entry], Plan]:
-        """The plan, rebuilt while torch.compile traces ``loss()``: no lock, no cache, no names.
+    def _traced_plan(self, scope: str | None) -> tuple[list[Entry], list[Entry], Plan]:
+        """The plan, rebuilt while torch.compile traces ``loss()``: no lock, no cache.
 
-        Dynamo turns this into guards on the modules' parameters and a graph of the penalty
+        Returns the entries in ``scope``, the plan's entries and the plan. Dynamo turns this
+        into guards on the entries and the modules' parameters and a graph of the penalty
         math, so a compiled step has no graph break here. It reruns only when the guards fail
-        (a parameter replaced, frozen, moved), which is when the cache would rebuild too.
+        (an entry added or removed, a parameter replaced, frozen, moved), which is when the
+        cache would rebuild too. A ``scope`` is matched against the names once, when the step
+        is traced (:func:`_scope_positions`).
         """
-        candidates = [e for e in self._entries.values() if e.kind != ACTIVITY]
+        in_scope = list(self._entries.values())
+        if scope is not None:
+            if not isinstance(scope, str):
+                _compile_scope(scope)  # raises the TypeError of the eager path
+            found = _scope_positions(self, scope)
+            if isinstance(found, str):  # an invalid regular expression
+                raise ValueError(found)
+            in_scope = [in_scope[i] for i in found]
+        candidates = [e for e in in_scope if e.kind != ACTIVITY]
         # _current_tensors' one-line comprehension is the faster eager lookup, but dynamo
         # misreads its walrus cell ("Read uninitialized cell"): the same lookup, spelled out.
         current: list[torch.Tensor | None] = []
@@ -590,7 +605,8 @@ class Collection:
                 owner = owner._parameters.get(name)
             current.append(owner)
         entries, tensors = _choose(candidates, current)
-        return entries, Plan(tensors, [e.regularizer for e in entries], self._describer(entries))
+        plan = Plan(tensors, [e.regularizer for e in entries], self._describer(entries))
+        return in_scope, entries, plan
 
     def losses(self, scope: str | None = None) -> list[torch.Tensor]:
         """One differentiable 0-dim tensor per live entry that contributes, in registration order.
@@ -725,6 +741,24 @@ register_optimizer_step_post_hook(_forgotten_loss_check)
 def _dead_ref() -> None:
     """Stands in for the weak reference of an entry that regularizes no tensor."""
     return None
+
+
+@torch.compiler.assume_constant_result
+def _scope_positions(coll: Collection, scope: str) -> tuple[int, ...] | str:
+    """Positions, among ``coll``'s entries, of those whose names ``scope`` matches.
+
+    While torch.compile traces, this runs once, outside the graph, and its result is a
+    constant of the graph: names and regular expressions are Python work that dynamo would
+    otherwise break the graph for. The entries themselves are guarded, so adding or removing
+    one retraces; a name that changes later without that (a module renamed) is not seen.
+    An invalid regular expression gives the error message, for the caller to raise: raised
+    here, it would reach the user wrapped in a dynamo error.
+    """
+    try:
+        keep = set(coll.entries(scope))
+    except ValueError as exc:
+        return str(exc)
+    return tuple(i for i, e in enumerate(coll._entries.values()) if e in keep)
 
 
 def _choose(

@@ -299,3 +299,36 @@ def test_torch_compile_with_a_stacked_group_matches_eager():
     assert got.item() == pytest.approx(eager.item(), rel=1e-6)
     for a, b in zip(torch.autograd.grad(eager, params), torch.autograd.grad(got, params)):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_torch_compile_with_a_scope_matches_eager_with_zero_graph_breaks():
+    model = torch.nn.Sequential(
+        rc.nn.Linear(8, 8, kernel_regularizer=rc.l2(0.1), activity_regularizer=rc.l1(0.02)),
+        torch.nn.ReLU(),
+        rc.nn.Linear(8, 2, kernel_regularizer=rc.l1_l2(0.1, 0.1), activity_regularizer=rc.l2(0.01)),
+    )
+    x = torch.randn(4, 8)
+
+    def step(x):
+        return model(x).sum() + rc.loss("2")  # "2.weight" and "2:activity"
+
+    explained = torch._dynamo.explain(step)(x)
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    rc.loss()  # drop the activity penalties explain() recorded
+    compiled = torch.compile(step)
+    for _ in range(2):
+        eager, eager_rest = step(x), rc.loss()
+        got, got_rest = compiled(x), rc.loss()
+        assert got.item() == pytest.approx(eager.item(), rel=1e-6)
+        # The out-of-scope activity penalty ("0:activity") is left for a later loss().
+        assert got_rest.item() == pytest.approx(eager_rest.item(), rel=1e-6) and got_rest > 0
+    # A new entry in the scope retraces, as in eager mode.
+    rc.add_regularizer(model[2], "bias", rc.l2(0.5))
+    eager = step(x)
+    rc.loss()
+    assert compiled(x).item() == pytest.approx(eager.item(), rel=1e-6)
+    rc.loss()
+    with pytest.raises(ValueError, match="scope must be a valid regular expression, got '\\('"):
+        torch.compile(lambda x: rc.loss("("))(x)
+    with pytest.raises(TypeError, match="scope must be a string"):
+        torch.compile(lambda x: rc.loss(3))(x)
