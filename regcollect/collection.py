@@ -17,7 +17,7 @@ import re
 import threading
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -246,6 +246,9 @@ class _Last:
     parts: list[tuple[torch.Tensor, list[int]]]
     records: list[tuple[Entry, torch.Tensor]]
     skipped: dict[Entry, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.records = [(e, v.detach()) for e, v in self.records]
 
 
 def _compile_scope(pattern: str | None) -> re.Pattern[str] | None:
@@ -523,10 +526,13 @@ class Collection:
             if scope is None:
                 taken, self._records = self._records, []
                 return taken
-            keep = set(self.entries(scope))
-            taken = [(e, v) for e, v in self._records if e in keep]
-            self._records = [(e, v) for e, v in self._records if e not in keep]
-            return taken
+            return self._split_records(set(self.entries(scope)))
+
+    def _split_records(self, keep: Container[Entry]) -> list[tuple[Entry, torch.Tensor]]:
+        """Take the recorded activity penalties of the entries in ``keep``; leave the rest."""
+        taken = [(e, v) for e, v in self._records if e in keep]
+        self._records = [(e, v) for e, v in self._records if e not in keep]
+        return taken
 
     def _record(self, entry: Entry, value: torch.Tensor) -> None:
         self._records.append((entry, value))
@@ -557,8 +563,7 @@ class Collection:
             if scope is None:
                 records, self._records = self._records, []
             else:
-                records = [(e, v) for e, v in self._records if e in in_scope]
-                self._records = [(e, v) for e, v in self._records if e not in in_scope]
+                records = self._split_records(in_scope)
         else:
             cached = self._plan(scope)
             plan_entries, plan = cached.plan_entries, cached.plan
@@ -571,7 +576,7 @@ class Collection:
                 total = torch.zeros((), dtype=values[0].dtype, device=values[0].device)
             activity = torch.stack([v.to(device=total.device) for v in values]).sum()
             total = total + activity
-        self._last = _Last(plan_entries, result.parts, [(e, v.detach()) for e, v in records])
+        self._last = _Last(plan_entries, result.parts, records)
         self._consumed = True
         if self.check_finite and not torch.compiler.is_compiling():
             self.assert_finite(scope)
@@ -627,7 +632,7 @@ class Collection:
         for entry, value in records:
             by_entry.setdefault(entry, []).append(value)
         out.extend(torch.stack(vs).sum() for vs in by_entry.values())
-        self._last = _Last(cached.plan_entries, parts, [(e, v.detach()) for e, v in records])
+        self._last = _Last(cached.plan_entries, parts, records)
         self._consumed = True
         if self.check_finite:
             self.assert_finite(scope)

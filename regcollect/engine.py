@@ -330,12 +330,16 @@ _STACK_MIN = 16
 def _stack_shape(x: torch.Tensor) -> torch.Size | None:
     """``x``'s shape if it may be stacked with tensors of the same shape, else None."""
     if (
-        type(x) in (torch.Tensor, torch.nn.Parameter)
+        type(x) in _PLAIN
         and x.device.type == "cpu"
         and x.numel() * x.element_size() <= _STACK_MAX_BYTES
     ):
         return x.shape
     return None
+
+
+# Tensors that are not subclasses: their values are all here, and they can be stacked.
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def _is_dtensor(x: torch.Tensor) -> bool:
@@ -352,7 +356,7 @@ def _shard_reduction(x: torch.Tensor) -> tuple[Any, ...] | None:
     local values cannot be summed (a ``Partial`` placement, another tensor subclass), which
     sends the tensor down the per-tensor path.
     """
-    if type(x) in (torch.Tensor, torch.nn.Parameter):
+    if type(x) in _PLAIN:
         return ()
     if not _is_dtensor(x):
         return None
