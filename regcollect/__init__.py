@@ -8,13 +8,11 @@ Examples:
     torch.Size([])
 """
 
-from . import compat, engine, nn, regularizers
+from . import compat, nn, regularizers
+from ._checks import RegcollectWarning
 from .attach import add_activity_regularizer, add_regularizer, regularize
-from .collection import (
-    Collection,
-    Entry,
-    Handle,
-    RegcollectWarning,
+from .collection import Collection, Handle
+from .context import (
     assert_finite,
     get_collection,
     get_regularization_loss,
@@ -22,7 +20,9 @@ from .collection import (
     loss,
     penalties,
     scope,
+    summary,
 )
+from .entries import Entry
 from .persist import export_plan, load_plan
 from .regularizers import (
     L1,
@@ -39,7 +39,6 @@ from .regularizers import (
     register,
     serialize,
 )
-from .summary import summary
 
 __version__ = "0.1.0"
 
@@ -59,7 +58,6 @@ __all__ = [
     "assert_finite",
     "compat",
     "deserialize",
-    "engine",
     "export_plan",
     "get_collection",
     "get_regularization_loss",

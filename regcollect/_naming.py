@@ -19,13 +19,26 @@ from collections import defaultdict
 
 import torch
 
-__all__ = ["record_tree", "path_to_root", "auto_name", "version", "strip_wrappers"]
+__all__ = [
+    "auto_name",
+    "module_path",
+    "path_to_root",
+    "record_tree",
+    "strip_wrappers",
+    "track",
+    "version",
+]
 
 _lock = threading.Lock()
 _parents: weakref.WeakKeyDictionary[torch.nn.Module, list[tuple[weakref.ref[torch.nn.Module], str]]]
 _parents = weakref.WeakKeyDictionary()
 _auto_names: weakref.WeakKeyDictionary[torch.nn.Module, str] = weakref.WeakKeyDictionary()
 _name_counters: defaultdict[str, itertools.count[int]] = defaultdict(itertools.count)
+# Modules that hold entries, and their ancestors: only links that involve one of them can
+# change an entry's name or which model subtree it belongs to. Building unrelated modules
+# (a new optimizer's helper, a metric, a data-loading model) leaves the version alone, so
+# cached names and scoped plans stay valid.
+_tracked: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
 _version = 0
 
 # Attributes through which wrappers hold the real model; they never appear in names.
@@ -37,8 +50,25 @@ _WRAPPER_PREFIX = re.compile(
 
 
 def version() -> int:
-    """Bumped whenever a module is registered anywhere; cached names compare against it."""
+    """Bumped whenever a link that reaches a tracked module changes; caches compare against it."""
     return _version
+
+
+def track(module: torch.nn.Module) -> None:
+    """Follow ``module`` (it holds an entry) and its ancestors: their links matter to names."""
+    global _version
+    with _lock:
+        pending, seen = [module], set()
+        while pending:
+            current = pending.pop()
+            if id(current) in seen:
+                continue
+            seen.add(id(current))
+            if current not in _tracked:
+                _tracked.add(current)
+                _version += 1
+            parents = (r() for r, _ in _parents.get(current, ()))
+            pending.extend(p for p in parents if p is not None)
 
 
 def _link(parent: torch.nn.Module, name: str, child: torch.nn.Module) -> None:
@@ -52,12 +82,22 @@ def _link(parent: torch.nn.Module, name: str, child: torch.nn.Module) -> None:
                 (r, n) for r, n in links if r() is not None and not (r() is parent and n == name)
             ]
             links.append((weakref.ref(parent), name))
-        _version += 1
+        relevant = child in _tracked
+    if relevant:
+        track(parent)
+        with _lock:
+            _version += 1
 
 
 def _on_module_registration(
     parent: torch.nn.Module, name: str, child: torch.nn.Module | None
 ) -> None:
+    # Called before the assignment: a tracked child being replaced (or set to None) moves.
+    old = parent._modules.get(name)
+    if old is not None and old is not child and old in _tracked:
+        global _version
+        with _lock:
+            _version += 1
     if isinstance(child, torch.nn.Module):
         _link(parent, name, child)
 
@@ -109,6 +149,11 @@ def strip_wrappers(name: str) -> str:
     while previous != name:
         previous, name = name, _WRAPPER_PREFIX.sub(r"\1", name, count=1)
     return name
+
+
+def module_path(qualified: str) -> str:
+    """A submodule's qualified name without wrapper components (``module.``, ``_orig_mod.``)."""
+    return strip_wrappers(qualified + ".")[:-1] if qualified else ""
 
 
 def _snake(name: str) -> str:

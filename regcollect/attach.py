@@ -7,17 +7,13 @@ import fnmatch
 import torch
 
 from . import _naming
-from .collection import Collection, Entry, Handle, active_collection, current_prefix
+from ._checks import check_module
+from .collection import Collection, Handle
+from .context import active_collection, current_prefix
 from .regularizers import Regularizer
 from .regularizers import get as get_regularizer
 
 __all__ = ["add_activity_regularizer", "add_regularizer", "is_norm", "regularize"]
-
-
-def _check_module(module: object, argument: str = "module") -> torch.nn.Module:
-    if not isinstance(module, torch.nn.Module):
-        raise TypeError(f"{argument} must be a torch.nn.Module, got {type(module).__name__}")
-    return module
 
 
 def _required(regularizer: object) -> Regularizer:
@@ -68,11 +64,11 @@ def add_regularizer(
         >>> handle = rc.add_regularizer(model, "0.weight", rc.l2(0.01))
         >>> handle.remove()
     """
-    owner, local = resolve_parameter(_check_module(module), param_name)
+    owner, local = resolve_parameter(check_module(module), param_name)
     reg = _required(regularizer)
     coll = active_collection(collection)
     _naming.record_tree(module)
-    return Handle([(coll, coll.add_weight(owner, local, reg, prefix=current_prefix()))])
+    return coll.add_weight(owner, local, reg, prefix=current_prefix())
 
 
 def add_activity_regularizer(
@@ -80,11 +76,11 @@ def add_activity_regularizer(
 ) -> Handle:
     """Penalise ``module``'s output: ``regularizer(output) / batch_size`` on every forward pass
     made with gradients enabled, counted once by the next ``loss()``."""
-    _check_module(module)
+    check_module(module)
     reg = _required(regularizer)
     coll = active_collection(collection)
     _naming.record_tree(module)
-    return Handle([(coll, coll.add_activity(module, reg, prefix=current_prefix()))])
+    return coll.add_activity(module, reg, prefix=current_prefix())
 
 
 _NORM_TYPES: tuple[type, ...] = tuple(
@@ -124,11 +120,6 @@ def _patterns(value: object, argument: str) -> list[str] | None:
     return list(value)
 
 
-def _module_name(qualified: str) -> str:
-    """A submodule's qualified name without wrapper components (``module.``, ``_orig_mod.``)."""
-    return _naming.strip_wrappers(qualified + ".")[:-1] if qualified else ""
-
-
 def _matches(name: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
@@ -155,7 +146,7 @@ def _walk_parameters(
     seen: set[int] = set()
     out = []
     for qualified, module in model.named_modules():
-        qualified = _module_name(qualified)
+        qualified = _naming.module_path(qualified)
         for local, param in module._parameters.items():
             if param is None or id(param) in seen:
                 continue
@@ -206,7 +197,7 @@ def regularize(
         >>> [e.name for e in handle.entries]
         ['0.weight']
     """
-    _check_module(model)
+    check_module(model)
     regs = {
         "kernel": get_regularizer(kernel),
         "bias": get_regularizer(bias),
@@ -219,7 +210,7 @@ def regularize(
     _naming.record_tree(model)
     skip = _no_weight_decay(model)
     prefix = current_prefix()
-    pairs: list[tuple[Collection, Entry]] = []
+    handles: list[Handle] = []
     for name, logical, owner, local, layer in _walk_parameters(model):
         if name in skip or logical in skip:
             continue
@@ -244,13 +235,15 @@ def regularize(
             continue  # other vectors (scales, PReLU slopes): only by explicit add_regularizer
         reg = regs[kind]
         if reg is not None:
-            pairs.append((coll, coll.add_weight(owner, local, reg, prefix=prefix)))
+            handles.append(coll.add_weight(owner, local, reg, prefix=prefix))
     if activity_reg is not None:
         targets = [model]
         if include_p is not None:
             targets = [
-                m for n, m in model.named_modules() if n and _matches(_module_name(n), include_p)
+                m
+                for n, m in model.named_modules()
+                if n and _matches(_naming.module_path(n), include_p)
             ]
         for module in targets:
-            pairs.append((coll, coll.add_activity(module, activity_reg, prefix=prefix)))
-    return Handle(pairs)
+            handles.append(coll.add_activity(module, activity_reg, prefix=prefix))
+    return Handle.join(handles)

@@ -21,7 +21,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from .collection import Collection, _inert_hook, active_collection, current_prefix, scope_default
+from .activity import inert_hook
+from .collection import Collection
+from .context import active_collection, current_prefix, scope_default
 from .regularizers import Regularizer
 from .regularizers import get as get_regularizer
 
@@ -50,6 +52,20 @@ __all__ = [
 _UNSET: Any = object()
 _ACTIVITY = "activity_regularizer"
 _SCOPED = ("kernel_regularizer", "bias_regularizer", _ACTIVITY)  # arguments scope() defaults
+_SNAPSHOT = "_rc_snapshot"
+
+
+def _argument_property(argument: str) -> property:
+    """``layer.<argument>``: reads what the layer's collection counts now, and registers what
+    is assigned (None removes). The collection is the only place the regularizer is kept."""
+
+    def get(self: RegularizedLayer) -> Regularizer | None:
+        return self._rc_read(argument)
+
+    def set_(self: RegularizedLayer, value: object) -> None:
+        self._rc_write(argument, get_regularizer(value))
+
+    return property(get, set_, doc=f"The regularizer on this layer's {argument} targets.")
 
 
 class RegularizedLayer(torch.nn.Module):
@@ -57,13 +73,18 @@ class RegularizedLayer(torch.nn.Module):
 
     Subclasses set ``_rc_targets``: for each argument, a regular expression selecting the
     parameter names it covers (``{"kernel_regularizer": "weight"}``). Every layer also takes
-    ``activity_regularizer`` (penalising its output) and ``collection``.
+    ``activity_regularizer`` (penalising its output) and ``collection``. The arguments are
+    readable and assignable attributes that read through to the collection: what
+    ``rc.add_regularizer`` or ``rc.regularize`` registers on the layer shows there too.
     """
 
     _rc_targets: ClassVar[dict[str, str]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        for argument in (*cls._rc_targets, _ACTIVITY):
+            if not isinstance(cls.__dict__.get(argument), property):
+                setattr(cls, argument, _argument_property(argument))
         base = next((b for b in cls.__mro__[1:] if not issubclass(b, RegularizedLayer)), None)
         if base is None or base is torch.nn.Module:
             return
@@ -83,46 +104,82 @@ class RegularizedLayer(torch.nn.Module):
 
     def __init__(self, *args: Any, collection: Collection | None = None, **kwargs: Any) -> None:
         given = {name: kwargs.pop(name, _UNSET) for name in self._rc_arguments()}
-        super().__init__(*args, **kwargs)
         regs: dict[str, Regularizer | None] = {}
         for name, value in given.items():
             if value is _UNSET:
                 regs[name] = scope_default(name) if name in _SCOPED else None
             else:
                 regs[name] = get_regularizer(value)
-        for name, reg in regs.items():
-            object.__setattr__(self, name, reg)
-        self._rc_collection = active_collection(collection)
+        coll = active_collection(collection)
+        super().__init__(*args, **kwargs)
+        self._rc_collection = coll
         self._rc_prefix = current_prefix()
-        self._rc_register()
+        for name, reg in regs.items():
+            if reg is not None:
+                self._rc_write(name, reg)
 
     @classmethod
     def _rc_arguments(cls) -> tuple[str, ...]:
         return (*cls._rc_targets, _ACTIVITY)
 
-    def _rc_register(self) -> None:
+    def _rc_params(self, argument: str) -> list[str | None]:
+        """The parameter names ``argument`` covers; ``[None]`` (the output) for activity."""
+        if argument == _ACTIVITY:
+            return [None]
+        pattern = self._rc_targets[argument]
+        return [
+            n for n, p in self._parameters.items() if p is not None and re.fullmatch(pattern, n)
+        ]
+
+    def _rc_read(self, argument: str) -> Regularizer | None:
+        coll: Collection | None = self.__dict__.get("_rc_collection")
+        if coll is None:
+            return None
+        for name in self._rc_params(argument):
+            entry = coll.entry_for(self, name)
+            if entry is not None:
+                return entry.regularizer  # type: ignore[no-any-return]
+        return None
+
+    def _rc_write(self, argument: str, reg: Regularizer | None) -> None:
         coll: Collection = self._rc_collection
-        for argument, pattern in self._rc_targets.items():
-            reg = getattr(self, argument)
-            if reg is None:
-                continue
-            for name, param in self._parameters.items():
-                if param is not None and re.fullmatch(pattern, name):
-                    coll.add_weight(self, name, reg, prefix=self._rc_prefix)
-        activity = getattr(self, _ACTIVITY)
-        if activity is not None:
-            coll.add_activity(self, activity, prefix=self._rc_prefix)
+        for name in self._rc_params(argument):
+            if reg is not None:
+                self._rc_add(name, reg)
+            else:
+                entry = coll.entry_for(self, name)
+                if entry is not None:
+                    coll._discard(entry)
+
+    def _rc_add(self, param: str | None, reg: Regularizer) -> None:
+        coll: Collection = self._rc_collection
+        if param is None:
+            coll.add_activity(self, reg, prefix=self._rc_prefix)
+        else:
+            coll.add_weight(self, param, reg, prefix=self._rc_prefix)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy registers what the original's collection counts on it now (nothing after
+        # Collection.remove(layer)), not the arguments it was built with.
+        state = dict(self.__dict__)
+        coll: Collection | None = state.get("_rc_collection")
+        if coll is not None:
+            names: list[str | None] = [*self._parameters, None]
+            found = {n: coll.entry_for(self, n) for n in names}
+            state[_SNAPSHOT] = {n: e.regularizer for n, e in found.items() if e is not None}
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        # Unpickled or deep-copied: hooks came back inert; register this copy afresh.
+        snapshot = state.pop(_SNAPSHOT, {})
         super().__setstate__(state)
-        for hooks in (self._forward_hooks,):
-            for key in [k for k, hook in hooks.items() if hook is _inert_hook]:
-                del hooks[key]
-                self._forward_hooks_with_kwargs.pop(key, None)
-                self._forward_hooks_always_called.pop(key, None)
+        # Unpickled or deep-copied: activity hooks came back inert; register this copy afresh.
+        for key in [k for k, hook in self._forward_hooks.items() if hook is inert_hook]:
+            del self._forward_hooks[key]
+            self._forward_hooks_with_kwargs.pop(key, None)
+            self._forward_hooks_always_called.pop(key, None)
         if "_rc_collection" in self.__dict__:
-            self._rc_register()
+            for name, reg in snapshot.items():
+                self._rc_add(name, reg)
 
     def extra_repr(self) -> str:
         regs = [

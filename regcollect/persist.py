@@ -25,8 +25,10 @@ from typing import Any
 import torch
 
 from . import _naming
-from .attach import _check_module, _module_name
-from .collection import ACTIVITY, WEIGHT, Collection, Handle, active_collection
+from ._checks import check_module
+from .collection import Collection, Handle
+from .context import active_collection
+from .entries import ACTIVITY, WEIGHT
 from .regularizers import deserialize, serialize
 
 __all__ = ["export_plan", "load_plan"]
@@ -39,7 +41,7 @@ def _module_paths(model: torch.nn.Module) -> dict[int, tuple[str, torch.nn.Modul
     """``id(module) -> (wrapper-free path in model, module)``; a shared module keeps its first."""
     out: dict[int, tuple[str, torch.nn.Module]] = {}
     for qualified, module in model.named_modules():
-        out.setdefault(id(module), (_module_name(qualified), module))
+        out.setdefault(id(module), (_naming.module_path(qualified), module))
     return out
 
 
@@ -51,7 +53,7 @@ def export_plan(model: torch.nn.Module, *, collection: Collection | None = None)
     in, and the serialized regularizer. Custom (function) regularizers cannot be exported:
     subclass :class:`regcollect.Regularizer` and :func:`regcollect.register` it.
     """
-    _check_module(model)
+    check_module(model)
     coll = active_collection(collection)
     paths = _module_paths(model)
     entries = []
@@ -82,7 +84,7 @@ def load_plan(
     parameter had, as everywhere in regcollect. Returns a :class:`Handle` of what was added.
     All entries are checked before any is registered.
     """
-    _check_module(model)
+    check_module(model)
     coll = active_collection(collection)
     if not isinstance(plan, dict):
         raise TypeError(f"plan must be a dict from export_plan(), got {type(plan).__name__}")
@@ -100,14 +102,13 @@ def load_plan(
     _naming.record_tree(model)
     by_path = {path: module for path, module in _module_paths(model).values()}
     checked = [_check_entry(i, raw, by_path) for i, raw in enumerate(plan["entries"])]
-    pairs = []
-    for module, param, scope, reg in checked:
-        if param is None:
-            entry = coll.add_activity(module, reg, prefix=scope)
-        else:
-            entry = coll.add_weight(module, param, reg, prefix=scope)
-        pairs.append((coll, entry))
-    return Handle(pairs)
+    handles = [
+        coll.add_activity(module, reg, prefix=scope)
+        if param is None
+        else coll.add_weight(module, param, reg, prefix=scope)
+        for module, param, scope, reg in checked
+    ]
+    return Handle.join(handles)
 
 
 def _check_entry(

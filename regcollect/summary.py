@@ -1,6 +1,6 @@
-"""Seeing the penalties: a table for humans, a dict for loggers.
+"""Seeing the penalties: rows from :mod:`regcollect.readout` rendered as a table.
 
-Reads the values the last ``loss()`` computed (one device-to-host copy for the whole table) and
+Renders what the last ``loss()`` computed (one device-to-host copy for the whole table) and
 never computes a penalty itself.
 """
 
@@ -13,9 +13,9 @@ from typing import IO, Any
 import torch
 from tabulate import tabulate, tabulate_formats
 
-from .collection import Collection, active_collection
+from .readout import Row
 
-__all__ = ["summary", "render"]
+__all__ = ["render", "table_extra"]
 
 HEADERS = ["name", "shape", "regularizer", "penalty", "% of reg.", "% of loss"]
 
@@ -36,35 +36,39 @@ def _value(value: float | None) -> str | float:
     return value
 
 
-def render(
-    collection: Collection,
-    loss: torch.Tensor | float | None = None,
-    scope: str | None = None,
-    *,
-    tablefmt: str = "simple",
-    file: IO[str] | None = None,
-) -> str:
-    """Build, print and return the summary table of ``collection``."""
+def table_extra(loss: torch.Tensor | float | None) -> tuple[list[torch.Tensor], float | None]:
+    """Check the ``loss`` argument: ``([loss tensor], None)``, ``([], float)`` or ``([], None)``."""
+    if isinstance(loss, torch.Tensor):
+        if loss.numel() != 1:
+            raise ValueError(f"loss must be a scalar, got a tensor of shape {tuple(loss.shape)}")
+        return [loss], None
+    if loss is None:
+        return [], None
+    if isinstance(loss, bool) or not isinstance(loss, (int, float)):
+        raise TypeError(
+            f"loss must be a scalar tensor, a number or None, got {type(loss).__name__}"
+        )
+    return [], float(loss)
+
+
+def check_tablefmt(tablefmt: object) -> str:
     if not isinstance(tablefmt, str) or tablefmt not in tabulate_formats:
         raise ValueError(
             f"tablefmt must be one of tabulate's formats ({', '.join(sorted(tabulate_formats))}), "
             f"got {tablefmt!r}"
         )
-    extra: list[torch.Tensor] = []
-    loss_value: float | None = None
-    if isinstance(loss, torch.Tensor):
-        if loss.numel() != 1:
-            raise ValueError(f"loss must be a scalar, got a tensor of shape {tuple(loss.shape)}")
-        extra.append(loss)
-    elif loss is not None:
-        if isinstance(loss, bool) or not isinstance(loss, (int, float)):
-            raise TypeError(
-                f"loss must be a scalar tensor, a number or None, got {type(loss).__name__}"
-            )
-        loss_value = float(loss)
-    rows, total, extra_values = collection._snapshot(scope, extra)
-    if extra_values:
-        loss_value = extra_values[0]
+    return tablefmt
+
+
+def render(
+    rows: list[Row],
+    total: float,
+    loss_value: float | None,
+    *,
+    tablefmt: str = "simple",
+    file: IO[str] | None = None,
+) -> str:
+    """Build, print (to ``file``, default stdout) and return the summary table of ``rows``."""
     headers = HEADERS if loss_value is not None else HEADERS[:-1]
     table: list[list[Any]] = []
     for entry, name, value in rows:
@@ -88,23 +92,3 @@ def render(
         text += f"\ntotal loss: {loss_value:.6g}"
     print(text, file=file if file is not None else sys.stdout)
     return text
-
-
-def summary(
-    loss: torch.Tensor | float | None = None,
-    scope: str | None = None,
-    *,
-    tablefmt: str = "simple",
-    file: IO[str] | None = None,
-    collection: Collection | None = None,
-) -> str:
-    """Print (to ``file``, default stdout) and return a table of each penalty's contribution.
-
-    One row per entry: name, shape, regularizer, penalty, share of the regularization total and,
-    when ``loss`` (the total training loss) is given, share of it; then a total row. Values are
-    those of the last ``loss()`` call, fetched with one device-to-host copy; ``-`` marks entries
-    that call did not evaluate (registered since, or frozen).
-    """
-    return render(
-        active_collection(collection), loss=loss, scope=scope, tablefmt=tablefmt, file=file
-    )

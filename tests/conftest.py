@@ -14,3 +14,20 @@ def fresh_default_collection():
     yield
     rc.get_collection().clear()
     gc.collect()
+
+
+@pytest.fixture
+def plan_builds(monkeypatch):
+    """The plans loss() builds, in order: a plan reused between steps is not built again."""
+    import regcollect.plans as plans
+
+    built = []
+    original = plans.Plan
+
+    class Counting(original):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    monkeypatch.setattr(plans, "Plan", Counting)
+    return built

@@ -134,14 +134,18 @@ def test_parametrized_weight_regularizes_the_optimized_tensor():
     assert torch.allclose(v.grad, 2 * v.detach())
 
 
-def test_rerun_never_double_counts_and_handle_removes_its_own():
+def test_rerun_never_double_counts_and_handle_restores_what_it_replaced():
     net = Net()
-    for _ in range(3):
-        handle = rc.regularize(net, kernel=rc.l2(1.0))
+    handles = [rc.regularize(net, kernel=rc.l2(c)) for c in (1.0, 2.0, 3.0)]
     assert len(rc.get_collection()) == 3
+    assert [e.regularizer for e in rc.get_collection().entries()] == [rc.l2(3.0)] * 3
     other = rc.regularize(net, bias=rc.l1(1.0))
     assert len(rc.get_collection()) == 5
-    handle.remove()
+    handles[2].remove()  # the state before that call: the second call's kernels
+    kernels = [e for e in rc.get_collection().entries() if not e.name.endswith("bias")]
+    assert [e.regularizer for e in kernels] == [rc.l2(2.0)] * 3
+    handles[1].remove()
+    handles[0].remove()
     assert {e.name for e in rc.get_collection().entries()} == {"conv.bias", "head.bias"}
     with rc.regularize(net, embeddings="l2"):
         assert len(rc.get_collection()) == 3
@@ -218,7 +222,7 @@ def test_forgotten_loss_memory_is_bounded_and_warned():
     gc.collect()
     end, _ = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    assert len(coll._records) == 64
+    assert len(coll.pending) == 64
     assert all(r() is None for r in first_outputs)  # early graphs were released
     assert end - mid < 1_000_000  # flat between step 200 and 1200 (bytes)
     assert coll.loss().item() > 0  # the latest 64 still count

@@ -69,7 +69,8 @@ def test_sgd_weight_decay_equivalence():
 def test_deleted_model_stops_counting():
     keep = rc.nn.Linear(2, 2, kernel_regularizer=rc.l2(1.0))
     model = torch.nn.Sequential(rc.nn.Linear(3, 3, kernel_regularizer=rc.l2(1.0)))
-    both = rc.loss().item()
+    with pytest.warns(rc.RegcollectWarning, match="2 separate models"):
+        both = rc.loss().item()
     assert len(rc.get_collection()) == 2
     del model
     gc.collect()
@@ -152,7 +153,7 @@ def test_half_precision_parameters():
 def test_bfloat16_and_float64_mix():
     a = rc.nn.Linear(4, 4, kernel_regularizer=rc.l2(1.0), dtype=torch.bfloat16)
     b = rc.nn.Linear(4, 4, kernel_regularizer=rc.l2(1.0), dtype=torch.float64)
-    total = rc.loss()
+    total = rc.loss([a, b])
     assert total.dtype == torch.float64
     expected = (a.weight.double() ** 2).sum() + (b.weight**2).sum()
     assert total.item() == pytest.approx(expected.item(), rel=1e-6)
@@ -183,7 +184,8 @@ def test_loss_keeps_no_autograd_graph_alive_after_it_is_dropped():
     del out, total
     gc.collect()
     assert saved() is None
-    assert set(rc.penalties()) == {"linear.weight", "linear:activity", "total"}
+    assert set(rc.penalties()) == {e.name for e in rc.get_collection().entries()} | {"total"}
+    assert len(rc.penalties()) == 3
 
 
 def test_activity_not_recorded_without_gradients():
@@ -213,10 +215,10 @@ def test_activity_empty_batch_and_gradient():
 def test_activity_rnn_uses_batch_dimension():
     lstm = rc.nn.LSTM(3, 4, activity_regularizer=rc.l2(1.0))  # (seq, batch, feature)
     out, _ = lstm(torch.randn(7, 2, 3))
-    assert rc.loss().item() == pytest.approx(((out**2).sum() / 2).item(), rel=1e-5)
+    assert rc.loss(lstm).item() == pytest.approx(((out**2).sum() / 2).item(), rel=1e-5)
     lstm_bf = rc.nn.GRU(3, 4, batch_first=True, activity_regularizer=rc.l2(1.0))
     out, _ = lstm_bf(torch.randn(2, 7, 3))
-    assert rc.loss().item() == pytest.approx(((out**2).sum() / 2).item(), rel=1e-5)
+    assert rc.loss(lstm_bf).item() == pytest.approx(((out**2).sum() / 2).item(), rel=1e-5)
 
 
 def test_losses_one_per_entry():
@@ -280,8 +282,9 @@ def test_names_unique_across_models():
     names = [e.name for e in rc.get_collection().entries()]
     assert names[0] == "0.weight"
     assert names[1] != "0.weight" and names[1].endswith("/0.weight")
-    rc.loss()
+    rc.loss([a, b])
     assert set(rc.penalties()) == {names[0], names[1], "total"}
+    assert set(rc.penalties(b)) == {"0.weight", "total"}  # within one model: plain names
     assert a is not b
 
 
@@ -380,28 +383,25 @@ def test_concurrent_registration_counts_each_entry_once():
     assert len({e.name for e in rc.get_collection().entries()}) == 400
 
 
-def test_loss_plan_is_cached_and_invalidated():
-    layer = rc.nn.Linear(2, 2, kernel_regularizer=rc.l2(1.0))
-    coll = rc.get_collection()
+def test_loss_plan_is_built_once_and_rebuilt_on_change(plan_builds):
+    model = torch.nn.ModuleList([rc.nn.Linear(2, 2, kernel_regularizer=rc.l2(1.0))])
     rc.loss()
-    plan = coll._plans[None][0].plan
     rc.loss()
-    assert coll._plans[None][0].plan is plan  # nothing changed: reused
-    other = rc.nn.Linear(2, 2, kernel_regularizer=rc.l2(1.0))
+    assert len(plan_builds) == 1  # nothing changed: reused
+    torch.nn.Linear(3, 3)  # an unrelated module built between steps changes nothing
     rc.loss()
-    assert coll._plans[None][0].plan is not plan
-    assert len(coll._plans[None][0].plan) == 2
-    assert other is not layer
+    assert len(plan_builds) == 1
+    model.append(rc.nn.Linear(2, 2, kernel_regularizer=rc.l2(1.0)))
+    expected = sum((layer.weight**2).sum() for layer in model)
+    assert rc.loss().item() == pytest.approx(expected.item(), rel=1e-6)
+    assert len(plan_builds) == 2 and len(plan_builds[-1]) == 2
 
 
-def test_parameters_swapped_back_and_forth_reuse_two_plans():
+def test_parameters_swapped_back_and_forth_reuse_two_plans(plan_builds):
     # FSDP2 swaps a root module's parameters between two objects every step.
     layer = rc.nn.Linear(2, 2, kernel_regularizer=rc.l2(1.0))
-    coll = rc.get_collection()
     a, b = layer.weight, torch.nn.Parameter(layer.weight.detach() * 2)
-    plans = []
     for p in (a, b, a, b):
         layer.weight = p
         assert rc.loss().item() == pytest.approx((p.detach() ** 2).sum().item())
-        plans.append(coll._plans[None][0].plan)
-    assert plans[2] is plans[0] and plans[3] is plans[1] and plans[0] is not plans[1]
+    assert len(plan_builds) == 2

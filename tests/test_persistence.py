@@ -29,10 +29,13 @@ def test_copies_keep_their_regularizers(how):
     assert clone[0].kernel_regularizer == rc.l2(0.5)
     assert clone[2].activity_regularizer == rc.l1(1.0)
     both = weights_penalty(model) + weights_penalty(clone)
-    assert rc.loss().item() == pytest.approx(both.item(), rel=1e-5)
+    with pytest.warns(rc.RegcollectWarning, match="separate models"):
+        assert rc.loss().item() == pytest.approx(both.item(), rel=1e-5)
     x = torch.randn(2, 4)
     out = clone(x)
     assert rc.loss().item() == pytest.approx((both + out.abs().sum() / 2).item(), rel=1e-5)
+    assert rc.loss(clone).item() == pytest.approx(weights_penalty(clone).item(), rel=1e-5)
+    assert set(rc.penalties(clone)) == {"0.weight", "0.bias", "2:activity", "total"}
     assert len(rc.get_collection()) == 6
     del model
     import gc

@@ -86,17 +86,29 @@ def test_a_regularizer_called_alone_agrees_with_the_engine(shape, dtype, kind, a
 class RegistrationMachine(RuleBasedStateMachine):
     """Random add / re-register / remove / delete / replace / freeze sequences.
 
-    The model of the world: ``expected[(layer id, param)] = regularizer`` for live, registered
-    parameters. After every step the collection must hold exactly those, once each, and
-    ``loss()`` must equal their sum computed by hand.
+    The model of the world: for each (layer id, param), the registration in force, each one
+    remembering the one it replaced. Removing a handle whose registration is in force brings
+    back what it replaced (skipping registrations whose handle was removed meanwhile);
+    removing one already replaced retires it. After every step the collection must hold
+    exactly the registrations in force, once each, and ``loss()`` must equal their sum.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.coll = rc.Collection()
         self.layers: list[torch.nn.Linear] = []
-        self.handles: dict[tuple[int, str], rc.Handle] = {}
-        self.expected: dict[tuple[int, str], rc.Regularizer] = {}
+        self.handles: list[tuple[tuple[int, str], rc.Handle, dict]] = []
+        self.current: dict[tuple[int, str], dict] = {}
+
+    def _register(self, key, reg):
+        record = {"reg": reg, "replaced": self.current.get(key), "retired": False}
+        self.current[key] = record
+        return record
+
+    def _restore(self, record):
+        while record is not None and record["retired"]:
+            record = record["replaced"]
+        return record
 
     @rule(kind=kinds, a=coefficients, b=coefficients, bias=st.booleans())
     def add_layer(self, kind, a, b, bias):
@@ -108,36 +120,41 @@ class RegistrationMachine(RuleBasedStateMachine):
             collection=self.coll,
         )
         self.layers.append(layer)
-        self.expected[(id(layer), "weight")] = layer.kernel_regularizer
+        self._register((id(layer), "weight"), layer.kernel_regularizer)
         if bias:
-            self.expected[(id(layer), "bias")] = layer.bias_regularizer
+            self._register((id(layer), "bias"), layer.bias_regularizer)
 
     @precondition(lambda self: self.layers)
     @rule(data=st.data(), kind=kinds, a=coefficients, param=st.sampled_from(["weight", "bias"]))
     def register_again(self, data, kind, a, param):
         layer = data.draw(st.sampled_from(self.layers))
         reg = make(kind, a, a)
-        self.handles[(id(layer), param)] = rc.add_regularizer(
-            layer, param, reg, collection=self.coll
-        )
-        self.expected[(id(layer), param)] = reg
+        handle = rc.add_regularizer(layer, param, reg, collection=self.coll)
+        key = (id(layer), param)
+        self.handles.append((key, handle, self._register(key, reg)))
 
     @precondition(lambda self: self.handles)
     @rule(data=st.data())
     def remove_handle(self, data):
-        key = data.draw(st.sampled_from(sorted(self.handles)))
-        self.handles.pop(key).remove()
-        self.expected.pop(key, None)
+        key, handle, record = self.handles.pop(data.draw(st.integers(0, len(self.handles) - 1)))
+        handle.remove()
+        if self.current.get(key) is record:
+            restored = self._restore(record["replaced"])
+            if restored is None:
+                del self.current[key]
+            else:
+                self.current[key] = restored
+        else:
+            record["retired"] = True
 
     @precondition(lambda self: self.layers)
     @rule(data=st.data())
     def delete_layer(self, data):
         layer = data.draw(st.sampled_from(self.layers))
         self.layers.remove(layer)
-        for key in [k for k in self.expected if k[0] == id(layer)]:
-            del self.expected[key]
-        for key in [k for k in self.handles if k[0] == id(layer)]:
-            del self.handles[key]
+        for key in [k for k in self.current if k[0] == id(layer)]:
+            del self.current[key]
+        self.handles = [h for h in self.handles if h[0][0] != id(layer)]
         del layer
         gc.collect()
 
@@ -154,16 +171,19 @@ class RegistrationMachine(RuleBasedStateMachine):
 
     @invariant()
     def collection_matches_the_model(self):
-        assert len(self.coll) == len(self.expected)
+        assert len(self.coll) == len(self.current)
         names = [e.name for e in self.coll.entries()]
         assert len(set(names)) == len(names)
         by_id = {id(layer): layer for layer in self.layers}
+        for layer in self.layers:  # the attributes read through to the collection
+            assert layer.kernel_regularizer == self.current[(id(layer), "weight")]["reg"]
         want = torch.zeros((), dtype=torch.float64)
-        for (layer_id, param), reg in self.expected.items():
+        for (layer_id, param), record in self.current.items():
             tensor = getattr(by_id[layer_id], param)
             if tensor.requires_grad:
-                want = want + reg(tensor.detach().double())
-        assert self.coll.loss().item() == pytest.approx(want.item(), rel=1e-5, abs=1e-6)
+                want = want + record["reg"](tensor.detach().double())
+        value = self.coll.loss(self.layers) if self.layers else self.coll.loss()
+        assert value.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-6)
 
 
 RegistrationMachine.TestCase.settings = settings(

@@ -86,7 +86,9 @@ BAD_INPUT = [
         ValueError,
         r"scope must be a valid regular expression, got 'encoder/\('",
     ),
-    (lambda: rc.loss(scope=3), TypeError, "scope must be a string"),
+    (lambda: rc.loss(scope=3), TypeError, "scope must be a regular expression string, an nn.Module or a list of nn.Modules, got int 3"),
+    (lambda: rc.loss(scope=["a"]), TypeError, "scope must be .* got a list containing str 'a'"),
+    (lambda: rc.loss(scope=[]), ValueError, "scope must not be an empty list"),
     (lambda: rc.summary(tablefmt="nope"), ValueError, "tablefmt.*'nope'"),
     (
         lambda: rc.loss(collection="default"),
@@ -234,7 +236,7 @@ def test_grad_scaler_flow_matches_unscaled_training():
 
 def test_eight_threads_registering_300_layers_each_while_computing_loss():
     coll = rc.Collection()
-    layers: list[list[torch.nn.Module]] = [[] for _ in range(8)]
+    layers = [torch.nn.ModuleList() for _ in range(8)]  # one model per thread
     errors: list[BaseException] = []
     start = threading.Barrier(8)
 
@@ -244,8 +246,8 @@ def test_eight_threads_registering_300_layers_each_while_computing_loss():
             for i in range(300):
                 layers[k].append(rc.nn.Linear(3, 3, kernel_regularizer=rc.l1(1.0), collection=coll))
                 if i % 30 == 0:
-                    assert torch.isfinite(coll.loss())
-                    coll.penalties()
+                    assert torch.isfinite(coll.loss(layers[k]))
+                    coll.penalties(layers[k])
         except BaseException as exc:  # surfaced below
             errors.append(exc)
 
@@ -258,10 +260,10 @@ def test_eight_threads_registering_300_layers_each_while_computing_loss():
     everything = [layer for group in layers for layer in group]
     assert len(coll) == 2400
     expected = sum(layer.weight.detach().double().abs().sum() for layer in everything)
-    assert coll.loss().item() == pytest.approx(expected.item(), rel=1e-6)
+    assert coll.loss(layers).item() == pytest.approx(expected.item(), rel=1e-6)
     names = [e.name for e in coll.entries()]
     assert len(set(names)) == 2400
-    assert len(coll.penalties()) == 2401  # every entry once, plus the total
+    assert len(coll.penalties(layers)) == 2401  # every entry once, plus the total
 
 
 # --- faults during training --------------------------------------------------------------------------

@@ -59,10 +59,10 @@ def test_summary_reads_last_loss_values_only():
 
 
 def test_summary_one_device_to_host_copy(monkeypatch):
-    model = build()  # noqa: F841 (kept alive: entries hold modules weakly)
+    model = build()
     layer = rc.nn.Linear(2, 2, kernel_regularizer=rc.orthogonal(), activity_regularizer="l2")
     layer(torch.randn(3, 2))
-    rc.loss()
+    rc.loss([model, layer])
     calls = []
     original = torch.Tensor.tolist
 
@@ -72,7 +72,7 @@ def test_summary_one_device_to_host_copy(monkeypatch):
 
     monkeypatch.setattr(torch.Tensor, "tolist", counting)
     monkeypatch.setattr(torch.Tensor, "item", lambda self: pytest.fail("item() in summary"))
-    rc.summary(loss=torch.tensor(3.0), file=io.StringIO())
+    rc.summary(loss=torch.tensor(3.0), scope=[model, layer], file=io.StringIO())
     assert len(calls) == 1
 
 

@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 
-from ..collection import (
+from ..context import (
     active_collection,
+    current_prefix,
     get_regularization_loss,
     get_regularization_losses,
 )
@@ -121,9 +122,9 @@ def apply_regularization(
     for i, w in enumerate(weights_list):
         if not isinstance(w, torch.Tensor):
             raise TypeError(f"weights_list[{i}] must be a torch.Tensor, got {type(w).__name__}")
-        collection.add_tensor(w, reg, name="tensor")
+        collection.add_tensor(w, reg, name="tensor", prefix=current_prefix())
         values.append(reg(w))
-    collection._consumed = True  # the caller adds the returned sum to its loss
+    collection.mark_consumed()  # the caller adds the returned sum to its loss
     device = values[0].device
     return torch.stack([v.to(device) for v in values]).sum()
 

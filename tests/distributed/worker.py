@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import regcollect as rc
 import regcollect.engine
+import regcollect.plans
 
 STEPS, BATCH, LR = 3, 8, 0.1
 Wrap = Callable[[torch.nn.Module], torch.nn.Module]
@@ -171,9 +172,21 @@ def _compare(
     if regularize:
         rc.regularize(model, collection=coll, **rules)
     half = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
-    seen = train(model, coll, x[half], y[half])
+    used: list[Any] = []
+    original = regcollect.plans.Plan
+
+    class Recording(original):  # type: ignore[misc, valid-type]
+        def __call__(self) -> Any:
+            used.append(self)
+            return super().__call__()
+
+    regcollect.plans.Plan = Recording
+    try:
+        seen = train(model, coll, x[half], y[half])
+    finally:
+        regcollect.plans.Plan = original
     # The plan the last loss() used, right after a forward pass.
-    stacked_groups = sum(g.stacked for g in coll._plans[None][0].plan.groups)
+    stacked_groups = sum(g.stacked for g in used[-1].groups)
     # PenaltyInForward adds "model." to the names; nothing else may change them.
     pen = {k.removeprefix("model."): v for k, v in coll.penalties().items()}
     summary = io.StringIO()

@@ -1,0 +1,52 @@
+"""Argument checks shared by every layer of the package, and the package's warning class.
+
+Every error says which argument was wrong, what was expected and what was received.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["RegcollectWarning", "ScopeArg", "check_module", "check_scope"]
+
+
+class RegcollectWarning(UserWarning):
+    """Something regcollect cannot fix for you, such as penalties that are never consumed."""
+
+
+# What loss(), losses(), penalties() and summary() take as ``scope``.
+ScopeArg = str | torch.nn.Module | Sequence[torch.nn.Module] | None
+
+
+def check_module(module: object, argument: str = "module") -> torch.nn.Module:
+    """``module`` if it is an ``nn.Module``, else a ``TypeError`` naming ``argument``."""
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"{argument} must be a torch.nn.Module, got {type(module).__name__}")
+    return module
+
+
+def check_scope(scope: object) -> str | tuple[torch.nn.Module, ...] | None:
+    """A scope as a regular expression string, a tuple of modules, or None.
+
+    Accepts a string, an ``nn.Module`` or a non-empty list/tuple of ``nn.Module`` objects.
+    """
+    if scope is None or isinstance(scope, str):
+        return scope
+    if isinstance(scope, torch.nn.Module):
+        return (scope,)
+    if isinstance(scope, (list, tuple)):
+        if not scope:
+            raise ValueError("scope must not be an empty list: pass None for every entry")
+        bad = [s for s in scope if not isinstance(s, torch.nn.Module)]
+        if not bad:
+            return tuple(scope)
+        raise TypeError(
+            "scope must be a regular expression string, an nn.Module or a list of nn.Modules, "
+            f"got a {type(scope).__name__} containing {type(bad[0]).__name__} {bad[0]!r}"
+        )
+    raise TypeError(
+        "scope must be a regular expression string, an nn.Module or a list of nn.Modules, "
+        f"got {type(scope).__name__} {scope!r}"
+    )

@@ -1,0 +1,262 @@
+"""Activity penalties: the forward hook, Keras's ``/ batch_size`` rule, and pending records.
+
+A forward pass made with gradients enabled records ``regularizer(output) / batch_size``. The
+record waits until a ``loss()`` whose scope covers its entry takes it; the rules follow the
+training loop:
+
+* it is counted by the first such ``loss()`` after the pass, if that pass has not been
+  backpropagated yet;
+* once the pass is backpropagated without it (the output's gradient was computed and the
+  record was still pending), the penalty can never reach the weights: it is dropped at once,
+  freeing its graph, and the next ``loss()`` warns, naming the entry;
+* a pass made while its layer was in eval mode is dropped by a ``loss()`` taken after the
+  layer is back in training mode (a validation pass never leaks into a training step);
+* what pending records hold is bounded in count and in bytes of the outputs whose graphs
+  they keep alive; past either bound the oldest are dropped, with one warning;
+* reentrant activation checkpointing re-runs the forward inside the backward, where a
+  penalty can no longer be added to a loss: that raises an error naming the entry.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+import weakref
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import torch
+
+from ._checks import RegcollectWarning
+from .entries import Entry
+from .regularizers import Regularizer, accumulation_dtype
+
+__all__ = ["ActivityHook", "Pending", "Record", "activity_penalty", "inert_hook"]
+
+
+def _watched_output(module: torch.nn.Module, output: Any) -> tuple[torch.Tensor, int]:
+    """The tensor an activity regularizer sees and its batch size.
+
+    The first tensor of a tuple (RNNs return ``(output, state)``); a packed sequence
+    contributes its data. Batch-first unless the module says ``batch_first=False``.
+    """
+    if isinstance(output, (tuple, list)) and output:
+        output = output[0]
+    if isinstance(output, torch.nn.utils.rnn.PackedSequence):
+        batch = int(output.batch_sizes[0]) if output.batch_sizes.numel() else 0
+        return output.data, batch
+    if not isinstance(output, torch.Tensor):
+        raise TypeError(
+            f"activity regularizer on {type(module).__name__} expects a tensor output, "
+            f"got {type(output).__name__}"
+        )
+    batch_dim = 1 if getattr(module, "batch_first", True) is False and output.dim() == 3 else 0
+    return output, (output.shape[batch_dim] if output.dim() > 0 else 1)
+
+
+def activity_penalty(
+    regularizer: Regularizer, module: torch.nn.Module, output: Any
+) -> torch.Tensor:
+    """Keras semantics: ``regularizer(output) / batch_size``, 0 for an empty batch."""
+    tensor, batch = _watched_output(module, output)
+    if batch == 0 or tensor.numel() == 0:
+        return torch.zeros((), dtype=accumulation_dtype(tensor.dtype), device=tensor.device)
+    return regularizer(tensor) / batch
+
+
+class Record:
+    """One forward pass's activity penalty, waiting for a ``loss()``."""
+
+    __slots__ = ("__weakref__", "entry", "nbytes", "training", "value")
+
+    def __init__(self, entry: Entry, value: torch.Tensor, training: bool, nbytes: int) -> None:
+        self.entry, self.value, self.training, self.nbytes = entry, value, training, nbytes
+
+
+class _BackpropHook:
+    """Tensor hook on a recorded output: its gradient was computed, so the pass was
+    backpropagated. Holds only weak references: the output must not keep its record alive."""
+
+    __slots__ = ("pending", "record")
+
+    def __init__(self, pending: Pending, record: Record) -> None:
+        self.pending, self.record = weakref.ref(pending), weakref.ref(record)
+
+    def __call__(self, grad: torch.Tensor) -> None:
+        pending, record = self.pending(), self.record()
+        if pending is not None and record is not None:
+            pending.backpropagated(record)
+
+
+class Pending:
+    """The recorded activity penalties of one collection, and their lifecycle."""
+
+    def __init__(self, describe: Callable[[Entry], str], max_count: int, max_bytes: int) -> None:
+        self.describe = describe
+        self.max_count, self.max_bytes = max_count, max_bytes
+        self._lock = threading.RLock()
+        self._records: list[Record] = []
+        self._bytes = 0
+        self._warned_bound = False
+        # Entries whose pass was backpropagated before any loss() took its penalty; the next
+        # loss() warns once about the first of them.
+        self._missed: Entry | None = None
+        self._warned_missed = False
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __bool__(self) -> bool:
+        return bool(self._records)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the outputs whose graphs the pending records keep alive."""
+        return self._bytes
+
+    def add(self, entry: Entry, value: torch.Tensor, training: bool, output: torch.Tensor) -> None:
+        if torch.compiler.is_compiling():
+            # Traced into the graph: no lock, no tensor hook (a compiled step cannot tell
+            # when its pass is backpropagated); the bounds are checked by the next eager call.
+            self._records.append(Record(entry, value, training, 0))
+            return
+        record = Record(entry, value, training, output.nbytes if output.requires_grad else 0)
+        if output.requires_grad:
+            output.register_hook(_BackpropHook(self, record))
+        with self._lock:
+            self._records.append(record)
+            self._bytes += record.nbytes
+            if len(self._records) <= self.max_count and self._bytes <= self.max_bytes:
+                return
+            dropped = 0
+            while self._records and (
+                len(self._records) > self.max_count or self._bytes > self.max_bytes
+            ):
+                self._bytes -= self._records.pop(0).nbytes
+                dropped += 1
+            warn, self._warned_bound = not self._warned_bound, True
+        if warn:
+            warnings.warn(
+                f"activity penalties of more than {self.max_count} forward passes or "
+                f"{self.max_bytes / 2**20:.0f} MiB of outputs were recorded but never consumed "
+                f"by rc.loss() (last: {self.describe(entry)}); the oldest are being dropped. "
+                "Add rc.loss() to the training loss, or run forward passes that need no "
+                "penalty under torch.no_grad().",
+                RegcollectWarning,
+                stacklevel=5,
+            )
+
+    def backpropagated(self, record: Record) -> None:
+        with self._lock:
+            for i, r in enumerate(self._records):
+                if r is record:
+                    del self._records[i]
+                    self._bytes -= r.nbytes
+                    if self._missed is None:
+                        self._missed = r.entry
+                    return
+
+    def take(self, keep: Callable[[Entry], bool] | None) -> list[Record]:
+        """Remove and return the records ``keep`` selects (all when None), oldest first.
+
+        Records made in eval mode whose layer is back in training mode are dropped instead.
+        """
+        with self._lock:
+            missed, self._missed = self._missed, None
+            taken: list[Record] = []
+            left: list[Record] = []
+            for r in self._records:
+                if keep is not None and not keep(r.entry):
+                    left.append(r)
+                    continue
+                module = r.entry.module
+                if module is None or (not r.training and module.training):
+                    self._bytes -= r.nbytes
+                    continue
+                self._bytes -= r.nbytes
+                taken.append(r)
+            self._records = left
+        if missed is not None and not self._warned_missed:
+            self._warned_missed = True
+            warnings.warn(
+                f"the activity penalty of {self.describe(missed)} was recorded in a forward "
+                "pass that was backpropagated before any rc.loss() took it, so it never "
+                "reached the weights and was dropped. With gradient accumulation, add "
+                "rc.loss() to each micro-batch's loss.",
+                RegcollectWarning,
+                stacklevel=5,
+            )
+        return taken
+
+    def take_traced(self, keep: frozenset[int] | None) -> list[Record]:
+        """:meth:`take` while torch.compile traces: no lock, no mode check, no warning."""
+        if keep is None:
+            taken, self._records = self._records, []
+            return taken
+        taken = [r for r in self._records if id(r.entry) in keep]
+        self._records = [r for r in self._records if id(r.entry) not in keep]
+        return taken
+
+    def discard(self, keep: Callable[[Record], bool]) -> None:
+        """Drop the records ``keep`` rejects (a removed entry's, a dead module's)."""
+        with self._lock:
+            kept = [r for r in self._records if keep(r)]
+            self._bytes = sum(r.nbytes for r in kept)
+            self._records = kept
+
+    def clear(self) -> None:
+        with self._lock:
+            self._records, self._bytes = [], 0
+            self._missed, self._warned_missed, self._warned_bound = None, False, False
+
+
+class Recorder(Protocol):
+    """What an activity hook reports to: a collection."""
+
+    pending: Pending
+
+    def describe(self, entry: Entry) -> str: ...
+
+
+class ActivityHook:
+    """Forward hook recording ``regularizer(output) / batch_size`` while gradients are on.
+
+    Pickled or deep-copied, it becomes inert: a copy re-registers through its layer (see
+    :mod:`regcollect.nn`), never by smuggling a reference to a collection along.
+    """
+
+    def __init__(self, owner: Recorder, entry: Entry) -> None:
+        self.owner = weakref.ref(owner)
+        self.entry = weakref.ref(entry)
+
+    def __call__(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if not torch.is_grad_enabled():
+            return
+        owner, entry = self.owner(), self.entry()
+        if owner is None or entry is None:
+            return
+        node = None if torch.compiler.is_compiling() else torch._C._current_autograd_node()
+        if node is not None and type(node).__name__ == "CheckpointFunctionBackward":
+            raise RuntimeError(
+                f"activity regularizer on {owner.describe(entry)} inside "
+                "torch.utils.checkpoint(..., use_reentrant=True): the forward pass runs "
+                "without gradients and again inside backward, where no loss can take its "
+                "penalty. Use checkpoint(..., use_reentrant=False)."
+            )
+        try:
+            tensor, _ = _watched_output(module, output)
+            value = activity_penalty(entry.regularizer, module, output)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{owner.describe(entry)}: {exc}") from exc
+        owner.pending.add(entry, value, module.training, tensor)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_inert_hook_factory, ())
+
+
+def inert_hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+    """What an activity hook becomes in a pickled or copied model: nothing."""
+
+
+def _inert_hook_factory() -> Any:
+    return inert_hook

@@ -1,0 +1,233 @@
+"""Scopes, the active collection, and the top-level functions users call.
+
+The only global state of regcollect is here: the stack of active :func:`scope` blocks (a
+context variable, so threads and tasks each have their own) and the default collection.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import IO
+
+import torch
+
+from ._checks import ScopeArg
+from .collection import Collection, default_collection
+from .regularizers import Regularizer
+from .regularizers import get as get_regularizer
+
+__all__ = [
+    "active_collection",
+    "assert_finite",
+    "current_prefix",
+    "get_collection",
+    "get_regularization_loss",
+    "get_regularization_losses",
+    "loss",
+    "penalties",
+    "scope",
+    "scope_default",
+    "summary",
+]
+
+
+@dataclass(frozen=True)
+class _ScopeFrame:
+    name: str
+    defaults: dict[str, Regularizer | None]
+    collection: Collection | None
+
+
+_scope_stack: contextvars.ContextVar[tuple[_ScopeFrame, ...]] = contextvars.ContextVar(
+    "regcollect_scope", default=()
+)
+
+
+def _check_collection(collection: object) -> Collection | None:
+    if collection is not None and not isinstance(collection, Collection):
+        raise TypeError(
+            f"collection must be a regcollect.Collection, got {type(collection).__name__}"
+        )
+    return collection
+
+
+@contextmanager
+def scope(
+    name: str,
+    *,
+    kernel_regularizer: object = None,
+    bias_regularizer: object = None,
+    activity_regularizer: object = None,
+    collection: Collection | None = None,
+) -> Iterator[None]:
+    """Name entries made inside ``name/...`` and give layers made inside default regularizers.
+
+    Like TF1's ``variable_scope(regularizer=...)``: a layer built inside takes the scope's
+    ``kernel_regularizer``/``bias_regularizer``/``activity_regularizer`` for the arguments it
+    was not given explicitly. Scopes nest (``"encoder/block1/..."``); inner defaults win.
+
+    Args:
+        name: the scope's name; entries made inside are named ``name/...``.
+        kernel_regularizer: default for layers' ``kernel_regularizer`` argument.
+        bias_regularizer: default for layers' ``bias_regularizer`` argument.
+        activity_regularizer: default for layers' ``activity_regularizer`` argument.
+        collection: the collection layers made inside register in.
+
+    Examples:
+        >>> import regcollect as rc
+        >>> with rc.scope("encoder", kernel_regularizer=rc.l2(1e-4)):
+        ...     layer = rc.nn.Linear(2, 2)
+        >>> layer.kernel_regularizer
+        L2(l2=0.0001)
+    """
+    if not isinstance(name, str) or not name.strip("/"):
+        raise ValueError(f"scope name must be a non-empty string, got {name!r}")
+    _check_collection(collection)
+    defaults = {
+        "kernel_regularizer": get_regularizer(kernel_regularizer),
+        "bias_regularizer": get_regularizer(bias_regularizer),
+        "activity_regularizer": get_regularizer(activity_regularizer),
+    }
+    frame = _ScopeFrame(name.strip("/"), defaults, collection)
+    token = _scope_stack.set((*_scope_stack.get(), frame))
+    try:
+        yield
+    finally:
+        _scope_stack.reset(token)
+
+
+def current_prefix() -> str:
+    """``"outer/inner/"`` for the active scopes, ``""`` outside any."""
+    return "".join(frame.name + "/" for frame in _scope_stack.get())
+
+
+def scope_default(argument: str) -> Regularizer | None:
+    """The innermost active scope's default for a layer argument such as ``kernel_regularizer``."""
+    for frame in reversed(_scope_stack.get()):
+        reg = frame.defaults.get(argument)
+        if reg is not None:
+            return reg
+    return None
+
+
+def active_collection(explicit: Collection | None = None) -> Collection:
+    """``explicit`` if given, else the innermost scope's collection, else the default one."""
+    if explicit is None and torch.compiler.is_compiling():
+        # Scopes are a model-building tool; torch.compile cannot trace ContextVar reads.
+        return default_collection()
+    if _check_collection(explicit) is not None:
+        return explicit  # type: ignore[return-value]
+    for frame in reversed(_scope_stack.get()):
+        if frame.collection is not None:
+            return frame.collection
+    return default_collection()
+
+
+def get_collection() -> Collection:
+    """The default collection, used when no ``collection=`` is given."""
+    return default_collection()
+
+
+def loss(scope: ScopeArg = None, *, collection: Collection | None = None) -> torch.Tensor:
+    """Total regularization loss; add it to the task loss before ``backward()``.
+
+    Args:
+        scope: None for every entry of the collection; a regular expression matched at the
+            start of entry names (``"decoder/"``, TensorFlow semantics); or an ``nn.Module``
+            or a list of them: only the entries in those modules' subtrees — their weights and
+            the activity penalties their layers recorded (Keras's ``model.losses``).
+        collection: the collection (default: the active one).
+
+    Returns:
+        A 0-dim tensor, differentiable, on the parameters' device, float32 at least;
+        ``tensor(0.)`` when nothing is registered. No host synchronisation.
+
+    Raises:
+        ValueError: ``scope`` is an invalid regular expression or an empty list.
+        TypeError: ``scope`` is neither a string, a module nor a list of modules.
+
+    Examples:
+        >>> import torch, regcollect as rc
+        >>> model = torch.nn.Sequential(rc.nn.Linear(2, 2, kernel_regularizer=rc.l2(0.5)))
+        >>> total = rc.loss(model)     # only this model's penalties
+        >>> torch.allclose(total, 0.5 * model[0].weight.pow(2).sum())
+        True
+    """
+    return active_collection(collection).loss(scope)
+
+
+get_regularization_loss = loss
+
+
+def get_regularization_losses(
+    scope: ScopeArg = None, *, collection: Collection | None = None
+) -> list[torch.Tensor]:
+    """One differentiable tensor per contributing entry, in registration order.
+
+    Args:
+        scope: as for :func:`loss`.
+        collection: the collection (default: the active one).
+
+    Returns:
+        A list of 0-dim tensors, one per entry that contributes (trainable weights, and
+        activity entries with penalties recorded since the last call).
+    """
+    return active_collection(collection).losses(scope)
+
+
+def assert_finite(scope: ScopeArg = None, *, collection: Collection | None = None) -> None:
+    """Raise ``FloatingPointError`` naming the entries whose last penalty is NaN or inf.
+
+    Args:
+        scope: as for :func:`loss`.
+        collection: the collection (default: the active one).
+
+    Raises:
+        FloatingPointError: some entry's last value is NaN or infinite.
+    """
+    active_collection(collection).assert_finite(scope)
+
+
+def penalties(scope: ScopeArg = None, *, collection: Collection | None = None) -> dict[str, float]:
+    """``{name: value, ..., "total": sum}`` from the last ``loss()``, for loggers.
+
+    Args:
+        scope: as for :func:`loss`; with a model, names are unique within it (``"0.weight"``).
+        collection: the collection (default: the active one).
+
+    Returns:
+        Entry names mapped to their last penalty (entries never evaluated are left out), plus
+        ``"total"``. One device-to-host copy.
+    """
+    return active_collection(collection).penalties(scope)
+
+
+def summary(
+    loss: torch.Tensor | float | None = None,
+    scope: ScopeArg = None,
+    *,
+    tablefmt: str = "simple",
+    file: IO[str] | None = None,
+    collection: Collection | None = None,
+) -> str:
+    """Print (to ``file``, default stdout) and return a table of each penalty's contribution.
+
+    One row per entry: name, shape, regularizer, penalty, share of the regularization total and,
+    when ``loss`` (the total training loss) is given, share of it; then a total row. Values are
+    those of the last ``loss()`` call, fetched with one device-to-host copy; ``-`` marks entries
+    no call has evaluated (registered since, or frozen).
+
+    Args:
+        loss: the total training loss (tensor or number), for the "% of loss" column.
+        scope: as for :func:`loss`.
+        tablefmt: a ``tabulate`` format name.
+        file: where to print (default: stdout).
+        collection: the collection (default: the active one).
+
+    Returns:
+        The table as a string.
+    """
+    return active_collection(collection).summary(loss, scope, tablefmt=tablefmt, file=file)

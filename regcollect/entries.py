@@ -1,0 +1,158 @@
+"""Entries: one regularizer on one parameter, module output or bare tensor.
+
+An entry finds its tensor when asked (``module._parameters[name]`` now), so replaced
+parameters, ``.to()`` and sharding keep working, and it holds what it regularizes weakly: a
+deleted model stops counting and nothing leaks. Entries are read-only for users; the
+collection that owns one is the only code that changes its bookkeeping fields.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from . import _naming
+from .regularizers import Regularizer
+
+__all__ = ["ACTIVITY", "TENSOR", "WEIGHT", "Entry", "current_tensors", "unique_names"]
+
+WEIGHT, ACTIVITY, TENSOR = "weight", "activity", "tensor"
+
+
+def _dead_ref() -> None:
+    """Stands in for the weak reference of an entry that regularizes no tensor."""
+    return None
+
+
+class Entry:
+    """One regularizer on one parameter (``kind == "weight"``), module output (``"activity"``)
+    or bare tensor (``"tensor"``). Read-only: re-register to change it."""
+
+    __slots__ = (
+        "__weakref__",
+        "_explicit_name",
+        "_hook",
+        "_key",
+        "_kind",
+        "_module_ref",
+        "_name",
+        "_param",
+        "_prefix",
+        "_regularizer",
+        "_replaced",
+        "_retired",
+        "_tensor_ref",
+    )
+
+    def __init__(
+        self,
+        kind: str,
+        regularizer: Regularizer,
+        *,
+        module_ref: weakref.ref[torch.nn.Module] | None = None,
+        param: str | None = None,
+        tensor_ref: weakref.ref[torch.Tensor] | None = None,
+        prefix: str = "",
+        explicit_name: str | None = None,
+    ) -> None:
+        self._kind = kind
+        self._regularizer = regularizer
+        self._module_ref = module_ref
+        self._param = param
+        self._tensor_ref = tensor_ref
+        self._prefix = prefix
+        self._explicit_name = explicit_name
+        self._hook: Any = None  # the forward hook handle of an activity entry
+        self._key: tuple[Any, ...] = ()
+        self._name = ""
+        # What registering this entry replaced (restored by Handle.remove()), and whether its
+        # handle was removed while a later registration had replaced it.
+        self._replaced: list[Entry] = []
+        self._retired = False
+
+    kind = property(lambda self: self._kind, doc='"weight", "activity" or "tensor".')
+    regularizer = property(lambda self: self._regularizer, doc="The regularizer applied.")
+    param = property(lambda self: self._param, doc="The parameter's name in its module.")
+    prefix = property(lambda self: self._prefix, doc='The scope prefix, e.g. "decoder/".')
+
+    @property
+    def name(self) -> str:
+        """The entry's unique name in its collection (``"encoder.0.weight"``)."""
+        return self._name or self.base_name()[0]
+
+    @property
+    def module(self) -> torch.nn.Module | None:
+        """The module holding the parameter (or producing the output); None once deleted."""
+        return None if self._module_ref is None else self._module_ref()
+
+    @property
+    def alive(self) -> bool:
+        ref = self._module_ref if self._module_ref is not None else self._tensor_ref
+        return ref is not None and ref() is not None
+
+    @property
+    def locator(self) -> tuple[Any, str | None]:
+        """``(module ref, parameter name)`` for weights, ``(tensor ref, None)`` otherwise."""
+        if self._kind == WEIGHT:
+            return (self._module_ref, self._param)
+        return (self._tensor_ref if self._kind == TENSOR else _dead_ref, None)
+
+    def resolve(self) -> torch.Tensor | None:
+        """The tensor this entry regularizes now (None for activity entries and dead ones)."""
+        return current_tensors([self.locator])[0]
+
+    @property
+    def shape(self) -> tuple[int, ...] | None:
+        """The regularized tensor's (global) shape; None for activity and dead entries."""
+        tensor = self.resolve()
+        if tensor is None:
+            return None
+        full = getattr(tensor, "full_shape", None)  # sharded tensors report their global shape
+        return tuple(full if full is not None else tensor.shape)
+
+    def base_name(self) -> tuple[str, torch.nn.Module | None]:
+        """``(name before de-duplication, outermost model holding it or None)``."""
+        if self._explicit_name is not None:
+            return self._prefix + self._explicit_name, None
+        module = self.module
+        if module is None:
+            return self._prefix + "<deleted>", None
+        root, path = _naming.path_to_root(module)
+        owner = path or _naming.auto_name(module)
+        suffix = ":activity" if self._kind == ACTIVITY else f".{self._param}"
+        return self._prefix + owner + suffix, root
+
+    def __repr__(self) -> str:
+        return f"Entry({self.name!r}, {self._regularizer!r})"
+
+
+def unique_names(entries: Iterable[Entry]) -> dict[Entry, str]:
+    """Names for ``entries``, unique among them, in their order.
+
+    A name taken by an earlier entry of another model is prefixed with that model's automatic
+    name (``"sequential_1/0.weight"``); any remaining clash gets ``_1``, ``_2``, ...
+    """
+    names: dict[Entry, str] = {}
+    used: set[str] = set()
+    for entry in entries:
+        base, root = entry.base_name()
+        name = base
+        if name in used and root is not None:
+            name = entry.prefix + _naming.auto_name(root) + "/" + base[len(entry.prefix) :]
+        k = 1
+        while name in used:
+            name, k = f"{base}_{k}", k + 1
+        used.add(name)
+        names[entry] = name
+    return names
+
+
+def current_tensors(locators: list[tuple[Any, str | None]]) -> list[torch.Tensor | None]:
+    """The tensors entries point at now: ``module._parameters[name]``, or a tensor's referent."""
+    return [
+        (m._parameters.get(n) if (m := ref()) is not None else None) if n is not None else ref()
+        for ref, n in locators
+    ]

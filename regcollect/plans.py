@@ -1,0 +1,154 @@
+"""Plans: which tensors ``loss()`` evaluates, cached between steps.
+
+An eager plan is built once per scope and reused while nothing it depends on changes: the
+collection's entries, the tracked module links (names and model subtrees), and for each tensor
+its identity, ``requires_grad``, dtype and device (``module.to()``, FSDP2's parameter swaps
+and freezing change those without any hook). Each step checks those in C-level calls only.
+While ``torch.compile`` traces, the same choice is made without lock or cache (a *traced*
+plan), so dynamo turns it into guards and a graph with no break.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .engine import Plan
+from .entries import ACTIVITY, Entry, current_tensors
+
+__all__ = ["CachedPlan", "PlanCache", "choose", "traced_tensors"]
+
+# What a plan depends on besides identity: module.to(dtype) and .cuda() change a parameter's
+# dtype and device in place, keeping the same object. attrgetter keeps this check in C.
+_meta = operator.attrgetter("requires_grad", "dtype", "device")
+_exists = functools.partial(operator.is_not, None)
+
+
+def _flags(tensors: list[torch.Tensor | None]) -> list[tuple[Any, ...]]:
+    """``(requires_grad, dtype, device)`` of each tensor that exists (None entries skipped)."""
+    return list(map(_meta, filter(_exists, tensors)))
+
+
+def choose(
+    candidates: Sequence[Entry], tensors: Sequence[torch.Tensor | None]
+) -> tuple[list[Entry], list[torch.Tensor]]:
+    """The entries whose tensor exists and trains, in registration order, each tensor once.
+
+    A parameter reached through two entries (tied after registration) counts once: the later
+    registration wins, as re-registering does.
+    """
+    chosen: dict[int, int] = {}
+    for i, t in enumerate(tensors):
+        if t is not None and t.requires_grad:
+            chosen[id(t)] = i
+    order = sorted(chosen.values())
+    return [candidates[i] for i in order], [tensors[i] for i in order]  # type: ignore[misc]
+
+
+@dataclass
+class CachedPlan:
+    """A plan and what it was built from. ``in_scope`` lists every entry the scope covers
+    (activity entries included); ``entries`` are the plan's, one per tensor it evaluates."""
+
+    version: tuple[int, int]
+    roots: tuple[weakref.ref[torch.nn.Module], ...]
+    locators: list[tuple[Any, str | None]]
+    tensors: list[torch.Tensor | None]
+    flags: list[tuple[Any, ...]]
+    plan: Plan
+    entries: list[Entry]
+    in_scope: list[Entry]
+    activity: list[Entry] = field(default_factory=list)
+    # id(entry) -> model number, for the several-models warning of unscoped calls, and the
+    # models the plan's weight entries belong to.
+    models: dict[int, int] = field(default_factory=dict)
+    weight_models: frozenset[int] = frozenset()
+    in_scope_ids: frozenset[int] = frozenset()
+
+    def valid(self, version: tuple[int, int], roots: Sequence[torch.nn.Module]) -> bool:
+        if self.version != version or len(self.roots) != len(roots):
+            return False
+        if not all(r() is m for r, m in zip(self.roots, roots)):
+            return False
+        # The hot path: one identity and flags check per tensor, no names.
+        tensors = current_tensors(self.locators)
+        return all(map(operator.is_, tensors, self.tensors)) and self.flags == _flags(tensors)
+
+
+class PlanCache:
+    """Per scope, the plans for the last two sets of tensors (FSDP2 swaps a root module's
+    parameters between sharded and unsharded objects every step); at most ``size`` scopes."""
+
+    def __init__(self, size: int = 64) -> None:
+        self.size = size
+        self._plans: dict[Any, list[CachedPlan]] = {}
+
+    def clear(self) -> None:
+        self._plans = {}
+
+    def get(
+        self,
+        key: Any,
+        version: tuple[int, int],
+        roots: Sequence[torch.nn.Module],
+        build: Callable[[], tuple[list[Entry], list[Entry]]],
+        describe: Callable[[list[Entry]], Callable[[int], str]],
+        models: Callable[[list[Entry]], dict[int, int]] | None = None,
+    ) -> CachedPlan:
+        """The valid cached plan for ``key``, or a new one from ``build() -> (in_scope,
+        weight candidates)``."""
+        recent = self._plans.get(key, [])
+        for cached in recent:
+            if cached.valid(version, roots):
+                if cached is not recent[0]:
+                    self._plans[key] = [cached, recent[0]]
+                return cached
+        in_scope, candidates = build()
+        locators = [e.locator for e in candidates]
+        tensors = current_tensors(locators)
+        entries, chosen = choose(candidates, tensors)
+        activity = [e for e in in_scope if e.kind == ACTIVITY]
+        model_of = models([*entries, *activity]) if models is not None else {}
+        cached = CachedPlan(
+            version,
+            tuple(weakref.ref(m) for m in roots),
+            locators,
+            tensors,
+            _flags(tensors),
+            Plan(chosen, [e.regularizer for e in entries], describe(entries)),
+            entries,
+            in_scope,
+            activity,
+            model_of,
+            frozenset(model_of[id(e)] for e in entries if id(e) in model_of),
+            frozenset(map(id, in_scope)),
+        )
+        if key not in self._plans and len(self._plans) >= self.size:
+            del self._plans[next(iter(self._plans))]
+        self._plans[key] = [cached, *recent[:1]]
+        return cached
+
+
+def traced_tensors(candidates: Sequence[Entry]) -> list[torch.Tensor | None]:
+    """:func:`current_tensors` spelled out for dynamo, which misreads the walrus cell of the
+    one-line comprehension ("Read uninitialized cell")."""
+    current: list[torch.Tensor | None] = []
+    for ref, name in (e.locator for e in candidates):
+        owner = ref()
+        if name is not None and owner is not None:
+            owner = owner._parameters.get(name)
+        current.append(owner)
+    return current
+
+
+def mark_constant(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """What ``torch.compiler.assume_constant_result`` does, without importing dynamo (and
+    sympy) at import time: dynamo reads this attribute when it traces a call of ``fn``."""
+    fn._dynamo_marked_constant = True  # type: ignore[attr-defined]
+    return fn

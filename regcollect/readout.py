@@ -1,0 +1,139 @@
+"""Reading back what ``loss()`` computed: rows of values, ``penalties()``, ``assert_finite``.
+
+Each ``loss()`` leaves detached values on the device (:class:`Last`); nothing is read back to
+the host until someone asks, and then with one device-to-host copy per device. Several views
+(``loss(G)`` and ``loss(D)`` in a GAN, one model per thread) each keep their own last values;
+a row shows the most recent value any view computed for its entry.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .entries import Entry
+
+__all__ = ["Last", "Readout", "Row", "as_dict", "check_finite", "to_host"]
+
+Row = tuple[Entry, str, "float | None"]
+_sequence = itertools.count()
+
+
+@dataclass
+class Last:
+    """What one ``loss()`` computed, kept on the device until a summary asks."""
+
+    entries: list[Entry]
+    # (values, indices into entries): detached 1-D tensors from the engine.
+    parts: list[tuple[torch.Tensor, list[int]]]
+    # Detached activity penalties, and the activity entries the call covered.
+    records: list[tuple[Entry, torch.Tensor]]
+    activity: list[Entry] = field(default_factory=list)
+    seq: int = field(default_factory=lambda: next(_sequence))
+
+    def __post_init__(self) -> None:
+        # Holding a differentiable value would keep the step's autograd graph (and the
+        # activations it saved) alive until the next loss().
+        self.records = [(e, v.detach()) for e, v in self.records]
+
+
+class Readout:
+    """The last values of each view (scope) of one collection; at most ``size`` views."""
+
+    def __init__(self, size: int = 64) -> None:
+        self.size = size
+        self._lock = threading.Lock()
+        self._lasts: dict[Any, Last] = {}
+
+    def store(self, key: Any, last: Last) -> None:
+        if torch.compiler.is_compiling():
+            # Traced: dynamo cannot enter a lock; a compiled step runs on one thread at a time.
+            self._lasts[key] = last
+            return
+        with self._lock:
+            self._lasts.pop(key, None)
+            if len(self._lasts) >= self.size:
+                del self._lasts[next(iter(self._lasts))]
+            self._lasts[key] = last
+
+    def clear(self) -> None:
+        with self._lock:
+            self._lasts = {}
+
+    def rows(
+        self,
+        entries: Sequence[Entry],
+        names: dict[Entry, str],
+        extra: Sequence[torch.Tensor] = (),
+    ) -> tuple[list[Row], float, list[float]]:
+        """Rows ``(entry, name, value or None)``, their total, and ``extra`` tensors as floats.
+
+        None marks an entry no ``loss()`` has evaluated (registered since, or frozen).
+        """
+        with self._lock:
+            lasts = sorted(self._lasts.values(), key=lambda last: last.seq)
+        tensors: list[torch.Tensor] = [t.detach().reshape(-1) for t in extra]
+        owners: list[tuple[int, list[Entry]]] = []
+        for n, last in enumerate(lasts):
+            for values, indices in last.parts:
+                tensors.append(values.reshape(-1))
+                owners.append((n, [last.entries[i] for i in indices]))
+            for entry, value in last.records:
+                tensors.append(value.reshape(-1))
+                owners.append((n, [entry]))
+        floats = to_host(tensors)
+        per_last: list[dict[Entry, float]] = [
+            dict.fromkeys([*last.entries, *last.activity], 0.0) for last in lasts
+        ]
+        for (n, owner), flat in zip(owners, floats[len(extra) :]):
+            for entry, v in zip(owner, flat):
+                per_last[n][entry] = per_last[n].get(entry, 0.0) + v
+        value_of: dict[Entry, float] = {}
+        for computed in per_last:  # oldest first: the latest view's value wins
+            value_of.update(computed)
+        rows = [(e, names[e], value_of.get(e)) for e in entries]
+        total = sum(v for _, _, v in rows if v is not None)
+        return rows, total, [f[0] for f in floats[: len(extra)]]
+
+
+def check_finite(rows: Sequence[Row]) -> None:
+    """Raise ``FloatingPointError`` naming every row whose value is NaN or infinite."""
+    bad = [
+        (name, value) for _, name, value in rows if value is not None and not math.isfinite(value)
+    ]
+    if bad:
+        listed = ", ".join(f"{name!r} ({value})" for name, value in bad)
+        raise FloatingPointError(
+            f"non-finite regularization penalty in {len(bad)} entr"
+            f"{'y' if len(bad) == 1 else 'ies'}: {listed}; the weights (or, for activity "
+            "entries, the layer outputs) hold NaN or inf values"
+        )
+
+
+def as_dict(rows: Sequence[Row], total: float) -> dict[str, float]:
+    """``{name: value, ..., "total": total}`` for loggers; rows without a value left out."""
+    out = {name: value for _, name, value in rows if value is not None}
+    out["total"] = total
+    return out
+
+
+def to_host(tensors: Sequence[torch.Tensor]) -> list[list[float]]:
+    """Each tensor as a list of floats, with one device-to-host copy per device."""
+    out: list[list[float]] = [[] for _ in tensors]
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    for indices in by_device.values():
+        flat = torch.cat([tensors[i].to(torch.float64) for i in indices]).tolist()
+        pos = 0
+        for i in indices:
+            n = tensors[i].numel()
+            out[i] = flat[pos : pos + n]
+            pos += n
+    return out
