@@ -64,7 +64,7 @@ def report(title: str, medians: dict[str, float], base: str) -> None:
 
 def many_small(repeats: int, device: torch.device) -> dict[str, float]:
     coll = rc.Collection()
-    layers = [
+    layers = torch.nn.ModuleList(  # one model of 100 layers
         rc.nn.Linear(
             64,
             64,
@@ -74,7 +74,7 @@ def many_small(repeats: int, device: torch.device) -> dict[str, float]:
             device=device,
         )
         for _ in range(100)
-    ]
+    )
 
     def regcollect_step() -> None:
         coll.loss().backward()

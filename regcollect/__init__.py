@@ -11,7 +11,7 @@ Examples:
 from . import compat, nn, regularizers
 from ._checks import RegcollectWarning
 from .attach import add_activity_regularizer, add_regularizer, regularize
-from .collection import Collection, Handle
+from .collection import Collection
 from .context import (
     assert_finite,
     get_collection,
@@ -23,6 +23,7 @@ from .context import (
     summary,
 )
 from .entries import Entry
+from .handle import Handle
 from .persist import export_plan, load_plan
 from .regularizers import (
     L1,

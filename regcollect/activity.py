@@ -13,8 +13,10 @@ training loop:
   layer is back in training mode (a validation pass never leaks into a training step);
 * what pending records hold is bounded in count and in bytes of the outputs whose graphs
   they keep alive; past either bound the oldest are dropped, with one warning;
-* reentrant activation checkpointing re-runs the forward inside the backward, where a
-  penalty can no longer be added to a loss: that raises an error naming the entry.
+* a forward pass run inside a backward pass (non-reentrant activation checkpointing
+  recomputing) records nothing: its pass was recorded when it first ran; reentrant
+  checkpointing runs the first forward without gradients, so it records only inside the
+  backward, where no loss can take it: that raises an error naming the entry.
 """
 
 from __future__ import annotations
@@ -248,6 +250,11 @@ class ActivityHook:
             value = activity_penalty(entry.regularizer, module, output)
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"{owner.describe(entry)}: {exc}") from exc
+        if node is not None:
+            # A forward pass inside a backward: non-reentrant checkpointing recomputing. The
+            # penalty is computed (the recomputation must save what the forward saved) but
+            # not recorded: the pass was recorded when it first ran.
+            return
         owner.pending.add(entry, value, module.training, tensor)
 
     def __reduce__(self) -> tuple[Any, ...]:

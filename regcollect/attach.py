@@ -8,8 +8,9 @@ import torch
 
 from . import _naming
 from ._checks import check_module
-from .collection import Collection, Handle
+from .collection import Collection
 from .context import active_collection, current_prefix
+from .handle import Handle
 from .regularizers import Regularizer
 from .regularizers import get as get_regularizer
 

@@ -1,15 +1,13 @@
-"""The collection: registering entries, and ``loss()``/``losses()`` over them.
+"""The collection: a :class:`~regcollect.registry.Registry` that computes.
 
-Registration is one path (:meth:`Collection.add_weight`, :meth:`Collection.add_activity`,
-:meth:`Collection.add_tensor`), used by the layers, ``add_regularizer``/``regularize``, plans
-loaded from JSON and the TF1 layer. Each returns a :class:`Handle` that remembers what the call
-replaced, so ``.remove()`` restores exactly that. One regularizer per tensor per collection:
-registering again, or on a tied parameter, replaces.
+``loss()`` and ``losses()`` evaluate the cached plan of a scope and take the pending activity
+penalties in that scope; each call leaves its values on the device for ``summary()`` and
+``penalties()``. A collection pickles as a reference: unpickled in the same process it is the
+same collection, elsewhere the default one.
 """
 
 from __future__ import annotations
 
-import threading
 import uuid
 import warnings
 import weakref
@@ -20,30 +18,20 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import _naming
-from ._checks import RegcollectWarning, ScopeArg, check_module, check_scope
-from .activity import ActivityHook, Pending, Record
+from ._checks import RegcollectWarning, ScopeArg, check_scope
+from .activity import Record
 from .engine import Plan
-from .entries import ACTIVITY, TENSOR, WEIGHT, Entry, current_tensors, unique_names
-from .plans import CachedPlan, PlanCache, mark_constant, traced_tensors
+from .entries import ACTIVITY, Entry, current_tensors
+from .guards import model_groups, several_models_message
+from .plans import CachedPlan, mark_constant, traced_tensors
 from .readout import Last, Readout, Row, as_dict, check_finite
-from .regularizers import Regularizer
+from .registry import Registry
 from .summary import check_tablefmt, render, table_extra
 
-__all__ = ["Collection", "Handle", "default_collection"]
+__all__ = ["Collection", "default_collection"]
 
 
-def _compile_scope(pattern: str) -> Any:
-    import re
-
-    try:
-        return re.compile(pattern)
-    except re.error as exc:
-        raise ValueError(
-            f"scope must be a valid regular expression, got {pattern!r}: {exc}"
-        ) from None
-
-
-class Collection:
+class Collection(Registry):
     """An independent set of penalties. ``rc.get_collection()`` returns the default one.
 
     Args:
@@ -79,14 +67,7 @@ class Collection:
         self._consumed = False
         self._warned_forgotten = False
         self._warned_models = False
-        self._lock = threading.RLock()
-        self._entries: dict[tuple[Any, ...], Entry] = {}
-        self._by_tensor: dict[int, tuple[weakref.ref[torch.Tensor], tuple[Any, ...]]] = {}
-        self._version = 0
-        self._has_dead = False
-        self._plans = PlanCache()
-        self._names_cache: tuple[tuple[int, int], dict[Entry, str]] | None = None
-        self.pending = Pending(self.describe, max_pending, max_pending_bytes)
+        super().__init__(max_pending, max_pending_bytes)
         self._readout = Readout()
 
     @property
@@ -111,206 +92,17 @@ class Collection:
     def __repr__(self) -> str:
         return f"<regcollect.Collection with {len(self)} entries>"
 
-    def __len__(self) -> int:
+    def clear(self) -> None:
+        """Remove every entry and every recorded activity penalty; start over as if new."""
         with self._lock:
-            self._cleanup()
-            return len(self._entries)
+            super().clear()
+            self._readout.clear()
+            self._consumed = self._warned_forgotten = self._warned_models = False
 
     def mark_consumed(self) -> None:
         """Say that this collection's penalties reach a loss by another route (TF1's
         ``apply_regularization`` returns them), so no forgotten-``loss()`` warning is due."""
         self._consumed = True
-
-    # -- registration --
-
-    def _on_death(self, _ref: object) -> None:
-        # May run inside the garbage collector in any thread: only set flags here.
-        self._has_dead = True
-        self._plans = PlanCache()
-        self._version += 1
-
-    def add_weight(
-        self, module: torch.nn.Module, param: str, regularizer: Regularizer, *, prefix: str = ""
-    ) -> Handle:
-        """Register ``regularizer`` on ``module._parameters[param]``, replacing any previous one."""
-        check_module(module)
-        if module._parameters.get(param) is None:
-            available = [n for n, p in module._parameters.items() if p is not None]
-            raise ValueError(
-                f"{type(module).__name__} has no parameter {param!r}; its parameters are "
-                f"{available}"
-            )
-        ref = weakref.ref(module, self._on_death)
-        entry = Entry(WEIGHT, _checked(regularizer), module_ref=ref, param=param, prefix=prefix)
-        return self._insert((ref, param), entry)
-
-    def add_activity(
-        self, module: torch.nn.Module, regularizer: Regularizer, *, prefix: str = ""
-    ) -> Handle:
-        """Penalise ``module``'s output: ``regularizer(output) / batch_size`` per forward pass."""
-        ref = weakref.ref(check_module(module), self._on_death)
-        entry = Entry(ACTIVITY, _checked(regularizer), module_ref=ref, prefix=prefix)
-        return self._insert((ref, ":activity"), entry)
-
-    def add_tensor(
-        self, tensor: torch.Tensor, regularizer: Regularizer, name: str, *, prefix: str = ""
-    ) -> Handle:
-        """Register ``regularizer`` on a bare tensor (held weakly) under ``name``."""
-        ref = weakref.ref(tensor, self._on_death)
-        entry = Entry(
-            TENSOR, _checked(regularizer), tensor_ref=ref, explicit_name=name, prefix=prefix
-        )
-        # Keyed by id: weak references to tensors compare their referents with ==, which is
-        # elementwise. A dead tensor's entry is cleaned up before its id can be reused.
-        return self._insert((TENSOR, id(tensor)), entry)
-
-    def entry_for(self, module: torch.nn.Module, param: str | None) -> Entry | None:
-        """The entry on ``module``'s parameter ``param`` (None: its output), if registered."""
-        return self._entries.get((weakref.ref(module), param if param else ":activity"))
-
-    def _insert(self, key: tuple[Any, ...], entry: Entry) -> Handle:
-        with self._lock:
-            self._cleanup()
-            replaced: list[Entry] = []
-            old = self._entries.pop(key, None)
-            if old is not None:
-                self._detach(old)
-                replaced.append(old)
-            tensor = entry.resolve()
-            if tensor is not None:
-                # One regularizer per parameter: a tied parameter reached through another
-                # module replaces the earlier entry instead of counting twice.
-                previous = self._by_tensor.get(id(tensor))
-                if previous is not None and previous[0]() is tensor:
-                    tied = self._entries.pop(previous[1], None)
-                    if tied is not None:
-                        self._detach(tied)
-                        replaced.append(tied)
-                self._by_tensor[id(tensor)] = (weakref.ref(tensor), key)
-            entry._key = key
-            entry._replaced = replaced
-            self._entries[key] = entry
-            module = entry.module
-            if module is not None:
-                _naming.track(module)
-                if entry.kind == ACTIVITY:
-                    entry._hook = module.register_forward_hook(ActivityHook(self, entry))
-            self._changed()
-            return Handle([(self, entry)])
-
-    def _changed(self) -> None:
-        self._version += 1
-        self._plans = PlanCache()
-
-    def _detach(self, entry: Entry) -> None:
-        if entry._hook is not None:
-            entry._hook.remove()
-            entry._hook = None
-            self.pending.discard(lambda r: r.entry is not entry)
-
-    def _discard(self, entry: Entry) -> bool:
-        """Remove ``entry`` if it is still registered here (not replaced since)."""
-        with self._lock:
-            if self._entries.get(entry._key) is not entry:
-                return False
-            del self._entries[entry._key]
-            self._detach(entry)
-            self._changed()
-            return True
-
-    def _restore(self, entry: Entry) -> None:
-        """Register a replaced ``entry`` again, unless its place has been taken since; a
-        retired one (its handle removed meanwhile) gives way to what it replaced."""
-        with self._lock:
-            if entry._retired:
-                for old in entry._replaced:
-                    self._restore(old)
-            elif entry.alive and entry._key not in self._entries:
-                replaced = entry._replaced
-                self._insert(entry._key, entry)
-                entry._replaced = replaced
-
-    def _cleanup(self) -> None:
-        if not self._has_dead:
-            return
-        self._has_dead = False
-        dead = [key for key, entry in self._entries.items() if not entry.alive]
-        for key in dead:
-            self._detach(self._entries.pop(key))
-        self._by_tensor = {k: v for k, v in self._by_tensor.items() if v[0]() is not None}
-        self.pending.discard(lambda r: r.entry.alive)
-        if dead:
-            self._changed()
-
-    def remove(self, module: torch.nn.Module) -> int:
-        """Remove the entries on ``module`` and its submodules; return how many."""
-        ids = {id(m) for m in check_module(module).modules()}
-        with self._lock:
-            doomed = [e for e in self._entries.values() if id(e.module) in ids]
-            for entry in doomed:
-                self._discard(entry)
-            return len(doomed)
-
-    def clear(self) -> None:
-        """Remove every entry and every recorded activity penalty; start over as if new."""
-        with self._lock:
-            for entry in self._entries.values():
-                self._detach(entry)
-            self._entries.clear()
-            self._by_tensor.clear()
-            self.pending.clear()
-            self._readout.clear()
-            self._consumed = self._warned_forgotten = False
-            self._warned_models = False
-            self._changed()
-
-    # -- names and scopes --
-
-    def _names(self) -> dict[Entry, str]:
-        with self._lock:
-            self._cleanup()
-            key = (self._version, _naming.version())
-            if self._names_cache is not None and self._names_cache[0] == key:
-                return self._names_cache[1]
-            names = unique_names(self._entries.values())
-            for entry, name in names.items():
-                entry._name = name
-            self._names_cache = (key, names)
-            return names
-
-    def describe(self, entry: Entry) -> str:
-        """``"entry 'name'"`` for error messages."""
-        return f"entry {self._names().get(entry, entry.base_name()[0])!r}"
-
-    def _in_scope(self, scope: str | tuple[torch.nn.Module, ...] | None) -> list[Entry]:
-        """The live entries a checked scope covers, in registration order."""
-        if scope is None:
-            self._cleanup()
-            return list(self._entries.values())
-        if isinstance(scope, str):
-            pattern = _compile_scope(scope)
-            return [e for e, n in self._names().items() if pattern.match(n)]
-        self._cleanup()
-        for root in scope:
-            # A model restored by pickle or deepcopy has no recorded parent links yet.
-            _naming.record_tree(root)
-        ids = {id(m) for root in scope for m in root.modules()}
-        return [e for e in self._entries.values() if id(e.module) in ids]
-
-    def _view(self, scope: ScopeArg) -> tuple[list[Entry], dict[Entry, str]]:
-        """Entries in ``scope`` and their names: unique among them for a model scope, so the
-        model passed keeps its plain names (``0.weight``) whatever other models exist."""
-        checked = check_scope(scope)
-        with self._lock:
-            entries = self._in_scope(checked)
-            if isinstance(checked, tuple):
-                return entries, unique_names(entries)
-            names = self._names()
-            return entries, {e: names[e] for e in entries}
-
-    def entries(self, scope: ScopeArg = None) -> list[Entry]:
-        """Live entries in registration order, optionally filtered by ``scope``."""
-        return self._view(scope)[0]
 
     # -- computing --
 
@@ -334,7 +126,7 @@ class Collection:
                 roots,
                 build,
                 self._describer,
-                _models if checked is None else None,
+                model_groups if checked is None else None,
             )
             return key, cached
 
@@ -343,35 +135,14 @@ class Collection:
         return lambda i: self.describe(entries[i])
 
     def _warn_models(self, cached: CachedPlan, records: list[Record]) -> None:
-        """Warn once when an unscoped loss() sums separate models (until clear())."""
-        groups = cached.weight_models
-        if records:
-            extra = {cached.models.get(id(r.entry), -1) for r in records} - {-1}
-            if not extra <= groups:
-                groups = groups | extra
-        if len(groups) < 2:
-            return
-        if self._warned_models:
-            return
-        self._warned_models = True
-        names = self._names()
-        described = []
-        for group in sorted(groups):
-            members = [e for e in cached.in_scope if cached.models.get(id(e)) == group]
-            if not members:
-                continue
-            root = _naming.path_to_root(members[0].module)[0] if members[0].module else None
-            label = f"{type(root).__name__} {_naming.auto_name(root)!r}" if root else "?"
-            shown = ", ".join(names.get(e, "?") for e in members[:3])
-            described.append(f"{label} ({shown}{', ...' if len(members) > 3 else ''})")
-        warnings.warn(
-            f"rc.loss() adds up the penalties of {len(groups)} separate models: "
-            f"{'; '.join(described)}. If only one is being trained, pass it (rc.loss(model), "
-            "or a list of models), give each model its own rc.Collection(), or delete the "
-            "models you no longer use.",
-            RegcollectWarning,
-            stacklevel=4,
-        )
+        """Warn once (until clear()) when an unscoped loss() sums separate models."""
+        groups = cached.weight_models | {cached.models.get(id(r.entry), -1) for r in records}
+        groups = groups - {-1}
+        if len(groups) > 1:
+            self._warned_models = True
+            names = self._names()
+            message = several_models_message(groups, cached.in_scope, cached.models, names)
+            warnings.warn(message, RegcollectWarning, stacklevel=4)
 
     def loss(self, scope: ScopeArg = None) -> torch.Tensor:
         """Sum of the penalties in ``scope``: weights, plus the activity penalties recorded since.
@@ -389,7 +160,7 @@ class Collection:
             return self._traced_loss(scope)
         key, cached = self._plan(scope)
         records = self.pending.take(None if key is None else _ids_in(cached.in_scope_ids))
-        if key is None:
+        if key is None and not self._warned_models:
             self._warn_models(cached, records)
         result = cached.plan()
         total = _with_records(result.total, [r.value for r in records], bool(cached.entries))
@@ -516,15 +287,6 @@ class Collection:
         return render(rows, total, loss_value, tablefmt=tablefmt, file=file)
 
 
-def _checked(regularizer: object) -> Regularizer:
-    if not isinstance(regularizer, Regularizer):
-        raise TypeError(
-            "regularizer must be a regcollect.Regularizer (use regcollect.regularizers.get), "
-            f"got {type(regularizer).__name__}"
-        )
-    return regularizer
-
-
 def _ids_in(ids: frozenset[int]) -> Callable[[Entry], bool]:
     return lambda entry: id(entry) in ids
 
@@ -537,70 +299,6 @@ def _with_records(
     if not has_weights:
         total = torch.zeros((), dtype=values[0].dtype, device=values[0].device)
     return total + torch.stack([v.to(device=total.device) for v in values]).sum()
-
-
-def _models(entries: list[Entry]) -> dict[int, int]:
-    """``id(entry) -> model number``: entries whose outermost models share a module are one
-    model (a teacher sharing its student's embedding); entries with no module have none."""
-    roots: dict[int, torch.nn.Module] = {}
-    root_of: dict[int, int] = {}
-    for e in entries:
-        module = e.module
-        if module is not None:
-            root = _naming.path_to_root(module)[0]
-            roots.setdefault(id(root), root)
-            root_of[id(e)] = id(root)
-    if len(roots) < 2:
-        return dict.fromkeys(root_of, 0)
-    group: dict[int, int] = {}
-    owner: dict[int, int] = {}  # id(module) -> group of the first root holding it
-    for n, (rid, root) in enumerate(roots.items()):
-        group[rid] = n
-        for m in root.modules():
-            other = owner.setdefault(id(m), group[rid])
-            if other != group[rid]:
-                merged = group[rid]
-                group = {k: other if v == merged else v for k, v in group.items()}
-                owner = {k: other if v == merged else v for k, v in owner.items()}
-    return {eid: group[rid] for eid, rid in root_of.items()}
-
-
-class Handle:
-    """What registration returns: ``.remove()`` undoes exactly what the call did, restoring
-    the regularizers it replaced. Also a context manager, removing its entries on exit."""
-
-    def __init__(self, added: Sequence[tuple[Collection, Entry]] = ()) -> None:
-        self._added = list(added)
-
-    @classmethod
-    def join(cls, handles: Sequence[Handle]) -> Handle:
-        return cls([item for h in handles for item in h._added])
-
-    @property
-    def entries(self) -> list[Entry]:
-        """The entries this call added that are still registered, with their names resolved."""
-        return [e for c, e in self._added if e in c._names()]
-
-    def remove(self) -> None:
-        for collection, entry in reversed(self._added):
-            if collection._discard(entry):
-                for old in entry._replaced:
-                    collection._restore(old)
-            else:
-                entry._retired = True
-        self._added = []
-
-    def __enter__(self) -> Handle:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
-
-    def __len__(self) -> int:
-        return len(self._added)
-
-    def __repr__(self) -> str:
-        return f"<regcollect.Handle of {len(self._added)} entries>"
 
 
 _live: weakref.WeakSet[Collection] = weakref.WeakSet()
@@ -657,6 +355,9 @@ def _forgotten_loss_check(optimizer: torch.optim.Optimizer, args: Any, kwargs: A
             RegcollectWarning,
             stacklevel=3,
         )
+
+
+register_optimizer_step_post_hook(_forgotten_loss_check)
 
 
 register_optimizer_step_post_hook(_forgotten_loss_check)

@@ -31,3 +31,31 @@ def plan_builds(monkeypatch):
 
     monkeypatch.setattr(plans, "Plan", Counting)
     return built
+
+
+@pytest.fixture
+def run_in_threads():
+    """``run(work, n)``: call ``work(k)`` for k in range(n), each in its own thread started
+    at once; re-raise the first exception any of them raised."""
+    import threading
+
+    def run(work, n):
+        errors = []
+        start = threading.Barrier(n)
+
+        def target(k):
+            try:
+                start.wait()
+                work(k)
+            except BaseException as exc:  # surfaced below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=target, args=(k,)) for k in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+
+    return run

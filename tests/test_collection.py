@@ -1,5 +1,4 @@
 import gc
-import threading
 
 import pytest
 import torch
@@ -362,24 +361,18 @@ def test_add_regularizer_errors_name_the_argument():
         rc.add_regularizer(model, "0.weight", "l2", collection="default")
 
 
-def test_concurrent_registration_counts_each_entry_once():
-    layers = []
-    lock = threading.Lock()
+def test_concurrent_registration_counts_each_entry_once(run_in_threads):
+    layers = [torch.nn.ModuleList() for _ in range(4)]  # one model per thread
 
-    def build():
-        made = [rc.nn.Linear(2, 2, kernel_regularizer=rc.l1(1.0)) for _ in range(100)]
-        with lock:
-            layers.extend(made)
-        rc.loss()
+    def build(k):
+        for _ in range(100):
+            layers[k].append(rc.nn.Linear(2, 2, kernel_regularizer=rc.l1(1.0)))
+        rc.loss(layers[k])
 
-    threads = [threading.Thread(target=build) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_in_threads(build, 4)
     assert len(rc.get_collection()) == 400
-    expected = sum(layer.weight.abs().sum() for layer in layers)
-    assert rc.loss().item() == pytest.approx(expected.item(), rel=1e-5)
+    expected = sum(layer.weight.abs().sum() for made in layers for layer in made)
+    assert rc.loss(layers).item() == pytest.approx(expected.item(), rel=1e-5)
     assert len({e.name for e in rc.get_collection().entries()}) == 400
 
 

@@ -1,4 +1,10 @@
+import copy
 import inspect
+import io
+import pickle
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -140,3 +146,174 @@ def test_layers_work_in_training():
         model(x)
     rc.loss()
     assert rc.loss().item() < before  # only weight penalties left: they shrank
+
+
+# --- one source of truth: the layer's attributes read through to its collection -----------------
+
+
+def test_attributes_follow_add_regularizer_and_handles_restore():
+    layer = rc.nn.Linear(3, 3, kernel_regularizer=rc.l2(0.5))
+    with rc.add_regularizer(layer, "weight", rc.l1(0.1)):
+        assert layer.kernel_regularizer == rc.l1(0.1)
+        assert rc.loss().item() == pytest.approx(0.1 * layer.weight.abs().sum().item(), rel=1e-6)
+    assert layer.kernel_regularizer == rc.l2(0.5)  # restored, not deleted
+    assert rc.loss().item() == pytest.approx(0.5 * (layer.weight**2).sum().item(), rel=1e-6)
+    model = torch.nn.Sequential(layer)
+    with rc.regularize(model, kernel=rc.l1(2.0), bias=rc.l1(3.0)):
+        assert layer.kernel_regularizer == rc.l1(2.0) and layer.bias_regularizer == rc.l1(3.0)
+    assert layer.kernel_regularizer == rc.l2(0.5) and layer.bias_regularizer is None
+    assert [e.name for e in rc.get_collection().entries()] == ["0.weight"]
+
+
+def test_assigning_an_attribute_registers_it():
+    layer = rc.nn.Linear(3, 3)
+    assert rc.get_collection().entries() == []
+    layer.kernel_regularizer = "l1"
+    layer.activity_regularizer = rc.l2(1.0)
+    assert layer.kernel_regularizer == rc.l1() and len(rc.get_collection()) == 2
+    out = layer(torch.randn(2, 3))
+    want = 0.01 * layer.weight.abs().sum() + (out**2).sum() / 2
+    assert rc.loss().item() == pytest.approx(want.item(), rel=1e-6)
+    layer.kernel_regularizer = None
+    layer.activity_regularizer = None
+    assert rc.get_collection().entries() == [] and len(layer._forward_hooks) == 0
+    with pytest.raises(ValueError, match="unknown regularizer 'l7'"):
+        layer.kernel_regularizer = "l7"
+
+
+def test_entry_is_read_only():
+    layer = rc.nn.Linear(2, 2, kernel_regularizer="l2")
+    entry = rc.get_collection().entries()[0]
+    for attribute in ("regularizer", "kind", "param", "prefix", "name"):
+        with pytest.raises(AttributeError):
+            setattr(entry, attribute, None)
+    assert layer.kernel_regularizer is entry.regularizer
+
+
+def test_copy_after_remove_registers_nothing():
+    layer = rc.nn.Linear(2, 2, kernel_regularizer=rc.l2(1.0), activity_regularizer="l1")
+    assert rc.get_collection().remove(layer) == 2
+    assert layer.kernel_regularizer is None and layer.activity_regularizer is None
+    clone = copy.deepcopy(layer)
+    assert len(rc.get_collection()) == 0 and clone.kernel_regularizer is None
+
+
+def test_copy_keeps_what_was_registered_on_the_layer_since():
+    layer = rc.nn.Linear(2, 2, kernel_regularizer=rc.l2(1.0))
+    rc.add_regularizer(layer, "bias", rc.l1(0.3))
+    clone = copy.deepcopy(layer)
+    assert clone.kernel_regularizer == rc.l2(1.0) and clone.bias_regularizer == rc.l1(0.3)
+
+
+@pytest.mark.parametrize("how", ["pickle", "deepcopy", "torch.save"])
+def test_copies_stay_in_their_custom_collection(how):
+    coll = rc.Collection()
+    model = torch.nn.Sequential(rc.nn.Linear(2, 2, kernel_regularizer=rc.l2(1.0), collection=coll))
+    if how == "pickle":
+        clone = pickle.loads(pickle.dumps(model))
+    elif how == "deepcopy":
+        clone = copy.deepcopy(model)
+    else:
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        clone = torch.load(buffer, weights_only=False)
+    assert clone[0]._rc_collection is coll and len(coll) == 2 and len(rc.get_collection()) == 0
+    want = (clone[0].weight ** 2).sum()
+    assert coll.loss(clone).item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_copy_of_a_lost_custom_collection_warns_once_in_a_fresh_process(tmp_path):
+    coll = rc.Collection()
+    model = torch.nn.Sequential(
+        rc.nn.Linear(2, 2, kernel_regularizer=rc.l2(1.0), collection=coll),
+        rc.nn.Linear(2, 2, kernel_regularizer=rc.l2(1.0), collection=coll),
+    )
+    path = tmp_path / "model.pt"
+    torch.save(model, path)
+    script = textwrap.dedent(f"""
+        import warnings, torch, regcollect as rc
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = torch.load({str(path)!r}, weights_only=False)
+        lost = [w for w in caught if issubclass(w.category, rc.RegcollectWarning)]
+        assert len(lost) == 1 and "default collection" in str(lost[0].message), lost
+        assert len(rc.get_collection()) == 2
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr
+
+
+# --- copies ---------------------------------------------------------------------------------------
+
+
+def build():
+    return torch.nn.Sequential(
+        rc.nn.Linear(4, 3, kernel_regularizer=rc.l2(0.5), bias_regularizer=rc.l1(0.25)),
+        torch.nn.ReLU(),
+        rc.nn.Linear(3, 2, activity_regularizer=rc.l1(1.0)),
+    )
+
+
+def weights_penalty(model):
+    return 0.5 * (model[0].weight ** 2).sum() + 0.25 * model[0].bias.abs().sum()
+
+
+@pytest.mark.parametrize("how", ["pickle", "deepcopy"])
+def test_copies_keep_their_regularizers(how):
+    model = build()
+    clone = pickle.loads(pickle.dumps(model)) if how == "pickle" else copy.deepcopy(model)
+    assert clone[0].kernel_regularizer == rc.l2(0.5)
+    assert clone[2].activity_regularizer == rc.l1(1.0)
+    both = weights_penalty(model) + weights_penalty(clone)
+    with pytest.warns(rc.RegcollectWarning, match="separate models"):
+        assert rc.loss().item() == pytest.approx(both.item(), rel=1e-5)
+    x = torch.randn(2, 4)
+    out = clone(x)
+    assert rc.loss().item() == pytest.approx((both + out.abs().sum() / 2).item(), rel=1e-5)
+    assert rc.loss(clone).item() == pytest.approx(weights_penalty(clone).item(), rel=1e-5)
+    assert set(rc.penalties(clone)) == {"0.weight", "0.bias", "2:activity", "total"}
+    assert len(rc.get_collection()) == 6
+    del model
+    import gc
+
+    gc.collect()
+    assert len(rc.get_collection()) == 3
+
+
+def test_ema_teacher_is_frozen_or_removed():
+    student = build()
+    teacher = copy.deepcopy(student).requires_grad_(False)  # the usual EMA set-up
+    assert rc.loss().item() == pytest.approx(weights_penalty(student).item(), rel=1e-5)
+    teacher.requires_grad_(True)
+    assert rc.get_collection().remove(teacher) == 3
+    assert rc.loss().item() == pytest.approx(weights_penalty(student).item(), rel=1e-5)
+
+
+def test_deepcopy_stays_in_custom_collection():
+    coll = rc.Collection()
+    layer = rc.nn.Linear(2, 2, kernel_regularizer=rc.l2(1.0), collection=coll)
+    clone = copy.deepcopy(layer)
+    assert len(coll) == 2 and len(rc.get_collection()) == 0
+    assert clone._rc_collection is coll
+
+
+def test_torch_save_load_in_a_fresh_process(tmp_path):
+    model = build()
+    path = tmp_path / "model.pt"
+    torch.save(model, path)
+    expected = weights_penalty(model).item()
+    script = textwrap.dedent(f"""
+        import torch, regcollect as rc
+        model = torch.load({str(path)!r}, weights_only=False)
+        assert model[0].kernel_regularizer == rc.l2(0.5), model[0].kernel_regularizer
+        out = model(torch.ones(3, 4))
+        value = rc.loss().item()
+        expected = {expected!r} + out.abs().sum().item() / 3
+        assert abs(value - expected) < 1e-5 * max(1.0, expected), (value, expected)
+        print(sorted(rc.penalties()))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "total" in result.stdout

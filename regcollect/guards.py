@@ -1,0 +1,69 @@
+"""Which separate models a set of entries belongs to, and the warning when one ``loss()``
+adds several of them up (a stale model from an earlier run, a copy, a GAN's two networks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+
+from . import _naming
+from .entries import Entry
+
+__all__ = ["model_groups", "several_models_message"]
+
+
+def model_groups(entries: Iterable[Entry]) -> dict[int, int]:
+    """``id(entry) -> model number``. Entries whose outermost models share a module are one
+    model (a teacher sharing its student's embedding); entries with no module have none."""
+    roots: dict[int, torch.nn.Module] = {}
+    root_of: dict[int, int] = {}
+    for e in entries:
+        module = e.module
+        if module is not None:
+            root = _naming.path_to_root(module)[0]
+            roots.setdefault(id(root), root)
+            root_of[id(e)] = id(root)
+    if len(roots) < 2:
+        return dict.fromkeys(root_of, 0)
+    group: dict[int, int] = {}
+    owner: dict[int, int] = {}  # id(module) -> group of the first root holding it
+    for n, (rid, root) in enumerate(roots.items()):
+        group[rid] = n
+        for m in root.modules():
+            other = owner.setdefault(id(m), group[rid])
+            if other != group[rid]:
+                merged = group[rid]
+                group = {k: other if v == merged else v for k, v in group.items()}
+                owner = {k: other if v == merged else v for k, v in owner.items()}
+    return {eid: group[rid] for eid, rid in root_of.items()}
+
+
+def several_models_message(
+    groups: Iterable[int],
+    entries: Sequence[Entry],
+    model_of: Mapping[int, int],
+    names: Mapping[Entry, str],
+) -> str:
+    """The warning for an unscoped ``loss()`` over ``groups``: each model, a few of its
+    entries, and how to choose."""
+    described = []
+    groups = sorted(groups)
+    for group in groups[:3]:
+        members = [e for e in entries if model_of.get(id(e)) == group]
+        module = members[0].module if members else None
+        if module is None:
+            continue
+        root = _naming.path_to_root(module)[0]
+        shown = ", ".join(names.get(e, "?") for e in members[:3])
+        more = ", ..." if len(members) > 3 else ""
+        described.append(f"{type(root).__name__} {_naming.auto_name(root)!r} ({shown}{more})")
+    if len(groups) > 3:
+        described.append(f"and {len(groups) - 3} more")
+    return (
+        f"rc.loss() adds up the penalties of {len(groups)} separate models: "
+        f"{'; '.join(described)}. If only one is being trained, pass it (rc.loss(model), or a "
+        "list of models), give each model its own rc.Collection(), or delete the models you "
+        "no longer use."
+    )

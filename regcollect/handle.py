@@ -1,0 +1,54 @@
+"""What registration returns: a handle that undoes exactly what its call did."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from .entries import Entry
+
+__all__ = ["Handle"]
+
+
+class _Registry(Protocol):
+    def _discard(self, entry: Entry) -> bool: ...
+    def _restore(self, entry: Entry) -> None: ...
+    def _names(self) -> dict[Entry, str]: ...
+
+
+class Handle:
+    """What registration returns: ``.remove()`` undoes exactly what the call did, restoring
+    the regularizers it replaced. Also a context manager, removing its entries on exit."""
+
+    def __init__(self, added: Sequence[tuple[_Registry, Entry]] = ()) -> None:
+        self._added = list(added)
+
+    @classmethod
+    def join(cls, handles: Sequence[Handle]) -> Handle:
+        return cls([item for h in handles for item in h._added])
+
+    @property
+    def entries(self) -> list[Entry]:
+        """The entries this call added that are still registered, with their names resolved."""
+        return [e for c, e in self._added if e in c._names()]
+
+    def remove(self) -> None:
+        for collection, entry in reversed(self._added):
+            if collection._discard(entry):
+                for old in entry._replaced:
+                    collection._restore(old)
+            else:
+                entry._retired = True
+        self._added = []
+
+    def __enter__(self) -> Handle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def __len__(self) -> int:
+        return len(self._added)
+
+    def __repr__(self) -> str:
+        return f"<regcollect.Handle of {len(self._added)} entries>"

@@ -1,0 +1,254 @@
+"""The registry: entries, one per tensor, registered through one path.
+
+Registration is :meth:`Registry.add_weight`, :meth:`Registry.add_activity` and
+:meth:`Registry.add_tensor`, used by the layers, ``add_regularizer``/``regularize``, plans loaded
+from JSON and the TF1 layer. Each returns a :class:`~regcollect.handle.Handle` that remembers
+what the call replaced, so ``.remove()`` restores exactly that. One regularizer per tensor:
+registering again, or on a tied parameter, replaces. Entries hold modules weakly; a dead
+module's entries are dropped at the next access. Names and scopes are resolved here too.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Any
+
+import torch
+
+from . import _naming
+from ._checks import ScopeArg, check_module, check_scope
+from .activity import ActivityHook, Pending
+from .entries import ACTIVITY, TENSOR, WEIGHT, Entry, unique_names
+from .handle import Handle
+from .plans import PlanCache
+from .regularizers import Regularizer
+
+__all__ = ["Registry"]
+
+
+def _compile_scope(pattern: str) -> Any:
+    import re
+
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(
+            f"scope must be a valid regular expression, got {pattern!r}: {exc}"
+        ) from None
+
+
+def _checked(regularizer: object) -> Regularizer:
+    if not isinstance(regularizer, Regularizer):
+        raise TypeError(
+            "regularizer must be a regcollect.Regularizer (use regcollect.regularizers.get), "
+            f"got {type(regularizer).__name__}"
+        )
+    return regularizer
+
+
+class Registry:
+    """Entries and their registration; :class:`~regcollect.collection.Collection` computes."""
+
+    def __init__(self, max_pending: int, max_pending_bytes: int) -> None:
+        self._lock = threading.RLock()
+        self._entries: dict[tuple[Any, ...], Entry] = {}
+        self._by_tensor: dict[int, tuple[weakref.ref[torch.Tensor], tuple[Any, ...]]] = {}
+        self._version = 0
+        self._has_dead = False
+        self._plans = PlanCache()
+        self._names_cache: tuple[tuple[int, int], dict[Entry, str]] | None = None
+        self.pending = Pending(self.describe, max_pending, max_pending_bytes)
+
+    def __len__(self) -> int:
+        with self._lock:
+            self._cleanup()
+            return len(self._entries)
+
+    # -- registration --
+
+    def _on_death(self, _ref: object) -> None:
+        # May run inside the garbage collector in any thread: only set flags here.
+        self._has_dead = True
+        self._plans = PlanCache()
+        self._version += 1
+
+    def add_weight(
+        self, module: torch.nn.Module, param: str, regularizer: Regularizer, *, prefix: str = ""
+    ) -> Handle:
+        """Register ``regularizer`` on ``module._parameters[param]``, replacing any previous one."""
+        check_module(module)
+        if module._parameters.get(param) is None:
+            available = [n for n, p in module._parameters.items() if p is not None]
+            raise ValueError(
+                f"{type(module).__name__} has no parameter {param!r}; its parameters are "
+                f"{available}"
+            )
+        ref = weakref.ref(module, self._on_death)
+        entry = Entry(WEIGHT, _checked(regularizer), module_ref=ref, param=param, prefix=prefix)
+        return self._insert((ref, param), entry)
+
+    def add_activity(
+        self, module: torch.nn.Module, regularizer: Regularizer, *, prefix: str = ""
+    ) -> Handle:
+        """Penalise ``module``'s output: ``regularizer(output) / batch_size`` per forward pass."""
+        ref = weakref.ref(check_module(module), self._on_death)
+        entry = Entry(ACTIVITY, _checked(regularizer), module_ref=ref, prefix=prefix)
+        return self._insert((ref, ":activity"), entry)
+
+    def add_tensor(
+        self, tensor: torch.Tensor, regularizer: Regularizer, name: str, *, prefix: str = ""
+    ) -> Handle:
+        """Register ``regularizer`` on a bare tensor (held weakly) under ``name``."""
+        ref = weakref.ref(tensor, self._on_death)
+        entry = Entry(
+            TENSOR, _checked(regularizer), tensor_ref=ref, explicit_name=name, prefix=prefix
+        )
+        # Keyed by id: weak references to tensors compare their referents with ==, which is
+        # elementwise. A dead tensor's entry is cleaned up before its id can be reused.
+        return self._insert((TENSOR, id(tensor)), entry)
+
+    def entry_for(self, module: torch.nn.Module, param: str | None) -> Entry | None:
+        """The entry on ``module``'s parameter ``param`` (None: its output), if registered."""
+        return self._entries.get((weakref.ref(module), param if param else ":activity"))
+
+    def _insert(self, key: tuple[Any, ...], entry: Entry) -> Handle:
+        with self._lock:
+            self._cleanup()
+            replaced: list[Entry] = []
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._detach(old)
+                replaced.append(old)
+            tensor = entry.resolve()
+            if tensor is not None:
+                # One regularizer per parameter: a tied parameter reached through another
+                # module replaces the earlier entry instead of counting twice.
+                previous = self._by_tensor.get(id(tensor))
+                if previous is not None and previous[0]() is tensor:
+                    tied = self._entries.pop(previous[1], None)
+                    if tied is not None:
+                        self._detach(tied)
+                        replaced.append(tied)
+                self._by_tensor[id(tensor)] = (weakref.ref(tensor), key)
+            entry._key = key
+            entry._replaced = replaced
+            self._entries[key] = entry
+            module = entry.module
+            if module is not None:
+                _naming.track(module)
+                if entry.kind == ACTIVITY:
+                    entry._hook = module.register_forward_hook(ActivityHook(self, entry))
+            self._changed()
+            return Handle([(self, entry)])
+
+    def _changed(self) -> None:
+        self._version += 1
+        self._plans = PlanCache()
+
+    def _detach(self, entry: Entry) -> None:
+        if entry._hook is not None:
+            entry._hook.remove()
+            entry._hook = None
+            self.pending.discard(lambda r: r.entry is not entry)
+
+    def _discard(self, entry: Entry) -> bool:
+        """Remove ``entry`` if it is still registered here (not replaced since)."""
+        with self._lock:
+            if self._entries.get(entry._key) is not entry:
+                return False
+            del self._entries[entry._key]
+            self._detach(entry)
+            self._changed()
+            return True
+
+    def _restore(self, entry: Entry) -> None:
+        """Register a replaced ``entry`` again, unless its place has been taken since; a
+        retired one (its handle removed meanwhile) gives way to what it replaced."""
+        with self._lock:
+            if entry._retired:
+                for old in entry._replaced:
+                    self._restore(old)
+            elif entry.alive and entry._key not in self._entries:
+                replaced = entry._replaced
+                self._insert(entry._key, entry)
+                entry._replaced = replaced
+
+    def _cleanup(self) -> None:
+        if not self._has_dead:
+            return
+        self._has_dead = False
+        dead = [key for key, entry in self._entries.items() if not entry.alive]
+        for key in dead:
+            self._detach(self._entries.pop(key))
+        self._by_tensor = {k: v for k, v in self._by_tensor.items() if v[0]() is not None}
+        self.pending.discard(lambda r: r.entry.alive)
+        if dead:
+            self._changed()
+
+    def remove(self, module: torch.nn.Module) -> int:
+        """Remove the entries on ``module`` and its submodules; return how many."""
+        ids = {id(m) for m in check_module(module).modules()}
+        with self._lock:
+            doomed = [e for e in self._entries.values() if id(e.module) in ids]
+            for entry in doomed:
+                self._discard(entry)
+            return len(doomed)
+
+    def clear(self) -> None:
+        """Remove every entry and every recorded activity penalty; start over as if new."""
+        with self._lock:
+            for entry in self._entries.values():
+                self._detach(entry)
+            self._entries.clear()
+            self._by_tensor.clear()
+            self.pending.clear()
+            self._changed()
+
+    # -- names and scopes --
+
+    def _names(self) -> dict[Entry, str]:
+        with self._lock:
+            self._cleanup()
+            key = (self._version, _naming.version())
+            if self._names_cache is not None and self._names_cache[0] == key:
+                return self._names_cache[1]
+            names = unique_names(self._entries.values())
+            for entry, name in names.items():
+                entry._name = name
+            self._names_cache = (key, names)
+            return names
+
+    def describe(self, entry: Entry) -> str:
+        """``"entry 'name'"`` for error messages."""
+        return f"entry {self._names().get(entry, entry.base_name()[0])!r}"
+
+    def _in_scope(self, scope: str | tuple[torch.nn.Module, ...] | None) -> list[Entry]:
+        """The live entries a checked scope covers, in registration order."""
+        if scope is None:
+            self._cleanup()
+            return list(self._entries.values())
+        if isinstance(scope, str):
+            pattern = _compile_scope(scope)
+            return [e for e, n in self._names().items() if pattern.match(n)]
+        self._cleanup()
+        for root in scope:
+            # A model restored by pickle or deepcopy has no recorded parent links yet.
+            _naming.record_tree(root)
+        ids = {id(m) for root in scope for m in root.modules()}
+        return [e for e in self._entries.values() if id(e.module) in ids]
+
+    def _view(self, scope: ScopeArg) -> tuple[list[Entry], dict[Entry, str]]:
+        """Entries in ``scope`` and their names: unique among them for a model scope, so the
+        model passed keeps its plain names (``0.weight``) whatever other models exist."""
+        checked = check_scope(scope)
+        with self._lock:
+            entries = self._in_scope(checked)
+            if isinstance(checked, tuple):
+                return entries, unique_names(entries)
+            names = self._names()
+            return entries, {e: names[e] for e in entries}
+
+    def entries(self, scope: ScopeArg = None) -> list[Entry]:
+        """Live entries in registration order, optionally filtered by ``scope``."""
+        return self._view(scope)[0]

@@ -1,0 +1,59 @@
+"""_naming: where a module sits, and when cached names must be recomputed."""
+
+import copy
+
+import torch
+
+import regcollect as rc
+from regcollect import _naming
+
+
+def test_path_to_root_follows_the_outermost_model():
+    inner = torch.nn.Linear(2, 2)
+    block = torch.nn.Sequential(torch.nn.ReLU(), inner)
+    model = torch.nn.ModuleDict({"encoder": block})
+    root, path = _naming.path_to_root(inner)
+    assert root is model and path == "encoder.1"
+    assert _naming.path_to_root(model) == (model, "")
+
+
+def test_replaced_child_no_longer_resolves_to_its_old_path():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    old = model[0]
+    model[0] = torch.nn.Linear(2, 2)
+    assert _naming.path_to_root(old) == (old, "")
+
+
+def test_unrelated_modules_leave_the_version_alone():
+    model = torch.nn.Sequential(rc.nn.Linear(2, 2, kernel_regularizer="l2"))
+    version = _naming.version()
+    torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.ReLU())  # no entries anywhere inside
+    assert _naming.version() == version
+    torch.nn.Sequential(model)  # the model is wrapped: its entries' names change
+    assert _naming.version() > version
+
+
+def test_replacing_a_tracked_child_bumps_the_version():
+    model = torch.nn.Sequential(rc.nn.Linear(2, 2, kernel_regularizer="l2"))
+    version = _naming.version()
+    model[0] = torch.nn.Identity()
+    assert _naming.version() > version
+
+
+def test_a_deep_copy_gets_its_names_once_scoped():
+    model = torch.nn.Sequential(torch.nn.ReLU(), rc.nn.Linear(2, 2, kernel_regularizer="l2"))
+    clone = copy.deepcopy(model)  # pickle-style copies carry no parent links
+    rc.loss(clone)
+    assert set(rc.penalties(clone)) == {"1.weight", "total"}
+
+
+def test_strip_wrappers_and_auto_names():
+    assert _naming.strip_wrappers("module._orig_mod.encoder.0.weight") == "encoder.0.weight"
+    assert _naming.module_path("_fsdp_wrapped_module.layers.1") == "layers.1"
+
+    class MyBlock2D(torch.nn.Module):
+        pass
+
+    a, b = MyBlock2D(), MyBlock2D()
+    assert (_naming.auto_name(a), _naming.auto_name(b)) == ("my_block2_d", "my_block2_d_1")
+    assert _naming.auto_name(a) == "my_block2_d"  # stable
