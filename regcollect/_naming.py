@@ -21,10 +21,10 @@ import torch
 
 __all__ = [
     "auto_name",
-    "module_path",
+    "is_wrapper",
+    "named_modules",
     "path_to_root",
     "record_tree",
-    "strip_wrappers",
     "track",
     "version",
 ]
@@ -41,12 +41,15 @@ _name_counters: defaultdict[str, itertools.count[int]] = defaultdict(itertools.c
 _tracked: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
 _version = 0
 
-# Attributes through which wrappers hold the real model; they never appear in names.
-_WRAPPER_ATTRS = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
-_DATA_PARALLEL = ("DistributedDataParallel", "DataParallel")
-_WRAPPER_PREFIX = re.compile(
-    r"(^|\.)(module|_orig_mod|_fsdp_wrapped_module|_checkpoint_wrapped_module)\."
-)
+# Wrappers hold the real model under one attribute, which never appears in names. They are
+# recognised by their type (class name and defining package, so that nothing is imported),
+# never by the attribute name alone: a user's submodule may well be called "module".
+_WRAPPERS = {
+    "module": (("DistributedDataParallel", "DataParallel"), "torch.nn.parallel"),
+    "_orig_mod": (("OptimizedModule",), "torch._dynamo"),
+    "_fsdp_wrapped_module": (("FullyShardedDataParallel",), "torch.distributed.fsdp"),
+    "_checkpoint_wrapped_module": (("CheckpointWrapper",), "torch.distributed.algorithms"),
+}
 
 
 def version() -> int:
@@ -123,8 +126,37 @@ def _parent_of(module: torch.nn.Module) -> tuple[torch.nn.Module, str] | None:
     return None
 
 
-def _is_wrapper(parent: torch.nn.Module, name: str) -> bool:
-    return name in _WRAPPER_ATTRS or (name == "module" and type(parent).__name__ in _DATA_PARALLEL)
+def is_wrapper(parent: torch.nn.Module, name: str) -> bool:
+    """Whether ``parent`` is a wrapper (DDP/DataParallel, torch.compile, FSDP1, activation
+    checkpointing) holding the wrapped model as its child ``name``."""
+    known = _WRAPPERS.get(name)
+    if known is None:
+        return False
+    names, package = known
+    return any(
+        cls.__name__ in names and cls.__module__.startswith(package) for cls in type(parent).__mro__
+    )
+
+
+def named_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """``model.named_modules()`` with wrapper attributes left out of the paths (each module
+    once, first path wins)."""
+    out: list[tuple[str, torch.nn.Module]] = []
+    seen: set[int] = set()
+    pending: list[tuple[str, torch.nn.Module]] = [("", model)]
+    while pending:
+        path, module = pending.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        out.append((path, module))
+        children = []
+        for name, child in module._modules.items():
+            if child is not None:
+                step = "" if is_wrapper(module, name) else name
+                children.append((f"{path}.{step}".strip(".") if step else path, child))
+        pending.extend(reversed(children))
+    return out
 
 
 def path_to_root(module: torch.nn.Module) -> tuple[torch.nn.Module, str]:
@@ -137,23 +169,10 @@ def path_to_root(module: torch.nn.Module) -> tuple[torch.nn.Module, str]:
         if id(parent) in seen:
             break
         seen.add(id(parent))
-        if not _is_wrapper(parent, name):
+        if not is_wrapper(parent, name):
             parts.append(name)
         current = parent
     return current, ".".join(reversed(parts))
-
-
-def strip_wrappers(name: str) -> str:
-    """Remove ``module.``, ``_orig_mod.`` and ``_fsdp_wrapped_module.`` from a qualified name."""
-    previous = None
-    while previous != name:
-        previous, name = name, _WRAPPER_PREFIX.sub(r"\1", name, count=1)
-    return name
-
-
-def module_path(qualified: str) -> str:
-    """A submodule's qualified name without wrapper components (``module.``, ``_orig_mod.``)."""
-    return strip_wrappers(qualified + ".")[:-1] if qualified else ""
 
 
 def _snake(name: str) -> str:

@@ -31,15 +31,14 @@ def resolve_parameter(module: torch.nn.Module, param_name: object) -> tuple[torc
     if not isinstance(param_name, str) or not param_name:
         raise TypeError(f"param_name must be a non-empty string, got {param_name!r}")
     path, _, local = param_name.rpartition(".")
-    available = [name for name, _ in module.named_parameters()]
     try:
         owner = module.get_submodule(path) if path else module
     except AttributeError:
-        raise ValueError(
-            f"{type(module).__name__} has no parameter {param_name!r}; "
-            f"its parameters are {available}"
-        ) from None
-    if owner._parameters.get(local) is None:
+        owner = None
+    if owner is None or owner._parameters.get(local) is None:
+        # Listed only on error: building the list on every call made registering each of a
+        # module's N parameters cost O(N^2).
+        available = [name for name, _ in module.named_parameters()]
         raise ValueError(
             f"{type(module).__name__} has no parameter {param_name!r}; "
             f"its parameters are {available}"
@@ -103,8 +102,9 @@ def is_norm(module: torch.nn.Module) -> bool:
     name says ``Norm`` and it holds only vectors, as ``LlamaRMSNorm`` or ``T5LayerNorm`` do)."""
     if isinstance(module, _NORM_TYPES):
         return True
-    params = [p for p in module._parameters.values() if p is not None]
-    return "norm" in type(module).__name__.lower() and all(p.dim() <= 1 for p in params)
+    if "norm" not in type(module).__name__.lower():
+        return False
+    return all(p.dim() <= 1 for p in module._parameters.values() if p is not None)
 
 
 def _patterns(value: object, argument: str) -> list[str] | None:
@@ -126,13 +126,18 @@ def _matches(name: str, patterns: list[str]) -> bool:
 
 
 def _no_weight_decay(model: torch.nn.Module) -> set[str]:
-    root = model
-    for attr in ("module", "_orig_mod"):  # look through DDP / torch.compile wrappers
-        if not hasattr(root, "no_weight_decay"):
-            root = getattr(root, attr, root)
+    root = _unwrapped(model)
     method = getattr(root, "no_weight_decay", None)
-    names = method() if callable(method) else ()
-    return {_naming.strip_wrappers(n) for n in names}
+    return set(method() if callable(method) else ())
+
+
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside any DDP / torch.compile / FSDP1 wrappers."""
+    while True:
+        inner = next((c for n, c in model._modules.items() if _naming.is_wrapper(model, n)), None)
+        if inner is None:
+            return model
+        model = inner
 
 
 def _walk_parameters(
@@ -146,8 +151,7 @@ def _walk_parameters(
     """
     seen: set[int] = set()
     out = []
-    for qualified, module in model.named_modules():
-        qualified = _naming.module_path(qualified)
+    for qualified, module in _naming.named_modules(model):
         for local, param in module._parameters.items():
             if param is None or id(param) in seen:
                 continue
@@ -212,6 +216,7 @@ def regularize(
     skip = _no_weight_decay(model)
     prefix = current_prefix()
     handles: list[Handle] = []
+    norms: dict[int, bool] = {}
     for name, logical, owner, local, layer in _walk_parameters(model):
         if name in skip or logical in skip:
             continue
@@ -224,7 +229,10 @@ def regularize(
         param = owner._parameters[local]
         assert param is not None
         last = logical.rpartition(".")[2]
-        if is_norm(layer):
+        norm = norms.get(id(layer))
+        if norm is None:  # once per layer, not once per parameter
+            norm = norms[id(layer)] = is_norm(layer)
+        if norm:
             kind = "norm"
         elif isinstance(layer, _EMBEDDING_TYPES) and last == "weight":
             kind = "embeddings"
@@ -240,11 +248,7 @@ def regularize(
     if activity_reg is not None:
         targets = [model]
         if include_p is not None:
-            targets = [
-                m
-                for n, m in model.named_modules()
-                if n and _matches(_naming.module_path(n), include_p)
-            ]
+            targets = [m for n, m in _naming.named_modules(model) if n and _matches(n, include_p)]
         for module in targets:
             handles.append(coll.add_activity(module, activity_reg, prefix=prefix))
     return Handle.join(handles)

@@ -67,6 +67,7 @@ class Collection(Registry):
         self._consumed = False
         self._warned_forgotten = False
         self._warned_models = False
+        self._warned_meta = False
         super().__init__(max_pending, max_pending_bytes)
         self._readout = Readout()
 
@@ -98,6 +99,7 @@ class Collection(Registry):
             super().clear()
             self._readout.clear()
             self._consumed = self._warned_forgotten = self._warned_models = False
+            self._warned_meta = False
 
     def mark_consumed(self) -> None:
         """Say that this collection's penalties reach a loss by another route (TF1's
@@ -162,6 +164,16 @@ class Collection(Registry):
         records = self.pending.take(None if key is None else _ids_in(cached.in_scope_ids))
         if key is None and not self._warned_models:
             self._warn_models(cached, records)
+        if cached.meta and not self._warned_meta:
+            self._warned_meta = True
+            names = ", ".join(repr(self._names().get(e, "?")) for e in cached.meta[:3])
+            warnings.warn(
+                f"{len(cached.meta)} entries ({names}) regularize tensors on the meta device "
+                "(a model built for its shapes only) beside real ones; they are left out of "
+                "loss(). Pass the real model (rc.loss(model)) to silence this.",
+                RegcollectWarning,
+                stacklevel=3,
+            )
         result = cached.plan()
         total = _with_records(result.total, [r.value for r in records], bool(cached.entries))
         self._readout.store(

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .regularizers import Regularizer, accumulation_dtype
+from .regularizers import Regularizer, accumulation_dtype, fused_terms
 
 __all__ = ["Plan", "Result", "group_penalty"]
 
@@ -102,7 +102,8 @@ class _StackedPenalty(torch.autograd.Function):
             stacked = torch.stack(xs)
         except RuntimeError as exc:  # shapes differ: only a direct group_penalty call can do it
             raise ValueError(f"tensors must all have one shape with stack=True: {exc}") from exc
-        rows = stacked.view(len(xs), xs[0].numel())
+        # reshape, not view: channels_last kernels stack into a non-contiguous tensor.
+        rows = stacked.reshape(len(xs), xs[0].numel())
         acc = accumulation_dtype(stacked.dtype)
         if kind == "l2":
             norms = torch.linalg.vector_norm(rows, 2, dim=1, dtype=acc)
@@ -220,7 +221,7 @@ class Plan:
         groups: dict[tuple[Any, ...], list[int]] = {}
         self.fallback: list[int] = []
         for i, (x, reg) in enumerate(zip(self.tensors, self.regularizers)):
-            terms = reg.terms() if x.is_floating_point() else None
+            terms = fused_terms(reg) if x.is_floating_point() else None
             reduce_over = _shard_reduction(x) if terms is not None else None
             if terms is None or reduce_over is None:
                 self.fallback.append(i)

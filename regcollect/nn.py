@@ -24,6 +24,7 @@ import torch
 from .activity import inert_hook
 from .collection import Collection
 from .context import active_collection, current_prefix, scope_default
+from .registry import parametrized_tensors
 from .regularizers import Regularizer
 from .regularizers import get as get_regularizer
 
@@ -122,41 +123,54 @@ class RegularizedLayer(torch.nn.Module):
     def _rc_arguments(cls) -> tuple[str, ...]:
         return (*cls._rc_targets, _ACTIVITY)
 
-    def _rc_params(self, argument: str) -> list[str | None]:
-        """The parameter names ``argument`` covers; ``[None]`` (the output) for activity."""
+    def _rc_params(self, argument: str) -> list[tuple[torch.nn.Module, str | None]]:
+        """``(module, parameter)`` pairs ``argument`` covers (``(self, None)``: the output).
+
+        A parameter parametrized since (``weight_norm``, ``spectral_norm``) is covered where
+        it lives now, as the collection follows it.
+        """
         if argument == _ACTIVITY:
-            return [None]
+            return [(self, None)]
         pattern = self._rc_targets[argument]
-        return [
-            n for n, p in self._parameters.items() if p is not None and re.fullmatch(pattern, n)
-        ]
+        lists = self._modules.get("parametrizations")
+        names = [*self._parameters, *(lists._modules if lists is not None else ())]
+        names += [n[: -len(s)] for n in self._parameters for s in ("_orig", "_g") if n.endswith(s)]
+        out: list[tuple[torch.nn.Module, str | None]] = []
+        for name in dict.fromkeys(names):
+            if not re.fullmatch(pattern, name):
+                continue
+            if self._parameters.get(name) is not None:
+                out.append((self, name))
+            else:
+                out.extend(parametrized_tensors(self, name))
+        return out
 
     def _rc_read(self, argument: str) -> Regularizer | None:
         coll: Collection | None = self.__dict__.get("_rc_collection")
         if coll is None:
             return None
-        for name in self._rc_params(argument):
-            entry = coll.entry_for(self, name)
+        for module, name in self._rc_params(argument):
+            entry = coll.entry_for(module, name)
             if entry is not None:
                 return entry.regularizer  # type: ignore[no-any-return]
         return None
 
     def _rc_write(self, argument: str, reg: Regularizer | None) -> None:
         coll: Collection = self._rc_collection
-        for name in self._rc_params(argument):
+        for module, name in self._rc_params(argument):
             if reg is not None:
-                self._rc_add(name, reg)
+                self._rc_add(module, name, reg)
             else:
-                entry = coll.entry_for(self, name)
+                entry = coll.entry_for(module, name)
                 if entry is not None:
                     coll._discard(entry)
 
-    def _rc_add(self, param: str | None, reg: Regularizer) -> None:
+    def _rc_add(self, module: torch.nn.Module, param: str | None, reg: Regularizer) -> None:
         coll: Collection = self._rc_collection
         if param is None:
-            coll.add_activity(self, reg, prefix=self._rc_prefix)
+            coll.add_activity(module, reg, prefix=self._rc_prefix)
         else:
-            coll.add_weight(self, param, reg, prefix=self._rc_prefix)
+            coll.add_weight(module, param, reg, prefix=self._rc_prefix)
 
     def __getstate__(self) -> dict[str, Any]:
         # A copy registers what the original's collection counts on it now (nothing after
@@ -179,7 +193,7 @@ class RegularizedLayer(torch.nn.Module):
             self._forward_hooks_always_called.pop(key, None)
         if "_rc_collection" in self.__dict__:
             for name, reg in snapshot.items():
-                self._rc_add(name, reg)
+                self._rc_add(self, name, reg)
 
     def extra_repr(self) -> str:
         regs = [

@@ -41,8 +41,8 @@ _ENTRY_KEYS = {"module", "param", "activity", "scope", "regularizer"}
 def _module_paths(model: torch.nn.Module) -> dict[int, tuple[str, torch.nn.Module]]:
     """``id(module) -> (wrapper-free path in model, module)``; a shared module keeps its first."""
     out: dict[int, tuple[str, torch.nn.Module]] = {}
-    for qualified, module in model.named_modules():
-        out.setdefault(id(module), (_naming.module_path(qualified), module))
+    for path, module in _naming.named_modules(model):
+        out.setdefault(id(module), (path, module))
     return out
 
 

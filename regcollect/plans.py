@@ -25,13 +25,14 @@ from .entries import ACTIVITY, Entry, current_tensors
 __all__ = ["CachedPlan", "PlanCache", "choose", "traced_tensors"]
 
 # What a plan depends on besides identity: module.to(dtype) and .cuda() change a parameter's
-# dtype and device in place, keeping the same object. attrgetter keeps this check in C.
-_meta = operator.attrgetter("requires_grad", "dtype", "device")
+# dtype and device in place, keeping the same object, and structured pruning through .data its
+# shape (the stacked path groups by shape). attrgetter keeps this check in C.
+_meta = operator.attrgetter("requires_grad", "dtype", "device", "shape")
 _exists = functools.partial(operator.is_not, None)
 
 
 def _flags(tensors: list[torch.Tensor | None]) -> list[tuple[Any, ...]]:
-    """``(requires_grad, dtype, device)`` of each tensor that exists (None entries skipped)."""
+    """``(requires_grad, dtype, device, shape)`` of each tensor that exists (None skipped)."""
     return list(map(_meta, filter(_exists, tensors)))
 
 
@@ -48,6 +49,13 @@ def choose(
         if t is not None and t.requires_grad:
             chosen[id(t)] = i
     order = sorted(chosen.values())
+    if any(tensors[i].is_meta for i in order) and not all(  # type: ignore[union-attr]
+        tensors[i].is_meta  # type: ignore[union-attr]
+        for i in order
+    ):
+        # A meta-device copy (a shape-only model) beside real ones: its values do not exist,
+        # and it would put the total on "meta". Left out; the collection warns.
+        order = [i for i in order if not tensors[i].is_meta]  # type: ignore[union-attr]
     return [candidates[i] for i in order], [tensors[i] for i in order]  # type: ignore[misc]
 
 
@@ -70,6 +78,8 @@ class CachedPlan:
     models: dict[int, int] = field(default_factory=dict)
     weight_models: frozenset[int] = frozenset()
     in_scope_ids: frozenset[int] = frozenset()
+    # Entries on meta tensors left out because real tensors are in the plan too.
+    meta: list[Entry] = field(default_factory=list)
 
     def valid(self, version: tuple[int, int], roots: Sequence[torch.nn.Module]) -> bool:
         if self.version != version or len(self.roots) != len(roots):
@@ -113,6 +123,12 @@ class PlanCache:
         locators = [e.locator for e in candidates]
         tensors = current_tensors(locators)
         entries, chosen = choose(candidates, tensors)
+        kept = set(map(id, entries))
+        meta = [
+            e
+            for e, t in zip(candidates, tensors)
+            if t is not None and t.is_meta and t.requires_grad and id(e) not in kept
+        ]
         activity = [e for e in in_scope if e.kind == ACTIVITY]
         model_of = models([*entries, *activity]) if models is not None else {}
         cached = CachedPlan(
@@ -128,6 +144,7 @@ class PlanCache:
             model_of,
             frozenset(model_of[id(e)] for e in entries if id(e) in model_of),
             frozenset(map(id, in_scope)),
+            meta,
         )
         if key not in self._plans and len(self._plans) >= self.size:
             del self._plans[next(iter(self._plans))]

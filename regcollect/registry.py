@@ -24,7 +24,23 @@ from .handle import Handle
 from .plans import PlanCache
 from .regularizers import Regularizer
 
-__all__ = ["Registry"]
+__all__ = ["Registry", "parametrized_tensors"]
+
+
+def parametrized_tensors(module: torch.nn.Module, name: str) -> list[tuple[torch.nn.Module, str]]:
+    """Where ``module``'s parameter ``name`` lives once parametrized: ``(owner, parameter)``
+    pairs of ``parametrizations.<name>.original*`` (``torch.nn.utils.parametrize``) or of the
+    hook-based ``<name>_orig`` (spectral_norm) / ``<name>_g``, ``<name>_v`` (weight_norm)."""
+    lists = module._modules.get("parametrizations")
+    holder = lists._modules.get(name) if lists is not None else None
+    if holder is not None:
+        return [(holder, n) for n, p in holder._parameters.items() if p is not None]
+    found = [
+        n
+        for n in (f"{name}_orig", f"{name}_g", f"{name}_v")
+        if module._parameters.get(n) is not None
+    ]
+    return [(module, n) for n in found]
 
 
 def _compile_scope(pattern: str) -> Any:
@@ -86,6 +102,15 @@ class Registry:
             )
         ref = weakref.ref(module, self._on_death)
         entry = Entry(WEIGHT, _checked(regularizer), module_ref=ref, param=param, prefix=prefix)
+        if getattr(module, "sparse", False) is True and param == "weight":
+            # Embedding(sparse=True): a dense penalty gradient would make the whole table's
+            # gradient dense, which SparseAdam and sparse SGD reject.
+            raise ValueError(
+                f"entry {entry.base_name()[0]!r}: {type(module).__name__}(sparse=True) gets sparse "
+                "gradients, and a weight penalty's gradient is dense. Regularize the rows "
+                "looked up instead, through the output: activity_regularizer=... (or "
+                "rc.add_activity_regularizer), or use sparse=False."
+            )
         return self._insert((ref, param), entry)
 
     def add_activity(
@@ -186,6 +211,22 @@ class Registry:
         if dead:
             self._changed()
 
+    def _follow_parametrizations(self) -> None:
+        """Move weight entries whose parameter was parametrized after registration onto the
+        tensors that now hold it, as :func:`regcollect.regularize` registers such weights."""
+        moved = []
+        for entry in self._entries.values():
+            module = entry.module
+            if entry.kind == WEIGHT and module is not None:
+                if module._parameters.get(entry.param) is None:
+                    targets = parametrized_tensors(module, entry.param)
+                    if targets:
+                        moved.append((entry, targets))
+        for entry, targets in moved:
+            self._discard(entry)
+            for owner, name in targets:
+                self.add_weight(owner, name, entry.regularizer, prefix=entry.prefix)
+
     def remove(self, module: torch.nn.Module) -> int:
         """Remove the entries on ``module`` and its submodules; return how many."""
         ids = {id(m) for m in check_module(module).modules()}
@@ -225,6 +266,7 @@ class Registry:
 
     def _in_scope(self, scope: str | tuple[torch.nn.Module, ...] | None) -> list[Entry]:
         """The live entries a checked scope covers, in registration order."""
+        self._follow_parametrizations()
         if scope is None:
             self._cleanup()
             return list(self._entries.values())

@@ -15,12 +15,24 @@ This module imports only torch: it knows nothing of modules or collections.
 
 from __future__ import annotations
 
-import math
-import numbers
+import inspect
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
+
+from .penalties import (
+    L1,
+    L1L2,
+    L2,
+    Custom,
+    Orthogonal,
+    OrthogonalRegularizer,
+    Regularizer,
+    accumulation_dtype,
+    check_coefficient,
+    fused_terms,
+)
 
 __all__ = [
     "Regularizer",
@@ -30,6 +42,9 @@ __all__ = [
     "Orthogonal",
     "OrthogonalRegularizer",
     "Custom",
+    "accumulation_dtype",
+    "check_coefficient",
+    "fused_terms",
     "l1",
     "l2",
     "l1_l2",
@@ -39,261 +54,6 @@ __all__ = [
     "deserialize",
     "register",
 ]
-
-
-def check_coefficient(name: str, value: object) -> float:
-    """Return ``value`` as a float if it is a non-negative finite real number, else raise.
-
-    ``bool`` is rejected although it is an ``int``: ``l2(True)`` is almost certainly a bug.
-    """
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(
-            f"{name} must be a non-negative finite real number (int or float), "
-            f"got {value!r} of type {type(value).__name__}"
-        )
-    result = float(value)
-    if not math.isfinite(result) or result < 0:
-        raise ValueError(f"{name} must be a non-negative finite real number, got {value!r}")
-    return result
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype penalties of a ``dtype`` tensor are computed in: float32 at least."""
-    if not dtype.is_floating_point:
-        return torch.float32
-    return torch.promote_types(dtype, torch.float32)
-
-
-def _check_tensor(x: object, who: str) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{who} expects a torch.Tensor, got {type(x).__name__}")
-    if x.is_complex():
-        raise TypeError(f"{who} expects a real tensor, got dtype {x.dtype}")
-    return x
-
-
-class Regularizer:
-    """Base class: ``__call__(x) -> 0-dim tensor``, ``get_config()``, ``from_config(config)``.
-
-    Subclasses that are sums of ``c * sum(abs(x))`` and ``c * sum(x**2)`` terms report them in
-    :meth:`terms`, which lets the engine compute many of them at once with multi-tensor kernels.
-    Any other subclass is simply called on each tensor.
-    """
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError(f"{type(self).__name__} must implement __call__")
-
-    def get_config(self) -> dict[str, Any]:
-        raise NotImplementedError(
-            f"{type(self).__name__} must implement get_config() to be serialised"
-        )
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> Regularizer:
-        return cls(**config)
-
-    def terms(self) -> tuple[tuple[str, float], ...] | None:
-        """``(("l1", c1), ("l2", c2), ...)`` when the penalty is a sum of such terms, else None."""
-        return None
-
-    def __repr__(self) -> str:
-        try:
-            config = self.get_config()
-        except NotImplementedError:
-            return f"{type(self).__name__}()"
-        args = ", ".join(f"{k}={v!r}" for k, v in config.items())
-        return f"{type(self).__name__}({args})"
-
-    def __eq__(self, other: object) -> bool:
-        if type(other) is not type(self):
-            return NotImplemented
-        try:
-            return bool(self.get_config() == other.get_config())  # type: ignore[attr-defined]
-        except NotImplementedError:
-            return self is other
-
-    def __hash__(self) -> int:
-        return id(self)
-
-
-def _abs_sum(x: torch.Tensor) -> torch.Tensor:
-    return x.abs().sum(dtype=accumulation_dtype(x.dtype))
-
-
-def _square_sum(x: torch.Tensor) -> torch.Tensor:
-    # Upcast before squaring: a float16 weight of 300 squares to inf in float16.
-    x = x.to(accumulation_dtype(x.dtype))
-    return (x * x).sum()
-
-
-def _zero_like(x: torch.Tensor) -> torch.Tensor:
-    return torch.zeros((), dtype=accumulation_dtype(x.dtype), device=x.device)
-
-
-class L1(Regularizer):
-    """``l1 * sum(abs(x))``.
-
-    Examples:
-        >>> float(L1(0.01)(torch.ones(5, 5)))
-        0.25
-    """
-
-    def __init__(self, l1: float = 0.01) -> None:
-        self.l1 = check_coefficient("l1", l1)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = _check_tensor(x, "L1")
-        return self.l1 * _abs_sum(x)
-
-    def get_config(self) -> dict[str, Any]:
-        return {"l1": self.l1}
-
-    def terms(self) -> tuple[tuple[str, float], ...]:
-        return (("l1", self.l1),)
-
-
-class L2(Regularizer):
-    """``l2 * sum(x**2)`` (Keras scaling; ``SGD(weight_decay=wd)`` equals ``L2(wd / 2)``).
-
-    Examples:
-        >>> round(float(L2(0.01)(torch.full((2, 2), 3.0))), 6)
-        0.36
-    """
-
-    def __init__(self, l2: float = 0.01) -> None:
-        self.l2 = check_coefficient("l2", l2)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = _check_tensor(x, "L2")
-        return self.l2 * _square_sum(x)
-
-    def get_config(self) -> dict[str, Any]:
-        return {"l2": self.l2}
-
-    def terms(self) -> tuple[tuple[str, float], ...]:
-        return (("l2", self.l2),)
-
-
-class L1L2(Regularizer):
-    """``l1 * sum(abs(x)) + l2 * sum(x**2)``; both default to 0 as in Keras's class.
-
-    Examples:
-        >>> float(L1L2(l1=0.5, l2=0.25)(torch.tensor([2.0])))  # 0.5*2 + 0.25*4
-        2.0
-    """
-
-    def __init__(self, l1: float = 0.0, l2: float = 0.0) -> None:
-        self.l1 = check_coefficient("l1", l1)
-        self.l2 = check_coefficient("l2", l2)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = _check_tensor(x, "L1L2")
-        result = _zero_like(x)
-        if self.l1:
-            result = result + self.l1 * _abs_sum(x)
-        if self.l2:
-            result = result + self.l2 * _square_sum(x)
-        return result
-
-    def get_config(self) -> dict[str, Any]:
-        return {"l1": self.l1, "l2": self.l2}
-
-    def terms(self) -> tuple[tuple[str, float], ...]:
-        return (("l1", self.l1), ("l2", self.l2))
-
-
-class Orthogonal(Regularizer):
-    """Keras ``OrthogonalRegularizer``: pushes rows (or columns) towards orthogonality.
-
-    ``factor * 0.5 * sum(abs(P * (1 - I))) / (s * (s - 1) / 2)`` where ``P`` is the Gram matrix
-    of the L2-normalised rows (``mode="rows"``) or columns (``mode="columns"``) and ``s`` their
-    count. Tensors of rank > 2 are flattened to ``(shape[0], -1)``; ``s == 1`` gives 0.
-
-    Examples:
-        >>> float(Orthogonal(1.0)(torch.tensor([[1.0, 0.0], [1.0, 0.0]])))  # two equal rows
-        1.0
-    """
-
-    def __init__(self, factor: float = 0.01, mode: str = "rows") -> None:
-        self.factor = check_coefficient("factor", factor)
-        if mode not in ("rows", "columns"):
-            raise ValueError(f'mode must be "rows" or "columns", got {mode!r}')
-        self.mode = mode
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = _check_tensor(x, "Orthogonal")
-        if x.dim() < 2:
-            raise ValueError(
-                f"Orthogonal expects a tensor of rank >= 2 (a kernel), got shape {tuple(x.shape)}"
-            )
-        x = x.reshape(x.shape[0], -1).to(accumulation_dtype(x.dtype))
-        if self.mode == "columns":
-            x = x.t()
-        size = x.shape[0]
-        if size < 2:
-            # Keras divides by zero pairs here and returns NaN; one vector is trivially orthogonal.
-            return _zero_like(x) + 0.0 * x.sum()
-        # Keras normalises with max(norm, epsilon); F.normalize does the same with eps=1e-12.
-        x = torch.nn.functional.normalize(x, p=2.0, dim=1, eps=1e-12)
-        product = x @ x.t()
-        off_diagonal = product * (1.0 - torch.eye(size, dtype=x.dtype, device=x.device))
-        num_pairs = size * (size - 1.0) / 2.0
-        return self.factor * 0.5 * off_diagonal.abs().sum() / num_pairs
-
-    def get_config(self) -> dict[str, Any]:
-        return {"factor": self.factor, "mode": self.mode}
-
-
-OrthogonalRegularizer = Orthogonal
-
-
-class Custom(Regularizer):
-    """Wraps any callable ``f(tensor) -> 0-dim tensor`` so it behaves like a regularizer.
-
-    The result is checked (a real 0-dim tensor on the input's device) and upcast to float32 at
-    least. Custom regularizers cannot be serialised; subclass :class:`Regularizer` and
-    :func:`register` it for that.
-    """
-
-    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        if not callable(fn):
-            raise TypeError(f"Custom expects a callable, got {type(fn).__name__}")
-        self.fn = fn
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = _check_tensor(x, repr(self))
-        result = self.fn(x)
-        if not isinstance(result, torch.Tensor):
-            raise TypeError(
-                f"custom regularizer {self!r} must return a torch.Tensor, "
-                f"got {type(result).__name__}"
-            )
-        if result.numel() != 1:
-            raise ValueError(
-                f"custom regularizer {self!r} must return a scalar tensor, "
-                f"got shape {tuple(result.shape)}"
-            )
-        if result.device != x.device:
-            raise ValueError(
-                f"custom regularizer {self!r} returned a tensor on {result.device}, "
-                f"expected the input's device {x.device}"
-            )
-        return result.reshape(()).to(accumulation_dtype(result.dtype))
-
-    def get_config(self) -> dict[str, Any]:
-        raise NotImplementedError(
-            f"custom regularizer {self!r} wraps a function and cannot be serialised; "
-            "subclass regcollect.Regularizer and decorate it with @regcollect.register(name)"
-        )
-
-    def __repr__(self) -> str:
-        return f"Custom({getattr(self.fn, '__qualname__', None) or type(self.fn).__name__})"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Custom) and other.fn is self.fn
-
-    def __hash__(self) -> int:
-        return id(self.fn)
 
 
 def l1(l1: float = 0.01) -> L1:
@@ -326,6 +86,13 @@ _STRING_ALIASES: dict[str, Callable[[], Regularizer]] = {
     "orthogonal_regularizer": Orthogonal,
 }
 
+_FACTORIES: tuple[Callable[[], Regularizer], ...] = (l1, l2, l1_l2, orthogonal)
+
+
+def _by_string(name: str) -> Callable[..., Regularizer] | None:
+    return _STRING_ALIASES.get(name) or _REGISTRY.get(name)
+
+
 R = TypeVar("R", bound=type[Regularizer])
 
 
@@ -355,8 +122,22 @@ for _cls in (L1, L2, L1L2, Orthogonal):
 _REGISTRY["OrthogonalRegularizer"] = Orthogonal
 
 
+def _needs_arguments(factory: Callable[..., Any]) -> bool:
+    """Whether ``factory()`` would fail for want of an argument (``Sum`` needs a list)."""
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return False
+    return any(
+        p.default is inspect.Parameter.empty
+        and p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        for p in signature.parameters.values()
+    )
+
+
 def _accepted() -> str:
-    names = sorted(set(_STRING_ALIASES) | set(_REGISTRY))
+    factories: dict[str, Callable[..., Any]] = {**_REGISTRY, **_STRING_ALIASES}
+    names = sorted(n for n, factory in factories.items() if not _needs_arguments(factory))
     return (
         "None, a Regularizer, one of the strings "
         + ", ".join(repr(n) for n in names)
@@ -399,6 +180,10 @@ def deserialize(config: dict[str, Any]) -> Regularizer:
         return cls.from_config(inner)
     except TypeError as exc:
         raise ValueError(f"bad config for regularizer {name!r}: {inner!r} ({exc})") from None
+    except RecursionError:
+        raise ValueError(
+            f"the config of regularizer {name!r} is nested too deeply to be a real plan"
+        ) from None
 
 
 def get(identifier: object) -> Regularizer | None:
@@ -415,10 +200,17 @@ def get(identifier: object) -> Regularizer | None:
     if isinstance(identifier, Regularizer):
         return identifier
     if isinstance(identifier, str):
-        factory = _STRING_ALIASES.get(identifier) or _REGISTRY.get(identifier)
+        factory = _by_string(identifier)
         if factory is None:
             raise ValueError(f"unknown regularizer {identifier!r}; expected {_accepted()}")
+        if _needs_arguments(factory):
+            raise ValueError(
+                f"regularizer {identifier!r} needs arguments and cannot be named by a string; "
+                f"build it ({identifier}(...)) and pass the object"
+            )
         return factory()
+    if identifier in _FACTORIES:  # rc.l2 passed uncalled, like the class rc.L2
+        return identifier()  # type: ignore[operator, no-any-return]
     if isinstance(identifier, dict):
         return deserialize(identifier)
     if isinstance(identifier, type):

@@ -13,27 +13,41 @@ from typing import IO, Any
 import torch
 from tabulate import tabulate, tabulate_formats
 
+from .entries import ACTIVITY, Entry
 from .readout import Row
 
-__all__ = ["render", "table_extra"]
+__all__ = ["SummaryText", "render", "table_extra"]
 
 HEADERS = ["name", "shape", "regularizer", "penalty", "% of reg.", "% of loss"]
 
 
+class SummaryText(str):
+    """The table as a ``str``; its repr is one line, so that at the Python prompt the table
+    printed by ``summary()`` is not shown a second time as the return value."""
+
+    def __repr__(self) -> str:
+        rows = max(0, self.count("\n") - 1)
+        return f"<regcollect summary: {rows} rows; print() it to see the table>"
+
+
 def _percent(part: float | None, whole: float | None) -> str:
-    if part is None or whole is None:
+    if part is None:
+        return "-"
+    if whole is None:
         return ""
     if whole == 0:
         return "-" if part == 0 else "inf"
     return f"{100.0 * part / whole:.2f}%"
 
 
-def _value(value: float | None) -> str | float:
+def _value(value: float | None) -> str:
+    # Formatted here: tabulate would switch the whole column to full precision as soon as
+    # one cell is not a number.
     if value is None:
         return "-"  # registered after the last loss() call, or frozen
     if not math.isfinite(value):
         return f"{value} (!)"
-    return value
+    return f"{value:.6g}"
 
 
 def table_extra(loss: torch.Tensor | float | None) -> tuple[list[torch.Tensor], float | None]:
@@ -60,6 +74,10 @@ def check_tablefmt(tablefmt: object) -> str:
     return tablefmt
 
 
+def _no_shape(entry: Entry) -> str:
+    return "output" if entry.kind == ACTIVITY else "-"  # a weight whose tensor is gone
+
+
 def render(
     rows: list[Row],
     total: float,
@@ -75,7 +93,7 @@ def render(
         shape = entry.shape
         row = [
             name,
-            "x".join(map(str, shape)) if shape is not None else "output",
+            "x".join(map(str, shape)) if shape is not None else _no_shape(entry),
             repr(entry.regularizer),
             _value(value),
             _percent(value, total),
@@ -87,8 +105,11 @@ def render(
     if loss_value is not None:
         total_row.append(_percent(total, loss_value))
     table.append(total_row)
-    text = tabulate(table, headers=headers, tablefmt=tablefmt, floatfmt=".6g")
+    align = ("left", "left", "left", "right", "right", "right")[: len(headers)]
+    text = tabulate(
+        table, headers=headers, tablefmt=tablefmt, disable_numparse=True, colalign=align
+    )
     if loss_value is not None:
         text += f"\ntotal loss: {loss_value:.6g}"
     print(text, file=file if file is not None else sys.stdout)
-    return text
+    return SummaryText(text)

@@ -47,9 +47,10 @@ def test_a_deep_copy_gets_its_names_once_scoped():
     assert set(rc.penalties(clone)) == {"1.weight", "total"}
 
 
-def test_strip_wrappers_and_auto_names():
-    assert _naming.strip_wrappers("module._orig_mod.encoder.0.weight") == "encoder.0.weight"
-    assert _naming.module_path("_fsdp_wrapped_module.layers.1") == "layers.1"
+def test_wrapper_free_paths_and_auto_names():
+    inner = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    paths = [p for p, _ in _naming.named_modules(torch.nn.DataParallel(inner))]
+    assert paths == ["", "", "0"]  # the wrapper and the model share the empty path
 
     class MyBlock2D(torch.nn.Module):
         pass

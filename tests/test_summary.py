@@ -49,7 +49,8 @@ def test_summary_reads_last_loss_values_only():
     model = build()
     text = rc.summary(file=io.StringIO())
     row = next(line for line in text.splitlines() if line.startswith("0.weight"))
-    assert row.split() == ["0.weight", "2x3", "L2(l2=1.0)", "-"]  # registered, not computed yet
+    # registered, not computed yet
+    assert row.split() == ["0.weight", "2x3", "L2(l2=1.0)", "-", "-"]
     rc.loss()
     with torch.no_grad():
         model[0].weight.fill_(2.0)  # not seen until the next loss()

@@ -12,7 +12,7 @@ Examples:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -23,7 +23,7 @@ from ..context import (
     get_regularization_loss,
     get_regularization_losses,
 )
-from ..regularizers import L1, L1L2, L2, Regularizer, check_coefficient, register
+from ..regularizers import L1, L1L2, L2, Regularizer, check_coefficient, fused_terms, register
 from ..regularizers import get as get_regularizer
 
 __all__ = [
@@ -79,7 +79,7 @@ class Sum(Regularizer):
     def terms(self) -> tuple[tuple[str, float], ...] | None:
         out: list[tuple[str, float]] = []
         for reg in self.regularizers:
-            terms = reg.terms() if reg is not None else ()
+            terms = fused_terms(reg) if reg is not None else ()
             if terms is None:
                 return None
             out.extend(terms)
@@ -102,7 +102,7 @@ def sum_regularizer(regularizer_list: Sequence[Any]) -> Sum | None:
 
 
 def apply_regularization(
-    regularizer: Any, weights_list: Sequence[torch.Tensor] | None = None
+    regularizer: Any, weights_list: Iterable[torch.Tensor] | None = None
 ) -> torch.Tensor:
     """Penalise each weight, add the penalties to the collection, and return their sum.
 
@@ -112,14 +112,18 @@ def apply_regularization(
     reg = get_regularizer(regularizer)
     if reg is None:
         raise ValueError("regularizer must not be None")
-    if weights_list is None or isinstance(weights_list, torch.Tensor) or len(weights_list) == 0:
+    if isinstance(weights_list, torch.Tensor) or not isinstance(weights_list, Iterable):
+        weights = []
+    else:
+        weights = list(weights_list)  # any iterable, as TF accepted: model.parameters() too
+    if not weights:
         raise ValueError(
-            "weights_list must be a non-empty list of tensors (PyTorch has no global weights "
-            f"collection to default to), got {weights_list!r}"
+            "weights_list must be a non-empty iterable of tensors (PyTorch has no global "
+            f"weights collection to default to), got {weights_list!r}"
         )
     collection = active_collection()
     values = []
-    for i, w in enumerate(weights_list):
+    for i, w in enumerate(weights):
         if not isinstance(w, torch.Tensor):
             raise TypeError(f"weights_list[{i}] must be a torch.Tensor, got {type(w).__name__}")
         collection.add_tensor(w, reg, name="tensor", prefix=current_prefix())

@@ -1,0 +1,300 @@
+"""Penalty math: one small class per penalty, each a formula on one tensor.
+
+Every regularizer maps a tensor ``x`` to a 0-dim penalty tensor on ``x``'s device, computed in
+float32 at least (so float16/bfloat16 weights never overflow) and differentiable. This module
+imports only torch; :mod:`regcollect.regularizers` adds the factories, the registry and
+(de)serialisation, and re-exports everything here.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+__all__ = [
+    "Custom",
+    "L1",
+    "L1L2",
+    "L2",
+    "Orthogonal",
+    "OrthogonalRegularizer",
+    "Regularizer",
+    "accumulation_dtype",
+    "check_coefficient",
+    "fused_terms",
+]
+
+
+def check_coefficient(name: str, value: object) -> float:
+    """Return ``value`` as a float if it is a non-negative finite real number, else raise.
+
+    ``bool`` is rejected although it is an ``int``: ``l2(True)`` is almost certainly a bug.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(
+            f"{name} must be a non-negative finite real number (int or float), "
+            f"got {value!r} of type {type(value).__name__}"
+        )
+    try:
+        result = float(value)
+    except OverflowError:  # an int beyond float's range, e.g. 10**400
+        result = math.inf
+    if not math.isfinite(result) or result < 0:
+        raise ValueError(f"{name} must be a non-negative finite real number, got {value!r}")
+    return result
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype penalties of a ``dtype`` tensor are computed in: float32 at least."""
+    if not dtype.is_floating_point:
+        return torch.float32
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _check_tensor(x: object, who: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{who} expects a torch.Tensor, got {type(x).__name__}")
+    if x.is_complex():
+        raise TypeError(f"{who} expects a real tensor, got dtype {x.dtype}")
+    return x
+
+
+class Regularizer:
+    """Base class: ``__call__(x) -> 0-dim tensor``, ``get_config()``, ``from_config(config)``.
+
+    Subclasses that are sums of ``c * sum(abs(x))`` and ``c * sum(x**2)`` terms report them in
+    :meth:`terms`, which lets the engine compute many of them at once with multi-tensor kernels.
+    Any other subclass is simply called on each tensor.
+    """
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement __call__")
+
+    def get_config(self) -> dict[str, Any]:
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement get_config() to be serialised"
+        )
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Regularizer:
+        return cls(**config)
+
+    def terms(self) -> tuple[tuple[str, float], ...] | None:
+        """``(("l1", c1), ("l2", c2), ...)`` when the penalty is a sum of such terms, else None."""
+        return None
+
+    def __repr__(self) -> str:
+        try:
+            config = self.get_config()
+        except NotImplementedError:
+            return f"{type(self).__name__}()"
+        args = ", ".join(f"{k}={v!r}" for k, v in config.items())
+        return f"{type(self).__name__}({args})"
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        try:
+            return bool(self.get_config() == other.get_config())  # type: ignore[attr-defined]
+        except NotImplementedError:
+            return self is other
+
+    def __hash__(self) -> int:
+        return id(self)
+
+
+def fused_terms(regularizer: Regularizer) -> tuple[tuple[str, float], ...] | None:
+    """``regularizer.terms()``, unless a subclass overrides ``__call__`` below the class that
+    defined ``terms()``: its formula is then its own, and the engine must call it."""
+    mro = type(regularizer).__mro__
+    terms_owner = next(c for c in mro if "terms" in c.__dict__)
+    call_owner = next(c for c in mro if "__call__" in c.__dict__)
+    if call_owner is not terms_owner and issubclass(call_owner, terms_owner):
+        return None
+    return regularizer.terms()
+
+
+def _abs_sum(x: torch.Tensor) -> torch.Tensor:
+    return x.abs().sum(dtype=accumulation_dtype(x.dtype))
+
+
+def _square_sum(x: torch.Tensor) -> torch.Tensor:
+    # Upcast before squaring: a float16 weight of 300 squares to inf in float16.
+    x = x.to(accumulation_dtype(x.dtype))
+    return (x * x).sum()
+
+
+def _zero_like(x: torch.Tensor) -> torch.Tensor:
+    return torch.zeros((), dtype=accumulation_dtype(x.dtype), device=x.device)
+
+
+class L1(Regularizer):
+    """``l1 * sum(abs(x))``.
+
+    Examples:
+        >>> float(L1(0.01)(torch.ones(5, 5)))
+        0.25
+    """
+
+    def __init__(self, l1: float = 0.01) -> None:
+        self.l1 = check_coefficient("l1", l1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = _check_tensor(x, "L1")
+        return self.l1 * _abs_sum(x)
+
+    def get_config(self) -> dict[str, Any]:
+        return {"l1": self.l1}
+
+    def terms(self) -> tuple[tuple[str, float], ...]:
+        return (("l1", self.l1),)
+
+
+class L2(Regularizer):
+    """``l2 * sum(x**2)`` (Keras scaling; ``SGD(weight_decay=wd)`` equals ``L2(wd / 2)``).
+
+    Examples:
+        >>> round(float(L2(0.01)(torch.full((2, 2), 3.0))), 6)
+        0.36
+    """
+
+    def __init__(self, l2: float = 0.01) -> None:
+        self.l2 = check_coefficient("l2", l2)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = _check_tensor(x, "L2")
+        return self.l2 * _square_sum(x)
+
+    def get_config(self) -> dict[str, Any]:
+        return {"l2": self.l2}
+
+    def terms(self) -> tuple[tuple[str, float], ...]:
+        return (("l2", self.l2),)
+
+
+class L1L2(Regularizer):
+    """``l1 * sum(abs(x)) + l2 * sum(x**2)``; both default to 0 as in Keras's class.
+
+    Examples:
+        >>> float(L1L2(l1=0.5, l2=0.25)(torch.tensor([2.0])))  # 0.5*2 + 0.25*4
+        2.0
+    """
+
+    def __init__(self, l1: float = 0.0, l2: float = 0.0) -> None:
+        self.l1 = check_coefficient("l1", l1)
+        self.l2 = check_coefficient("l2", l2)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = _check_tensor(x, "L1L2")
+        result = _zero_like(x)
+        if self.l1:
+            result = result + self.l1 * _abs_sum(x)
+        if self.l2:
+            result = result + self.l2 * _square_sum(x)
+        return result
+
+    def get_config(self) -> dict[str, Any]:
+        return {"l1": self.l1, "l2": self.l2}
+
+    def terms(self) -> tuple[tuple[str, float], ...]:
+        return (("l1", self.l1), ("l2", self.l2))
+
+
+class Orthogonal(Regularizer):
+    """Keras ``OrthogonalRegularizer``: pushes rows (or columns) towards orthogonality.
+
+    ``factor * 0.5 * sum(abs(P * (1 - I))) / (s * (s - 1) / 2)`` where ``P`` is the Gram matrix
+    of the L2-normalised rows (``mode="rows"``) or columns (``mode="columns"``) and ``s`` their
+    count. Tensors of rank > 2 are flattened to ``(shape[0], -1)``; ``s == 1`` gives 0.
+
+    Examples:
+        >>> float(Orthogonal(1.0)(torch.tensor([[1.0, 0.0], [1.0, 0.0]])))  # two equal rows
+        1.0
+    """
+
+    def __init__(self, factor: float = 0.01, mode: str = "rows") -> None:
+        self.factor = check_coefficient("factor", factor)
+        if mode not in ("rows", "columns"):
+            raise ValueError(f'mode must be "rows" or "columns", got {mode!r}')
+        self.mode = mode
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = _check_tensor(x, "Orthogonal")
+        if x.dim() < 2:
+            raise ValueError(
+                f"Orthogonal expects a tensor of rank >= 2 (a kernel), got shape {tuple(x.shape)}"
+            )
+        if x.numel() == 0:  # no rows or no columns: nothing to make orthogonal
+            return _zero_like(x) + 0.0 * x.sum()
+        x = x.reshape(x.shape[0], -1).to(accumulation_dtype(x.dtype))
+        if self.mode == "columns":
+            x = x.t()
+        size = x.shape[0]
+        if size < 2:
+            # Keras divides by zero pairs here and returns NaN; one vector is trivially orthogonal.
+            return _zero_like(x) + 0.0 * x.sum()
+        # Keras normalises with max(norm, epsilon); F.normalize does the same with eps=1e-12.
+        x = torch.nn.functional.normalize(x, p=2.0, dim=1, eps=1e-12)
+        product = x @ x.t()
+        off_diagonal = product * (1.0 - torch.eye(size, dtype=x.dtype, device=x.device))
+        num_pairs = size * (size - 1.0) / 2.0
+        return self.factor * 0.5 * off_diagonal.abs().sum() / num_pairs
+
+    def get_config(self) -> dict[str, Any]:
+        return {"factor": self.factor, "mode": self.mode}
+
+
+OrthogonalRegularizer = Orthogonal
+
+
+class Custom(Regularizer):
+    """Wraps any callable ``f(tensor) -> 0-dim tensor`` so it behaves like a regularizer.
+
+    The result is checked (a real 0-dim tensor on the input's device) and upcast to float32 at
+    least. Custom regularizers cannot be serialised; subclass :class:`Regularizer` and
+    :func:`register` it for that.
+    """
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        if not callable(fn):
+            raise TypeError(f"Custom expects a callable, got {type(fn).__name__}")
+        self.fn = fn
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = _check_tensor(x, repr(self))
+        result = self.fn(x)
+        if not isinstance(result, torch.Tensor):
+            raise TypeError(
+                f"custom regularizer {self!r} must return a torch.Tensor, "
+                f"got {type(result).__name__}"
+            )
+        if result.numel() != 1:
+            raise ValueError(
+                f"custom regularizer {self!r} must return a scalar tensor, "
+                f"got shape {tuple(result.shape)}"
+            )
+        if result.device != x.device:
+            raise ValueError(
+                f"custom regularizer {self!r} returned a tensor on {result.device}, "
+                f"expected the input's device {x.device}"
+            )
+        return result.reshape(()).to(accumulation_dtype(result.dtype))
+
+    def get_config(self) -> dict[str, Any]:
+        raise NotImplementedError(
+            f"custom regularizer {self!r} wraps a function and cannot be serialised; "
+            "subclass regcollect.Regularizer and decorate it with @regcollect.register(name)"
+        )
+
+    def __repr__(self) -> str:
+        return f"Custom({getattr(self.fn, '__qualname__', None) or type(self.fn).__name__})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Custom) and other.fn is self.fn
+
+    def __hash__(self) -> int:
+        return id(self.fn)
