@@ -23,7 +23,7 @@ from .activity import Record
 from .engine import Plan
 from .entries import ACTIVITY, Entry, current_tensors
 from .guards import model_groups, several_models_message
-from .plans import CachedPlan, mark_constant, traced_tensors
+from .plans import CachedPlan, choose, mark_constant, traced_tensors
 from .readout import Last, Readout, Row, as_dict, check_finite
 from .registry import Registry
 from .summary import check_tablefmt, render, table_extra
@@ -110,11 +110,8 @@ class Collection(Registry):
 
     def _plan(self, scope: ScopeArg) -> tuple[Any, CachedPlan]:
         checked = check_scope(scope)
-        if isinstance(checked, tuple):
-            key: Any = tuple(map(id, checked))
-            roots: Sequence[torch.nn.Module] = checked
-        else:
-            key, roots = checked, ()
+        key = _key(checked)
+        roots: Sequence[torch.nn.Module] = checked if isinstance(checked, tuple) else ()
         with self._lock:
             self._cleanup()
 
@@ -146,6 +143,18 @@ class Collection(Registry):
             message = several_models_message(groups, cached.in_scope, cached.models, names)
             warnings.warn(message, RegcollectWarning, stacklevel=4)
 
+    def _warn_meta(self, meta: list[Entry]) -> None:
+        """Warn once (until clear()) that entries on meta tensors were left out."""
+        self._warned_meta = True
+        names = ", ".join(repr(self._names().get(e, "?")) for e in meta[:3])
+        warnings.warn(
+            f"{len(meta)} entries ({names}) regularize tensors on the meta device (a model "
+            "built for its shapes only) beside real ones; they are left out of loss(). Pass "
+            "the real model (rc.loss(model)) to silence this.",
+            RegcollectWarning,
+            stacklevel=4,
+        )
+
     def loss(self, scope: ScopeArg = None) -> torch.Tensor:
         """Sum of the penalties in ``scope``: weights, plus the activity penalties recorded since.
 
@@ -165,15 +174,7 @@ class Collection(Registry):
         if key is None and not self._warned_models:
             self._warn_models(cached, records)
         if cached.meta and not self._warned_meta:
-            self._warned_meta = True
-            names = ", ".join(repr(self._names().get(e, "?")) for e in cached.meta[:3])
-            warnings.warn(
-                f"{len(cached.meta)} entries ({names}) regularize tensors on the meta device "
-                "(a model built for its shapes only) beside real ones; they are left out of "
-                "loss(). Pass the real model (rc.loss(model)) to silence this.",
-                RegcollectWarning,
-                stacklevel=3,
-            )
+            self._warn_meta(cached.meta)
         result = cached.plan()
         total = _with_records(result.total, [r.value for r in records], bool(cached.entries))
         self._readout.store(
@@ -195,29 +196,20 @@ class Collection(Registry):
         matched against the names once, when the step is traced (:func:`_scope_positions`).
         """
         in_scope = list(self._entries.values())
-        if scope is not None:
-            if not isinstance(scope, str):
-                check_scope(scope)  # raises the TypeError of the eager path
+        checked = None if scope is None else check_scope(scope)  # the eager path's errors
+        if checked is not None:
             found = _scope_positions(self, scope)
             if isinstance(found, str):  # an invalid regular expression
                 raise ValueError(found)
             in_scope = [in_scope[i] for i in found]
         candidates = [e for e in in_scope if e.kind != ACTIVITY]
-        tensors = traced_tensors(candidates)
-        chosen: dict[int, int] = {}
-        for i, t in enumerate(tensors):
-            if t is not None and t.requires_grad:
-                chosen[id(t)] = i
-        order = sorted(chosen.values())
-        entries = [candidates[i] for i in order]
-        plan = Plan([tensors[i] for i in order], [e.regularizer for e in entries])  # type: ignore[misc]
+        entries, tensors = choose(candidates, traced_tensors(candidates))
+        plan = Plan(tensors, [e.regularizer for e in entries])
         keep = None if scope is None else frozenset(map(id, in_scope))
         records = self.pending.take_traced(keep)
         result = plan()
         self._readout.store(
-            scope
-            if isinstance(scope, str) or scope is None
-            else tuple(map(id, check_scope(scope) or ())),
+            _key(checked),
             Last(
                 entries,
                 result.parts,
@@ -297,6 +289,11 @@ class Collection(Registry):
         if extra_values:
             loss_value = extra_values[0]
         return render(rows, total, loss_value, tablefmt=tablefmt, file=file)
+
+
+def _key(scope: str | tuple[torch.nn.Module, ...] | None) -> Any:
+    """The cache and read-back key of a checked scope: a string, ids of modules, or None."""
+    return tuple(map(id, scope)) if isinstance(scope, tuple) else scope
 
 
 def _ids_in(ids: frozenset[int]) -> Callable[[Entry], bool]:

@@ -398,3 +398,17 @@ def test_parameters_swapped_back_and_forth_reuse_two_plans(plan_builds):
         layer.weight = p
         assert rc.loss().item() == pytest.approx((p.detach() ** 2).sum().item())
     assert len(plan_builds) == 2
+
+
+def test_losses_follow_registration_order_with_activity_entries():
+    model = torch.nn.Sequential(
+        rc.nn.Linear(2, 2, activity_regularizer=rc.l1(1.0)),
+        rc.nn.Linear(2, 2, kernel_regularizer=rc.l2(1.0)),
+    )
+    out0 = model[0](torch.randn(3, 2))
+    model[1](out0)
+    losses = rc.get_regularization_losses(model)
+    names = [e.name for e in rc.get_collection().entries(model)]
+    assert names == ["0:activity", "1.weight"]
+    assert losses[0].item() == pytest.approx((out0.abs().sum() / 3).item(), rel=1e-6)
+    assert losses[1].item() == pytest.approx((model[1].weight ** 2).sum().item(), rel=1e-6)

@@ -330,3 +330,24 @@ def test_torch_compile_with_a_scope_matches_eager_with_zero_graph_breaks():
         torch.compile(lambda x: rc.loss("("))(x)
     with pytest.raises(TypeError, match="scope must be a regular expression string, an nn.Module"):
         torch.compile(lambda x: rc.loss(3))(x)
+
+
+def test_torch_compile_with_a_model_scope_matches_eager_with_zero_graph_breaks():
+    model = torch.nn.Sequential(
+        rc.nn.Linear(8, 8, kernel_regularizer=rc.l2(0.1), activity_regularizer=rc.l1(0.02)),
+        torch.nn.ReLU(),
+        rc.nn.Linear(8, 2, kernel_regularizer=rc.l1(0.1)),
+    )
+    other = torch.nn.Sequential(rc.nn.Linear(3, 3, kernel_regularizer=rc.l2(5.0)))
+    x = torch.randn(4, 8)
+
+    def step(x):
+        return model(x).sum() + rc.loss(model)  # the other model's penalty stays out
+
+    explained = torch._dynamo.explain(step)(x)
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    rc.loss(model)  # drop the activity penalty explain() recorded
+    eager = step(x)
+    got = torch.compile(step)(x)
+    assert got.item() == pytest.approx(eager.item(), rel=1e-6)
+    assert other is not None
