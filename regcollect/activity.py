@@ -56,11 +56,8 @@ def _watched_output(module: torch.nn.Module, output: Any) -> tuple[torch.Tensor,
     return output, (output.shape[batch_dim] if output.dim() > 0 else 1)
 
 
-def activity_penalty(
-    regularizer: Regularizer, module: torch.nn.Module, output: Any
-) -> torch.Tensor:
+def activity_penalty(regularizer: Regularizer, tensor: torch.Tensor, batch: int) -> torch.Tensor:
     """Keras semantics: ``regularizer(output) / batch_size``, 0 for an empty batch."""
-    tensor, batch = _watched_output(module, output)
     if batch == 0 or tensor.numel() == 0:
         return torch.zeros((), dtype=accumulation_dtype(tensor.dtype), device=tensor.device)
     return regularizer(tensor) / batch
@@ -130,12 +127,10 @@ class Pending:
             self._bytes += record.nbytes
             if len(self._records) <= self.max_count and self._bytes <= self.max_bytes:
                 return
-            dropped = 0
             while self._records and (
                 len(self._records) > self.max_count or self._bytes > self.max_bytes
             ):
                 self._bytes -= self._records.pop(0).nbytes
-                dropped += 1
             warn, self._warned_bound = not self._warned_bound, True
         if warn:
             warnings.warn(
@@ -171,12 +166,10 @@ class Pending:
                 if keep is not None and not keep(r.entry):
                     left.append(r)
                     continue
-                module = r.entry.module
-                if module is None or (not r.training and module.training):
-                    self._bytes -= r.nbytes
-                    continue
                 self._bytes -= r.nbytes
-                taken.append(r)
+                module = r.entry.module
+                if module is not None and (r.training or not module.training):
+                    taken.append(r)
             self._records = left
         if missed is not None and not self._warned_missed:
             self._warned_missed = True
@@ -246,8 +239,8 @@ class ActivityHook:
                 "penalty. Use checkpoint(..., use_reentrant=False)."
             )
         try:
-            tensor, _ = _watched_output(module, output)
-            value = activity_penalty(entry.regularizer, module, output)
+            tensor, batch = _watched_output(module, output)
+            value = activity_penalty(entry.regularizer, tensor, batch)
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"{owner.describe(entry)}: {exc}") from exc
         if node is not None:

@@ -44,19 +44,16 @@ def choose(
     A parameter reached through two entries (tied after registration) counts once: the later
     registration wins, as re-registering does.
     """
-    chosen: dict[int, int] = {}
+    chosen: dict[int, tuple[int, torch.Tensor]] = {}
     for i, t in enumerate(tensors):
         if t is not None and t.requires_grad:
-            chosen[id(t)] = i
-    order = sorted(chosen.values())
-    if any(tensors[i].is_meta for i in order) and not all(  # type: ignore[union-attr]
-        tensors[i].is_meta  # type: ignore[union-attr]
-        for i in order
-    ):
+            chosen[id(t)] = (i, t)
+    picked = sorted(chosen.values(), key=operator.itemgetter(0))
+    if any(t.is_meta for _, t in picked) and not all(t.is_meta for _, t in picked):
         # A meta-device copy (a shape-only model) beside real ones: its values do not exist,
         # and it would put the total on "meta". Left out; the collection warns.
-        order = [i for i in order if not tensors[i].is_meta]  # type: ignore[union-attr]
-    return [candidates[i] for i in order], [tensors[i] for i in order]  # type: ignore[misc]
+        picked = [(i, t) for i, t in picked if not t.is_meta]
+    return [candidates[i] for i, _ in picked], [t for _, t in picked]
 
 
 @dataclass
@@ -98,9 +95,6 @@ class PlanCache:
     def __init__(self, size: int = 64) -> None:
         self.size = size
         self._plans: dict[Any, list[CachedPlan]] = {}
-
-    def clear(self) -> None:
-        self._plans = {}
 
     def get(
         self,

@@ -86,8 +86,7 @@ class Registry:
     def _on_death(self, _ref: object) -> None:
         # May run inside the garbage collector in any thread: only set flags here.
         self._has_dead = True
-        self._plans = PlanCache()
-        self._version += 1
+        self._changed()
 
     def add_weight(
         self, module: torch.nn.Module, param: str, regularizer: Regularizer, *, prefix: str = ""
