@@ -231,16 +231,115 @@ def training_step(repeats: int, device: torch.device) -> dict[str, float]:
         (torch.nn.functional.cross_entropy(ours(x), y) + coll.loss()).backward()
         opt_ours.step()
 
-    medians = measure(
-        {"SGD(weight_decay) step": step_plain, "rc.loss() + SGD step": step_ours},
-        repeats,
-        inner=2,
-        device=device,
-    )
+    candidates: dict[str, Callable[[], object]] = {
+        "SGD(weight_decay) step": step_plain,
+        "rc.loss() + SGD step": step_ours,
+    }
+    if device.type == "cuda":
+        # The same steps captured in CUDA graphs: what is left once the host cost is gone.
+        candidates["SGD(weight_decay) step, CUDA graph"] = cuda_graph(step_plain, opt_plain)
+        candidates["rc.loss() + SGD step, CUDA graph"] = cuda_graph(step_ours, opt_ours)
+    medians = measure(candidates, repeats, inner=2, device=device)
     report("3. training step: 4 x 1024 MLP, batch 256", medians, "SGD(weight_decay) step")
+    if device.type == "cuda":
+        graphed = "rc.loss() + SGD step, CUDA graph"
+        plain_graphed = medians["SGD(weight_decay) step, CUDA graph"]
+        print(f"overhead in CUDA graphs: {100 * (medians[graphed] / plain_graphed - 1):+.1f}%")
     overhead = medians["rc.loss() + SGD step"] / medians["SGD(weight_decay) step"] - 1
     print(f"overhead of rc.loss() over weight_decay: {100 * overhead:+.1f}%")
     return medians
+
+
+def cuda_graph(step: Callable[[], None], opt: torch.optim.Optimizer) -> Callable[[], None]:
+    """``step`` captured in a CUDA graph (the recipe of PyTorch's CUDA-graphs notes): warmed
+    up on a side stream, captured once; the returned callable replays it."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def real_size(repeats: int, device: torch.device, batch: int) -> dict[str, float]:
+    """ResNet-50 and ViT-B/16 (no weights): a whole training step with rc.l2 on the kernels
+    against SGD(weight_decay) on the same parameters, and the penalty alone against the
+    optimizer's weight-decay update. bf16 autocast on CUDA, as such models are trained."""
+    from models import resnet50, vit_b16
+
+    x = torch.randn(batch, 3, 224, 224, device=device)
+    y = torch.randint(0, 1000, (batch,), device=device)
+    wd = 1e-4
+    out: dict[str, float] = {}
+    for name, build in (("ResNet-50", resnet50), ("ViT-B/16", vit_b16)):
+        torch.manual_seed(0)
+        plain = build().to(device)
+        ours = build().to(device)
+        ours.load_state_dict(plain.state_dict())
+        coll = rc.Collection()
+        rc.regularize(ours, kernel=rc.l2(wd / 2), collection=coll)
+        params = [e.resolve() for e in coll.entries()]
+        # weight_decay on exactly the tensors regcollect regularizes (same names in both)
+        kernels = {n for n, p in ours.named_parameters() if any(p is q for q in params)}
+        decay = [p for n, p in plain.named_parameters() if n in kernels]
+        rest = [p for n, p in plain.named_parameters() if n not in kernels]
+        opt_plain = torch.optim.SGD(
+            [{"params": decay, "weight_decay": wd}, {"params": rest, "weight_decay": 0.0}],
+            lr=1e-3,
+            momentum=0.9,
+        )
+        opt_ours = torch.optim.SGD(ours.parameters(), lr=1e-3, momentum=0.9)
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+        def step_plain(model=plain, opt=opt_plain, amp=autocast) -> None:
+            opt.zero_grad()
+            with amp:
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+
+        def step_ours(model=ours, opt=opt_ours, amp=autocast, coll=coll) -> None:
+            opt.zero_grad()
+            with amp:
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+            (loss + coll.loss()).backward()
+            opt.step()
+
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in params]
+
+        def penalty(coll=coll) -> None:
+            coll.loss().backward()
+
+        def weight_decay(grads=grads, params=params) -> None:
+            torch._foreach_add_(grads, params, alpha=wd)
+
+        count = sum(p.numel() for p in params) / 1e6
+        medians = measure(
+            {
+                "SGD(weight_decay) step": step_plain,
+                "rc.loss() + SGD step": step_ours,
+                "penalty alone: rc.loss() fwd+bwd": penalty,
+                "penalty alone: foreach weight decay": weight_decay,
+            },
+            repeats,
+            inner=2,
+            device=device,
+        )
+        report(
+            f"4. {name}, batch {batch}, {len(params)} kernels ({count:.1f}M parameters)",
+            medians,
+            "SGD(weight_decay) step",
+        )
+        for key, value in medians.items():
+            out[f"{name}: {key}"] = value
+    return out
 
 
 def main() -> None:
@@ -248,12 +347,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--real-size",
+        type=int,
+        default=None,
+        metavar="BATCH",
+        help="run scenario 4 (ResNet-50, ViT-B/16) at this batch size (default: 64 on CUDA, "
+        "not run on the CPU)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(
-        f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
-        f"repeats {args.repeats} (medians)"
+        f"torch {torch.__version__}, device {device} ({name}), threads "
+        f"{torch.get_num_threads()}, repeats {args.repeats} (medians)"
     )
     small = many_small(args.repeats, device)
     big = large(args.repeats, device)
@@ -271,6 +379,20 @@ def main() -> None:
     )
     plain, ours = step["SGD(weight_decay) step"], step["rc.loss() + SGD step"]
     print(f"training step overhead: {100 * (ours / plain - 1):+.1f}%")
+    batch = args.real_size if args.real_size is not None else (64 if device.type == "cuda" else 0)
+    if batch:
+        real = real_size(args.repeats, device, batch)
+        for model in ("ResNet-50", "ViT-B/16"):
+            plain, ours = (
+                real[f"{model}: SGD(weight_decay) step"],
+                real[f"{model}: rc.loss() + SGD step"],
+            )
+            alone = real[f"{model}: penalty alone: rc.loss() fwd+bwd"]
+            update = real[f"{model}: penalty alone: foreach weight decay"]
+            print(
+                f"{model}: training step overhead {100 * (ours / plain - 1):+.1f}%, "
+                f"penalty alone {alone / update:.2f}x the weight-decay update"
+            )
     if device.type == "cpu" and keep_freed_memory():
         print("\n## 2b. large again, malloc keeping freed memory (no page faults on fresh tensors)")
         kept = large(args.repeats, device)

@@ -4,7 +4,7 @@ Each rank trains on its own slice of every batch. With DDP the parameters are re
 every rank computes the penalty locally (no communication); with FSDP2 they are sharded
 DTensors and ``rc.loss()`` completes the penalty with one all-reduce. Either way the value is
 the full-model penalty, the same on every rank, and the gradients are the single-process ones.
-Runs on CPU with the gloo backend (NCCL and GPUs work the same way):
+Runs on CPU with the gloo backend, or on GPUs with NCCL when there is one per rank:
 
     torchrun --nproc_per_node=2 examples/distributed.py [--mode ddp|fsdp2] [--steps 200]
 """
@@ -16,6 +16,7 @@ import os
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
@@ -31,12 +32,12 @@ def make_data(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.T
 def main(mode: str = "fsdp2", steps: int = 200, log_every: int = 100) -> dict[str, float]:
     if mode not in ("ddp", "fsdp2"):
         raise ValueError(f'mode must be "ddp" or "fsdp2", got {mode!r}')
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    # NCCL needs one GPU per rank; with fewer GPUs than ranks, the ranks run on the CPU.
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    backend = "nccl" if torch.cuda.device_count() >= world else "gloo"
     dist.init_process_group(backend)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device(
-        f"cuda:{rank % torch.cuda.device_count()}" if backend == "nccl" else "cpu"
-    )
+    rank = dist.get_rank()
+    device = torch.device(f"cuda:{rank}" if backend == "nccl" else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
 
@@ -51,10 +52,11 @@ def main(mode: str = "fsdp2", steps: int = 200, log_every: int = 100) -> dict[st
     if mode == "ddp":
         model = DistributedDataParallel(model)
     else:
+        mesh = init_device_mesh(device.type, (world,))  # the ranks' devices, CPU or GPU
         for layer in model:
             if isinstance(layer, torch.nn.Linear):
-                fully_shard(layer)  # layers built before sharding keep their penalties
-        fully_shard(model)
+                fully_shard(layer, mesh=mesh)  # layers built before sharding keep their penalties
+        fully_shard(model, mesh=mesh)
 
     generator = torch.Generator().manual_seed(0)  # the same data on every rank
     x_train, y_train = make_data(2048, generator)

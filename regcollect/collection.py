@@ -176,7 +176,7 @@ class Collection(Registry):
         if cached.meta and not self._warned_meta:
             self._warn_meta(cached.meta)
         result = cached.plan()
-        total = _with_records(result.total, [r.value for r in records], bool(cached.entries))
+        total = _with_records(result.total, [r.value for r in records], len(cached.entries) > 0)
         self._readout.store(
             key,
             Last(
@@ -218,7 +218,7 @@ class Collection(Registry):
             ),
         )
         self._consumed = True
-        return _with_records(result.total, [r.value for r in records], bool(entries))
+        return _with_records(result.total, [r.value for r in records], len(entries) > 0)
 
     def losses(self, scope: ScopeArg = None) -> list[torch.Tensor]:
         """One differentiable 0-dim tensor per entry that contributes, in registration order.
@@ -372,8 +372,7 @@ register_optimizer_step_post_hook(_forgotten_loss_check)
 register_optimizer_step_post_hook(_forgotten_loss_check)
 
 
-@mark_constant
-def _scope_positions(coll: Collection, scope: Any) -> tuple[int, ...] | str:
+def _positions(coll: Collection, scope: Any) -> tuple[int, ...] | str:
     """Positions, among ``coll``'s entries, of those ``scope`` covers.
 
     While torch.compile traces, this runs once, outside the graph, and its result is a
@@ -388,6 +387,12 @@ def _scope_positions(coll: Collection, scope: Any) -> tuple[int, ...] | str:
     except ValueError as exc:
         return str(exc)
     return tuple(i for i, e in enumerate(coll._entries.values()) if id(e) in keep)
+
+
+# Dynamo passes objects (the collection, a model) to a constant function from torch 2.13 on;
+# older versions reject them ("is not a constant", seen on 2.11). There the function is traced
+# like any other: correct values, with graph breaks at its regular expressions.
+_scope_positions = mark_constant(_positions) if torch.__version__ >= "2.13" else _positions
 
 
 _default = Collection()

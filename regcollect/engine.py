@@ -257,9 +257,6 @@ class Plan:
         for x in self.tensors:
             self.dtype = torch.promote_types(self.dtype, accumulation_dtype(x.dtype))
 
-    def __len__(self) -> int:
-        return len(self.tensors)
-
     def __call__(self) -> Result:
         total: torch.Tensor | None = None
         parts: list[tuple[torch.Tensor, list[int]]] = []
@@ -293,7 +290,7 @@ class Plan:
         for i in self.fallback:
             x = self.tensors[i]
             if _is_dtensor(x):
-                x = x.full_tensor()  # type: ignore[attr-defined]
+                x = _ContiguousGrad.apply(x.full_tensor())  # type: ignore[attr-defined]
             try:
                 value = self.regularizers[i](x)
             except (TypeError, ValueError) as exc:
@@ -303,6 +300,23 @@ class Plan:
         if total is None:
             total = torch.zeros((), dtype=self.dtype, device=self.device)
         return Result(total, parts)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous.
+
+    A gathered tensor's gradient goes back to its shards through DTensor's redistribution;
+    a regularizer whose gradient is a broadcast view (``(w.sum(1) ** 2).sum()`` gives an
+    expanded, stride-0 tensor) reached FSDP2 as an unsharded gradient on torch 2.11.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return grad.contiguous()
 
 
 @dataclass

@@ -8,7 +8,6 @@ a row shows the most recent value any view computed for its entry.
 
 from __future__ import annotations
 
-import itertools
 import math
 import threading
 from collections.abc import Sequence
@@ -22,7 +21,6 @@ from .entries import Entry
 __all__ = ["Last", "Readout", "Row", "as_dict", "check_finite", "to_host"]
 
 Row = tuple[Entry, str, "float | None"]
-_sequence = itertools.count()
 
 
 @dataclass
@@ -35,7 +33,6 @@ class Last:
     # Detached activity penalties, and the activity entries the call covered.
     records: list[tuple[Entry, torch.Tensor]]
     activity: list[Entry] = field(default_factory=list)
-    seq: int = field(default_factory=lambda: next(_sequence))
 
     def __post_init__(self) -> None:
         # Holding a differentiable value would keep the step's autograd graph (and the
@@ -44,7 +41,11 @@ class Last:
 
 
 class Readout:
-    """The last values of each view (scope) of one collection; at most ``size`` views."""
+    """The last values of each view (scope) of one collection; at most ``size`` views.
+
+    Views are kept in the order they were last computed (a store moves its view to the end):
+    where views overlap, the latest one's values win.
+    """
 
     def __init__(self, size: int = 64) -> None:
         self.size = size
@@ -54,6 +55,7 @@ class Readout:
     def store(self, key: Any, last: Last) -> None:
         if torch.compiler.is_compiling():
             # Traced: dynamo cannot enter a lock; a compiled step runs on one thread at a time.
+            self._lasts.pop(key, None)
             self._lasts[key] = last
             return
         with self._lock:
@@ -77,7 +79,7 @@ class Readout:
         None marks an entry no ``loss()`` has evaluated (registered since, or frozen).
         """
         with self._lock:
-            lasts = sorted(self._lasts.values(), key=lambda last: last.seq)
+            lasts = list(self._lasts.values())
         tensors: list[torch.Tensor] = [t.detach().reshape(-1) for t in extra]
         owners: list[tuple[int, list[Entry]]] = []
         for n, last in enumerate(lasts):

@@ -59,3 +59,12 @@ def run_in_threads():
             raise errors[0]
 
     return run
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda:0", marks=CUDA, id="cuda")])
+def device(request):
+    """The devices a test that takes one runs on: the CPU, and CUDA where a GPU is present."""
+    return torch.device(request.param)

@@ -387,7 +387,7 @@ def test_loss_plan_is_built_once_and_rebuilt_on_change(plan_builds):
     model.append(rc.nn.Linear(2, 2, kernel_regularizer=rc.l2(1.0)))
     expected = sum((layer.weight**2).sum() for layer in model)
     assert rc.loss().item() == pytest.approx(expected.item(), rel=1e-6)
-    assert len(plan_builds) == 2 and len(plan_builds[-1]) == 2
+    assert len(plan_builds) == 2 and len(plan_builds[-1].tensors) == 2
 
 
 def test_parameters_swapped_back_and_forth_reuse_two_plans(plan_builds):

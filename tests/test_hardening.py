@@ -118,9 +118,7 @@ def test_deeply_nested_plan_names_the_entry():
         "entries": [{"module": "", "param": "weight", "scope": "", "regularizer": reg}],
     }
     with pytest.raises(ValueError, match=r"plan\['entries'\]\[0\]\['regularizer'\].*nested"):
-        rc.load_plan(
-            torch.nn.Linear(2, 2), plan, collection=rc.Collection()
-        )
+        rc.load_plan(torch.nn.Linear(2, 2), plan, collection=rc.Collection())
 
 
 def test_meta_model_next_to_the_real_one():

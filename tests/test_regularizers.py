@@ -27,9 +27,9 @@ SQ_SUM = 1 + 4 + 0.25 + 0 + 9 + 2.25  # 16.5
         (rc.L2(), 0.01 * SQ_SUM),
     ],
 )
-def test_formulas(reg, expected):
-    value = reg(X)
-    assert value.shape == ()
+def test_formulas(reg, expected, device):
+    value = reg(X.to(device))
+    assert value.shape == () and value.device == device
     assert value.item() == pytest.approx(expected, rel=1e-12)
 
 
@@ -42,16 +42,16 @@ def test_defaults_match_keras():
     assert rc.OrthogonalRegularizer is rc.Orthogonal
 
 
-def test_orthogonal_hand_computed():
-    equal_rows = torch.tensor([[1.0, 0.0], [2.0, 0.0]])
+def test_orthogonal_hand_computed(device):
+    equal_rows = torch.tensor([[1.0, 0.0], [2.0, 0.0]], device=device)
     assert rc.Orthogonal(1.0)(equal_rows).item() == pytest.approx(1.0)
-    orthogonal_rows = torch.tensor([[3.0, 4.0], [4.0, -3.0]])
+    orthogonal_rows = torch.tensor([[3.0, 4.0], [4.0, -3.0]], device=device)
     assert rc.Orthogonal(1.0)(orthogonal_rows).item() == pytest.approx(0.0, abs=1e-7)
-    three = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    three = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], device=device)
     # dots: 0, 1/sqrt2, 1/sqrt2; off-diagonal |P| sums to 2*sqrt2; 3 pairs.
     assert rc.Orthogonal(0.5)(three).item() == pytest.approx(0.5 * 0.5 * 2 * math.sqrt(2) / 3)
     # columns mode is rows mode on the transpose
-    w = torch.randn(4, 6)
+    w = torch.randn(4, 6, device=device)
     assert torch.allclose(rc.Orthogonal(1.0, "columns")(w), rc.Orthogonal(1.0)(w.t()))
 
 
@@ -74,9 +74,10 @@ def test_orthogonal_rank_and_degenerate_cases():
     [rc.L1(0.3), rc.L2(0.3), rc.L1L2(0.2, 0.4), rc.Orthogonal(0.7), rc.Orthogonal(0.7, "columns")],
     ids=repr,
 )
-def test_gradcheck(reg):
+def test_gradcheck(reg, device):
     # Keep away from |x| = 0 where L1 is not differentiable.
-    x = (torch.rand(3, 4, dtype=torch.float64) + 0.1) * torch.tensor([1.0, -1.0, 1.0, -1.0])
+    signs = torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=torch.float64)
+    x = ((torch.rand(3, 4, dtype=torch.float64) + 0.1) * signs).to(device)
     x.requires_grad_(True)
     assert torch.autograd.gradcheck(reg, (x,))
 
@@ -88,8 +89,8 @@ def test_l2_gradient_matches_weight_decay_scaling():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_never_overflows(dtype):
-    x = torch.full((100, 100), 300.0, dtype=dtype)  # 300**2 * 1e4 overflows float16
+def test_half_precision_never_overflows(dtype, device):
+    x = torch.full((100, 100), 300.0, dtype=dtype, device=device)  # 300**2 * 1e4 > fp16 max
     for reg, expected in [(rc.L2(1.0), 300.0**2 * 1e4), (rc.L1(1.0), 300.0 * 1e4)]:
         value = reg(x)
         assert value.dtype == torch.float32
@@ -97,11 +98,12 @@ def test_half_precision_never_overflows(dtype):
     assert rc.Orthogonal(1.0)(x).dtype == torch.float32
 
 
-def test_output_dtype_and_device():
-    assert rc.L2()(torch.ones(3)).dtype == torch.float32
-    assert rc.L2()(torch.ones(3, dtype=torch.float64)).dtype == torch.float64
-    assert rc.L1()(torch.ones(3, dtype=torch.int64)).dtype == torch.float32
-    assert rc.L2()(torch.ones(3)).device == torch.ones(3).device
+def test_output_dtype_and_device(device):
+    assert rc.L2()(torch.ones(3, device=device)).dtype == torch.float32
+    assert rc.L2()(torch.ones(3, dtype=torch.float64, device=device)).dtype == torch.float64
+    assert rc.L1()(torch.ones(3, dtype=torch.int64, device=device)).dtype == torch.float32
+    for reg in (rc.L2(), rc.L1(), rc.L1L2(0.1, 0.1), rc.Orthogonal()):
+        assert reg(torch.ones(3, 3, device=device)).device == device
 
 
 BAD_COEFFICIENTS = [-0.1, float("nan"), float("inf"), -float("inf"), True, False, "0.1", None, [1]]

@@ -83,7 +83,11 @@ BAD_INPUT = [
         ValueError,
         r"scope must be a valid regular expression, got 'encoder/\('",
     ),
-    (lambda: rc.loss(scope=3), TypeError, "scope must be a regular expression string, an nn.Module or a list of nn.Modules, got int 3"),
+    (
+        lambda: rc.loss(scope=3),
+        TypeError,
+        "scope must be a regular expression string, an nn.Module or a list of nn.Modules, got int 3",
+    ),
     (lambda: rc.loss(scope=["a"]), TypeError, "scope must be .* got a list containing str 'a'"),
     (lambda: rc.loss(scope=[]), ValueError, "scope must not be an empty list"),
     (lambda: rc.summary(tablefmt="nope"), ValueError, "tablefmt.*'nope'"),
@@ -182,8 +186,8 @@ def test_non_finite_activity_is_named():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_weights_never_overflow(dtype):
-    layer = rc.nn.Linear(300, 300, kernel_regularizer=rc.l2(1.0), dtype=dtype)
+def test_half_precision_weights_never_overflow(dtype, device):
+    layer = rc.nn.Linear(300, 300, kernel_regularizer=rc.l2(1.0), dtype=dtype, device=device)
     with torch.no_grad():
         layer.weight.fill_(200.0)  # 200**2 * 90000 = 3.6e9, far beyond float16's 65504
     total = rc.loss()
@@ -193,29 +197,30 @@ def test_half_precision_weights_never_overflow(dtype):
     assert layer.weight.grad.dtype == dtype and torch.isfinite(layer.weight.grad).all()
 
 
-def test_autocast_block_gives_the_float32_penalty():
-    model = mlp()
+def test_autocast_block_gives_the_float32_penalty(device):
+    model = mlp().to(device)
     expected = reference(model).item()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(torch.randn(5, 4))
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        out = model(torch.randn(5, 4, device=device))
         total = rc.loss()
     assert out.dtype == torch.bfloat16
     assert total.dtype == torch.float32
     assert total.item() == pytest.approx(expected, rel=1e-6)
 
 
-def test_grad_scaler_flow_matches_unscaled_training():
-    x, y = torch.randn(16, 4), torch.randn(16, 2)
+def test_grad_scaler_flow_matches_unscaled_training(device):
+    x, y = torch.randn(16, 4, device=device), torch.randn(16, 2, device=device)
+    half = torch.float16 if device.type == "cuda" else torch.bfloat16
 
     def train(use_scaler):
         rc.get_collection().clear()
         torch.manual_seed(0)
-        model = mlp()
+        model = mlp().to(device)
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, enabled=use_scaler)
+        scaler = torch.amp.GradScaler(device.type, init_scale=2.0**12, enabled=use_scaler)
         for _ in range(3):
             opt.zero_grad()
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast(device.type, dtype=half):
                 data = torch.nn.functional.mse_loss(model(x).float(), y)
             total = data + rc.loss()  # the penalty is added outside autocast, in float32
             scaler.scale(total).backward()
@@ -285,10 +290,10 @@ def test_parameter_replaced_mid_training_is_followed():
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_model_to_dtype(dtype):
+def test_model_to_dtype(dtype, device):
     model = mlp()
     sgd_steps(model)
-    model.to(dtype)
+    model.to(device=device, dtype=dtype)
     total = rc.loss()
     assert total.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert total.item() == pytest.approx(reference(model).item(), rel=1e-6)

@@ -59,10 +59,12 @@ def test_summary_reads_last_loss_values_only():
     assert rc.penalties()["0.weight"] == pytest.approx(24.0)
 
 
-def test_summary_one_device_to_host_copy(monkeypatch):
-    model = build()
-    layer = rc.nn.Linear(2, 2, kernel_regularizer=rc.orthogonal(), activity_regularizer="l2")
-    layer(torch.randn(3, 2))
+def test_summary_one_device_to_host_copy(monkeypatch, device):
+    model = build().to(device)
+    layer = rc.nn.Linear(
+        2, 2, kernel_regularizer=rc.orthogonal(), activity_regularizer="l2", device=device
+    )
+    layer(torch.randn(3, 2, device=device))
     rc.loss([model, layer])
     calls = []
     original = torch.Tensor.tolist
@@ -73,8 +75,11 @@ def test_summary_one_device_to_host_copy(monkeypatch):
 
     monkeypatch.setattr(torch.Tensor, "tolist", counting)
     monkeypatch.setattr(torch.Tensor, "item", lambda self: pytest.fail("item() in summary"))
-    rc.summary(loss=torch.tensor(3.0), scope=[model, layer], file=io.StringIO())
+    text = rc.summary(
+        loss=torch.tensor(3.0, device=device), scope=[model, layer], file=io.StringIO()
+    )
     assert len(calls) == 1
+    assert text.splitlines()[-1].split()[-1] == "3"  # the total loss line
 
 
 def test_summary_scope_tablefmt_and_errors():

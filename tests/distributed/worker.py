@@ -217,8 +217,20 @@ def _compare(
     }
 
 
+def cpu_mesh() -> Any:
+    """The ranks' CPU mesh: without one, ``fully_shard`` picks CUDA wherever a GPU exists."""
+    return init_device_mesh("cpu", (dist.get_world_size(),))
+
+
+def root_only(model: torch.nn.Module) -> torch.nn.Module:
+    """``fully_shard`` on the root alone."""
+    fully_shard(model, mesh=cpu_mesh())
+    return model
+
+
 def fsdp(model: torch.nn.Module, **kwargs: Any) -> torch.nn.Module:
     """``fully_shard`` on every layer with parameters, then on the root (the usual recipe)."""
+    kwargs.setdefault("mesh", cpu_mesh())
     for layer in model.modules():
         if layer is not model and any(True for _ in layer.parameters(recurse=False)):
             fully_shard(layer, **kwargs)
@@ -273,7 +285,7 @@ SCENARIOS: dict[str, Callable[[], dict[str, Any]]] = {
     "ddp_find_unused_penalty_only_param": lambda: compare(ddp_find_unused, side=True),
     "ddp_regularize_after_wrap": lambda: compare(DDP, regularize=True),
     "fsdp2": lambda: compare(fsdp),
-    "fsdp2_root_only": lambda: compare(fully_shard),
+    "fsdp2_root_only": lambda: compare(root_only),
     "fsdp2_orthogonal": lambda: compare(fsdp, middle="orthogonal"),
     "fsdp2_custom": lambda: compare(fsdp, middle="custom"),
     "fsdp2_penalty_only_param": lambda: compare(fsdp, side=True),
@@ -281,7 +293,7 @@ SCENARIOS: dict[str, Callable[[], dict[str, Any]]] = {
     "hsdp_2d_mesh": lambda: compare(hsdp),
     # The stacked small-tensor path: its gradients are views of one tensor.
     "ddp_stacked": lambda: compare(DDP, stacked=True),
-    "fsdp2_root_only_stacked": lambda: compare(fully_shard, stacked=True),
+    "fsdp2_root_only_stacked": lambda: compare(root_only, stacked=True),
 }
 
 
