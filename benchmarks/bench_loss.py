@@ -4,7 +4,7 @@ One process, interleaved repetitions, medians; prints ratios. No assertion anywh
 belong here, not in tests.
 
     pip install keras   # optional, for the Keras 3 (torch backend) comparison
-    python benchmarks/bench_loss.py [--repeats 30] [--threads 1] [--device cpu]
+    python benchmarks/bench_loss.py [--repeats 30] [--threads 1] [--device cpu|cuda] [--real-size N]
 
 Scenarios:
 1. many-small: 100 Linear(64, 64), kernel l2(1e-3) and bias l1(1e-4) (200 entries), forward +
@@ -13,7 +13,11 @@ Scenarios:
    (torch._foreach_add_(grads, params, alpha=2c)); on CPU it runs again at the very end with
    glibc's malloc told to keep freed memory (2b), which shows what page faults cost.
 3. training step: 4-layer 1024-wide MLP, batch 256, forward + backward + SGD step, rc.l2 on the
-   kernels against SGD(weight_decay=...): overhead in %.
+   kernels against SGD(weight_decay=...): overhead in %; on CUDA also both steps captured in
+   CUDA graphs (what is left without the host's work).
+4. real size (CUDA by default, `--real-size BATCH` elsewhere): ResNet-50 and ViT-B/16 built
+   without weights (benchmarks/models.py), a bf16-autocast training step against
+   SGD(weight_decay) on the same kernels, and the penalty alone against the weight-decay update.
 """
 
 from __future__ import annotations
