@@ -17,7 +17,10 @@ Sharded tensors (``DTensor``, as FSDP2 and tensor parallelism make them) are han
   ranks that hold the shards with **one** all-reduce per ``loss()`` (one per sharded mesh
   dimension, so one for FSDP2 and HSDP). The all-reduce is outside autograd: each rank's
   gradient is the gradient of its own shard's partial penalty, which is exactly the shard of
-  the full penalty's gradient, with no factor of the world size.
+  the full penalty's gradient, with no factor of the world size. The all-reduced vector has a
+  layout every rank shares (:class:`_Layout`): slots for each sharded tensor the caller
+  registered, trained here or not, and a count of the ranks training it, so ranks that
+  disagree (a parameter frozen on one rank) get an error instead of a mismatched collective.
 * Other regularizers (orthogonal, custom) need the whole tensor: it is gathered
   (``full_tensor()``, one all-gather per such tensor), every rank computes the same value, and
   the gathered tensor's backward hands each rank the gradient of its own shard.
@@ -206,6 +209,8 @@ class Plan:
         tensors: Sequence[torch.Tensor],
         regularizers: Sequence[Regularizer],
         describe: Callable[[int], str] | None = None,
+        registered: Sequence[torch.Tensor | None] | None = None,
+        describe_registered: Callable[[int], str] | None = None,
     ):
         if len(tensors) != len(regularizers):
             raise ValueError(
@@ -256,37 +261,50 @@ class Plan:
         self.dtype = torch.float32
         for x in self.tensors:
             self.dtype = torch.promote_types(self.dtype, accumulation_dtype(x.dtype))
+        self.layouts = _layouts(
+            self.tensors,
+            self.groups,
+            self.tensors if registered is None else registered,
+            describe_registered or self.describe,
+            self.dtype,
+        )
 
     def __call__(self) -> Result:
         total: torch.Tensor | None = None
         parts: list[tuple[torch.Tensor, list[int]]] = []
-        pending: dict[tuple[Any, ...], list[tuple[torch.Tensor, torch.Tensor, list[int]]]] = {}
+        pending: dict[tuple[Any, ...], list[tuple[_Group, torch.Tensor, torch.Tensor]]] = {}
         for group in self.groups:
             tensors = group.tensors
             if group.sharded:
                 tensors = [x.to_local() for x in tensors]  # type: ignore[attr-defined]
             group_total, values = group_penalty(group.kind, group.coef, tensors, group.stacked)
             if group.reduce_over:
-                pending.setdefault(group.reduce_over, []).append(
-                    (group_total, values, group.indices)
-                )
+                pending.setdefault(group.reduce_over, []).append((group, group_total, values))
             else:
                 total = _add(total, group_total, self.device, self.dtype)
                 parts.append((values, group.indices))
-        for reduce_over, local_parts in pending.items():
-            # Partial values from every shard: one all-reduce for all sharded tensors alike.
-            local = torch.cat([v.to(self.dtype) for _, v, _ in local_parts])
+        for reduce_over, layout in self.layouts.items():
+            # Partial values from every shard, in a layout every rank shares: one all-reduce
+            # for all sharded tensors alike, which also counts the ranks training each one.
+            local_parts = pending.get(reduce_over, [])
+            local = layout.flags.clone()
+            if local_parts:
+                local.index_put_(
+                    (torch.cat([layout.slots[id(g)] for g, _, _ in local_parts]),),
+                    torch.cat([v.to(self.dtype) for _, _, v in local_parts]),
+                    accumulate=True,
+                )
             full = _all_reduce(local, reduce_over)
-            local_total = _sum([t.to(self.dtype) for t, _, _ in local_parts])
-            # The value is the full penalty, bit-identical on every rank; the gradient is that
-            # of this rank's partial penalty, i.e. exactly this shard's part of the full one.
-            total = _add(
-                total, full.sum() + (local_total - local_total.detach()), self.device, self.dtype
-            )
-            start = 0
-            for _, values, indices in local_parts:
-                parts.append((full[start : start + len(values)], indices))
-                start += len(values)
+            layout.check(full)
+            value = full[layout.values].sum()
+            if local_parts:
+                local_total = _sum([t.to(self.dtype) for _, t, _ in local_parts])
+                # The value is the full penalty, bit-identical on every rank; the gradient is
+                # that of this rank's partial penalty, i.e. exactly this shard's part of it.
+                value = value + (local_total - local_total.detach())
+            total = _add(total, value, self.device, self.dtype)
+            if layout.part_indices:
+                parts.append((full[layout.part_slots], layout.part_indices))
         for i in self.fallback:
             x = self.tensors[i]
             if _is_dtensor(x):
@@ -300,6 +318,104 @@ class Plan:
         if total is None:
             total = torch.zeros((), dtype=self.dtype, device=self.device)
         return Result(total, parts)
+
+
+class _Layout:
+    """The all-reduce vector of one set of mesh dimensions, the same on every rank.
+
+    Three slots per sharded tensor registered (trained on this rank or not), in registration
+    order: its L1 and L2 partial values, and 1 if this rank trains it. After the all-reduce,
+    a count other than 0 or the number of ranks means the ranks disagree on what they
+    regularize (a parameter frozen on some ranks only); :meth:`check` raises then, on every
+    rank at once, instead of letting the next collective hang.
+    """
+
+    def __init__(
+        self,
+        registered: list[torch.Tensor],
+        here: dict[int, int],
+        groups: list[_Group],
+        reduce_over: tuple[Any, ...],
+        describe: Callable[[int], str],
+        registered_index: list[int],
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        slot = {id(x): i for i, x in enumerate(registered)}
+        self.ranks = 1
+        for mesh, dim in reduce_over:
+            self.ranks *= mesh.size(dim)
+        self.describe, self.registered_index = describe, registered_index
+        flags = torch.zeros(3 * len(registered), dtype=dtype)
+        for x in registered:
+            if id(x) in here:
+                flags[3 * slot[id(x)] + 2] = 1.0
+        self.flags = flags.to(device)
+        self.values = torch.tensor(
+            [3 * i + k for i in range(len(registered)) for k in (0, 1)], device=device
+        )
+        self.slots: dict[int, torch.Tensor] = {}
+        used: dict[int, int] = {}  # value slot -> the plan index of its tensor
+        for g in groups:
+            if g.reduce_over != reduce_over:
+                continue
+            offset = 0 if g.kind == "l1" else 1
+            positions = [3 * slot[id(x)] + offset for x in g.tensors]
+            self.slots[id(g)] = torch.tensor(positions, device=device)
+            used.update(zip(positions, g.indices))
+        self.part_slots = torch.tensor(sorted(used), device=device, dtype=torch.long)
+        self.part_indices = [used[p] for p in sorted(used)]
+
+    def check(self, full: torch.Tensor) -> None:
+        counts = full[2::3]
+        bad = (counts != 0) & (counts != self.ranks)
+        if torch.compiler.is_compiling() or counts.device.type != "cpu":
+            # No host synchronisation on a GPU: the check runs on the device.
+            torch._assert_async(
+                ~bad.any(),
+                "regcollect: the ranks regularize different sharded tensors (a parameter "
+                "frozen on some ranks only?); every rank must train the same ones",
+            )
+            return
+        if bool(bad.any()):
+            found = bad.nonzero().flatten().tolist()
+            listed = "; ".join(
+                f"{self.describe(self.registered_index[i])} is trained on {int(counts[i])} of "
+                f"{self.ranks} ranks"
+                for i in found
+            )
+            raise RuntimeError(
+                f"loss(): the ranks do not regularize the same sharded tensors: {listed}. "
+                "A parameter frozen (requires_grad=False) on some ranks "
+                "only, or a scope that differs between ranks, gives each rank a different "
+                "penalty; freeze the same parameters and use the same scope on every rank."
+            )
+
+
+def _layouts(
+    tensors: list[torch.Tensor],
+    groups: list[_Group],
+    registered: Sequence[torch.Tensor | None],
+    describe: Callable[[int], str],
+    dtype: torch.dtype,
+) -> dict[tuple[Any, ...], _Layout]:
+    """One :class:`_Layout` per set of mesh dimensions that sharded tensors reduce over."""
+    here = {id(x): i for i, x in enumerate(tensors)}
+    by_key: dict[tuple[Any, ...], tuple[list[torch.Tensor], list[int]]] = {}
+    seen: set[int] = set()
+    for i, x in enumerate(registered):
+        if x is None or id(x) in seen or not _is_dtensor(x):
+            continue
+        seen.add(id(x))
+        reduce_over = _shard_reduction(x)
+        if reduce_over:  # sharded and summable; replicated DTensors need no collective
+            listed, index = by_key.setdefault(reduce_over, ([], []))
+            listed.append(x)
+            index.append(i)
+    return {
+        key: _Layout(listed, here, groups, key, describe, index, dtype, listed[0].device)
+        for key, (listed, index) in by_key.items()
+    }
 
 
 class _ContiguousGrad(torch.autograd.Function):

@@ -131,7 +131,14 @@ class PlanCache:
             locators,
             tensors,
             _flags(tensors),
-            Plan(chosen, [e.regularizer for e in entries], describe(entries)),
+            Plan(
+                chosen,
+                [e.regularizer for e in entries],
+                describe(entries),
+                # Every rank lays out the same sharded tensors, trained here or not.
+                registered=tensors,
+                describe_registered=describe(candidates),
+            ),
             entries,
             in_scope,
             activity,

@@ -176,6 +176,32 @@ def test_ddp_find_unused_with_a_penalty_only_parameter_is_ddps_own_error(
     assert re.search(r"name side\.(weight|bias) has been marked", error), error
 
 
+@pytest.mark.parametrize(
+    "scenario", ["fsdp2_frozen_on_one_rank", "fsdp2_orthogonal_frozen_on_one_rank"]
+)
+def test_a_parameter_frozen_on_one_rank_only_is_a_clear_error_on_every_rank(
+    report: dict[str, Any], scenario: str
+) -> None:
+    r = report[scenario]
+    assert "error" not in r, r.get("error")
+    first, *others = r["errors_by_rank"]
+    assert first is not None and all(e == first for e in others)  # raised on every rank
+    assert (
+        "the ranks do not regularize the same sharded tensors: "
+        "entry '2.weight' is trained on 1 of 2 ranks." in first
+    )
+    assert "requires_grad=False" in first
+    assert r["value_diff"] is None
+    assert r["after_diff"] < TOL  # unfrozen everywhere: back to the right value, no hang
+
+
+def test_a_parameter_frozen_on_every_rank_is_left_out(report: dict[str, Any]) -> None:
+    r = report["fsdp2_frozen_on_every_rank"]
+    assert "error" not in r, r.get("error")
+    assert r["errors_by_rank"] == [None, None]
+    assert r["value_diff"] < TOL and r["after_diff"] < TOL
+
+
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 def test_example(mode: str) -> None:
     example = Path(__file__).resolve().parents[2] / "examples" / "distributed.py"

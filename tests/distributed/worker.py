@@ -272,6 +272,33 @@ def replicated_beside_plain() -> dict[str, Any]:
     }
 
 
+def frozen(where: str, middle: str = "l1_l2") -> dict[str, Any]:
+    """``2.weight`` frozen on rank 1 only (``where="one"``) or on every rank (``"every"``):
+    what ``loss()`` does, on each rank, then once it is unfrozen again."""
+    coll = rc.Collection()
+    model = fsdp(build(coll, middle=middle))
+    reference_coll = rc.Collection()
+    reference = build(reference_coll, middle=middle)
+    if where == "every" or dist.get_rank() == 1:
+        model[2].weight.requires_grad_(False)
+    reference[2].weight.requires_grad_(where != "every")
+    want = reference_coll.loss().item()
+    error = None
+    value = None
+    try:
+        value = coll.loss().item()
+    except RuntimeError as exc:
+        error = str(exc)
+    model[2].weight.requires_grad_(True)  # every rank the same again: back to normal
+    after = coll.loss().item()
+    reference[2].weight.requires_grad_(True)
+    return {
+        "errors_by_rank": everyone(error),
+        "value_diff": None if value is None else abs(value - want),
+        "after_diff": abs(after - reference_coll.loss().item()),
+    }
+
+
 SCENARIOS: dict[str, Callable[[], dict[str, Any]]] = {
     "replicated_beside_plain": replicated_beside_plain,
     "ddp": lambda: compare(DDP),
@@ -293,6 +320,10 @@ SCENARIOS: dict[str, Callable[[], dict[str, Any]]] = {
     "hsdp_2d_mesh": lambda: compare(hsdp),
     # The stacked small-tensor path: its gradients are views of one tensor.
     "ddp_stacked": lambda: compare(DDP, stacked=True),
+    # Ranks that disagree on what they train: an error on every rank, not a hang.
+    "fsdp2_frozen_on_one_rank": lambda: frozen("one"),
+    "fsdp2_orthogonal_frozen_on_one_rank": lambda: frozen("one", middle="orthogonal"),
+    "fsdp2_frozen_on_every_rank": lambda: frozen("every"),
     "fsdp2_root_only_stacked": lambda: compare(root_only, stacked=True),
 }
 
