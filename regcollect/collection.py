@@ -23,7 +23,7 @@ from .activity import Record
 from .engine import Plan
 from .entries import ACTIVITY, Entry, current_tensors
 from .guards import model_groups, several_models_message
-from .plans import CachedPlan, choose, mark_constant, traced_tensors
+from .plans import CachedPlan, applied, choose, mark_constant, traced_tensors
 from .readout import Last, Readout, Row, as_dict, check_finite
 from .registry import Registry
 from .summary import check_tablefmt, render, table_extra
@@ -204,7 +204,7 @@ class Collection(Registry):
             in_scope = [in_scope[i] for i in found]
         candidates = [e for e in in_scope if e.kind != ACTIVITY]
         entries, tensors = choose(candidates, traced_tensors(candidates))
-        plan = Plan(tensors, [e.regularizer for e in entries])
+        plan = Plan(tensors, applied(entries))
         keep = None if scope is None else frozenset(map(id, in_scope))
         records = self.pending.take_traced(keep)
         result = plan()
@@ -239,7 +239,7 @@ class Collection(Registry):
             if i is not None:
                 # A one-tensor plan: sharded tensors are completed exactly, as in loss().
                 tensor = cached.plan.tensors[i]
-                value = Plan([tensor], [entry.regularizer], self._describer([entry]))().total
+                value = Plan([tensor], applied([entry]), self._describer([entry]))().total
                 out.append(value)
                 parts.append((value.detach().reshape(1), [i]))
             elif entry in by_entry:

@@ -47,9 +47,74 @@ def _group_forward(
     kind: str, coef: float, xs: tuple[torch.Tensor, ...]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     acc = accumulation_dtype(xs[0].dtype)
-    norms = torch.stack(torch._foreach_norm(xs, 1 if kind == "l1" else 2, dtype=acc))
-    values = coef * (norms * norms if kind == "l2" else norms)
+    large = [i for i, x in enumerate(xs) if x.device.type == "cpu" and x.numel() > _EXACT_MIN]
+    if large and not torch.compiler.is_compiling():
+        powers = _cpu_powers(kind, xs, large, acc)
+    else:
+        norms = torch.stack(torch._foreach_norm(xs, 1 if kind == "l1" else 2, dtype=acc))
+        powers = norms * norms if kind == "l2" else norms
+    values = coef * powers
     return values.sum(), values
+
+
+# CPU reductions of more elements than this are computed exactly (see _cpu_powers).
+_EXACT_MIN = 16384
+_ROW = 1024
+
+
+def _cpu_powers(
+    kind: str, xs: tuple[torch.Tensor, ...], large: list[int], acc: torch.dtype
+) -> torch.Tensor:
+    """``sum(|x|)`` (l1) or ``sum(x**2)`` (l2) of each tensor, to float precision on the CPU.
+
+    The CPU ``_foreach_norm`` accumulates each tensor in one float32 sum, whose error grows
+    with its length: on a 4096x1024 weight the L2 value was off by 1.6e-4 relative and the L1
+    value by 1.2e-3 (float64 reference). Tensors of more than ``_EXACT_MIN`` elements are
+    reduced in blocks instead, as ``torch.sum`` does: L2 as rows of ``_ROW`` elements (one
+    ``vector_norm`` per tensor, as fast as ``_foreach_norm``) whose squares are summed per
+    tensor in float64 (all tensors at once: a few thousand values); L1 as ``abs().sum()``, 3x
+    faster than the CPU ``_foreach_norm(ord=1)``. Both agree with float64 to about 1e-7.
+    """
+    if kind == "l1":
+        exact = [x.abs().sum(dtype=acc) for x in (xs[i] for i in large)]
+        powers = torch.stack(exact)
+    else:
+        rows, lengths = [], []
+        for i in large:
+            x = xs[i]
+            n = x.numel()
+            if n % _ROW == 0 and x.is_contiguous():  # the usual case: whole rows, no copy
+                rows.append(torch.linalg.vector_norm(x.view(-1, _ROW), 2, dim=1, dtype=acc))
+                lengths.append(n // _ROW)
+                continue
+            flat = _flat(x)
+            whole = n // _ROW * _ROW
+            rows.append(torch.linalg.vector_norm(flat[:whole].view(-1, _ROW), 2, 1, dtype=acc))
+            rows.append(torch.linalg.vector_norm(flat[whole:], 2, dim=0, dtype=acc).reshape(1))
+            lengths.append(whole // _ROW + 1)
+        squares = torch.cat(rows).double().square()
+        powers = torch.segment_reduce(squares, "sum", lengths=torch.tensor(lengths)).to(acc)
+    if len(large) == len(xs):
+        return powers
+    small = [i for i in range(len(xs)) if i not in set(large)]
+    norms = torch.stack(
+        torch._foreach_norm([xs[i] for i in small], 1 if kind == "l1" else 2, dtype=acc)
+    )
+    out = torch.empty(len(xs), dtype=acc, device=powers.device)
+    out[small] = norms * norms if kind == "l2" else norms
+    out[large] = powers
+    return out
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """``x``'s elements as a 1-D view, in memory order (channels_last included); a copy only
+    for tensors that are not dense in any order."""
+    if not x.is_contiguous():
+        order = sorted(range(x.dim()), key=lambda d: x.stride(d), reverse=True)
+        permuted = x.permute(order)
+        if permuted.is_contiguous():
+            return permuted.view(-1)
+    return x.reshape(-1)
 
 
 def _group_backward(

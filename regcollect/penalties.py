@@ -17,6 +17,7 @@ import torch
 
 __all__ = [
     "Custom",
+    "KerasKernel",
     "L1",
     "L1L2",
     "L2",
@@ -25,6 +26,7 @@ __all__ = [
     "Regularizer",
     "accumulation_dtype",
     "check_coefficient",
+    "evaluated",
     "fused_terms",
 ]
 
@@ -205,21 +207,40 @@ class L1L2(Regularizer):
 
 
 class Orthogonal(Regularizer):
-    """Keras ``OrthogonalRegularizer``: pushes rows (or columns) towards orthogonality.
+    """Keras ``OrthogonalRegularizer``: pushes vectors of a kernel towards orthogonality.
 
     ``factor * 0.5 * sum(abs(P * (1 - I))) / (s * (s - 1) / 2)`` where ``P`` is the Gram matrix
-    of the L2-normalised rows (``mode="rows"``) or columns (``mode="columns"``) and ``s`` their
-    count. Tensors of rank > 2 are flattened to ``(shape[0], -1)``; ``s == 1`` gives 0.
+    of the ``s`` L2-normalised vectors the mode picks. Tensors of rank > 2 are flattened to
+    ``(shape[0], -1)``; ``s == 1`` gives 0.
+
+    Modes:
+
+    - ``"outputs"``: one vector per output unit or filter (the rows of a torch weight, whose
+      layout is ``(out, in, ...)``); ``"inputs"``: one per input (its columns). Named by what
+      they make orthogonal, these mean the same on every layer.
+    - ``"rows"`` (the default) and ``"columns"``: Keras's names, the rows or columns **of the
+      kernel as Keras holds it**, so that a ported model gives Keras's numbers. On a tensor
+      called directly, and on convolution and embedding weights (laid out alike in both), they
+      are the tensor's rows and columns. A Keras ``Dense`` or recurrent kernel is
+      ``(in, units)``, the transpose of torch's ``(units, in)`` weight; on the weights of
+      ``Linear`` and recurrent layers, ``loss()`` therefore applies them to the transpose:
+      ``"rows"`` there makes the input vectors orthogonal (``"inputs"``) and ``"columns"``
+      the output units (``"outputs"``), as in Keras.
 
     Examples:
         >>> float(Orthogonal(1.0)(torch.tensor([[1.0, 0.0], [1.0, 0.0]])))  # two equal rows
         1.0
     """
 
+    MODES = ("rows", "columns", "outputs", "inputs")
+
     def __init__(self, factor: float = 0.01, mode: str = "rows") -> None:
         self.factor = check_coefficient("factor", factor)
-        if mode not in ("rows", "columns"):
-            raise ValueError(f'mode must be "rows" or "columns", got {mode!r}')
+        if mode not in self.MODES:
+            raise ValueError(
+                f'mode must be "rows" or "columns" (Keras\'s names) or "outputs" or "inputs", '
+                f"got {mode!r}"
+            )
         self.mode = mode
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -231,7 +252,7 @@ class Orthogonal(Regularizer):
         if x.numel() == 0:  # no rows or no columns: nothing to make orthogonal
             return _zero_like(x) + 0.0 * x.sum()
         x = x.reshape(x.shape[0], -1).to(accumulation_dtype(x.dtype))
-        if self.mode == "columns":
+        if self.mode in ("columns", "inputs"):
             x = x.t()
         size = x.shape[0]
         if size < 2:
@@ -249,6 +270,43 @@ class Orthogonal(Regularizer):
 
 
 OrthogonalRegularizer = Orthogonal
+
+
+class KerasKernel(Regularizer):
+    """``regularizer`` applied to a weight in Keras's kernel layout (its transpose).
+
+    What ``loss()`` evaluates for an :class:`Orthogonal` with Keras's mode names on the 2-D
+    weight of a ``Linear`` or recurrent layer; see :func:`evaluated`. Not registered, never
+    stored: entries keep the regularizer the user gave.
+    """
+
+    def __init__(self, regularizer: Regularizer) -> None:
+        self.regularizer = regularizer
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.regularizer(x.t())
+
+    def __repr__(self) -> str:
+        return repr(self.regularizer)
+
+
+def evaluated(regularizer: Regularizer, module: object, param: str | None) -> Regularizer:
+    """The regularizer ``loss()`` applies to ``module``'s parameter ``param``.
+
+    Keras's ``"rows"``/``"columns"`` name the vectors of the kernel as Keras holds it. Keras's
+    ``Dense`` and recurrent kernels are ``(in, units)``, torch's ``Linear`` and recurrent
+    weights ``(units, in)``: on those an :class:`Orthogonal` with a Keras mode is applied to
+    the transpose, so that a ported model gives Keras's numbers.
+    """
+    if (
+        type(regularizer) is Orthogonal
+        and regularizer.mode in ("rows", "columns")
+        and param is not None
+        and param.startswith("weight")
+        and isinstance(module, (torch.nn.Linear, torch.nn.RNNBase))
+    ):
+        return KerasKernel(regularizer)
+    return regularizer
 
 
 class Custom(Regularizer):

@@ -21,8 +21,9 @@ import torch
 
 from .engine import Plan
 from .entries import ACTIVITY, Entry, current_tensors
+from .penalties import Regularizer, evaluated
 
-__all__ = ["CachedPlan", "PlanCache", "choose", "traced_tensors"]
+__all__ = ["CachedPlan", "PlanCache", "applied", "choose", "traced_tensors"]
 
 # What a plan depends on besides identity: module.to(dtype) and .cuda() change a parameter's
 # dtype and device in place, keeping the same object, and structured pruning through .data its
@@ -34,6 +35,12 @@ _exists = functools.partial(operator.is_not, None)
 def _flags(tensors: list[torch.Tensor | None]) -> list[tuple[Any, ...]]:
     """``(requires_grad, dtype, device, shape)`` of each tensor that exists (None skipped)."""
     return list(map(_meta, filter(_exists, tensors)))
+
+
+def applied(entries: Sequence[Entry]) -> list[Regularizer]:
+    """The regularizers ``loss()`` evaluates for ``entries`` (Keras's kernel layout where an
+    orthogonal mode names it; see :func:`regcollect.penalties.evaluated`)."""
+    return [evaluated(e.regularizer, e.module, e.param) for e in entries]
 
 
 def choose(
@@ -133,7 +140,7 @@ class PlanCache:
             _flags(tensors),
             Plan(
                 chosen,
-                [e.regularizer for e in entries],
+                applied(entries),
                 describe(entries),
                 # Every rank lays out the same sharded tensors, trained here or not.
                 registered=tensors,

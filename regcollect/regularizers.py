@@ -117,9 +117,12 @@ def register(name: str) -> Callable[[R], R]:
     return decorator
 
 
-for _cls in (L1, L2, L1L2, Orthogonal):
+for _cls in (L1, L2, L1L2):
     register(_cls.__name__)(_cls)
-_REGISTRY["OrthogonalRegularizer"] = Orthogonal
+# Serialised under Keras's class name, so that keras.regularizers.deserialize reads it;
+# "Orthogonal" (what earlier versions wrote) still loads.
+register("OrthogonalRegularizer")(Orthogonal)
+_REGISTRY["Orthogonal"] = Orthogonal
 
 
 def _needs_arguments(factory: Callable[..., Any]) -> bool:

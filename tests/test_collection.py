@@ -229,7 +229,9 @@ def test_losses_one_per_entry():
     assert len(losses) == 4  # a.weight, a.bias, b.weight, b:activity
     assert losses[0].item() == pytest.approx((a.weight**2).sum().item(), rel=1e-6)
     assert losses[1].item() == pytest.approx(a.bias.abs().sum().item(), rel=1e-6)
-    assert losses[2].item() == pytest.approx(rc.orthogonal(1.0)(b.weight).item(), rel=1e-6)
+    # Keras's "rows" of a Dense kernel (in, units) are the inputs of torch's (units, in) weight
+    want = rc.orthogonal(1.0, "inputs")(b.weight).item()
+    assert losses[2].item() == pytest.approx(want, rel=1e-6)
     assert all(t.requires_grad for t in losses)
 
 

@@ -137,7 +137,9 @@ def test_good_coefficients_accept_ints_and_numpy():
 
 
 def test_bad_mode():
-    with pytest.raises(ValueError, match=r'mode must be "rows" or "columns", got \'diagonal\''):
+    with pytest.raises(
+        ValueError, match=r'mode must be "rows" or "columns" \(Keras\'s names\) or "outputs" or'
+    ):
         rc.Orthogonal(mode="diagonal")
 
 
