@@ -125,10 +125,12 @@ def _matches(name: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def _no_weight_decay(model: torch.nn.Module) -> set[str]:
+def _no_weight_decay(model: torch.nn.Module) -> list[str]:
+    """``model.no_weight_decay()``: names or glob patterns, as timm matches them (fnmatch;
+    xcit returns ``{"pos_embed.*", "cls_token"}``)."""
     root = _unwrapped(model)
     method = getattr(root, "no_weight_decay", None)
-    return set(method() if callable(method) else ())
+    return sorted(method() if callable(method) else ())
 
 
 def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
@@ -192,7 +194,8 @@ def regularize(
     ``include``/``exclude`` are lists of glob patterns over qualified parameter names
     (``"encoder.*.weight"``); wrapper prefixes (``module.``, ``_orig_mod.``,
     ``_fsdp_wrapped_module.``) never appear in them. Names listed by ``model.no_weight_decay()``
-    are skipped. Calling again replaces (never double counts); ``.remove()`` on the returned
+    are skipped; they may be glob patterns, as timm reads them (``"pos_embed.*"``). Calling
+    again replaces (never double counts); ``.remove()`` on the returned
     handle undoes exactly this call.
 
     Examples:
@@ -218,7 +221,7 @@ def regularize(
     handles: list[Handle] = []
     norms: dict[int, bool] = {}
     for name, logical, owner, local, layer in _walk_parameters(model):
-        if name in skip or logical in skip:
+        if _matches(name, skip) or _matches(logical, skip):
             continue
         if include_p is not None and not (
             _matches(name, include_p) or _matches(logical, include_p)

@@ -121,9 +121,13 @@ class Entry:
         if module is None:
             return self._prefix + "<deleted>", None
         root, path = _naming.path_to_root(module)
-        owner = path or _naming.auto_name(module)
-        suffix = ":activity" if self._kind == ACTIVITY else f".{self._param}"
-        return self._prefix + owner + suffix, root
+        if self._kind == ACTIVITY:
+            return self._prefix + (path or _naming.auto_name(module)) + ":activity", root
+        if not path and module._modules:
+            # A parameter the model itself holds (a ViT's class_token): its own name, as in
+            # named_parameters(); a lone layer keeps a Keras-style name ("linear.weight").
+            return self._prefix + f"{self._param}", root
+        return self._prefix + f"{path or _naming.auto_name(module)}.{self._param}", root
 
     def __repr__(self) -> str:
         return f"Entry({self.name!r}, {self._regularizer!r})"

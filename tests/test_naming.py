@@ -2,6 +2,7 @@
 
 import copy
 
+import pytest
 import torch
 
 import regcollect as rc
@@ -58,3 +59,41 @@ def test_wrapper_free_paths_and_auto_names():
     a, b = MyBlock2D(), MyBlock2D()
     assert (_naming.auto_name(a), _naming.auto_name(b)) == ("my_block2_d", "my_block2_d_1")
     assert _naming.auto_name(a) == "my_block2_d"  # stable
+
+
+class HoldsAToken(torch.nn.Module):  # torchvision's ViT holds class_token itself
+    def __init__(self):
+        super().__init__()
+        self.class_token = torch.nn.Parameter(torch.ones(1, 1, 4))
+        self.head = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(x + self.class_token[0])
+
+
+def test_a_parameter_the_model_holds_is_named_as_in_named_parameters():
+    first, second = HoldsAToken(), HoldsAToken()
+    for model in (first, second):
+        rc.regularize(model, kernel=rc.l2(1.0))
+    names = [e.name for e in rc.get_collection().entries()]
+    # was 'holds_a_token.class_token' and 'holds_a_token_1.class_token'
+    assert names[:2] == ["class_token", "head.weight"]
+    rc.loss(first)
+    rc.loss(second)
+    assert (
+        list(rc.penalties(first))
+        == list(rc.penalties(second))
+        == [
+            "class_token",
+            "head.weight",
+            "total",
+        ]
+    )
+    assert rc.penalties(first)["class_token"] == pytest.approx(4.0)
+    compiled = torch.compile(first)  # the wrapper changes nothing
+    rc.regularize(compiled, kernel=rc.l2(1.0))
+    rc.loss(compiled)
+    assert list(rc.penalties(compiled)) == ["class_token", "head.weight", "total"]
+    lone = rc.nn.Linear(2, 2, kernel_regularizer="l2")  # a lone layer keeps Keras's naming
+    entry = next(e for e in rc.get_collection().entries() if e.module is lone)
+    assert rc.get_collection().describe(entry) == "entry 'linear.weight'"

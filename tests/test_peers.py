@@ -100,3 +100,110 @@ def test_modes_keras_cannot_read_are_refused_clearly():
         {"class_name": "Orthogonal", "config": {"factor": 0.1, "mode": "rows"}}
     )
     assert isinstance(old, rc.Orthogonal)  # what earlier versions wrote still loads
+
+
+# --- decay sets: Hugging Face Trainer and timm -------------------------------------------------
+
+
+def regularized(model, **kwargs):
+    coll = rc.Collection()
+    handle = rc.regularize(model, collection=coll, **kwargs)
+    return {id(e.resolve()) for e in handle.entries}
+
+
+def test_hf_trainer_decay_set_is_kernel_plus_embeddings():
+    transformers = pytest.importorskip("transformers", reason="pip install .[test]")
+    small = {"vocab_size": 50, "num_hidden_layers": 1, "num_attention_heads": 2}
+    models = [
+        transformers.BertForSequenceClassification(
+            transformers.BertConfig(
+                hidden_size=8, intermediate_size=16, max_position_embeddings=16, **small
+            )
+        ),
+        transformers.GPT2LMHeadModel(  # lm_head tied to wte
+            transformers.GPT2Config(n_embd=8, n_layer=1, n_head=2, n_positions=16, vocab_size=50)
+        ),
+    ]
+    for model in models:
+        names = transformers.Trainer.get_decay_parameter_names(None, model)
+        params = dict(model.named_parameters())
+        want = {id(params[n]) for n in names if n in params}
+        reg = rc.l2(1e-4)
+        # The documented one-liner: kernels and embedding tables.
+        assert regularized(model, kernel=reg, embeddings=reg) == want, type(model).__name__
+        # Kernels alone leave the tables out, which HF decays.
+        tables = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+        assert regularized(model, kernel=reg) == want - tables
+
+
+def timm_decay_set(model):
+    """timm's ``param_groups_weight_decay``: no decay for ``ndim <= 1``, ``.bias`` and the
+    ``no_weight_decay()`` names, which are glob patterns (fnmatch)."""
+    import fnmatch
+
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    return {
+        id(p)
+        for name, p in model.named_parameters()
+        if not (
+            p.ndim <= 1
+            or name.endswith(".bias")
+            or any(fnmatch.fnmatch(name, pattern) for pattern in skip)
+        )
+    }
+
+
+class LayerNorm2d(torch.nn.LayerNorm):  # timm's: a LayerNorm over channels of NCHW
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class ViTLike(torch.nn.Module):
+    def __init__(self, dim=8, patterns=("pos_embed", "cls_token")):
+        super().__init__()
+        self.patterns = set(patterns)
+        self.patch_embed = torch.nn.Conv2d(3, dim, 4, 4)
+        self.cls_token = torch.nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = torch.nn.Parameter(torch.zeros(1, 5, dim))
+        self.blocks = torch.nn.Sequential(
+            torch.nn.LayerNorm(dim), torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(3 * dim, dim)
+        )
+        self.head = torch.nn.Linear(dim, 10)
+
+    def no_weight_decay(self):
+        return self.patterns
+
+
+class XCiTLike(ViTLike):  # xcit: a positional-encoding module, skipped by a pattern
+    def __init__(self, dim=8):
+        super().__init__(dim, patterns=("pos_embed.*", "cls_token"))
+        del self.pos_embed
+        self.pos_embed = torch.nn.Module()
+        self.pos_embed.token_projection = torch.nn.Conv2d(2 * dim, dim, 1)
+
+
+class ConvNeXtLike(torch.nn.Module):
+    def __init__(self, dim=8):
+        super().__init__()
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(3, dim, 4, 4), LayerNorm2d(dim))
+        self.dwconv = torch.nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = torch.nn.LayerNorm(dim)
+        self.pwconv1 = torch.nn.Linear(dim, 4 * dim)
+        self.pwconv2 = torch.nn.Linear(4 * dim, dim)
+        self.gamma = torch.nn.Parameter(torch.full((dim,), 1e-6))  # layer scale, 1-D
+        self.head = torch.nn.Linear(dim, 10)
+
+
+@pytest.mark.parametrize("build", [ViTLike, XCiTLike, ConvNeXtLike])
+def test_timm_decay_set_is_kernel(build):
+    model = build()
+    assert regularized(model, kernel=rc.l2(1e-4)) == timm_decay_set(model)
+
+
+def test_no_weight_decay_glob_patterns_are_matched_like_timm():
+    model = XCiTLike()
+    names = {
+        e.name for e in rc.regularize(model, kernel=rc.l2(1e-4), collection=rc.Collection()).entries
+    }
+    assert "pos_embed.token_projection.weight" not in names  # 'pos_embed.*' was matched literally
+    assert "cls_token" not in names and "patch_embed.weight" in names
