@@ -198,6 +198,9 @@ def regularize(
     again replaces (never double counts); ``.remove()`` on the returned
     handle undoes exactly this call.
 
+    ``kernel`` alone is timm's decay set; Hugging Face's ``Trainer`` also decays embedding
+    tables: ``regularize(model, kernel=reg, embeddings=reg)`` is its set.
+
     Examples:
         >>> import torch, regcollect as rc
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))

@@ -23,6 +23,7 @@ __all__ = [
     "active_collection",
     "assert_finite",
     "current_prefix",
+    "defaults_scope",
     "get_collection",
     "get_regularization_loss",
     "get_regularization_losses",
@@ -83,14 +84,23 @@ def scope(
         >>> layer.kernel_regularizer
         L2(l2=0.0001)
     """
-    if not isinstance(name, str) or not name.strip("/"):
-        raise ValueError(f"scope name must be a non-empty string, got {name!r}")
-    _check_collection(collection)
     defaults = {
         "kernel_regularizer": get_regularizer(kernel_regularizer),
         "bias_regularizer": get_regularizer(bias_regularizer),
         "activity_regularizer": get_regularizer(activity_regularizer),
     }
+    with defaults_scope(name, defaults, collection):
+        yield
+
+
+@contextmanager
+def defaults_scope(
+    name: str, defaults: dict[str, Regularizer | None], collection: Collection | None = None
+) -> Iterator[None]:
+    """:func:`scope` with any layer arguments' defaults (``{"gamma_regularizer": ...}``)."""
+    if not isinstance(name, str) or not name.strip("/"):
+        raise ValueError(f"scope name must be a non-empty string, got {name!r}")
+    _check_collection(collection)
     frame = _ScopeFrame(name.strip("/"), defaults, collection)
     token = _scope_stack.set((*_scope_stack.get(), frame))
     try:

@@ -52,7 +52,6 @@ __all__ = [
 
 _UNSET: Any = object()
 _ACTIVITY = "activity_regularizer"
-_SCOPED = ("kernel_regularizer", "bias_regularizer", _ACTIVITY)  # arguments scope() defaults
 _SNAPSHOT = "_rc_snapshot"
 
 
@@ -108,7 +107,7 @@ class RegularizedLayer(torch.nn.Module):
         regs: dict[str, Regularizer | None] = {}
         for name, value in given.items():
             if value is _UNSET:
-                regs[name] = scope_default(name) if name in _SCOPED else None
+                regs[name] = scope_default(name)
             else:
                 regs[name] = get_regularizer(value)
         coll = active_collection(collection)

@@ -159,6 +159,10 @@ class L1(Regularizer):
 class L2(Regularizer):
     """``l2 * sum(x**2)`` (Keras scaling; ``SGD(weight_decay=wd)`` equals ``L2(wd / 2)``).
 
+    The equality holds for parameters the data loss reaches: the optimizer skips a parameter
+    whose ``.grad`` is None, while ``loss()`` reaches every regularized one (see the
+    weight-decay migration guide).
+
     Examples:
         >>> round(float(L2(0.01)(torch.full((2, 2), 3.0))), 6)
         0.36

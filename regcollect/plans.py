@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from .engine import Plan
-from .entries import ACTIVITY, Entry, current_tensors
+from .entries import ACTIVITY, TENSOR, Entry, current_tensors
 from .penalties import Regularizer, evaluated
 
 __all__ = ["CachedPlan", "PlanCache", "applied", "choose", "traced_tensors"]
@@ -46,14 +46,17 @@ def applied(entries: Sequence[Entry]) -> list[Regularizer]:
 def choose(
     candidates: Sequence[Entry], tensors: Sequence[torch.Tensor | None]
 ) -> tuple[list[Entry], list[torch.Tensor]]:
-    """The entries whose tensor exists and trains, in registration order, each tensor once.
+    """The entries whose tensor exists and trains (bare tensors: exists), in registration
+    order, each tensor once.
 
     A parameter reached through two entries (tied after registration) counts once: the later
     registration wins, as re-registering does.
     """
     chosen: dict[int, tuple[int, torch.Tensor]] = {}
     for i, t in enumerate(tensors):
-        if t is not None and t.requires_grad:
+        # A bare tensor given to compat.v1.apply_regularization counts trained or not, as in
+        # TF1's collection; a frozen parameter does not.
+        if t is not None and (t.requires_grad or candidates[i].kind == TENSOR):
             chosen[id(t)] = (i, t)
     picked = sorted(chosen.values(), key=operator.itemgetter(0))
     if any(t.is_meta for _, t in picked) and not all(t.is_meta for _, t in picked):

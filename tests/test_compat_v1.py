@@ -59,3 +59,45 @@ def test_tf1_style_scope_filtering():
     assert losses[0].item() == pytest.approx(((tower[0].weight ** 2).sum() / 2).item(), rel=1e-6)
     assert len(v1.get_regularization_losses()) == 2
     assert keep is not None
+
+
+def test_variable_scope_regularizes_every_weight_like_tf_layers():
+    # TF1: with variable_scope(name, regularizer=r), tf.layers.dense regularizes its kernel
+    # and its bias (get_variable falls back to the scope's regularizer for both).
+    reg = v1.l2_regularizer(0.1)  # 0.1 * sum(w**2) / 2
+    with v1.variable_scope("tower", regularizer=reg, reuse=v1.AUTO_REUSE):
+        dense = rc.nn.Linear(3, 2)
+        norm = rc.nn.BatchNorm1d(2)
+        table = rc.nn.Embedding(5, 2)
+        lstm = rc.nn.LSTM(2, 2)
+        own = rc.nn.Linear(2, 2, kernel_regularizer=v1.l1_regularizer(1.0))  # its own wins
+    model = torch.nn.ModuleList([dense, norm, table, lstm, own])  # one model, not five
+    weights = [dense.weight, dense.bias, norm.weight, norm.bias, table.weight]
+    weights += [p for p in lstm.parameters()] + [own.bias]
+    want = sum(0.05 * (w.detach().double() ** 2).sum() for w in weights)
+    want += own.weight.detach().double().abs().sum()
+    assert v1.get_regularization_loss("tower").item() == pytest.approx(want.item(), rel=1e-6)
+    names = [e.name for e in rc.get_collection().entries()]
+    assert all(n.startswith("tower/") for n in names) and "tower/1.bias" in names
+    assert len(v1.get_regularization_losses(scope="tower")) == len(weights) + 1
+    assert v1.get_regularization_loss(name="total_regularization_loss").item() == pytest.approx(
+        want.item(), rel=1e-6
+    )
+    assert len(model) == 5
+    with pytest.raises(TypeError, match="initializer has no PyTorch equivalent"):
+        with v1.variable_scope("x", initializer=object()):
+            pass
+    with pytest.raises(ValueError, match="name_or_scope or default_name"):
+        with v1.variable_scope(None):
+            pass
+    with v1.variable_scope(None, default_name="dense"):  # TF1's default_name
+        assert rc.nn.Linear(1, 1).kernel_regularizer is None  # no regularizer given
+
+
+def test_apply_regularization_counts_tensors_that_do_not_train():
+    # TF1's collection holds the penalty of every weight it was given, trainable or not.
+    w = torch.tensor([[1.0, -2.0], [3.0, 0.0]])  # requires_grad=False
+    total = v1.apply_regularization(v1.l2_regularizer(1.0), [w])
+    assert total.item() == pytest.approx(7.0)
+    assert v1.get_regularization_loss().item() == pytest.approx(7.0)  # was 0.0
+    assert [t.item() for t in v1.get_regularization_losses()] == pytest.approx([7.0])

@@ -12,21 +12,19 @@ Examples:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 
-from ..context import (
-    active_collection,
-    current_prefix,
-    get_regularization_loss,
-    get_regularization_losses,
-)
+from .. import context
+from ..context import active_collection, current_prefix, defaults_scope
 from ..regularizers import L1, L1L2, L2, Regularizer, check_coefficient, fused_terms, register
 from ..regularizers import get as get_regularizer
 
 __all__ = [
+    "AUTO_REUSE",
     "GraphKeys",
     "apply_regularization",
     "get_collection",
@@ -36,7 +34,80 @@ __all__ = [
     "l1_regularizer",
     "l2_regularizer",
     "sum_regularizer",
+    "variable_scope",
 ]
+
+
+AUTO_REUSE = "auto_reuse"  # tf.compat.v1.AUTO_REUSE
+
+# The layer arguments of rc.nn that name variables: what TF1's variable_scope regularizer
+# reaches (tf.layers create every weight through get_variable, which falls back to it).
+_WEIGHT_ARGUMENTS = (
+    "kernel_regularizer",
+    "bias_regularizer",
+    "recurrent_regularizer",
+    "embeddings_regularizer",
+    "gamma_regularizer",
+    "beta_regularizer",
+)
+
+
+@contextmanager
+def variable_scope(
+    name_or_scope: str | None,
+    default_name: str | None = None,
+    values: Any = None,
+    regularizer: Any = None,
+    reuse: Any = None,
+    **unsupported: Any,
+) -> Iterator[None]:
+    """TF1's ``variable_scope``: names entries ``name/...`` and regularizes every weight of the
+    ``rc.nn`` layers made inside with ``regularizer`` (kernels **and** biases, recurrent
+    kernels, embeddings, normalisation gamma/beta: every variable TF1's ``tf.layers`` made
+    through ``get_variable``), unless a layer is given its own.
+
+    ``reuse`` (``True``, ``AUTO_REUSE``) is accepted and has nothing to do: PyTorch reuses a
+    layer by calling the same module, not by looking up variables by name. ``values`` is
+    ignored, as in TF2's graph-less mode. Other TF1 arguments (``initializer``,
+    ``partitioner``, ``custom_getter``, ...) have no PyTorch meaning and raise.
+
+    Examples:
+        >>> import regcollect as rc
+        >>> from regcollect.compat import v1
+        >>> with v1.variable_scope("dense", regularizer=v1.l2_regularizer(0.1)):
+        ...     layer = rc.nn.Linear(2, 2)
+        >>> layer.kernel_regularizer, layer.bias_regularizer
+        (L2(l2=0.05), L2(l2=0.05))
+    """
+    given = sorted(k for k, v in unsupported.items() if v is not None)
+    if given:
+        raise TypeError(
+            f"variable_scope(): {', '.join(given)} has no PyTorch equivalent; build the layers "
+            "with those settings instead (regcollect only handles regularizer=)"
+        )
+    if reuse not in (None, True, False, AUTO_REUSE):
+        raise ValueError(f"reuse must be None, True, False or AUTO_REUSE, got {reuse!r}")
+    name = name_or_scope if name_or_scope is not None else default_name
+    if name is None:
+        raise ValueError("variable_scope: name_or_scope or default_name must be given")
+    reg = get_regularizer(regularizer)
+    with defaults_scope(name, dict.fromkeys(_WEIGHT_ARGUMENTS, reg)):
+        yield
+
+
+def get_regularization_loss(
+    scope: str | None = None, name: str = "total_regularization_loss"
+) -> torch.Tensor:
+    """TF1's ``get_regularization_loss(scope, name)``: the sum of the penalties whose names
+    match ``scope``. ``name`` named the TF op; accepted and unused."""
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a string, got {type(name).__name__}")
+    return context.get_regularization_loss(scope)
+
+
+def get_regularization_losses(scope: str | None = None) -> list[torch.Tensor]:
+    """TF1's ``get_regularization_losses(scope)``: one penalty per entry, in registration order."""
+    return context.get_regularization_losses(scope)
 
 
 class GraphKeys:
