@@ -24,6 +24,7 @@ from .context import (
 )
 from .entries import Entry
 from .handle import Handle
+from .optim import attach_optimizer
 from .persist import export_plan, load_plan
 from .regularizers import (
     L1,
@@ -57,6 +58,7 @@ __all__ = [
     "add_activity_regularizer",
     "add_regularizer",
     "assert_finite",
+    "attach_optimizer",
     "compat",
     "deserialize",
     "export_plan",

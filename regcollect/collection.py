@@ -23,6 +23,7 @@ from .activity import Record
 from .engine import Plan
 from .entries import ACTIVITY, Entry, current_tensors
 from .guards import model_groups, several_models_message
+from .optim import OptimizerAttachment, held_by
 from .plans import CachedPlan, applied, choose, mark_constant, traced_tensors
 from .readout import Last, Readout, Row, as_dict, check_finite
 from .registry import Registry
@@ -70,6 +71,22 @@ class Collection(Registry):
         self._warned_meta = False
         super().__init__(max_pending, max_pending_bytes)
         self._readout = Readout()
+        # Optimizers applying this collection's L1/L2 terms in their step (attach_optimizer).
+        self._attachments: list[OptimizerAttachment] = []
+
+    def _attach(self, attachment: OptimizerAttachment) -> None:
+        with self._lock:
+            self._attachments.append(attachment)
+            self._changed()
+
+    def _detach_optimizer(self, attachment: OptimizerAttachment) -> None:
+        with self._lock:
+            if attachment in self._attachments:
+                self._attachments.remove(attachment)
+            self._changed()
+
+    def _held_by_optimizers(self) -> set[int]:
+        return held_by(self._attachments)
 
     @property
     def max_pending(self) -> int:
@@ -126,6 +143,7 @@ class Collection(Registry):
                 build,
                 self._describer,
                 model_groups if checked is None else None,
+                self._held_by_optimizers,
             )
             return key, cached
 
@@ -204,7 +222,8 @@ class Collection(Registry):
             in_scope = [in_scope[i] for i in found]
         candidates = [e for e in in_scope if e.kind != ACTIVITY]
         entries, tensors = choose(candidates, traced_tensors(candidates))
-        plan = Plan(tensors, applied(entries))
+        held: set[int] = held_by(self._attachments) if len(self._attachments) > 0 else set()
+        plan = Plan(tensors, applied(entries), no_grad=held)
         keep = None if scope is None else frozenset(map(id, in_scope))
         records = self.pending.take_traced(keep)
         result = plan()
@@ -343,8 +362,8 @@ def default_collection() -> Collection:
 def _forgotten_loss_check(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     """Optimizer step hook: warn once per collection whose penalties never reach a loss."""
     for coll in list(_live):
-        if coll._consumed or coll._warned_forgotten or not coll._entries:
-            continue
+        if coll._consumed or coll._warned_forgotten or not coll._entries or coll._attachments:
+            continue  # (an attached optimizer applies the penalties itself)
         with coll._lock:
             entries = list(coll._entries.values())
             tensors = current_tensors([e.locator for e in entries])

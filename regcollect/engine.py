@@ -276,6 +276,7 @@ class Plan:
         describe: Callable[[int], str] | None = None,
         registered: Sequence[torch.Tensor | None] | None = None,
         describe_registered: Callable[[int], str] | None = None,
+        no_grad: set[int] | frozenset[int] = frozenset(),
     ):
         if len(tensors) != len(regularizers):
             raise ValueError(
@@ -300,7 +301,10 @@ class Plan:
             # of a sweep) keeps one, so that it stays in the graph with a zero gradient.
             # A replicated DTensor has nothing to reduce but still needs to_local(): it must
             # not share a group with plain tensors, hence the is-DTensor part of the key.
-            key = (x.device, x.dtype, _is_dtensor(x), reduce_over, _stack_shape(x))
+            # Tensors whose L1/L2 terms an optimizer applies (attach_optimizer): their value
+            # is computed without autograd, in groups of their own.
+            detached = id(x) in no_grad
+            key = (x.device, x.dtype, _is_dtensor(x), reduce_over, detached, _stack_shape(x))
             for kind, coef in [t for t in terms if t[1]] or terms[:1]:
                 groups.setdefault((kind, coef, *key), []).append(i)
         # Stacking pays for its extra node only with enough tensors of one shape; fewer go
@@ -319,8 +323,9 @@ class Plan:
                 sharded,
                 reduce_over,
                 shape is not None,
+                detached,
             )
-            for (kind, coef, _, _, sharded, reduce_over, shape), idx in merged.items()
+            for (kind, coef, _, _, sharded, reduce_over, detached, shape), idx in merged.items()
         ]
         self.device = self.tensors[0].device if self.tensors else torch.device("cpu")
         self.dtype = torch.float32
@@ -342,7 +347,11 @@ class Plan:
             tensors = group.tensors
             if group.sharded:
                 tensors = [x.to_local() for x in tensors]  # type: ignore[attr-defined]
-            group_total, values = group_penalty(group.kind, group.coef, tensors, group.stacked)
+            if group.detached:
+                with torch.no_grad():
+                    group_total, values = group_penalty(group.kind, group.coef, tensors)
+            else:
+                group_total, values = group_penalty(group.kind, group.coef, tensors, group.stacked)
             if group.reduce_over:
                 pending.setdefault(group.reduce_over, []).append((group, group_total, values))
             else:
@@ -512,6 +521,8 @@ class _Group:
     reduce_over: tuple[Any, ...]
     # Small CPU tensors of one shape, computed from one stacked copy (_StackedPenalty).
     stacked: bool
+    # Applied by an optimizer (attach_optimizer): the value only, no autograd node.
+    detached: bool = False
 
 
 # Stacking small CPU tensors: at most this many bytes each, at least this many of one shape.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from .entries import Entry
@@ -20,8 +20,13 @@ class Handle:
     """What registration returns: ``.remove()`` undoes exactly what the call did, restoring
     the regularizers it replaced. Also a context manager, removing its entries on exit."""
 
-    def __init__(self, added: Sequence[tuple[_Registry, Entry]] = ()) -> None:
+    def __init__(
+        self,
+        added: Sequence[tuple[_Registry, Entry]] = (),
+        on_remove: Callable[[], None] | None = None,
+    ) -> None:
         self._added = list(added)
+        self._on_remove = on_remove  # what a call that added no entry undoes (attach_optimizer)
 
     @classmethod
     def join(cls, handles: Sequence[Handle]) -> Handle:
@@ -40,6 +45,9 @@ class Handle:
             else:
                 entry._retired = True
         self._added = []
+        if self._on_remove is not None:
+            on_remove, self._on_remove = self._on_remove, None
+            on_remove()
 
     def __enter__(self) -> Handle:
         return self

@@ -114,6 +114,7 @@ class PlanCache:
         build: Callable[[], tuple[list[Entry], list[Entry]]],
         describe: Callable[[list[Entry]], Callable[[int], str]],
         models: Callable[[list[Entry]], dict[int, int]] | None = None,
+        no_grad: Callable[[], set[int]] | None = None,
     ) -> CachedPlan:
         """The valid cached plan for ``key``, or a new one from ``build() -> (in_scope,
         weight candidates)``."""
@@ -148,6 +149,7 @@ class PlanCache:
                 # Every rank lays out the same sharded tensors, trained here or not.
                 registered=tensors,
                 describe_registered=describe(candidates),
+                no_grad=no_grad() if no_grad is not None else frozenset(),
             ),
             entries,
             in_scope,

@@ -202,6 +202,17 @@ def test_a_parameter_frozen_on_every_rank_is_left_out(report: dict[str, Any]) ->
     assert r["value_diff"] < TOL and r["after_diff"] < TOL
 
 
+@pytest.mark.parametrize(
+    "scenario",
+    ["ddp_attached", "ddp_attached_decoupled", "fsdp2_attached", "fsdp2_attached_decoupled"],
+)
+def test_attached_optimizer_matches_single_process(report: dict[str, Any], scenario: str) -> None:
+    r = report[scenario]
+    assert "error" not in r, r.get("error")
+    assert r["moved"] > 1e-2
+    assert r["param_diff"] < TOL and r["penalty_diff"] < TOL
+
+
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 def test_example(mode: str) -> None:
     example = Path(__file__).resolve().parents[2] / "examples" / "distributed.py"

@@ -272,6 +272,44 @@ def replicated_beside_plain() -> dict[str, Any]:
     }
 
 
+def attached(wrap: Wrap, decoupled: bool) -> dict[str, Any]:
+    """rc.attach_optimizer: the step applies the L1/L2 terms; the wrapped model on this rank's
+    half batch must match the same mode in one process on the whole batch."""
+
+    def run(model: torch.nn.Module, coll: rc.Collection, x: torch.Tensor, y: torch.Tensor) -> Any:
+        opt = (
+            torch.optim.Adam(model.parameters(), lr=0.01)
+            if decoupled
+            else torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+        )
+        rc.attach_optimizer(opt, decoupled=decoupled, collection=coll)
+        seen = []
+        for _ in range(STEPS):
+            opt.zero_grad()
+            penalty = coll.loss()
+            (torch.nn.functional.mse_loss(model(x), y) + penalty).backward()
+            opt.step()
+            seen.append(penalty.item())
+        return seen
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    x, y = data()
+    ref_coll = rc.Collection()
+    ref = build(ref_coll)
+    initial = full_state(ref)
+    ref_seen = run(ref, ref_coll, x, y)
+    coll = rc.Collection()
+    model = wrap(build(coll))
+    half = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+    seen = run(model, coll, x[half], y[half])
+    got, want = full_state(model), full_state(ref)
+    return {
+        "param_diff": max(float((got[k] - want[k]).abs().max()) for k in want),
+        "moved": max(float((want[k] - initial[k]).abs().max()) for k in want),
+        "penalty_diff": max(abs(a - b) for a, b in zip(seen, ref_seen)),
+    }
+
+
 def frozen(where: str, middle: str = "l1_l2") -> dict[str, Any]:
     """``2.weight`` frozen on rank 1 only (``where="one"``) or on every rank (``"every"``):
     what ``loss()`` does, on each rank, then once it is unfrozen again."""
@@ -320,6 +358,11 @@ SCENARIOS: dict[str, Callable[[], dict[str, Any]]] = {
     "hsdp_2d_mesh": lambda: compare(hsdp),
     # The stacked small-tensor path: its gradients are views of one tensor.
     "ddp_stacked": lambda: compare(DDP, stacked=True),
+    # The optimizer-step mode (rc.attach_optimizer), coupled and decoupled (proximal L1).
+    "ddp_attached": lambda: attached(DDP, decoupled=False),
+    "ddp_attached_decoupled": lambda: attached(DDP, decoupled=True),
+    "fsdp2_attached": lambda: attached(fsdp, decoupled=False),
+    "fsdp2_attached_decoupled": lambda: attached(fsdp, decoupled=True),
     # Ranks that disagree on what they train: an error on every rank, not a hang.
     "fsdp2_frozen_on_one_rank": lambda: frozen("one"),
     "fsdp2_orthogonal_frozen_on_one_rank": lambda: frozen("one", middle="orthogonal"),

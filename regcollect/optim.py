@@ -1,0 +1,223 @@
+"""Weight penalties applied inside ``optimizer.step()``: :func:`attach_optimizer`.
+
+Through autograd, a penalty costs a forward and a backward pass over the weights and a fresh
+gradient tensor per parameter. Inside the optimizer step it is what ``weight_decay`` is: one
+in-place multi-tensor update per group of parameters sharing a coefficient.
+
+- **Coupled** (default): before the optimizer's own math, ``grad += 2 * l2 * w`` and
+  ``grad += l1 * sign(w)``: exactly what ``SGD(weight_decay=wd)``/``Adam(weight_decay=wd)`` do
+  with ``wd = 2 * l2``, but per parameter, with L1 too, and only on the regularized tensors.
+- **Decoupled**: the weights themselves shrink, scaled by their group's current learning rate:
+  L2 as ``AdamW`` does (``w *= 1 - lr * 2 * l2`` before the update), L1 as the proximal step
+  after the update (soft-thresholding by ``lr * l1``), which sets weights exactly to zero.
+
+Only L1, L2 and L1L2 terms (and sums of them) on parameters the optimizer holds are applied this
+way; orthogonal, custom and activity penalties stay in ``loss()`` with their gradients. For the
+penalties the optimizer applies, ``loss()`` still returns the full value (the printed loss and
+the summary stay honest), but that part carries no gradient: nothing is counted twice.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ._checks import RegcollectWarning
+from .entries import WEIGHT
+from .handle import Handle
+from .penalties import fused_terms
+
+if TYPE_CHECKING:
+    from .collection import Collection
+
+__all__ = ["OptimizerAttachment", "attach_optimizer"]
+
+
+class OptimizerAttachment:
+    """The hooks on one optimizer, and the grouping of its parameters by coefficient."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, coll: Collection, decoupled: bool):
+        self.optimizer = weakref.ref(optimizer)
+        self.collection = weakref.ref(coll)
+        self.decoupled = decoupled
+        self._key: tuple[Any, ...] | None = None
+        # Per param group: [(kind, coefficient, [params])], built when something changes.
+        self._groups: list[list[tuple[str, float, list[torch.Tensor]]]] = []
+        self._pre = optimizer.register_step_pre_hook(self._before_step)
+        self._post = optimizer.register_step_post_hook(self._after_step)
+        self._warned_decay = False
+
+    def held(self) -> set[int]:
+        """Ids of the parameters the optimizer holds (whose penalties it applies)."""
+        optimizer = self.optimizer()
+        if optimizer is None:
+            return set()
+        return {id(p) for group in optimizer.param_groups for p in group["params"]}
+
+    def remove(self) -> None:
+        self._pre.remove()
+        self._post.remove()
+
+    # -- the grouping -----------------------------------------------------------------------
+
+    def _grouping(self, optimizer: torch.optim.Optimizer, coll: Collection) -> None:
+        key = (
+            coll._version,
+            tuple(id(p) for group in optimizer.param_groups for p in group["params"]),
+        )
+        if key == self._key:
+            return
+        if self._key is not None and key[1] != self._key[1]:
+            coll._changed()  # the optimizer holds other parameters: loss() must re-plan
+        coefficients: dict[int, list[tuple[str, float]]] = {}
+        for entry in coll.entries():
+            if entry.kind != WEIGHT:
+                continue
+            tensor = entry.resolve()
+            terms = fused_terms(entry.regularizer) if tensor is not None else None
+            if tensor is not None and terms:
+                coefficients[id(tensor)] = [t for t in terms if t[1]]
+        self._groups = []
+        doubled = []
+        for group in optimizer.param_groups:
+            by_term: dict[tuple[str, float], list[torch.Tensor]] = {}
+            for p in group["params"]:
+                for kind, coef in coefficients.get(id(p), ()):
+                    by_term.setdefault((kind, coef), []).append(p)
+                if id(p) in coefficients and group.get("weight_decay", 0.0):
+                    doubled.append(p)
+            self._groups.append([(k, c, ps) for (k, c), ps in by_term.items()])
+        self._key = key
+        if doubled and not self._warned_decay:
+            self._warned_decay = True
+            warnings.warn(
+                f"{len(doubled)} parameters regularized by regcollect are also in a parameter "
+                f"group with weight_decay={_first_decay(optimizer)} on "
+                f"{type(optimizer).__name__}: they are regularized twice. Set weight_decay=0 "
+                "for them (rc.l2(wd / 2) is SGD's weight_decay=wd).",
+                RegcollectWarning,
+                stacklevel=4,
+            )
+
+    # -- the hooks --------------------------------------------------------------------------
+
+    def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        coll = self.collection()
+        if coll is None:
+            return
+        self._grouping(optimizer, coll)
+        with torch.no_grad():
+            for group, terms in zip(optimizer.param_groups, self._groups):
+                lr = _lr(group)
+                for kind, coef, params in terms:
+                    live = [p for p in params if p.grad is not None]  # as weight_decay does
+                    if not live:
+                        continue
+                    if not self.decoupled:
+                        grads = [p.grad for p in live if p.grad is not None]
+                        if kind == "l2":
+                            torch._foreach_add_(grads, live, alpha=2.0 * coef)
+                        else:
+                            torch._foreach_add_(grads, torch._foreach_sign(live), alpha=coef)
+                    elif kind == "l2":
+                        torch._foreach_mul_(live, 1.0 - lr * 2.0 * coef)
+
+    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if not self.decoupled:
+            return
+        with torch.no_grad():
+            for group, terms in zip(optimizer.param_groups, self._groups):
+                lr = _lr(group)
+                for kind, coef, params in terms:
+                    live = [p for p in params if p.grad is not None]
+                    if kind == "l1" and live:
+                        _soft_threshold_(live, lr * coef)
+
+
+def _soft_threshold_(params: list[torch.Tensor], threshold: float) -> None:
+    """``p = sign(p) * max(|p| - threshold, 0)`` in place: the proximal step of L1."""
+    # p -= sign(p) * min(|p|, threshold): in-place pointwise steps only (DTensors too).
+    shrink = torch._foreach_abs(params)
+    torch._foreach_clamp_max_(shrink, threshold)
+    torch._foreach_mul_(shrink, torch._foreach_sign(params))
+    torch._foreach_sub_(params, shrink)
+
+
+def _lr(group: dict[str, Any]) -> float:
+    lr = group.get("lr", 0.0)
+    return float(lr)  # a tensor learning rate (capturable optimizers) is read here
+
+
+def _first_decay(optimizer: torch.optim.Optimizer) -> float:
+    return next(
+        (float(g["weight_decay"]) for g in optimizer.param_groups if g.get("weight_decay")), 0.0
+    )
+
+
+def attach_optimizer(
+    optimizer: torch.optim.Optimizer,
+    *,
+    decoupled: bool = False,
+    collection: Collection | None = None,
+) -> Handle:
+    """Apply the collection's L1, L2 and L1L2 weight penalties inside ``optimizer.step()``.
+
+    From now on, for the parameters ``optimizer`` holds, those penalties are applied by the
+    step instead of through autograd; ``rc.loss()`` still returns their value (without a
+    gradient), so keep adding it to the loss you print. ``.remove()`` on the returned handle
+    undoes it.
+
+    Args:
+        optimizer: any ``torch.optim.Optimizer`` (SGD, Adam, AdamW, ...).
+        decoupled: False (coupled): the penalty's gradient is added to ``.grad`` before the
+            optimizer's math, as ``weight_decay`` does in SGD and Adam. True: the weights are
+            decayed directly, scaled by the group's learning rate, as ``AdamW`` does for L2;
+            L1 becomes a proximal step (soft-thresholding) that produces exact zeros.
+        collection: the collection whose penalties are applied (default: the active one).
+
+    Returns:
+        A handle; ``.remove()`` restores the autograd path.
+
+    Raises:
+        TypeError: ``optimizer`` is not a ``torch.optim.Optimizer``, or ``decoupled`` is not
+            a bool.
+
+    Examples:
+        >>> import torch, regcollect as rc
+        >>> coll = rc.Collection()
+        >>> layer = rc.nn.Linear(2, 2, kernel_regularizer=rc.l2(0.5), collection=coll)
+        >>> opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+        >>> handle = rc.attach_optimizer(opt, collection=coll)
+        >>> coll.loss().requires_grad  # the value is there; the step applies the gradient
+        False
+        >>> handle.remove()
+    """
+    from .context import active_collection
+
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+        )
+    if not isinstance(decoupled, bool):
+        raise TypeError(f"decoupled must be True or False, got {decoupled!r}")
+    coll = active_collection(collection)
+    attachment = OptimizerAttachment(optimizer, coll, decoupled)
+    coll._attach(attachment)
+
+    def undo() -> None:
+        attachment.remove()
+        coll._detach_optimizer(attachment)
+
+    return Handle([], undo)
+
+
+def held_by(attachments: Iterable[OptimizerAttachment]) -> set[int]:
+    """Ids of the parameters the attached optimizers hold."""
+    out: set[int] = set()
+    for a in attachments:
+        out |= a.held()
+    return out

@@ -1,0 +1,261 @@
+"""rc.attach_optimizer: penalties applied inside optimizer.step(), coupled and decoupled."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import regcollect as rc
+
+WD = 0.05
+
+
+def mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(6, 16),
+        torch.nn.Tanh(),
+        torch.nn.Linear(16, 16),
+        torch.nn.Tanh(),
+        torch.nn.Linear(16, 3),
+    )
+
+
+def batches(n=6):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(8, 6, generator=g), torch.randn(8, 3, generator=g)) for _ in range(n)]
+
+
+def kernels(model):
+    return [p for p in model.parameters() if p.dim() >= 2]
+
+
+def others(model):
+    return [p for p in model.parameters() if p.dim() < 2]
+
+
+def train(model, opt, data, extra=None):
+    for x, y in data:
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        if extra is not None:
+            loss = loss + extra()
+        loss.backward()
+        opt.step()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda params, **kw: torch.optim.SGD(params, lr=0.1, momentum=0.9, **kw),
+        lambda params, **kw: torch.optim.Adam(params, lr=0.01, **kw),
+        lambda params, **kw: torch.optim.RMSprop(params, lr=0.01, **kw),
+    ],
+    ids=["SGD-momentum", "Adam", "RMSprop"],
+)
+def test_coupled_equals_the_optimizers_weight_decay_on_the_same_parameters(make):
+    data = batches()
+    plain = mlp()
+    groups = [
+        {"params": kernels(plain), "weight_decay": WD},
+        {"params": others(plain), "weight_decay": 0.0},
+    ]
+    train(plain, make(groups), data)
+
+    ours = mlp()
+    coll = rc.Collection()
+    rc.regularize(ours, kernel=rc.l2(WD / 2), collection=coll)
+    opt = make(ours.parameters())
+    rc.attach_optimizer(opt, collection=coll)
+    seen = []
+
+    def penalty():
+        value = coll.loss()
+        seen.append((value.item(), value.requires_grad))
+        return value  # added to the loss: its value is printed, its gradient comes from the step
+
+    train(ours, opt, data, penalty)
+    for a, b in zip(plain.parameters(), ours.parameters()):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
+    # loss() still has the penalty's value, without a gradient (nothing counted twice).
+    assert all(not grad for _, grad in seen)
+    want = sum((WD / 2) * (p.detach().double() ** 2).sum() for p in kernels(ours)).item()
+    assert coll.loss().item() == pytest.approx(want, rel=1e-6)
+
+
+def test_decoupled_equals_adamw():
+    data = batches()
+    plain = mlp()
+    groups = [
+        {"params": kernels(plain), "weight_decay": WD},
+        {"params": others(plain), "weight_decay": 0.0},
+    ]
+    train(plain, torch.optim.AdamW(groups, lr=0.01), data)
+
+    ours = mlp()
+    coll = rc.Collection()
+    rc.regularize(ours, kernel=rc.l2(WD / 2), collection=coll)
+    opt = torch.optim.Adam(ours.parameters(), lr=0.01)
+    rc.attach_optimizer(opt, decoupled=True, collection=coll)
+    train(ours, opt, data, coll.loss)
+    for a, b in zip(plain.parameters(), ours.parameters()):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_decoupled_follows_a_learning_rate_schedule():
+    data = batches()
+    plain = mlp()
+    opt_plain = torch.optim.AdamW(
+        [
+            {"params": kernels(plain), "weight_decay": WD},
+            {"params": others(plain), "weight_decay": 0},
+        ],
+        lr=0.01,
+    )
+    sched_plain = torch.optim.lr_scheduler.StepLR(opt_plain, step_size=2, gamma=0.3)
+    ours = mlp()
+    coll = rc.Collection()
+    rc.regularize(ours, kernel=rc.l2(WD / 2), collection=coll)
+    opt = torch.optim.Adam(ours.parameters(), lr=0.01)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.3)
+    rc.attach_optimizer(opt, decoupled=True, collection=coll)
+    for x, y in data:
+        for model, o, s in ((plain, opt_plain, sched_plain), (ours, opt, sched)):
+            o.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            o.step()
+            s.step()
+    for a, b in zip(plain.parameters(), ours.parameters()):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def sparse_problem():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 50, generator=g)
+    w_true = torch.zeros(50)
+    w_true[:5] = torch.tensor([2.0, -3.0, 1.5, 4.0, -2.5])
+    y = x @ w_true + 0.01 * torch.randn(200, generator=g)
+    return x, y, w_true
+
+
+def fit_sparse(proximal):
+    x, y, _ = sparse_problem()
+    coll = rc.Collection()
+    torch.manual_seed(0)
+    layer = rc.nn.Linear(50, 1, bias=False, kernel_regularizer=rc.l1(0.05), collection=coll)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.05)
+    if proximal:
+        rc.attach_optimizer(opt, decoupled=True, collection=coll)
+    for _ in range(300):
+        opt.zero_grad()
+        (torch.nn.functional.mse_loss(layer(x).squeeze(1), y) + coll.loss()).backward()
+        opt.step()
+    return layer.weight.detach()[0]
+
+
+def test_proximal_l1_gives_exact_zeros_and_keeps_the_true_weights():
+    _, _, w_true = sparse_problem()
+    proximal, in_loss = fit_sparse(True), fit_sparse(False)
+    irrelevant = w_true == 0
+    assert (proximal[irrelevant] == 0).float().mean() >= 0.9  # exact zeros
+    assert (in_loss[irrelevant] == 0).float().mean() == 0  # L1 in the loss: small, never 0
+    assert torch.all(proximal[~irrelevant].abs() > 1.0)
+    assert torch.allclose(proximal[~irrelevant], w_true[~irrelevant], atol=0.2)
+
+
+def test_only_l1_l2_terms_move_to_the_step_the_rest_keeps_its_gradient():
+    coll = rc.Collection()
+    layer = rc.nn.Linear(
+        3, 3, kernel_regularizer=rc.orthogonal(1.0), bias_regularizer=rc.l1(0.5), collection=coll
+    )
+    act = rc.nn.Linear(3, 3, activity_regularizer=rc.l2(0.1), collection=coll)
+    model = torch.nn.Sequential(act, layer)  # the activity penalty is upstream of layer
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rc.attach_optimizer(opt, collection=coll)
+    out = model(torch.randn(2, 3))
+    total = coll.loss()
+    assert total.requires_grad  # orthogonal and activity penalties stay differentiable
+    (out.sum() + total).backward()
+    assert layer.weight.grad.abs().sum() > 0
+    # The L1 bias penalty is not in the autograd gradient (out.sum() gives 2 per unit)...
+    assert torch.equal(layer.bias.grad, torch.full((3,), 2.0))
+    b = layer.bias.detach().clone()
+    opt.step()  # ... the step adds it: 0.5 * sign(b)
+    assert torch.allclose(layer.bias.detach(), b - 0.1 * (2.0 + 0.5 * torch.sign(b)))
+    # A parameter the optimizer does not hold keeps its autograd gradient.
+    other = rc.nn.Linear(2, 2, kernel_regularizer=rc.l2(1.0), collection=coll)
+    assert coll.loss(other).requires_grad
+
+
+def test_grad_scaler_skipped_step_applies_no_penalty_and_accumulation_applies_it_once():
+    coll = rc.Collection()
+    layer = rc.nn.Linear(2, 2, kernel_regularizer=rc.l2(0.5), collection=coll)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    rc.attach_optimizer(opt, collection=coll)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    before = layer.weight.detach().clone()
+    out = layer(torch.tensor([[float("inf"), 1.0]])).sum() + coll.loss()
+    scaler.scale(out).backward()
+    scaler.step(opt)  # inf gradients: the step is skipped, and with it the penalty
+    scaler.update()
+    assert torch.equal(layer.weight.detach(), before)
+    # Accumulation over 3 micro-batches: the penalty is applied once, in the one step.
+    opt.zero_grad()
+    for _ in range(3):
+        (layer(torch.zeros(1, 2)).sum() * 0.0 + coll.loss() / 3).backward()
+    w = layer.weight.detach().clone()
+    opt.step()
+    assert torch.allclose(layer.weight.detach(), w - 0.1 * (2 * 0.5) * w)
+
+
+def test_a_weight_decay_on_the_same_parameters_warns_once():
+    coll = rc.Collection()
+    layer = rc.nn.Linear(2, 2, kernel_regularizer=rc.l2(0.5), collection=coll)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1, weight_decay=1e-4)
+    rc.attach_optimizer(opt, collection=coll)
+    layer(torch.ones(1, 2)).sum().backward()
+    with pytest.warns(
+        rc.RegcollectWarning, match=r"weight_decay=0.0001 on SGD: they are regularized twice"
+    ):
+        opt.step()
+    opt.step()  # once
+
+
+def test_remove_restores_the_autograd_path_and_bad_arguments():
+    coll = rc.Collection()
+    layer = rc.nn.Linear(2, 2, kernel_regularizer=rc.l2(0.5), collection=coll)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    handle = rc.attach_optimizer(opt, collection=coll)
+    assert not coll.loss().requires_grad
+    handle.remove()
+    assert coll.loss().requires_grad
+    w = layer.weight.detach().clone()
+    layer.weight.grad = torch.zeros_like(w)
+    opt.step()  # no hook any more: nothing applied
+    assert torch.equal(layer.weight.detach(), w)
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer, got list"):
+        rc.attach_optimizer([layer.weight])
+    with pytest.raises(TypeError, match="decoupled must be True or False, got 'yes'"):
+        rc.attach_optimizer(opt, decoupled="yes")
+
+
+def test_parameters_added_to_the_optimizer_later_are_followed():
+    coll = rc.Collection()
+    a = rc.nn.Linear(2, 2, kernel_regularizer=rc.l2(0.5), collection=coll)
+    b = rc.nn.Linear(2, 2, kernel_regularizer=rc.l2(0.5), collection=coll)
+    model = torch.nn.ModuleList([a, b])
+    opt = torch.optim.SGD(a.parameters(), lr=0.1)
+    rc.attach_optimizer(opt, collection=coll)
+    model[0](torch.ones(1, 2)).sum().backward()
+    opt.step()
+    assert coll.loss(b).requires_grad  # b is not held: autograd
+    opt.add_param_group({"params": list(b.parameters())})
+    b(torch.ones(1, 2)).sum().backward()
+    w = b.weight.detach().clone()
+    g = b.weight.grad.clone()
+    opt.step()
+    assert torch.allclose(b.weight.detach(), w - 0.1 * (g + w))
+    assert not coll.loss(b).requires_grad  # now the step applies it
+    assert copy.copy(model) is not None
