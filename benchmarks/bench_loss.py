@@ -15,6 +15,9 @@ Scenarios:
 3. training step: 4-layer 1024-wide MLP, batch 256, forward + backward + SGD step, rc.l2 on the
    kernels against SGD(weight_decay=...): overhead in %; on CUDA also both steps captured in
    CUDA graphs (what is left without the host's work).
+5. fused step (rc.attach_optimizer): the penalty inside SGD's step against
+   SGD(weight_decay), with and without the rc.loss() value call, on scenario 2's tensors and on
+   100 small layers against weight_decay parameter groups.
 4. real size (CUDA by default, `--real-size BATCH` elsewhere): ResNet-50 and ViT-B/16 built
    without weights (benchmarks/models.py), a bf16-autocast training step against
    SGD(weight_decay) on the same kernels, and the penalty alone against the weight-decay update.
@@ -254,6 +257,108 @@ def training_step(repeats: int, device: torch.device) -> dict[str, float]:
     return medians
 
 
+def fused_step(repeats: int, device: torch.device) -> dict[str, float]:
+    """rc.attach_optimizer: the penalty applied inside SGD's step, against weight_decay."""
+    out: dict[str, float] = {}
+    # 5a. the large case: 33 tensors, 25.8M parameters, gradients already there.
+    shapes = []
+    for c_in, c_out, n in (
+        (64, 64, 8),
+        (64, 128, 1),
+        (128, 128, 7),
+        (128, 256, 1),
+        (256, 256, 6),
+        (256, 512, 1),
+        (512, 512, 8),
+    ):
+        shapes += [(c_out, c_in, 3, 3)] * n
+    shapes.append((1000, 512))
+    wd = 1e-4
+
+    def tensors() -> list[torch.nn.Parameter]:
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, device=device) * 0.01) for s in shapes]
+        for p in params:
+            p.grad = torch.randn_like(p) * 1e-3
+        return params
+
+    plain = tensors()
+    opt_plain = torch.optim.SGD(plain, lr=1e-3, weight_decay=wd)
+    ours = tensors()
+    coll = rc.Collection()
+    holder = torch.nn.Module()
+    for i, p in enumerate(ours):
+        holder.register_parameter(f"p{i}", p)
+        rc.add_regularizer(holder, f"p{i}", rc.l2(wd / 2), collection=coll)
+    opt_ours = torch.optim.SGD(ours, lr=1e-3)
+    rc.attach_optimizer(opt_ours, collection=coll)
+
+    def with_loss() -> None:
+        coll.loss()  # the value, for the printed loss; no autograd work
+        opt_ours.step()
+
+    medians = measure(
+        {
+            "SGD(weight_decay) step": opt_plain.step,
+            "rc.loss() + step, attached": with_loss,
+            "step alone, attached": opt_ours.step,
+        },
+        repeats,
+        inner=3,
+        device=device,
+    )
+    report(
+        "5a. fused step: 33 tensors, 25.8M parameters, l2 inside SGD's step",
+        medians,
+        "SGD(weight_decay) step",
+    )
+    out.update({f"large: {k}": v for k, v in medians.items()})
+
+    # 5b. many small: 100 x Linear(64, 64), weight decay on the kernels only.
+    def layers() -> torch.nn.ModuleList:
+        torch.manual_seed(0)
+        model = torch.nn.ModuleList(torch.nn.Linear(64, 64, device=device) for _ in range(100))
+        for p in model.parameters():
+            p.grad = torch.randn_like(p) * 1e-3
+        return model
+
+    groups = layers()
+    opt_groups = torch.optim.SGD(
+        [
+            {"params": [m.weight for m in groups], "weight_decay": wd},
+            {"params": [m.bias for m in groups], "weight_decay": 0.0},
+        ],
+        lr=1e-3,
+    )
+    small = layers()
+    small_coll = rc.Collection()
+    rc.regularize(small, kernel=rc.l2(wd / 2), collection=small_coll)
+    opt_small = torch.optim.SGD(small.parameters(), lr=1e-3)
+    rc.attach_optimizer(opt_small, collection=small_coll)
+
+    def small_with_loss() -> None:
+        small_coll.loss()
+        opt_small.step()
+
+    medians = measure(
+        {
+            "SGD(weight_decay), parameter groups": opt_groups.step,
+            "rc.loss() + step, attached": small_with_loss,
+            "step alone, attached": opt_small.step,
+        },
+        repeats,
+        inner=10,
+        device=device,
+    )
+    report(
+        "5b. fused step: 100 x Linear(64, 64), l2 on the kernels",
+        medians,
+        "SGD(weight_decay), parameter groups",
+    )
+    out.update({f"small: {k}": v for k, v in medians.items()})
+    return out
+
+
 def cuda_graph(step: Callable[[], None], opt: torch.optim.Optimizer) -> Callable[[], None]:
     """``step`` captured in a CUDA graph (the recipe of PyTorch's CUDA-graphs notes): warmed
     up on a side stream, captured once; the returned callable replays it."""
@@ -383,6 +488,17 @@ def main() -> None:
     )
     plain, ours = step["SGD(weight_decay) step"], step["rc.loss() + SGD step"]
     print(f"training step overhead: {100 * (ours / plain - 1):+.1f}%")
+    fused = fused_step(args.repeats, device)
+    big_plain = fused["large: SGD(weight_decay) step"]
+    small_plain = fused["small: SGD(weight_decay), parameter groups"]
+    big_loss = fused["large: rc.loss() + step, attached"] / big_plain
+    big_alone = fused["large: step alone, attached"] / big_plain
+    small_loss = fused["small: rc.loss() + step, attached"] / small_plain
+    small_alone = fused["small: step alone, attached"] / small_plain
+    print(
+        f"fused step, large: rc.loss() + step {big_loss:.2f}x, step alone {big_alone:.2f}x "
+        f"SGD(weight_decay); many-small: {small_loss:.2f}x / {small_alone:.2f}x"
+    )
     batch = args.real_size if args.real_size is not None else (64 if device.type == "cuda" else 0)
     if batch:
         real = real_size(args.repeats, device, batch)

@@ -83,6 +83,18 @@ def test_l1_vs_l2(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_sparsity(tmp_path):
+    out = io.StringIO()
+    with redirect_stdout(out):
+        r = load("sparsity").main(steps=300, outdir=tmp_path)
+    assert r["proximal"]["exact_zeros"] >= 0.95  # the proximal step: exact zeros
+    assert r["in the loss"]["exact_zeros"] == 0.0  # L1 in the loss: small, never 0
+    for name in ("proximal", "in the loss"):
+        assert r[name]["relevant_kept"] == 1.0 and r[name]["true_error"] < 0.1
+    assert "exact zeros" in out.getvalue()
+    assert (tmp_path / "sparsity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_optimizer_equivalence():
     out = io.StringIO()
     with redirect_stdout(out):
