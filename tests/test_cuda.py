@@ -15,6 +15,7 @@ import torch
 
 import regcollect as rc
 from regcollect.engine import _STACK_MIN, Plan
+from regcollect.penalties import evaluated
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -59,10 +60,10 @@ def reference_penalties(model, regs):
         for attr, reg in regs.items():
             if attr == "activity_regularizer":
                 continue
-            tensor = module.weight if attr == "kernel_regularizer" else module.bias
-            out[f"{name}.{attr.split('_')[0].replace('kernel', 'weight')}"] = reg(
-                tensor.detach().double()
-            ).item()
+            param = "weight" if attr == "kernel_regularizer" else "bias"
+            # Keras's orthogonal modes apply to a Linear weight's transpose (Keras's layout)
+            applied = evaluated(reg, module, param)
+            out[f"{name}.{param}"] = applied(getattr(module, param).detach().double()).item()
     return out
 
 
@@ -240,7 +241,7 @@ def float64_penalties(model, x):
     return {
         "0.weight": 1e-2 * (w[0] ** 2).sum().item(),
         "0.bias": 1e-3 * model[0].bias.detach().double().abs().sum().item(),
-        "2.weight": rc.orthogonal(1e-2)(w[1]).item(),
+        "2.weight": rc.orthogonal(1e-2)(w[1].t()).item(),  # Keras's "rows" of a Dense kernel
         "2:activity": 1e-3 * (hidden**2).sum().item() / len(x),
         "4.weight": (1e-3 * w[2].abs().sum() + 1e-2 * (w[2] ** 2).sum()).item(),
     }
@@ -292,3 +293,30 @@ def test_large_float32_tensor_value_to_float64_accuracy():
     rc.add_regularizer(layer, "weight", rc.l2(0.05))
     want = l2_reference([layer.weight], 0.05).item()
     assert rc.loss().item() == pytest.approx(want, rel=1e-6)
+
+
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_attached_optimizer_step_never_synchronises_and_equals_cpu(decoupled):
+    def run(device):
+        torch.manual_seed(0)
+        coll = rc.Collection()
+        model = torch.nn.Sequential(
+            rc.nn.Linear(8, 8, kernel_regularizer=rc.l1_l2(1e-2, 1e-2), collection=coll),
+            torch.nn.Tanh(),
+            rc.nn.Linear(
+                8, 2, kernel_regularizer=rc.l1(1e-2), bias_regularizer=rc.l2(0.1), collection=coll
+            ),
+        ).to(device)
+        opt = torch.optim.Adam(model.parameters(), lr=0.01)
+        rc.attach_optimizer(opt, decoupled=decoupled, collection=coll)
+        x = torch.randn(4, 8).to(device)
+        context = no_sync() if device.type == "cuda" else contextlib.nullcontext()
+        with context:
+            for _ in range(3):
+                opt.zero_grad()
+                (model(x).square().mean() + coll.loss()).backward()
+                opt.step()
+        return [p.detach().cpu() for p in model.parameters()]
+
+    for got, want in zip(run(CUDA), run(torch.device("cpu"))):
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)

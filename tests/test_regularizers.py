@@ -238,3 +238,13 @@ def test_deserialize_only_resolves_registered_names(config):
     with pytest.raises(ValueError):
         rc.deserialize(config)
     assert set(sys.modules) == before
+
+
+def test_orthogonal_under_autocast_stays_in_float32(device):
+    # Autocast ran the Gram matrix in bfloat16: 1.6e-4 relative off a float64 reference.
+    w = torch.randn(64, 64, device=device)
+    want = rc.Orthogonal(1.0)(w.double()).item()
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        got = rc.Orthogonal(1.0)(w)
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(want, rel=1e-6)
