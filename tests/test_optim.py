@@ -259,3 +259,33 @@ def test_parameters_added_to_the_optimizer_later_are_followed():
     assert torch.allclose(b.weight.detach(), w - 0.1 * (g + w))
     assert not coll.loss(b).requires_grad  # now the step applies it
     assert copy.copy(model) is not None
+
+
+def test_a_compiled_training_step_equals_eager():
+    def run(compiled):
+        torch.manual_seed(0)
+        coll = rc.Collection()
+        model = torch.nn.Sequential(
+            rc.nn.Linear(4, 4, kernel_regularizer=rc.l1_l2(0.01, 0.05), collection=coll),
+            torch.nn.Tanh(),
+            rc.nn.Linear(4, 1, collection=coll),
+        )
+        opt = torch.optim.Adam(model.parameters(), lr=0.01)
+        rc.attach_optimizer(opt, decoupled=True, collection=coll)
+        x, y = torch.randn(8, 4), torch.randn(8, 1)
+
+        def step():
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), y) + coll.loss()
+            loss.backward()
+            opt.step()  # the hooks run inside, compiled or not
+            return loss
+
+        step = torch.compile(step) if compiled else step
+        losses = [step().item() for _ in range(4)]
+        return losses, [p.detach().clone() for p in model.parameters()]
+
+    (eager_losses, eager), (got_losses, got) = run(False), run(True)
+    assert got_losses == pytest.approx(eager_losses, rel=1e-5)
+    for a, b in zip(eager, got):
+        assert torch.allclose(a, b, atol=1e-6)
