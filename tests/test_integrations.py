@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import importlib
 import sys
@@ -102,3 +103,122 @@ def test_lightning_callback_logs_the_penalties(tmp_path):
 
     with pytest.raises(TypeError, match="collection must be a regcollect.Collection"):
         RegularizationLogger(collection="default")
+
+
+# --- Hugging Face Trainer ----------------------------------------------------------------------
+
+
+def _tiny_trainer_setup(kind):
+    transformers = pytest.importorskip(
+        "transformers", reason="pip install regcollect[transformers]"
+    )
+    pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
+    torch.manual_seed(0)
+    if kind == "bert":  # its loss is divided by the accumulation steps by the Trainer
+        config = transformers.BertConfig(
+            vocab_size=30,
+            hidden_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=16,
+            max_position_embeddings=16,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            num_labels=2,
+        )
+        model = transformers.BertForSequenceClassification(config)
+        model.uses_num_items_in_batch = False
+        g = torch.Generator().manual_seed(0)
+        rows = [
+            {"input_ids": torch.randint(0, 30, (6,), generator=g), "labels": torch.tensor(i % 2)}
+            for i in range(16)
+        ]
+    else:  # GPT-2 takes num_items_in_batch: the Trainer does not divide its loss
+        config = transformers.GPT2Config(
+            vocab_size=30,
+            n_embd=8,
+            n_layer=1,
+            n_head=2,
+            n_positions=16,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
+        model = transformers.GPT2LMHeadModel(config)
+        g = torch.Generator().manual_seed(0)
+        rows = []
+        for _ in range(16):
+            ids = torch.randint(0, 30, (6,), generator=g)
+            rows.append({"input_ids": ids, "labels": ids.clone()})
+    return transformers, model, rows
+
+
+def _train(transformers, model, rows, trainer_class, tmp_path, batch, accumulation, **kwargs):
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
+        learning_rate=0.05,
+        num_train_epochs=1,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        dataloader_drop_last=True,
+        lr_scheduler_type="constant",
+        optim="sgd",
+    )
+    trainer = trainer_class(model=model, args=args, train_dataset=rows, **kwargs)
+    if not getattr(model, "uses_num_items_in_batch", True):
+        # BERT's classification loss is a mean that ignores num_items_in_batch: tell the
+        # Trainer so, and it divides the loss by the accumulation steps (its other path).
+        trainer.model_accepts_loss_kwargs = False
+    trainer.train()
+    return trainer
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_transformers_trainer_adds_the_penalty_once_per_step(kind, tmp_path):
+    from regcollect.integrations.transformers import RegularizedTrainer
+
+    transformers, model, rows = _tiny_trainer_setup(kind)
+    initial = copy.deepcopy(model.state_dict())
+    reg = rc.l2(0.05)
+
+    def run(trainer_class, batch, accumulation, **kwargs):
+        model.load_state_dict(initial)
+        coll = rc.Collection()
+        rc.regularize(model, kernel=reg, embeddings=reg, collection=coll)
+        if trainer_class is RegularizedTrainer:
+            kwargs["regularization_collection"] = coll
+        else:
+            kwargs = {"coll": coll}
+        trainer = _train(
+            transformers, model, rows, trainer_class, tmp_path, batch, accumulation, **kwargs
+        )
+        return trainer, {k: v.detach().clone() for k, v in model.named_parameters()}
+
+    class HandWritten(transformers.Trainer):  # what users write today, without accumulation
+        def __init__(self, *args, coll, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.coll = coll
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = super().compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+            return loss + self.coll.loss(model)
+
+    _, hand = run(HandWritten, batch=8, accumulation=1)
+    trainer, ours = run(RegularizedTrainer, batch=8, accumulation=1)
+    _, accumulated = run(RegularizedTrainer, batch=4, accumulation=2)
+    moved = max(float((hand[k] - initial[k]).abs().max()) for k in hand)
+    assert moved > 1e-3
+    for name in hand:
+        assert torch.allclose(ours[name], hand[name], atol=1e-6), name
+        # two micro-batches of 4 = one batch of 8: the penalty counted once per step
+        assert torch.allclose(accumulated[name], hand[name], atol=1e-5), name
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert logged and "reg/total" in logged[-1]
+    assert logged[-1]["reg/total"] > 0
+    assert any(key.startswith("reg/") and key != "reg/total" for key in logged[-1])

@@ -2,6 +2,7 @@
 
 - :mod:`regcollect.integrations.tensorboard` (``pip install regcollect[tensorboard]``)
 - :mod:`regcollect.integrations.lightning` (``pip install regcollect[lightning]``)
+- :mod:`regcollect.integrations.transformers` (``pip install regcollect[transformers]``)
 
 They are not imported by ``import regcollect``.
 """
