@@ -6,7 +6,7 @@ every ``parent -> child`` registration with PyTorch's global module-registration
 a record never keeps a module alive) and walk the links upwards when a name is asked for. Links
 are checked against ``parent._modules`` when used, so replaced or removed children never resolve
 to a stale path. Models built before regcollect was imported are recorded by
-:func:`record_tree` when they are handed to regcollect.
+``record_tree`` when they are handed to regcollect.
 """
 
 from __future__ import annotations

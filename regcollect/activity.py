@@ -184,7 +184,7 @@ class Pending:
         return taken
 
     def take_traced(self, keep: frozenset[int] | None) -> list[Record]:
-        """:meth:`take` while torch.compile traces: no lock, no mode check, no warning."""
+        """``take`` while torch.compile traces: no lock, no mode check, no warning."""
         if keep is None:
             taken, self._records = self._records, []
             return taken
@@ -217,7 +217,7 @@ class ActivityHook:
     """Forward hook recording ``regularizer(output) / batch_size`` while gradients are on.
 
     Pickled or deep-copied, it becomes inert: a copy re-registers through its layer (see
-    :mod:`regcollect.nn`), never by smuggling a reference to a collection along.
+    ``regcollect.nn``), never by smuggling a reference to a collection along.
     """
 
     def __init__(self, owner: Recorder, entry: Entry) -> None:

@@ -1,4 +1,4 @@
-"""The collection: a :class:`~regcollect.registry.Registry` that computes.
+"""The collection: a ``regcollect.registry.Registry`` that computes.
 
 ``loss()`` and ``losses()`` evaluate the cached plan of a scope and take the pending activity
 penalties in that scope; each call leaves its values on the device for ``summary()`` and
@@ -211,7 +211,7 @@ class Collection(Registry):
 
         Dynamo turns this into guards on the entries and the modules' parameters and a graph
         of the penalty math, so a compiled step has no graph break here. A ``scope`` is
-        matched against the names once, when the step is traced (:func:`_scope_positions`).
+        matched against the names once, when the step is traced (``_scope_positions``).
         """
         in_scope = list(self._entries.values())
         checked = None if scope is None else check_scope(scope)  # the eager path's errors
@@ -242,7 +242,7 @@ class Collection(Registry):
     def losses(self, scope: ScopeArg = None) -> list[torch.Tensor]:
         """One differentiable 0-dim tensor per entry that contributes, in registration order.
 
-        Weight entries are evaluated one by one (use :meth:`loss` in training loops); an
+        Weight entries are evaluated one by one (use ``loss`` in training loops); an
         activity entry gives the sum of its penalties recorded since the last call.
         """
         key, cached = self._plan(scope)
@@ -282,14 +282,14 @@ class Collection(Registry):
     def assert_finite(self, scope: ScopeArg = None) -> None:
         """Raise ``FloatingPointError`` naming every entry whose last penalty is NaN or inf.
 
-        Reads the values of the last :meth:`loss` (one device-to-host copy). Weights that are
+        Reads the values of the last ``loss`` (one device-to-host copy). Weights that are
         NaN or infinite always make ``loss()`` non-finite; this turns that into an error that
         says where. ``Collection(check_finite=True)`` runs it after every ``loss()``.
         """
         check_finite(self._rows(scope)[0])
 
     def penalties(self, scope: ScopeArg = None) -> dict[str, float]:
-        """``{entry name: penalty, ..., "total": sum}`` from the last :meth:`loss` call."""
+        """``{entry name: penalty, ..., "total": sum}`` from the last ``loss`` call."""
         rows, total, _ = self._rows(scope)
         return as_dict(rows, total)
 
@@ -301,7 +301,7 @@ class Collection(Registry):
         tablefmt: str = "simple",
         file: IO[str] | None = None,
     ) -> str:
-        """Print and return the table of penalties; see :func:`regcollect.summary`."""
+        """Print and return the table of penalties; see ``regcollect.summary``."""
         check_tablefmt(tablefmt)
         extra, loss_value = table_extra(loss)
         rows, total, extra_values = self._rows(scope, extra)

@@ -1,6 +1,6 @@
 """Scopes, the active collection, and the top-level functions users call.
 
-The only global state of regcollect is here: the stack of active :func:`scope` blocks (a
+The only global state of regcollect is here: the stack of active ``scope`` blocks (a
 context variable, so threads and tasks each have their own) and the default collection.
 """
 
@@ -97,7 +97,7 @@ def scope(
 def defaults_scope(
     name: str, defaults: dict[str, Regularizer | None], collection: Collection | None = None
 ) -> Iterator[None]:
-    """:func:`scope` with any layer arguments' defaults (``{"gamma_regularizer": ...}``)."""
+    """``scope`` with any layer arguments' defaults (``{"gamma_regularizer": ...}``)."""
     if not isinstance(name, str) or not name.strip("/"):
         raise ValueError(f"scope name must be a non-empty string, got {name!r}")
     _check_collection(collection)
@@ -178,7 +178,7 @@ def get_regularization_losses(
     """One differentiable tensor per contributing entry, in registration order.
 
     Args:
-        scope: as for :func:`loss`.
+        scope: as for ``loss``.
         collection: the collection (default: the active one).
 
     Returns:
@@ -192,7 +192,7 @@ def assert_finite(scope: ScopeArg = None, *, collection: Collection | None = Non
     """Raise ``FloatingPointError`` naming the entries whose last penalty is NaN or inf.
 
     Args:
-        scope: as for :func:`loss`.
+        scope: as for ``loss``.
         collection: the collection (default: the active one).
 
     Raises:
@@ -205,7 +205,7 @@ def penalties(scope: ScopeArg = None, *, collection: Collection | None = None) -
     """``{name: value, ..., "total": sum}`` from the last ``loss()``, for loggers.
 
     Args:
-        scope: as for :func:`loss`; with a model, names are unique within it (``"0.weight"``).
+        scope: as for ``loss``; with a model, names are unique within it (``"0.weight"``).
         collection: the collection (default: the active one).
 
     Returns:
@@ -232,7 +232,7 @@ def summary(
 
     Args:
         loss: the total training loss (tensor or number), for the "% of loss" column.
-        scope: as for :func:`loss`.
+        scope: as for ``loss``.
         tablefmt: a ``tabulate`` format name.
         file: where to print (default: stdout).
         collection: the collection (default: the active one).

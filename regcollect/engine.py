@@ -1,12 +1,12 @@
 """Computes many penalties at once.
 
-A :class:`Plan` is built once from ``(tensor, regularizer)`` pairs and evaluated every training
-step. Regularizers that are sums of L1/L2 terms (:meth:`Regularizer.terms`) are split into their
+A ``Plan`` is built once from ``(tensor, regularizer)`` pairs and evaluated every training
+step. Regularizers that are sums of L1/L2 terms (``Regularizer.terms``) are split into their
 terms and grouped by ``(kind, coefficient, device, dtype)``; each group is a single autograd node
 whose forward is one ``torch._foreach_norm`` and whose backward is one or two ``torch._foreach_*``
 calls, accumulating in float32 at least. On the CPU, where ``_foreach_*`` kernels loop over
 their tensors one by one, 16 or more small tensors of one shape are stacked instead, so that
-each step is one kernel (:class:`_StackedPenalty`). Other regularizers (orthogonal, custom)
+each step is one kernel (``_StackedPenalty``). Other regularizers (orthogonal, custom)
 are called on their tensor one by one. The per-call Python cost is proportional to the number
 of groups, not the number of tensors, and nothing here reads a value back to the host.
 
@@ -18,7 +18,7 @@ Sharded tensors (``DTensor``, as FSDP2 and tensor parallelism make them) are han
   dimension, so one for FSDP2 and HSDP). The all-reduce is outside autograd: each rank's
   gradient is the gradient of its own shard's partial penalty, which is exactly the shard of
   the full penalty's gradient, with no factor of the world size. The all-reduced vector has a
-  layout every rank shares (:class:`_Layout`): slots for each sharded tensor the caller
+  layout every rank shares (``_Layout``): slots for each sharded tensor the caller
   registered, trained here or not, and a count of the ranks training it, so ranks that
   disagree (a parameter frozen on one rank) get an error instead of a mismatched collective.
 * Other regularizers (orthogonal, custom) need the whole tensor: it is gathered
@@ -259,7 +259,7 @@ class Result:
 
 
 class Plan:
-    """A reusable grouping of ``(tensor, regularizer)`` pairs; call it to get a :class:`Result`.
+    """A reusable grouping of ``(tensor, regularizer)`` pairs; call it to get a ``Result``.
 
     Examples:
         >>> w = torch.ones(2, 2, requires_grad=True)
@@ -400,7 +400,7 @@ class _Layout:
     Three slots per sharded tensor registered (trained on this rank or not), in registration
     order: its L1 and L2 partial values, and 1 if this rank trains it. After the all-reduce,
     a count other than 0 or the number of ranks means the ranks disagree on what they
-    regularize (a parameter frozen on some ranks only); :meth:`check` raises then, on every
+    regularize (a parameter frozen on some ranks only); ``check`` raises then, on every
     rank at once, instead of letting the next collective hang.
     """
 
@@ -473,7 +473,7 @@ def _layouts(
     describe: Callable[[int], str],
     dtype: torch.dtype,
 ) -> dict[tuple[Any, ...], _Layout]:
-    """One :class:`_Layout` per set of mesh dimensions that sharded tensors reduce over."""
+    """One ``_Layout`` per set of mesh dimensions that sharded tensors reduce over."""
     here = {id(x): i for i, x in enumerate(tensors)}
     by_key: dict[tuple[Any, ...], tuple[list[torch.Tensor], list[int]]] = {}
     seen: set[int] = set()

@@ -2,8 +2,8 @@
 
 Each class subclasses its ``torch.nn`` twin with the same constructor arguments and the same
 ``state_dict`` keys, plus keyword-only regularizer arguments (anything
-:func:`regcollect.regularizers.get` accepts) and ``collection=``. One mixin,
-:class:`RegularizedLayer`, does the work for every class; a class only declares which
+``regcollect.regularizers.get`` accepts) and ``collection=``. One mixin,
+``RegularizedLayer``, does the work for every class; a class only declares which
 parameters each argument covers.
 
 Examples:

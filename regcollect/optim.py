@@ -1,4 +1,4 @@
-"""Weight penalties applied inside ``optimizer.step()``: :func:`attach_optimizer`.
+"""Weight penalties applied inside ``optimizer.step()``: ``attach_optimizer``.
 
 Through autograd, a penalty costs a forward and a backward pass over the weights and a fresh
 gradient tensor per parameter. Inside the optimizer step it is what ``weight_decay`` is: one

@@ -2,7 +2,7 @@
 
 Every regularizer maps a tensor ``x`` to a 0-dim penalty tensor on ``x``'s device, computed in
 float32 at least (so float16/bfloat16 weights never overflow) and differentiable. This module
-imports only torch; :mod:`regcollect.regularizers` adds the factories, the registry and
+imports only torch; ``regcollect.regularizers`` adds the factories, the registry and
 (de)serialisation, and re-exports everything here.
 """
 
@@ -69,7 +69,7 @@ class Regularizer:
     """Base class: ``__call__(x) -> 0-dim tensor``, ``get_config()``, ``from_config(config)``.
 
     Subclasses that are sums of ``c * sum(abs(x))`` and ``c * sum(x**2)`` terms report them in
-    :meth:`terms`, which lets the engine compute many of them at once with multi-tensor kernels.
+    ``terms``, which lets the engine compute many of them at once with multi-tensor kernels.
     Any other subclass is simply called on each tensor.
     """
 
@@ -285,8 +285,8 @@ OrthogonalRegularizer = Orthogonal
 class KerasKernel(Regularizer):
     """``regularizer`` applied to a weight in Keras's kernel layout (its transpose).
 
-    What ``loss()`` evaluates for an :class:`Orthogonal` with Keras's mode names on the 2-D
-    weight of a ``Linear`` or recurrent layer; see :func:`evaluated`. Not registered, never
+    What ``loss()`` evaluates for an ``Orthogonal`` with Keras's mode names on the 2-D
+    weight of a ``Linear`` or recurrent layer; see ``evaluated``. Not registered, never
     stored: entries keep the regularizer the user gave.
     """
 
@@ -305,7 +305,7 @@ def evaluated(regularizer: Regularizer, module: object, param: str | None) -> Re
 
     Keras's ``"rows"``/``"columns"`` name the vectors of the kernel as Keras holds it. Keras's
     ``Dense`` and recurrent kernels are ``(in, units)``, torch's ``Linear`` and recurrent
-    weights ``(units, in)``: on those an :class:`Orthogonal` with a Keras mode is applied to
+    weights ``(units, in)``: on those an ``Orthogonal`` with a Keras mode is applied to
     the transpose, so that a ported model gives Keras's numbers.
     """
     if (
@@ -323,8 +323,8 @@ class Custom(Regularizer):
     """Wraps any callable ``f(tensor) -> 0-dim tensor`` so it behaves like a regularizer.
 
     The result is checked (a real 0-dim tensor on the input's device) and upcast to float32 at
-    least. Custom regularizers cannot be serialised; subclass :class:`Regularizer` and
-    :func:`register` it for that.
+    least. Custom regularizers cannot be serialised; subclass ``Regularizer`` and
+    ``register`` it for that.
     """
 
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:

@@ -13,7 +13,7 @@ Examples:
 
 Loading treats the data as untrusted: it never imports a module, never evaluates code and
 never looks an attribute up by a name from the file. Regularizers resolve through
-:func:`regcollect.regularizers.deserialize` (registered class names only), modules through the
+``regcollect.regularizers.deserialize`` (registered class names only), modules through the
 model's own ``named_modules()``, parameters through each module's ``_parameters``. Anything
 else is an error naming the entry, and nothing is registered unless every entry is valid.
 """
@@ -50,9 +50,9 @@ def export_plan(model: torch.nn.Module, *, collection: Collection | None = None)
     """The regularizers on ``model``'s parameters and outputs, as JSON-safe data.
 
     Each entry records the module's path in ``model`` (wrapper prefixes such as ``module.``
-    removed), the parameter name (or ``"activity": true``), the :func:`scope` prefix it was made
+    removed), the parameter name (or ``"activity": true``), the ``scope`` prefix it was made
     in, and the serialized regularizer. Custom (function) regularizers cannot be exported:
-    subclass :class:`regcollect.Regularizer` and :func:`regcollect.register` it.
+    subclass ``regcollect.Regularizer`` and ``regcollect.register`` it.
     """
     check_module(model)
     coll = active_collection(collection)
@@ -79,10 +79,10 @@ def export_plan(model: torch.nn.Module, *, collection: Collection | None = None)
 def load_plan(
     model: torch.nn.Module, plan: object, *, collection: Collection | None = None
 ) -> Handle:
-    """Register the regularizers of an :func:`export_plan` result on ``model``.
+    """Register the regularizers of an ``export_plan`` result on ``model``.
 
     Entries are matched by module path and parameter name; registering replaces what a
-    parameter had, as everywhere in regcollect. Returns a :class:`Handle` of what was added.
+    parameter had, as everywhere in regcollect. Returns a ``Handle`` of what was added.
     All entries are checked before any is registered.
     """
     check_module(model)

@@ -39,7 +39,7 @@ def _flags(tensors: list[torch.Tensor | None]) -> list[tuple[Any, ...]]:
 
 def applied(entries: Sequence[Entry]) -> list[Regularizer]:
     """The regularizers ``loss()`` evaluates for ``entries`` (Keras's kernel layout where an
-    orthogonal mode names it; see :func:`regcollect.penalties.evaluated`)."""
+    orthogonal mode names it; see ``regcollect.penalties.evaluated``)."""
     return [evaluated(e.regularizer, e.module, e.param) for e in entries]
 
 
@@ -166,7 +166,7 @@ class PlanCache:
 
 
 def traced_tensors(candidates: Sequence[Entry]) -> list[torch.Tensor | None]:
-    """:func:`current_tensors` spelled out for dynamo, which misreads the walrus cell of the
+    """``current_tensors`` spelled out for dynamo, which misreads the walrus cell of the
     one-line comprehension ("Read uninitialized cell")."""
     current: list[torch.Tensor | None] = []
     for ref, name in (e.locator for e in candidates):

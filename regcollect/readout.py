@@ -1,6 +1,6 @@
 """Reading back what ``loss()`` computed: rows of values, ``penalties()``, ``assert_finite``.
 
-Each ``loss()`` leaves detached values on the device (:class:`Last`); nothing is read back to
+Each ``loss()`` leaves detached values on the device (``Last``); nothing is read back to
 the host until someone asks, and then with one device-to-host copy per device. Several views
 (``loss(G)`` and ``loss(D)`` in a GAN, one model per thread) each keep their own last values;
 a row shows the most recent value any view computed for its entry.

@@ -1,8 +1,8 @@
 """The registry: entries, one per tensor, registered through one path.
 
-Registration is :meth:`Registry.add_weight`, :meth:`Registry.add_activity` and
-:meth:`Registry.add_tensor`, used by the layers, ``add_regularizer``/``regularize``, plans loaded
-from JSON and the TF1 layer. Each returns a :class:`~regcollect.handle.Handle` that remembers
+Registration is ``Registry.add_weight``, ``Registry.add_activity`` and
+``Registry.add_tensor``, used by the layers, ``add_regularizer``/``regularize``, plans loaded
+from JSON and the TF1 layer. Each returns a ``regcollect.handle.Handle`` that remembers
 what the call replaced, so ``.remove()`` restores exactly that. One regularizer per tensor:
 registering again, or on a tied parameter, replaces. Entries hold modules weakly; a dead
 module's entries are dropped at the next access. Names and scopes are resolved here too.
@@ -64,7 +64,7 @@ def _checked(regularizer: object) -> Regularizer:
 
 
 class Registry:
-    """Entries and their registration; :class:`~regcollect.collection.Collection` computes."""
+    """Entries and their registration; ``regcollect.collection.Collection`` computes."""
 
     def __init__(self, max_pending: int, max_pending_bytes: int) -> None:
         self._lock = threading.RLock()
@@ -212,7 +212,7 @@ class Registry:
 
     def _follow_parametrizations(self) -> None:
         """Move weight entries whose parameter was parametrized after registration onto the
-        tensors that now hold it, as :func:`regcollect.regularize` registers such weights."""
+        tensors that now hold it, as ``regcollect.regularize`` registers such weights."""
         moved = []
         for entry in self._entries.values():
             module = entry.module

@@ -97,9 +97,9 @@ R = TypeVar("R", bound=type[Regularizer])
 
 
 def register(name: str) -> Callable[[R], R]:
-    """Class decorator: make a :class:`Regularizer` subclass resolvable by ``name``.
+    """Class decorator: make a ``Regularizer`` subclass resolvable by ``name``.
 
-    Only registered names resolve in :func:`get` and :func:`deserialize`; nothing is imported.
+    Only registered names resolve in ``get`` and ``deserialize``; nothing is imported.
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"register expects a non-empty string name, got {name!r}")
@@ -162,7 +162,7 @@ def serialize(regularizer: Regularizer) -> dict[str, Any]:
 
 
 def deserialize(config: dict[str, Any]) -> Regularizer:
-    """Inverse of :func:`serialize`. Only registered class names resolve; nothing is imported."""
+    """Inverse of ``serialize``. Only registered class names resolve; nothing is imported."""
     if not isinstance(config, dict):
         raise TypeError(f"deserialize expects a dict, got {type(config).__name__}")
     unknown = set(config) - {"class_name", "config", "module", "registered_name"}
@@ -190,7 +190,7 @@ def deserialize(config: dict[str, Any]) -> Regularizer:
 
 
 def get(identifier: object) -> Regularizer | None:
-    """Resolve anything a layer argument accepts into a :class:`Regularizer` (or None).
+    """Resolve anything a layer argument accepts into a ``Regularizer`` (or None).
 
     Examples:
         >>> get("l2")

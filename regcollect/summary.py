@@ -1,4 +1,4 @@
-"""Seeing the penalties: rows from :mod:`regcollect.readout` rendered as a table.
+"""Seeing the penalties: rows from ``regcollect.readout`` rendered as a table.
 
 Renders what the last ``loss()`` computed (one device-to-host copy for the whole table) and
 never computes a penalty itself.

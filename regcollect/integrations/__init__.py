@@ -1,8 +1,8 @@
 """Optional integrations with logging tools; each needs its own extra.
 
-- :mod:`regcollect.integrations.tensorboard` (``pip install regcollect[tensorboard]``)
-- :mod:`regcollect.integrations.lightning` (``pip install regcollect[lightning]``)
-- :mod:`regcollect.integrations.transformers` (``pip install regcollect[transformers]``)
+- ``regcollect.integrations.tensorboard`` (``pip install regcollect[tensorboard]``)
+- ``regcollect.integrations.lightning`` (``pip install regcollect[lightning]``)
+- ``regcollect.integrations.transformers`` (``pip install regcollect[transformers]``)
 
 They are not imported by ``import regcollect``.
 """

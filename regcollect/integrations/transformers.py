@@ -103,4 +103,4 @@ class RegularizationMixin:
 
 
 class RegularizedTrainer(RegularizationMixin, transformers.Trainer):
-    """``transformers.Trainer`` with regcollect's penalties (see :class:`RegularizationMixin`)."""
+    """``transformers.Trainer`` with regcollect's penalties (see ``RegularizationMixin``)."""
