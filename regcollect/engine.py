@@ -47,7 +47,10 @@ def _group_forward(
     kind: str, coef: float, xs: tuple[torch.Tensor, ...]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     acc = accumulation_dtype(xs[0].dtype)
-    large = [i for i, x in enumerate(xs) if x.device.type == "cpu" and x.numel() > _EXACT_MIN]
+    # A group shares one device: only CPU groups look for large tensors (no per-tensor work
+    # on other devices, every step).
+    cpu = xs[0].device.type == "cpu"
+    large = [i for i, x in enumerate(xs) if x.numel() > _EXACT_MIN] if cpu else []
     if large and not torch.compiler.is_compiling():
         powers = _cpu_powers(kind, xs, large, acc)
     else:
@@ -96,7 +99,8 @@ def _cpu_powers(
         powers = torch.segment_reduce(squares, "sum", lengths=torch.tensor(lengths)).to(acc)
     if len(large) == len(xs):
         return powers
-    small = [i for i in range(len(xs)) if i not in set(large)]
+    exact = set(large)
+    small = [i for i in range(len(xs)) if i not in exact]
     norms = torch.stack(
         torch._foreach_norm([xs[i] for i in small], 1 if kind == "l1" else 2, dtype=acc)
     )
