@@ -127,8 +127,10 @@ def many_small(repeats: int, device: torch.device) -> dict[str, float]:
     return medians
 
 
-def large(repeats: int, device: torch.device) -> dict[str, float]:
-    shapes = []
+def large_parameters(device: torch.device) -> list[torch.nn.Parameter]:
+    """Scenario 2's tensors: the kernels of a ResNet-34-like network and a 1000-way head,
+    33 tensors, 25.8M parameters."""
+    shapes: list[tuple[int, ...]] = []
     for c_in, c_out, n in (
         (64, 64, 8),
         (64, 128, 1),
@@ -140,13 +142,26 @@ def large(repeats: int, device: torch.device) -> dict[str, float]:
     ):
         shapes += [(c_out, c_in, 3, 3)] * n
     shapes.append((1000, 512))
-    params = [torch.nn.Parameter(torch.randn(s, device=device) * 0.01) for s in shapes]
-    total = sum(p.numel() for p in params)
+    return [torch.nn.Parameter(torch.randn(s, device=device) * 0.01) for s in shapes]
+
+
+def l2_collection(
+    params: list[torch.nn.Parameter], l2: float
+) -> tuple[rc.Collection, torch.nn.Module]:
+    """A collection with ``rc.l2(l2)`` on each of ``params``, and the module holding them
+    (keep it: entries hold their module weakly)."""
     coll = rc.Collection()
     holder = torch.nn.Module()
     for i, p in enumerate(params):
         holder.register_parameter(f"p{i}", p)
-        rc.add_regularizer(holder, f"p{i}", rc.l2(1e-4), collection=coll)
+        rc.add_regularizer(holder, f"p{i}", rc.l2(l2), collection=coll)
+    return coll, holder
+
+
+def large(repeats: int, device: torch.device) -> dict[str, float]:
+    params = large_parameters(device)
+    total = sum(p.numel() for p in params)
+    coll, _holder = l2_collection(params, 1e-4)
     for p in params:
         p.grad = torch.zeros_like(p)
     grads = [p.grad for p in params]
@@ -261,23 +276,11 @@ def fused_step(repeats: int, device: torch.device) -> dict[str, float]:
     """rc.attach_optimizer: the penalty applied inside SGD's step, against weight_decay."""
     out: dict[str, float] = {}
     # 5a. the large case: 33 tensors, 25.8M parameters, gradients already there.
-    shapes = []
-    for c_in, c_out, n in (
-        (64, 64, 8),
-        (64, 128, 1),
-        (128, 128, 7),
-        (128, 256, 1),
-        (256, 256, 6),
-        (256, 512, 1),
-        (512, 512, 8),
-    ):
-        shapes += [(c_out, c_in, 3, 3)] * n
-    shapes.append((1000, 512))
     wd = 1e-4
 
     def tensors() -> list[torch.nn.Parameter]:
         torch.manual_seed(0)
-        params = [torch.nn.Parameter(torch.randn(s, device=device) * 0.01) for s in shapes]
+        params = large_parameters(device)
         for p in params:
             p.grad = torch.randn_like(p) * 1e-3
         return params
@@ -285,11 +288,7 @@ def fused_step(repeats: int, device: torch.device) -> dict[str, float]:
     plain = tensors()
     opt_plain = torch.optim.SGD(plain, lr=1e-3, weight_decay=wd)
     ours = tensors()
-    coll = rc.Collection()
-    holder = torch.nn.Module()
-    for i, p in enumerate(ours):
-        holder.register_parameter(f"p{i}", p)
-        rc.add_regularizer(holder, f"p{i}", rc.l2(wd / 2), collection=coll)
+    coll, _holder = l2_collection(ours, wd / 2)
     opt_ours = torch.optim.SGD(ours, lr=1e-3)
     rc.attach_optimizer(opt_ours, collection=coll)
 
