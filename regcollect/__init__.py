@@ -8,7 +8,7 @@ Examples:
     torch.Size([])
 """
 
-from . import compat, nn, regularizers
+from . import compat, nn, regularizers, schedules
 from ._checks import RegcollectWarning
 from .attach import add_activity_regularizer, add_regularizer, regularize
 from .collection import Collection
@@ -30,13 +30,17 @@ from .regularizers import (
     L1,
     L1L2,
     L2,
+    L2SP,
+    GroupLasso,
     Orthogonal,
     OrthogonalRegularizer,
     Regularizer,
     deserialize,
+    group_lasso,
     l1,
     l1_l2,
     l2,
+    l2sp,
     orthogonal,
     register,
     serialize,
@@ -52,6 +56,8 @@ __all__ = [
     "L1",
     "L1L2",
     "L2",
+    "L2SP",
+    "GroupLasso",
     "Orthogonal",
     "OrthogonalRegularizer",
     "Regularizer",
@@ -65,9 +71,11 @@ __all__ = [
     "get_collection",
     "get_regularization_loss",
     "get_regularization_losses",
+    "group_lasso",
     "l1",
     "l1_l2",
     "l2",
+    "l2sp",
     "load_plan",
     "loss",
     "nn",
@@ -76,6 +84,7 @@ __all__ = [
     "register",
     "regularizers",
     "regularize",
+    "schedules",
     "scope",
     "serialize",
     "summary",

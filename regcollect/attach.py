@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Mapping
 
 import torch
 
@@ -11,7 +12,7 @@ from ._checks import check_module
 from .collection import Collection
 from .context import active_collection, current_prefix
 from .handle import Handle
-from .regularizers import Regularizer
+from .regularizers import L2SP, Regularizer
 from .regularizers import get as get_regularizer
 
 __all__ = ["add_activity_regularizer", "add_regularizer", "is_norm", "regularize"]
@@ -125,6 +126,25 @@ def _matches(name: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.")
+
+
+def _lookup(state_dict: Mapping[str, torch.Tensor], name: str, logical: str) -> torch.Tensor | None:
+    """The tensor for a parameter in a state dict, under its name, its logical name (a
+    parametrized weight), or either one behind wrapper prefixes (a state dict saved from a
+    DDP or compiled model)."""
+    for key in (name, logical):
+        if key in state_dict:
+            return state_dict[key]
+    for key, value in state_dict.items():
+        stripped = key
+        while stripped.startswith(_WRAPPER_PREFIXES):
+            stripped = stripped.partition(".")[2]
+        if stripped in (name, logical):
+            return value
+    return None
+
+
 def _no_weight_decay(model: torch.nn.Module) -> list[str]:
     """``model.no_weight_decay()``: names or glob patterns, as timm matches them (fnmatch;
     xcit returns ``{"pos_embed.*", "cls_token"}``)."""
@@ -221,7 +241,8 @@ def regularize(
     _naming.record_tree(model)
     skip = _no_weight_decay(model)
     prefix = current_prefix()
-    handles: list[Handle] = []
+    targets: list[tuple[torch.nn.Module, str, Regularizer]] = []
+    missing: list[str] = []
     norms: dict[int, bool] = {}
     for name, logical, owner, local, layer in _walk_parameters(model):
         if _matches(name, skip) or _matches(logical, skip):
@@ -249,12 +270,25 @@ def regularize(
         else:
             continue  # other vectors (scales, PReLU slopes): only by explicit add_regularizer
         reg = regs[kind]
+        if isinstance(reg, L2SP) and isinstance(reg.reference, Mapping):
+            reference = _lookup(reg.reference, name, logical)
+            if reference is None:
+                missing.append(name)
+                continue
+            reg = L2SP(reg.l2, reference=reference)
         if reg is not None:
-            handles.append(coll.add_weight(owner, local, reg, prefix=prefix))
+            targets.append((owner, local, reg))
+    if missing:
+        raise ValueError(
+            f"the L2SP reference state dict has no tensor for {missing}: parameters without "
+            "a pretrained value (a new head) need a regularizer of their own; leave them "
+            "out with exclude=[...] and give them e.g. rc.l2(...) through include=[...]"
+        )
+    handles = [coll.add_weight(owner, local, reg, prefix=prefix) for owner, local, reg in targets]
     if activity_reg is not None:
-        targets = [model]
+        outputs = [model]
         if include_p is not None:
-            targets = [m for n, m in _naming.named_modules(model) if n and _matches(n, include_p)]
-        for module in targets:
+            outputs = [m for n, m in _naming.named_modules(model) if n and _matches(n, include_p)]
+        for module in outputs:
             handles.append(coll.add_activity(module, activity_reg, prefix=prefix))
     return Handle.join(handles)

@@ -388,9 +388,6 @@ def _forgotten_loss_check(optimizer: torch.optim.Optimizer, args: Any, kwargs: A
 register_optimizer_step_post_hook(_forgotten_loss_check)
 
 
-register_optimizer_step_post_hook(_forgotten_loss_check)
-
-
 def _positions(coll: Collection, scope: Any) -> tuple[int, ...] | str:
     """Positions, among ``coll``'s entries, of those ``scope`` covers.
 

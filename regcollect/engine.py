@@ -18,6 +18,7 @@ This module knows nothing of modules, names or collections.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 
 from .kernels import group_penalty
+from .penalties import Coefficient, scale
 from .regularizers import Regularizer, accumulation_dtype, fused_terms
 from .sharding import (
     PLAIN,
@@ -84,12 +86,20 @@ class Plan:
         # Plain tensors go straight to the kernels; a DTensor contributes its local shard,
         # taken with to_local() at every call so that gradients reach the sharded parameter.
         groups: dict[tuple[Any, ...], list[int]] = {}
+        batched: dict[tuple[Any, ...], list[int]] = {}
         self.fallback: list[int] = []
         for i, (x, reg) in enumerate(zip(self.tensors, self.regularizers)):
             terms = fused_terms(reg) if x.is_floating_point() else None
             reduce_over = shard_reduction(x) if terms is not None else None
             if terms is None or reduce_over is None:
-                self.fallback.append(i)
+                # Other penalties that can be evaluated many at once (Regularizer.batch):
+                # plain tensors only; sharded ones are completed and called one by one.
+                key = reg.batch_key(x) if type(x) in PLAIN and x.is_floating_point() else None
+                if key is None:
+                    self.fallback.append(i)
+                else:
+                    detached = id(x) in no_grad and reg.applied_in_step
+                    batched.setdefault((type(reg), key, x.device, x.dtype, detached), []).append(i)
                 continue
             # Zero terms are skipped, but a tensor whose terms are all zero (a lambda = 0 run
             # of a sweep) keeps one, so that it stays in the graph with a zero gradient.
@@ -121,6 +131,7 @@ class Plan:
             )
             for (kind, coef, _, _, sharded, reduce_over, detached, shape), idx in merged.items()
         ]
+        self.batches = [(k[0], idx, k[-1]) for k, idx in batched.items()]
         self.device = self.tensors[0].device if self.tensors else torch.device("cpu")
         self.dtype = torch.float32
         for x in self.tensors:
@@ -141,11 +152,12 @@ class Plan:
             tensors = group.tensors
             if group.sharded:
                 tensors = [x.to_local() for x in tensors]  # type: ignore[attr-defined]
+            coef = scale(group.coef, tensors[0])  # a schedule: its current value, a tensor
             if group.detached:
                 with torch.no_grad():
-                    group_total, values = group_penalty(group.kind, group.coef, tensors)
+                    group_total, values = group_penalty(group.kind, coef, tensors)
             else:
-                group_total, values = group_penalty(group.kind, group.coef, tensors, group.stacked)
+                group_total, values = group_penalty(group.kind, coef, tensors, group.stacked)
             if group.reduce_over:
                 pending.setdefault(group.reduce_over, []).append((group, group_total, values))
             else:
@@ -173,6 +185,16 @@ class Plan:
             total = _add(total, value, self.device, self.dtype)
             if layout.part_indices:
                 parts.append((full[layout.part_slots], layout.part_indices))
+        for cls, idx, detached in self.batches:
+            try:
+                with torch.no_grad() if detached else contextlib.nullcontext():
+                    batch_total, values = cls.batch(
+                        [self.tensors[i] for i in idx], [self.regularizers[i] for i in idx]
+                    )
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"{self.describe(idx[0])}: {exc}") from exc
+            parts.append((values, idx))
+            total = _add(total, batch_total, self.device, self.dtype)
         for i in self.fallback:
             x = self.tensors[i]
             if is_dtensor(x):
@@ -191,7 +213,7 @@ class Plan:
 @dataclass
 class _Group:
     kind: str
-    coef: float
+    coef: Coefficient
     indices: list[int]
     tensors: list[torch.Tensor]
     # DTensors, which contribute their local shard (to_local()) to the kernels.

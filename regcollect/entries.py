@@ -104,6 +104,15 @@ class Entry:
         """The tensor this entry regularizes now (None for activity entries and dead ones)."""
         return current_tensors([self.locator])[0]
 
+    def tensors(self) -> list[torch.Tensor]:
+        """What this entry's penalty depends on: its tensor, or an activity entry's module's
+        parameters (what an optimizer must update for a coefficient schedule to advance)."""
+        if self._kind == ACTIVITY:
+            module = self.module
+            return [] if module is None else list(module.parameters())
+        tensor = self.resolve()
+        return [] if tensor is None else [tensor]
+
     @property
     def shape(self) -> tuple[int, ...] | None:
         """The regularized tensor's (global) shape; None for activity and dead entries."""

@@ -14,13 +14,13 @@ from typing import Any
 
 import torch
 
-from .regularizers import accumulation_dtype
+from .penalties import accumulation_dtype
 
 __all__ = ["group_penalty"]
 
 
 def _group_forward(
-    kind: str, coef: float, xs: tuple[torch.Tensor, ...]
+    kind: str, coef: float | torch.Tensor, xs: tuple[torch.Tensor, ...]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     acc = accumulation_dtype(xs[0].dtype)
     # A group shares one device: only CPU groups look for large tensors (no per-tensor work
@@ -99,7 +99,7 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 
 def _group_backward(
     kind: str,
-    coef: float,
+    coef: float | torch.Tensor,
     xs: tuple[torch.Tensor, ...] | list[torch.Tensor],
     grad_total: torch.Tensor,
 ) -> tuple[torch.Tensor | None, ...]:
@@ -117,7 +117,7 @@ class _GroupPenalty(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, kind: str, coef: float, *xs: torch.Tensor
+        ctx: Any, kind: str, coef: float | torch.Tensor, *xs: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         total, values = _group_forward(kind, coef, xs)
         ctx.kind, ctx.coef = kind, coef
@@ -144,7 +144,7 @@ class _StackedPenalty(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, kind: str, coef: float, *xs: torch.Tensor
+        ctx: Any, kind: str, coef: float | torch.Tensor, *xs: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         try:
             stacked = torch.stack(xs)
@@ -186,7 +186,9 @@ class _GroupPenaltyForTransforms(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(kind: str, coef: float, *xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+    def forward(
+        kind: str, coef: float | torch.Tensor, *xs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
         return _group_forward(kind, coef, xs)
 
     @staticmethod
@@ -204,7 +206,10 @@ class _GroupPenaltyForTransforms(torch.autograd.Function):
 
 
 def group_penalty(
-    kind: str, coef: float, tensors: Sequence[torch.Tensor], stack: bool = False
+    kind: str,
+    coef: float | torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    stack: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(total, per_tensor_values)`` for tensors sharing one device and dtype.
 
@@ -221,4 +226,63 @@ def group_penalty(
         total, values = _StackedPenalty.apply(kind, coef, *tensors)
     else:
         total, values = _GroupPenalty.apply(kind, coef, *tensors)
+    return total, values
+
+
+def _differences(
+    xs: Sequence[torch.Tensor], refs: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, ...]:
+    if xs[0].dtype in (torch.float16, torch.bfloat16):
+        # Half-precision differences would round: subtract in float32.
+        acc = accumulation_dtype(xs[0].dtype)
+        xs, refs = [x.to(acc) for x in xs], [r.to(acc) for r in refs]
+    return tuple(torch._foreach_sub(list(xs), list(refs)))
+
+
+class _DifferencePenalty(torch.autograd.Function):
+    """``total = coef * sum_i ||x_i - r_i||^2`` with per-tensor values on the side.
+
+    The differences are recomputed in the backward instead of being kept: keeping them
+    would hold one more copy of every regularized weight from the forward to the backward.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, coef: Any, n: int, *tensors: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        diffs = _differences(tensors[:n], tensors[n:])
+        total, values = _group_forward("l2", coef, diffs)
+        ctx.coef, ctx.n = coef, n
+        ctx.save_for_backward(*tensors)
+        ctx.mark_non_differentiable(values)
+        return total, values
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_total: torch.Tensor, _grad_values: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, ...]:
+        tensors, n = ctx.saved_tensors, ctx.n
+        xs, refs = tensors[:n], tensors[n:]
+        grads = torch._foreach_sub(list(xs), list(refs))
+        torch._foreach_mul_(grads, grad_total * (2.0 * ctx.coef))
+        return (None, None, *grads, *([None] * n))
+
+
+def difference_penalty(
+    coef: Any, tensors: Sequence[torch.Tensor], references: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(total, per_tensor_values)`` of ``coef * sum((x - r)**2)`` for each pair, tensors and
+    references sharing one device and dtype; only ``total`` carries gradients (to the
+    tensors, not the references)."""
+    if torch._C._are_functorch_transforms_active() or (
+        torch.is_grad_enabled() and any(r.requires_grad for r in references)
+    ):
+        # Plain differentiable operations: torch.func transforms, or references that train.
+        acc = accumulation_dtype(tensors[0].dtype)
+        values = torch.stack(
+            [(x.to(acc) - r.to(acc)).square().sum() for x, r in zip(tensors, references)]
+        )
+        values = coef * values
+        return values.sum(), values.detach()
+    total, values = _DifferencePenalty.apply(coef, len(tensors), *tensors, *references)
     return total, values

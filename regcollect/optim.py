@@ -27,9 +27,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ._checks import RegcollectWarning
+from .beyond import L2SP, GroupLasso
 from .entries import WEIGHT
 from .handle import Handle
-from .penalties import fused_terms
+from .penalties import Coefficient, fused_terms
+from .sharding import PLAIN
 
 if TYPE_CHECKING:
     from .collection import Collection
@@ -46,7 +48,8 @@ class OptimizerAttachment:
         self.decoupled = decoupled
         self._key: tuple[Any, ...] | None = None
         # Per param group: [(kind, coefficient, [params])], built when something changes.
-        self._groups: list[list[tuple[str, float, list[torch.Tensor]]]] = []
+        self._groups: list[list[tuple[str, Any, list[torch.Tensor], list[Any]]]] = []
+        self._coefs: list[list[float]] = []
         self._pre = optimizer.register_step_pre_hook(self._before_step)
         self._post = optimizer.register_step_post_hook(self._after_step)
         self._warned_decay = False
@@ -73,24 +76,45 @@ class OptimizerAttachment:
             return
         if self._key is not None and key[1] != self._key[1]:
             coll._changed()  # the optimizer holds other parameters: loss() must re-plan
-        coefficients: dict[int, list[tuple[str, float]]] = {}
+        # id(tensor) -> [(kind, coefficient, extra)]: "l1"/"l2" terms, "l2sp" with its
+        # reference, "group" (group lasso) with its axis.
+        coefficients: dict[int, list[tuple[str, Coefficient, Any]]] = {}
         for entry in coll.entries():
             if entry.kind != WEIGHT:
                 continue
             tensor = entry.resolve()
-            terms = fused_terms(entry.regularizer) if tensor is not None else None
-            if tensor is not None and terms:
-                coefficients[id(tensor)] = [t for t in terms if t[1]]
+            if tensor is None:
+                continue
+            terms = fused_terms(entry.regularizer)
+            reg = entry.regularizer
+            if terms:
+                coefficients[id(tensor)] = [(k, c, None) for k, c in terms if c]
+            elif reg.applied_in_step and type(tensor) in PLAIN and entry.module is not None:
+                # Sharded tensors keep these in loss(), as the plan does.
+                if isinstance(reg, L2SP):
+                    # Looked up at each step: model.to() replaces the buffer.
+                    where = (reg, weakref.ref(entry.module), entry.param)
+                    coefficients[id(tensor)] = [("l2sp", reg.l2, where)]
+                elif isinstance(reg, GroupLasso):
+                    coefficients[id(tensor)] = [("group", reg.factor, reg.axis)]
         self._groups = []
         doubled = []
         for group in optimizer.param_groups:
-            by_term: dict[tuple[str, float], list[torch.Tensor]] = {}
+            by_term: dict[tuple[str, Any], tuple[list[torch.Tensor], list[Any]]] = {}
             for p in group["params"]:
-                for kind, coef in coefficients.get(id(p), ()):
-                    by_term.setdefault((kind, coef), []).append(p)
+                for kind, coef, extra in coefficients.get(id(p), ()):
+                    term = (kind, coef if kind != "group" else (coef, extra))
+                    params, extras = by_term.setdefault(term, ([], []))
+                    params.append(p)
+                    extras.append(extra)
                 if id(p) in coefficients and group.get("weight_decay", 0.0):
                     doubled.append(p)
-            self._groups.append([(k, c, ps) for (k, c), ps in by_term.items()])
+            self._groups.append(
+                [
+                    (kind, coef[0] if kind == "group" else coef, ps, extras)
+                    for (kind, coef), (ps, extras) in by_term.items()
+                ]
+            )
         self._key = key
         if doubled and not self._warned_decay:
             self._warned_decay = True
@@ -110,12 +134,30 @@ class OptimizerAttachment:
         if coll is None:
             return
         self._grouping(optimizer, coll)
+        # Scheduled coefficients are read once, before the step advances them.
+        self._coefs = [[_value(c) for _, c, _, _ in terms] for terms in self._groups]
         with torch.no_grad():
-            for group, terms in zip(optimizer.param_groups, self._groups):
+            for group, terms, coefs in zip(optimizer.param_groups, self._groups, self._coefs):
                 lr = _lr(group)
-                for kind, coef, params in terms:
+                for (kind, _, params, extras), coef in zip(terms, coefs):
                     live = [p for p in params if p.grad is not None]  # as weight_decay does
                     if not live:
+                        continue
+                    if kind == "group":
+                        if not self.decoupled:
+                            for p, axis in zip(params, extras):
+                                if p.grad is not None:
+                                    p.grad.add_(_group_directions(p, axis), alpha=coef)
+                        continue
+                    if kind == "l2sp":
+                        refs = [_reference(w) for p, w in zip(params, extras) if p.grad is not None]
+                        if self.decoupled:  # towards the reference, as AdamW towards zero
+                            torch._foreach_lerp_(live, refs, lr * 2.0 * coef)
+                        else:
+                            grads = [p.grad for p in live if p.grad is not None]
+                            torch._foreach_add_(
+                                grads, torch._foreach_sub(live, refs), alpha=2.0 * coef
+                            )
                         continue
                     if not self.decoupled:
                         grads = [p.grad for p in live if p.grad is not None]
@@ -130,12 +172,52 @@ class OptimizerAttachment:
         if not self.decoupled:
             return
         with torch.no_grad():
-            for group, terms in zip(optimizer.param_groups, self._groups):
+            for group, terms, coefs in zip(optimizer.param_groups, self._groups, self._coefs):
                 lr = _lr(group)
-                for kind, coef, params in terms:
+                for (kind, _, params, extras), coef in zip(terms, coefs):
                     live = [p for p in params if p.grad is not None]
                     if kind == "l1" and live:
                         _soft_threshold_(live, lr * coef)
+                    elif kind == "group":
+                        for p, axis in zip(params, extras):
+                            if p.grad is not None:
+                                _block_soft_threshold_(p, axis, lr * coef)
+
+
+def _reference(where: tuple[L2SP, Any, str]) -> torch.Tensor:
+    """The current L2SP reference of a parameter (its module's buffer)."""
+    reg, module_ref, name = where
+    module = module_ref()
+    if module is None:
+        raise RuntimeError(f"the module holding {name!r} is gone")
+    bound = reg.for_parameter(module, name)
+    return bound.reference  # type: ignore[attr-defined, no-any-return]
+
+
+def _value(coef: Coefficient) -> float:
+    return coef if type(coef) is float else float(coef)
+
+
+def _group_norms(p: torch.Tensor, axis: int) -> torch.Tensor:
+    """Each group's L2 norm, shaped to broadcast against ``p`` along ``axis``."""
+    axis %= p.dim()
+    moved = p.movedim(axis, 0)
+    norms = torch.linalg.vector_norm(moved.reshape(moved.shape[0], -1), 2, dim=1)
+    shape = [1] * p.dim()
+    shape[axis] = -1
+    return norms.reshape(shape)
+
+
+def _group_directions(p: torch.Tensor, axis: int) -> torch.Tensor:
+    """``p_g / ||p_g||`` per group (0 for a zero group): the group lasso's (sub)gradient."""
+    return p / _group_norms(p, axis).clamp_min(torch.finfo(p.dtype).tiny)
+
+
+def _block_soft_threshold_(p: torch.Tensor, axis: int, threshold: float) -> None:
+    """``p_g *= max(0, 1 - threshold / ||p_g||)`` in place: the proximal step of the group
+    lasso, which sets every group whose norm is below ``threshold`` exactly to zero."""
+    norms = _group_norms(p, axis)
+    p.mul_((1.0 - threshold / norms.clamp_min(torch.finfo(norms.dtype).tiny)).clamp_min(0.0))
 
 
 def _soft_threshold_(params: list[torch.Tensor], threshold: float) -> None:

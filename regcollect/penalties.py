@@ -15,7 +15,10 @@ from typing import Any
 
 import torch
 
+from .schedules import FunctionSchedule, Schedule, deserialize_schedule
+
 __all__ = [
+    "Coefficient",
     "Custom",
     "KerasKernel",
     "L1",
@@ -26,9 +29,13 @@ __all__ = [
     "Regularizer",
     "accumulation_dtype",
     "check_coefficient",
+    "coefficient",
     "evaluated",
     "fused_terms",
+    "scale",
 ]
+
+Coefficient = float | Schedule
 
 
 def check_coefficient(name: str, value: object) -> float:
@@ -48,6 +55,25 @@ def check_coefficient(name: str, value: object) -> float:
     if not math.isfinite(result) or result < 0:
         raise ValueError(f"{name} must be a non-negative finite real number, got {value!r}")
     return result
+
+
+def coefficient(name: str, value: object) -> Coefficient:
+    """A regularizer coefficient: a non-negative finite real number, or a schedule over
+    optimizer steps (a ``regcollect.schedules.Schedule``, its serialised dict, or a callable
+    ``fn(step) -> float``)."""
+    if isinstance(value, Schedule):
+        return value
+    if isinstance(value, dict):
+        return deserialize_schedule(value)
+    if callable(value) and not isinstance(value, (numbers.Number, torch.Tensor)):
+        return FunctionSchedule(value)
+    return check_coefficient(name, value)
+
+
+def scale(coef: Coefficient, x: torch.Tensor) -> float | torch.Tensor:
+    """``coef`` as a factor for tensors on ``x``'s device: the float itself, or the schedule's
+    current value as a 0-dim tensor there (updated in place as the steps go by)."""
+    return coef if type(coef) is float else coef.tensor(x.device)  # type: ignore[union-attr]
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -73,6 +99,10 @@ class Regularizer:
     Any other subclass is simply called on each tensor.
     """
 
+    # Whether attach_optimizer applies this penalty in the optimizer step (besides the sums
+    # of L1/L2 terms, which it always does).
+    applied_in_step = False
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} must implement __call__")
 
@@ -85,9 +115,38 @@ class Regularizer:
     def from_config(cls, config: dict[str, Any]) -> Regularizer:
         return cls(**config)
 
-    def terms(self) -> tuple[tuple[str, float], ...] | None:
+    def terms(self) -> tuple[tuple[str, Coefficient], ...] | None:
         """``(("l1", c1), ("l2", c2), ...)`` when the penalty is a sum of such terms, else None."""
         return None
+
+    def schedules(self) -> list[Schedule]:
+        """The schedules among this regularizer's coefficients."""
+        return [v for v in vars(self).values() if isinstance(v, Schedule)]
+
+    # -- hooks for penalties that need more than the tensor ------------------------------
+
+    def on_attach(self, module: torch.nn.Module, name: str) -> None:
+        """Called when registered on ``module``'s parameter ``name`` (``L2SP`` keeps its
+        reference there)."""
+
+    def on_detach(self, module: torch.nn.Module, name: str) -> None:
+        """Called when no longer registered on ``module``'s parameter ``name``."""
+
+    def for_parameter(self, module: torch.nn.Module, name: str | None) -> Regularizer:
+        """The regularizer ``loss()`` evaluates on ``module``'s parameter ``name``."""
+        return self
+
+    def batch_key(self, x: torch.Tensor) -> Any:
+        """A key under which the engine may evaluate this penalty for many tensors at once
+        with ``batch`` (tensors of one device and dtype), or None to call it one by one."""
+        return None
+
+    @classmethod
+    def batch(
+        cls, xs: list[torch.Tensor], regularizers: list[Regularizer]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(total, per-tensor values)`` for tensors sharing a ``batch_key``."""
+        raise NotImplementedError(f"{cls.__name__} has no batched evaluation")
 
     def __repr__(self) -> str:
         try:
@@ -109,7 +168,7 @@ class Regularizer:
         return id(self)
 
 
-def fused_terms(regularizer: Regularizer) -> tuple[tuple[str, float], ...] | None:
+def fused_terms(regularizer: Regularizer) -> tuple[tuple[str, Coefficient], ...] | None:
     """``regularizer.terms()``, unless a subclass overrides ``__call__`` below the class that
     defined ``terms()``: its formula is then its own, and the engine must call it."""
     mro = type(regularizer).__mro__
@@ -142,17 +201,17 @@ class L1(Regularizer):
         0.25
     """
 
-    def __init__(self, l1: float = 0.01) -> None:
-        self.l1 = check_coefficient("l1", l1)
+    def __init__(self, l1: Coefficient = 0.01) -> None:
+        self.l1 = coefficient("l1", l1)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = _check_tensor(x, "L1")
-        return self.l1 * _abs_sum(x)
+        return scale(self.l1, x) * _abs_sum(x)
 
     def get_config(self) -> dict[str, Any]:
         return {"l1": self.l1}
 
-    def terms(self) -> tuple[tuple[str, float], ...]:
+    def terms(self) -> tuple[tuple[str, Coefficient], ...]:
         return (("l1", self.l1),)
 
 
@@ -168,17 +227,17 @@ class L2(Regularizer):
         0.36
     """
 
-    def __init__(self, l2: float = 0.01) -> None:
-        self.l2 = check_coefficient("l2", l2)
+    def __init__(self, l2: Coefficient = 0.01) -> None:
+        self.l2 = coefficient("l2", l2)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = _check_tensor(x, "L2")
-        return self.l2 * _square_sum(x)
+        return scale(self.l2, x) * _square_sum(x)
 
     def get_config(self) -> dict[str, Any]:
         return {"l2": self.l2}
 
-    def terms(self) -> tuple[tuple[str, float], ...]:
+    def terms(self) -> tuple[tuple[str, Coefficient], ...]:
         return (("l2", self.l2),)
 
 
@@ -190,23 +249,23 @@ class L1L2(Regularizer):
         2.0
     """
 
-    def __init__(self, l1: float = 0.0, l2: float = 0.0) -> None:
-        self.l1 = check_coefficient("l1", l1)
-        self.l2 = check_coefficient("l2", l2)
+    def __init__(self, l1: Coefficient = 0.0, l2: Coefficient = 0.0) -> None:
+        self.l1 = coefficient("l1", l1)
+        self.l2 = coefficient("l2", l2)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = _check_tensor(x, "L1L2")
         result = _zero_like(x)
-        if self.l1:
-            result = result + self.l1 * _abs_sum(x)
+        if self.l1:  # a schedule always counts: it may be zero now, not later
+            result = result + scale(self.l1, x) * _abs_sum(x)
         if self.l2:
-            result = result + self.l2 * _square_sum(x)
+            result = result + scale(self.l2, x) * _square_sum(x)
         return result
 
     def get_config(self) -> dict[str, Any]:
         return {"l1": self.l1, "l2": self.l2}
 
-    def terms(self) -> tuple[tuple[str, float], ...]:
+    def terms(self) -> tuple[tuple[str, Coefficient], ...]:
         return (("l1", self.l1), ("l2", self.l2))
 
 
@@ -238,8 +297,8 @@ class Orthogonal(Regularizer):
 
     MODES = ("rows", "columns", "outputs", "inputs")
 
-    def __init__(self, factor: float = 0.01, mode: str = "rows") -> None:
-        self.factor = check_coefficient("factor", factor)
+    def __init__(self, factor: Coefficient = 0.01, mode: str = "rows") -> None:
+        self.factor = coefficient("factor", factor)
         if mode not in self.MODES:
             raise ValueError(
                 f'mode must be "rows" or "columns" (Keras\'s names) or "outputs" or "inputs", '
@@ -273,10 +332,23 @@ class Orthogonal(Regularizer):
             product = x @ x.t()
         off_diagonal = product * (1.0 - torch.eye(size, dtype=x.dtype, device=x.device))
         num_pairs = size * (size - 1.0) / 2.0
-        return self.factor * 0.5 * off_diagonal.abs().sum() / num_pairs
+        return scale(self.factor, x) * 0.5 * off_diagonal.abs().sum() / num_pairs
 
     def get_config(self) -> dict[str, Any]:
         return {"factor": self.factor, "mode": self.mode}
+
+    def for_parameter(self, module: torch.nn.Module, name: str | None) -> Regularizer:
+        # Keras's "rows"/"columns" name the vectors of the kernel as Keras holds it: a
+        # Dense or recurrent kernel is (in, units), torch's Linear/RNN weight (units, in).
+        if (
+            type(self) is Orthogonal
+            and self.mode in ("rows", "columns")
+            and name is not None
+            and name.startswith("weight")
+            and isinstance(module, (torch.nn.Linear, torch.nn.RNNBase))
+        ):
+            return KerasKernel(self)
+        return self
 
 
 OrthogonalRegularizer = Orthogonal
@@ -300,23 +372,16 @@ class KerasKernel(Regularizer):
         return repr(self.regularizer)
 
 
-def evaluated(regularizer: Regularizer, module: object, param: str | None) -> Regularizer:
-    """The regularizer ``loss()`` applies to ``module``'s parameter ``param``.
-
-    Keras's ``"rows"``/``"columns"`` name the vectors of the kernel as Keras holds it. Keras's
-    ``Dense`` and recurrent kernels are ``(in, units)``, torch's ``Linear`` and recurrent
-    weights ``(units, in)``: on those an ``Orthogonal`` with a Keras mode is applied to
-    the transpose, so that a ported model gives Keras's numbers.
-    """
-    if (
-        type(regularizer) is Orthogonal
-        and regularizer.mode in ("rows", "columns")
-        and param is not None
-        and param.startswith("weight")
-        and isinstance(module, (torch.nn.Linear, torch.nn.RNNBase))
-    ):
-        return KerasKernel(regularizer)
-    return regularizer
+def evaluated(
+    regularizer: Regularizer, module: torch.nn.Module | None, param: str | None
+) -> Regularizer:
+    """The regularizer ``loss()`` applies to ``module``'s parameter ``param``: an
+    ``Orthogonal`` with Keras's mode names on a ``Linear``/recurrent weight is applied to
+    its transpose (Keras's kernel layout), an ``L2SP`` is bound to the parameter's
+    reference; see ``Regularizer.for_parameter``."""
+    if module is None:
+        return regularizer
+    return regularizer.for_parameter(module, param)
 
 
 class Custom(Regularizer):

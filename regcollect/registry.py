@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from . import _naming
+from . import _naming, schedules
 from ._checks import ScopeArg, check_module, check_scope
 from .activity import ActivityHook, Pending
 from .entries import ACTIVITY, TENSOR, WEIGHT, Entry, unique_names
@@ -139,6 +139,10 @@ class Registry:
     def _insert(self, key: tuple[Any, ...], entry: Entry) -> Handle:
         with self._lock:
             self._cleanup()
+            module = entry.module
+            if entry.kind == WEIGHT and module is not None and entry.param is not None:
+                # First, so that a failure (an L2SP reference of another shape) changes nothing.
+                entry.regularizer.on_attach(module, entry.param)
             replaced: list[Entry] = []
             old = self._entries.pop(key, None)
             if old is not None:
@@ -158,7 +162,12 @@ class Registry:
             entry._key = key
             entry._replaced = replaced
             self._entries[key] = entry
-            module = entry.module
+            for gone in replaced:
+                self._release(gone)
+            for schedule in entry.regularizer.schedules():
+                schedules.follow(schedule, entry)
+                if tensor is not None:
+                    schedule.tensor(tensor.device)  # made here, not inside a compiled trace
             if module is not None:
                 _naming.track(module)
                 if entry.kind == ACTIVITY:
@@ -183,8 +192,20 @@ class Registry:
                 return False
             del self._entries[entry._key]
             self._detach(entry)
+            self._release(entry)
             self._changed()
             return True
+
+    def _release(self, entry: Entry) -> None:
+        """What a weight entry no longer registered leaves on its module (an L2SP reference
+        buffer) goes, unless an entry of the same kind of regularizer took its place."""
+        module = entry.module
+        if entry.kind == WEIGHT and module is not None and entry.param is not None:
+            current = self._entries.get(entry._key)
+            if current is None or type(current.regularizer) is not type(entry.regularizer):
+                entry.regularizer.on_detach(module, entry.param)
+        if entry.regularizer.schedules():
+            schedules.changed()
 
     def _restore(self, entry: Entry) -> None:
         """Register a replaced ``entry`` again, unless its place has been taken since; a
@@ -238,9 +259,12 @@ class Registry:
     def clear(self) -> None:
         """Remove every entry and every recorded activity penalty; start over as if new."""
         with self._lock:
-            for entry in self._entries.values():
+            removed = list(self._entries.values())
+            for entry in removed:
                 self._detach(entry)
             self._entries.clear()
+            for entry in removed:
+                self._release(entry)
             self._by_tensor.clear()
             self.pending.clear()
             self._changed()

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from .beyond import L2SP, GroupLasso, group_lasso, l2sp
 from .penalties import (
     L1,
     L1L2,
@@ -33,6 +34,7 @@ from .penalties import (
     check_coefficient,
     fused_terms,
 )
+from .schedules import Schedule, serialize_schedule
 
 __all__ = [
     "Regularizer",
@@ -42,6 +44,8 @@ __all__ = [
     "Orthogonal",
     "OrthogonalRegularizer",
     "Custom",
+    "GroupLasso",
+    "L2SP",
     "accumulation_dtype",
     "check_coefficient",
     "fused_terms",
@@ -49,6 +53,8 @@ __all__ = [
     "l2",
     "l1_l2",
     "orthogonal",
+    "l2sp",
+    "group_lasso",
     "get",
     "serialize",
     "deserialize",
@@ -84,9 +90,11 @@ _STRING_ALIASES: dict[str, Callable[[], Regularizer]] = {
     "l1l2": l1_l2,
     "orthogonal": Orthogonal,
     "orthogonal_regularizer": Orthogonal,
+    "l2sp": L2SP,
+    "group_lasso": GroupLasso,
 }
 
-_FACTORIES: tuple[Callable[[], Regularizer], ...] = (l1, l2, l1_l2, orthogonal)
+_FACTORIES: tuple[Callable[[], Regularizer], ...] = (l1, l2, l1_l2, orthogonal, l2sp, group_lasso)
 
 
 def _by_string(name: str) -> Callable[..., Regularizer] | None:
@@ -117,7 +125,7 @@ def register(name: str) -> Callable[[R], R]:
     return decorator
 
 
-for _cls in (L1, L2, L1L2):
+for _cls in (L1, L2, L1L2, L2SP, GroupLasso):
     register(_cls.__name__)(_cls)
 # Serialised under Keras's class name, so that keras.regularizers.deserialize reads it;
 # "Orthogonal" (what earlier versions wrote) still loads.
@@ -158,7 +166,11 @@ def serialize(regularizer: Regularizer) -> dict[str, Any]:
             f"{type(regularizer).__name__} is not registered; decorate it with "
             "@regcollect.register(name) to serialise it"
         )
-    return {"class_name": name, "config": dict(regularizer.get_config())}
+    config = {
+        key: serialize_schedule(value) if isinstance(value, Schedule) else value
+        for key, value in regularizer.get_config().items()
+    }
+    return {"class_name": name, "config": config}
 
 
 def deserialize(config: dict[str, Any]) -> Regularizer:

@@ -20,8 +20,10 @@ import torch
 
 from .. import context
 from ..context import active_collection, current_prefix, defaults_scope
+from ..penalties import Coefficient
 from ..regularizers import L1, L1L2, L2, Regularizer, check_coefficient, fused_terms, register
 from ..regularizers import get as get_regularizer
+from ..schedules import Schedule
 
 __all__ = [
     "AUTO_REUSE",
@@ -147,14 +149,17 @@ class Sum(Regularizer):
         values = [reg(x) for reg in self.regularizers if reg is not None]
         return torch.stack(values).sum() if values else torch.zeros((), device=x.device)
 
-    def terms(self) -> tuple[tuple[str, float], ...] | None:
-        out: list[tuple[str, float]] = []
+    def terms(self) -> tuple[tuple[str, Coefficient], ...] | None:
+        out: list[tuple[str, Coefficient]] = []
         for reg in self.regularizers:
             terms = fused_terms(reg) if reg is not None else ()
             if terms is None:
                 return None
             out.extend(terms)
         return tuple(out)
+
+    def schedules(self) -> list[Schedule]:
+        return [s for reg in self.regularizers if reg is not None for s in reg.schedules()]
 
     def get_config(self) -> dict[str, Any]:
         from ..regularizers import serialize

@@ -1,0 +1,303 @@
+"""Coefficient schedules: a regularizer coefficient that follows the optimizer steps.
+
+Pass a schedule wherever a coefficient goes (``rc.l2(rc.schedules.warmup(1e-4, steps=1000))``).
+Its step is the number of ``optimizer.step()`` calls made by the optimizers that update the
+tensors it regularizes (counted once per call, however many tensors it covers), so a GAN's two
+optimizers each drive their own penalties. The value at step ``t`` is what ``loss()`` uses
+before the ``t``-th step (0-based) and what ``attach_optimizer`` applies in it.
+
+The current value lives in a 0-dim tensor per device, updated in place when the step
+changes: ``loss()`` reads it like any other tensor, so plans are not rebuilt, nothing is read
+back to the host, and ``torch.compile`` neither breaks its graph nor recompiles as the value
+moves. A schedule's step is state to checkpoint, like a learning-rate scheduler's:
+``schedule.state_dict()`` / ``schedule.load_state_dict(...)``.
+
+Examples:
+    >>> import regcollect as rc
+    >>> s = rc.schedules.linear(0.0, 1e-3, steps=10)
+    >>> s.set_step(5); float(s)
+    0.0005
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import threading
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+__all__ = [
+    "CosineSchedule",
+    "FunctionSchedule",
+    "LinearSchedule",
+    "Schedule",
+    "cosine",
+    "deserialize_schedule",
+    "linear",
+    "warmup",
+]
+
+
+def _non_negative(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(
+            f"{name} must be a non-negative finite real number (int or float), "
+            f"got {value!r} of type {type(value).__name__}"
+        )
+    result = float(value)
+    if not math.isfinite(result) or result < 0:
+        raise ValueError(f"{name} must be a non-negative finite real number, got {value!r}")
+    return result
+
+
+def _count(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+class Schedule:
+    """Base class: ``value(step) -> float``, a non-negative coefficient for each step.
+
+    Subclasses implement ``value`` and ``get_config``. ``float(schedule)`` is the value at
+    the current step.
+    """
+
+    def __init__(self) -> None:
+        self._step = 0
+        self._tensors: dict[torch.device, torch.Tensor] = {}
+        self._lock = threading.Lock()
+
+    def value(self, step: int) -> float:
+        raise NotImplementedError(f"{type(self).__name__} must implement value(step)")
+
+    def get_config(self) -> dict[str, Any]:
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement get_config() to be serialised"
+        )
+
+    @property
+    def step(self) -> int:
+        """The number of optimizer steps this schedule has followed."""
+        return self._step
+
+    def current(self) -> float:
+        """The coefficient at the current step, checked."""
+        return _non_negative(f"the value of {self!r} at step {self._step}", self.value(self._step))
+
+    def __float__(self) -> float:
+        return self.current()
+
+    def set_step(self, step: int) -> None:
+        """Move to ``step`` (resuming), updating the coefficient tensors in place."""
+        self._step = _count("step", step, 0)
+        value = self.current()
+        with torch.no_grad():
+            for tensor in self._tensors.values():
+                tensor.fill_(value)
+
+    def tensor(self, device: torch.device) -> torch.Tensor:
+        """The current value as a 0-dim tensor on ``device``, the same object every call."""
+        tensor = self._tensors.get(device)
+        if tensor is None:
+            dtype = torch.float64 if device.type in ("cpu", "cuda") else torch.float32
+            with self._lock:
+                tensor = self._tensors.get(device)
+                if tensor is None:
+                    tensor = torch.tensor(self.current(), dtype=dtype, device=device)
+                    self._tensors[device] = tensor
+        return tensor
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"step": n}``: what a checkpoint must keep to resume the schedule."""
+        return {"step": self._step}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if not isinstance(state, dict) or "step" not in state:
+            raise ValueError(f'load_state_dict expects {{"step": int}}, got {state!r}')
+        self.set_step(state["step"])
+
+    def __repr__(self) -> str:
+        try:
+            args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        except NotImplementedError:
+            args = ""
+        return f"{type(self).__name__}({args}) [step {self._step}: {self.value(self._step):.4g}]"
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_tensors"], state["_lock"] = {}, None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+
+class LinearSchedule(Schedule):
+    """``start`` until step ``delay``, then linearly to ``end`` over ``steps`` steps, then
+    ``end``: ``start + (end - start) * clip((step - delay) / steps, 0, 1)``."""
+
+    def __init__(self, start: float, end: float, steps: int, delay: int = 0) -> None:
+        super().__init__()
+        self.start = _non_negative("start", start)
+        self.end = _non_negative("end", end)
+        self.steps = _count("steps", steps, 1)
+        self.delay = _count("delay", delay, 0)
+
+    def value(self, step: int) -> float:
+        progress = min(max(step - self.delay, 0) / self.steps, 1.0)
+        return self.start + (self.end - self.start) * progress
+
+    def get_config(self) -> dict[str, Any]:
+        return {"start": self.start, "end": self.end, "steps": self.steps, "delay": self.delay}
+
+
+class CosineSchedule(Schedule):
+    """From ``start`` to ``end`` along half a cosine over ``steps`` steps after ``delay``:
+    ``end + (start - end) * (1 + cos(pi * clip((step - delay) / steps, 0, 1))) / 2``."""
+
+    def __init__(self, start: float, end: float, steps: int, delay: int = 0) -> None:
+        super().__init__()
+        self.start = _non_negative("start", start)
+        self.end = _non_negative("end", end)
+        self.steps = _count("steps", steps, 1)
+        self.delay = _count("delay", delay, 0)
+
+    def value(self, step: int) -> float:
+        progress = min(max(step - self.delay, 0) / self.steps, 1.0)
+        return self.end + (self.start - self.end) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def get_config(self) -> dict[str, Any]:
+        return {"start": self.start, "end": self.end, "steps": self.steps, "delay": self.delay}
+
+
+class FunctionSchedule(Schedule):
+    """Any callable ``fn(step) -> float``; its values are checked (non-negative, finite).
+    Not serialisable: it wraps code."""
+
+    def __init__(self, fn: Callable[[int], float]) -> None:
+        if not callable(fn):
+            raise TypeError(f"FunctionSchedule expects a callable, got {type(fn).__name__}")
+        super().__init__()
+        self.fn = fn
+
+    def value(self, step: int) -> float:
+        return self.fn(step)
+
+    def __repr__(self) -> str:
+        name = getattr(self.fn, "__qualname__", None) or type(self.fn).__name__
+        try:
+            now = f"{float(self.fn(self._step)):.4g}"
+        except Exception:  # a repr must not fail; the value's own error comes where it is used
+            now = "?"
+        return f"FunctionSchedule({name}) [step {self._step}: {now}]"
+
+
+def linear(start: float, end: float, steps: int, delay: int = 0) -> LinearSchedule:
+    """``LinearSchedule``: from ``start`` to ``end`` over ``steps`` steps after ``delay``."""
+    return LinearSchedule(start, end, steps, delay)
+
+
+def warmup(value: float, steps: int, delay: int = 0) -> LinearSchedule:
+    """From 0 up to ``value`` over ``steps`` steps (after ``delay``), then ``value``."""
+    return LinearSchedule(0.0, value, steps, delay)
+
+
+def cosine(start: float, end: float, steps: int, delay: int = 0) -> CosineSchedule:
+    """``CosineSchedule``: from ``start`` to ``end`` along half a cosine over ``steps``."""
+    return CosineSchedule(start, end, steps, delay)
+
+
+_SCHEDULES: dict[str, type[Schedule]] = {
+    "LinearSchedule": LinearSchedule,
+    "CosineSchedule": CosineSchedule,
+}
+
+
+def serialize_schedule(schedule: Schedule) -> dict[str, Any]:
+    """``{"class_name", "config"}`` of a built-in schedule; a function one cannot be."""
+    name = type(schedule).__name__
+    if _SCHEDULES.get(name) is not type(schedule):
+        raise NotImplementedError(
+            f"{schedule!r} cannot be serialised; only {sorted(_SCHEDULES)} can"
+        )
+    return {"class_name": name, "config": schedule.get_config()}
+
+
+def deserialize_schedule(config: dict[str, Any]) -> Schedule:
+    """Inverse of ``serialize_schedule``; only the built-in schedule names resolve."""
+    name = config.get("class_name")
+    cls = _SCHEDULES.get(name) if isinstance(name, str) else None
+    inner = config.get("config", {})
+    if cls is None or not isinstance(inner, dict) or set(config) - {"class_name", "config"}:
+        raise ValueError(
+            f'a schedule must be {{"class_name": one of {sorted(_SCHEDULES)}, "config": '
+            f"{{...}}}}, got {config!r}"
+        )
+    try:
+        return cls(**inner)
+    except TypeError as exc:
+        raise ValueError(f"bad config for schedule {name!r}: {inner!r} ({exc})") from None
+
+
+# -- following the optimizer steps --------------------------------------------------------
+
+# Schedules in use, each with what it regularizes: weakly held (entry-like objects whose
+# ``tensors()`` gives the tensors an optimizer must update for the schedule to advance).
+_USERS: weakref.WeakKeyDictionary[Schedule, weakref.WeakSet[Any]] = weakref.WeakKeyDictionary()
+_version = [0]
+# Per optimizer: (cache key, schedules it drives).
+_DRIVEN: weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple[Any, list[Schedule]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def follow(schedule: Schedule, user: Any) -> None:
+    """Record that ``user`` (an entry; ``user.tensors()`` lists the tensors it regularizes)
+    uses ``schedule``: optimizers updating those tensors advance it."""
+    _USERS.setdefault(schedule, weakref.WeakSet()).add(user)
+    _version[0] += 1
+
+
+def changed() -> None:
+    """Something the schedules follow changed (an entry removed): recompute on next step."""
+    _version[0] += 1
+
+
+def _driven(optimizer: torch.optim.Optimizer) -> list[Schedule]:
+    key = (
+        _version[0],
+        tuple((id(g["params"]), len(g["params"])) for g in optimizer.param_groups),
+    )
+    cached = _DRIVEN.get(optimizer)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    driven = [
+        schedule
+        for schedule, users in list(_USERS.items())
+        if any(id(t) in held for user in list(users) for t in user.tensors())
+    ]
+    _DRIVEN[optimizer] = (key, driven)
+    return driven
+
+
+def advance(optimizer: torch.optim.Optimizer) -> None:
+    """One step of ``optimizer``: advance the schedules of the tensors it updates."""
+    if not _USERS:
+        return
+    for schedule in _driven(optimizer):
+        schedule.set_step(schedule.step + 1)
+
+
+def _after_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    advance(optimizer)
+
+
+register_optimizer_step_post_hook(_after_step)
