@@ -18,6 +18,8 @@ Scenarios:
 5. fused step (rc.attach_optimizer): the penalty inside SGD's step against
    SGD(weight_decay), with and without the rc.loss() value call, on scenario 2's tensors and on
    100 small layers against weight_decay parameter groups.
+6. beyond the peers: rc.L2SP against rc.l2 on scenario 1's kernels and on scenario 2's tensors
+   (forward + backward; the issue's bound is 1.5x), and rc.GroupLasso on the same tensors.
 4. real size (CUDA by default, `--real-size BATCH` elsewhere): ResNet-50 and ViT-B/16 built
    without weights (benchmarks/models.py), a bf16-autocast training step against
    SGD(weight_decay) on the same kernels, and the penalty alone against the weight-decay update.
@@ -193,6 +195,52 @@ def large(repeats: int, device: torch.device) -> dict[str, float]:
         medians,
         "optimizer foreach weight decay",
     )
+    return medians
+
+
+def beyond(repeats: int, device: torch.device) -> dict[str, float]:
+    """L2-SP and group lasso against plain L2, on many small kernels and on large ones."""
+    medians: dict[str, float] = {}
+    cases = {
+        "many-small": [
+            torch.nn.Parameter(torch.randn(64, 64, device=device) * 0.1) for _ in range(100)
+        ],
+        "large": large_parameters(device),
+    }
+    for case, params in cases.items():
+        holder = torch.nn.Module()
+        colls = {name: rc.Collection() for name in ("l2", "l2sp", "group lasso")}
+        for i, p in enumerate(params):
+            holder.register_parameter(f"p{i}", p)
+            rc.add_regularizer(holder, f"p{i}", rc.l2(1e-4), collection=colls["l2"])
+            rc.add_regularizer(holder, f"p{i}", rc.L2SP(1e-4), collection=colls["l2sp"])
+            rc.add_regularizer(
+                holder, f"p{i}", rc.GroupLasso(1e-4), collection=colls["group lasso"]
+            )
+        with torch.no_grad():
+            for p in params:
+                p.add_(torch.randn_like(p) * 0.01)  # fine-tuned: away from the reference
+
+        def step(coll: rc.Collection, params: list[torch.nn.Parameter] = params) -> None:
+            for p in params:
+                p.grad = None
+            coll.loss().backward()
+
+        candidates: dict[str, Callable[[], object]] = {
+            f"{case}: {name} fwd+bwd": (lambda coll=coll: step(coll))
+            for name, coll in colls.items()
+        }
+        result = measure(
+            candidates, repeats, inner=20 if case == "many-small" else 3, device=device
+        )
+        total = sum(p.numel() for p in params)
+        report(
+            f"6. {case}: {len(params)} tensors, {total / 1e6:.2f}M parameters, L2-SP / group "
+            "lasso against L2",
+            result,
+            f"{case}: l2 fwd+bwd",
+        )
+        medians.update(result)
     return medians
 
 
@@ -450,6 +498,15 @@ def real_size(repeats: int, device: torch.device, batch: int) -> dict[str, float
     return out
 
 
+def beyond_summary(medians: dict[str, float]) -> None:
+    for case in ("many-small", "large"):
+        l2 = medians[f"{case}: l2 fwd+bwd"]
+        print(
+            f"{case}: L2-SP {medians[f'{case}: l2sp fwd+bwd'] / l2:.2f}x, group lasso "
+            f"{medians[f'{case}: group lasso fwd+bwd'] / l2:.2f}x plain L2's time"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="rc.loss() benchmark")
     parser.add_argument("--repeats", type=int, default=30)
@@ -463,6 +520,9 @@ def main() -> None:
         help="run scenario 4 (ResNet-50, ViT-B/16) at this batch size (default: 64 on CUDA, "
         "not run on the CPU)",
     )
+    parser.add_argument(
+        "--only", choices=["beyond"], default=None, help="run only scenario 6 (L2-SP, group lasso)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -471,6 +531,9 @@ def main() -> None:
         f"torch {torch.__version__}, device {device} ({name}), threads "
         f"{torch.get_num_threads()}, repeats {args.repeats} (medians)"
     )
+    if args.only == "beyond":
+        beyond_summary(beyond(args.repeats, device))
+        return
     small = many_small(args.repeats, device)
     big = large(args.repeats, device)
     step = training_step(args.repeats, device)
@@ -498,6 +561,7 @@ def main() -> None:
         f"fused step, large: rc.loss() + step {big_loss:.2f}x, step alone {big_alone:.2f}x "
         f"SGD(weight_decay); many-small: {small_loss:.2f}x / {small_alone:.2f}x"
     )
+    beyond_summary(beyond(args.repeats, device))
     batch = args.real_size if args.real_size is not None else (64 if device.type == "cuda" else 0)
     if batch:
         real = real_size(args.repeats, device, batch)

@@ -37,6 +37,8 @@ from .penalties import (
 __all__ = ["REFERENCE_SUFFIX", "GroupLasso", "L2SP", "group_lasso", "l2sp", "reference_name"]
 
 REFERENCE_SUFFIX = "_l2sp_reference"
+# Group lasso stacks tensors of one shape up to this size (one node for many small kernels).
+_STACK_MAX_BYTES = 64 * 1024
 
 
 def reference_name(param: str) -> str:
@@ -265,10 +267,15 @@ class GroupLasso(Regularizer):
         first = regularizers[0]
         assert isinstance(first, GroupLasso)
         axis = first.axis % xs[0].dim()
-        stacked = torch.stack(xs) if len(xs) > 1 else xs[0].unsqueeze(0)
-        rows = stacked.movedim(axis + 1, 1).reshape(len(xs), xs[0].shape[axis], -1)
-        norms = torch.linalg.vector_norm(rows, 2, dim=2, dtype=accumulation_dtype(xs[0].dtype))
-        values = scale(first.factor, xs[0]) * norms.sum(dim=1)
+        acc = accumulation_dtype(xs[0].dtype)
+        if xs[0].numel() * xs[0].element_size() > _STACK_MAX_BYTES:
+            # Large tensors: one norm each; a stacked copy would cost more than it saves.
+            sums = torch.stack([first.norms(x).sum() for x in xs])
+        else:
+            stacked = torch.stack(xs) if len(xs) > 1 else xs[0].unsqueeze(0)
+            rows = stacked.movedim(axis + 1, 1).reshape(len(xs), xs[0].shape[axis], -1)
+            sums = torch.linalg.vector_norm(rows, 2, dim=2, dtype=acc).sum(dim=1)
+        values = scale(first.factor, xs[0]) * sums
         return values.sum(), values.detach()
 
 

@@ -242,8 +242,10 @@ def _differences(
 class _DifferencePenalty(torch.autograd.Function):
     """``total = coef * sum_i ||x_i - r_i||^2`` with per-tensor values on the side.
 
-    The differences are recomputed in the backward instead of being kept: keeping them
-    would hold one more copy of every regularized weight from the forward to the backward.
+    The differences the forward computes are kept and become the gradients in place in the
+    backward (``2 * coef * (x - r)``): the gradient tensors are allocated in the forward
+    rather than in the backward, and each step reads the weights twice, not three times.
+    A second backward (``retain_graph=True``) computes them again from the inputs.
     """
 
     @staticmethod
@@ -254,6 +256,7 @@ class _DifferencePenalty(torch.autograd.Function):
         total, values = _group_forward("l2", coef, diffs)
         ctx.coef, ctx.n = coef, n
         ctx.save_for_backward(*tensors)
+        ctx.diffs = diffs if diffs[0].dtype == tensors[0].dtype else None
         ctx.mark_non_differentiable(values)
         return total, values
 
@@ -262,9 +265,14 @@ class _DifferencePenalty(torch.autograd.Function):
         ctx: Any, grad_total: torch.Tensor, _grad_values: torch.Tensor | None
     ) -> tuple[torch.Tensor | None, ...]:
         tensors, n = ctx.saved_tensors, ctx.n
-        xs, refs = tensors[:n], tensors[n:]
-        grads = torch._foreach_sub(list(xs), list(refs))
-        torch._foreach_mul_(grads, grad_total * (2.0 * ctx.coef))
+        diffs, ctx.diffs = ctx.diffs, None
+        factor = grad_total * (2.0 * ctx.coef)
+        if diffs is None or torch.is_grad_enabled():  # a second backward, or create_graph
+            grads = torch._foreach_sub(list(tensors[:n]), list(tensors[n:]))
+            grads = torch._foreach_mul(grads, factor)
+        else:
+            grads = list(diffs)
+            torch._foreach_mul_(grads, factor)
         return (None, None, *grads, *([None] * n))
 
 

@@ -337,3 +337,18 @@ def test_decoupled_l2sp_pulls_towards_the_reference():
     opt.step()
     # w -= lr * 2 * l2 * (w - w0), then the (zero-gradient) SGD update
     torch.testing.assert_close(layer.weight.detach(), w - 0.2 * 0.5 * (w - w0))
+
+
+def test_l2sp_second_backward_and_double_backward():
+    layer = torch.nn.Linear(3, 3).double()
+    w0 = layer.weight.detach().clone()
+    coll = rc.Collection()
+    rc.add_regularizer(layer, "weight", rc.L2SP(0.5), collection=coll)
+    perturb(layer)
+    total = coll.loss()
+    total.backward(retain_graph=True)  # the kept differences become the gradient in place
+    total.backward()  # computed again from the weights
+    torch.testing.assert_close(layer.weight.grad, 2 * (layer.weight.detach() - w0))
+    (grad,) = torch.autograd.grad(coll.loss(), layer.weight, create_graph=True)
+    (hessian_diag,) = torch.autograd.grad(grad.sum(), layer.weight)
+    torch.testing.assert_close(hessian_diag, torch.ones_like(w0))  # d2/dw2 of 0.5 (w - w0)^2
