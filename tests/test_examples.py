@@ -107,3 +107,30 @@ def test_optimizer_equivalence():
     assert r["printed weight_decay=10"] == r["printed weight_decay=10000"]
     assert r["printed regcollect=10000"] > 100 * r["printed regcollect=10"]
     assert "AdamW" in out.getvalue()
+
+
+def test_finetune_l2sp(tmp_path):
+    out = io.StringIO()
+    with redirect_stdout(out):
+        r = load("finetune_l2sp").main(steps=100, outdir=tmp_path)
+    # L2-SP stays near the pretrained backbone; L2 pulls it towards zero, further than nothing.
+    assert r["L2-SP"]["distance"] < 0.2 < r["nothing"]["distance"] < r["L2"]["distance"]
+    assert r["L2-SP"]["accuracy"] > r["nothing"]["accuracy"] + 0.03
+    assert r["L2-SP"]["accuracy"] > r["L2"]["accuracy"] + 0.05
+    assert "target test acc" in out.getvalue()
+    assert (tmp_path / "finetune_l2sp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_prune_group_lasso(tmp_path):
+    out = io.StringIO()
+    with redirect_stdout(out):
+        r = load("prune_group_lasso").main(steps=150, outdir=tmp_path)
+    assert r["plain"]["zero_filters"] == 0
+    lasso = r["group lasso"]
+    assert lasso["zero_filters"] >= 16  # of 32: whole filters exactly zero
+    assert lasso["pruned_parameters"] < lasso["parameters"] / 4
+    # Removing exactly-zero filters changes nothing: same accuracy, outputs to rounding.
+    assert lasso["pruned_accuracy"] == lasso["accuracy"]
+    assert lasso["max_output_change"] < 1e-4
+    assert lasso["accuracy"] >= r["plain"]["accuracy"] - 0.05
+    assert (tmp_path / "prune_group_lasso.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
