@@ -110,7 +110,7 @@ def plot(models: dict[str, torch.nn.Sequential], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), sharey=True)
     for ax, layer in zip(axes, (0, 2)):
         for offset, (name, model) in zip((-0.2, 0.2), models.items()):
-            norms = model[layer].weight.detach().flatten(1).norm(dim=1)
+            norms = model[layer].weight.detach().flatten(1).norm(dim=1).numpy()
             zeros = int((norms == 0).sum())
             ax.bar(torch.arange(FILTERS) + offset, norms, width=0.4, label=f"{name} ({zeros} zero)")
         ax.set_title(f"conv {layer // 2 + 1}: L2 norm of each filter")
