@@ -11,8 +11,13 @@ in-place multi-tensor update per group of parameters sharing a coefficient.
   L2 as ``AdamW`` does (``w *= 1 - lr * 2 * l2`` before the update), L1 as the proximal step
   after the update (soft-thresholding by ``lr * l1``), which sets weights exactly to zero.
 
-Only L1, L2 and L1L2 terms (and sums of them) on parameters the optimizer holds are applied this
-way; orthogonal, custom and activity penalties stay in ``loss()`` with their gradients. For the
+L2-SP and group lasso penalties are applied too: coupled, ``grad += 2 * l2 * (w - w0)`` and
+``grad += factor * w_g / ||w_g||``; decoupled, ``w -= lr * 2 * l2 * (w - w0)`` before the update
+and the group lasso's proximal step after it (``w_g *= max(0, 1 - lr * factor / ||w_g||)``),
+which sets whole groups exactly to zero. A scheduled coefficient is read before the step.
+
+Only those penalties on (unsharded) parameters the optimizer holds are applied this way;
+orthogonal, custom and activity penalties stay in ``loss()`` with their gradients. For the
 penalties the optimizer applies, ``loss()`` still returns the full value (the printed loss and
 the summary stay honest), but that part carries no gradient: nothing is counted twice.
 """
