@@ -352,3 +352,33 @@ def test_l2sp_second_backward_and_double_backward():
     (grad,) = torch.autograd.grad(coll.loss(), layer.weight, create_graph=True)
     (hessian_diag,) = torch.autograd.grad(grad.sum(), layer.weight)
     torch.testing.assert_close(hessian_diag, torch.ones_like(w0))  # d2/dw2 of 0.5 (w - w0)^2
+
+
+@pytest.mark.parametrize("shape", [(6, 4, 3, 3), (128, 64, 3, 3)], ids=["stacked", "large"])
+def test_group_lasso_engine_values_and_gradcheck(shape):
+    # Small kernels of one shape are stacked into one node; large ones get a norm each.
+    holder = torch.nn.Module()
+    coll = rc.Collection()
+    for i in range(3):
+        holder.register_parameter(f"w{i}", torch.nn.Parameter(torch.randn(shape).double()))
+        rc.add_regularizer(holder, f"w{i}", rc.GroupLasso(0.3, axis=1), collection=coll)
+    total = coll.loss()
+    expected = sum(
+        0.3 * w.detach().transpose(0, 1).flatten(1).norm(dim=1).sum().item()
+        for w in holder.parameters()
+    )
+    assert total.item() == pytest.approx(expected, rel=1e-10)
+    if shape[0] > 6:  # gradcheck of 3 x 73728 inputs would take minutes: the formula
+        total.backward()
+        for w in holder.parameters():
+            norms = w.detach().transpose(0, 1).flatten(1).norm(dim=1).reshape(1, -1, 1, 1)
+            torch.testing.assert_close(w.grad, 0.3 * w.detach() / norms)
+        return
+
+    def penalty(*ws):
+        for i, w in enumerate(ws):
+            holder._parameters[f"w{i}"] = w
+        return coll.loss()
+
+    inputs = tuple(w.detach().clone().requires_grad_() for w in holder.parameters())
+    assert torch.autograd.gradcheck(penalty, inputs)
