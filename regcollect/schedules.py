@@ -139,42 +139,42 @@ class Schedule:
         self._lock = threading.Lock()
 
 
-class LinearSchedule(Schedule):
+class _Ramp(Schedule):
+    """From ``start`` to ``end`` over ``steps`` steps after ``delay``; ``shape(progress)``
+    maps the progress in [0, 1] to the fraction of the way done."""
+
+    def __init__(self, start: float, end: float, steps: int, delay: int = 0) -> None:
+        super().__init__()
+        self.start = _non_negative("start", start)
+        self.end = _non_negative("end", end)
+        self.steps = _count("steps", steps, 1)
+        self.delay = _count("delay", delay, 0)
+
+    def shape(self, progress: float) -> float:
+        raise NotImplementedError
+
+    def value(self, step: int) -> float:
+        progress = min(max(step - self.delay, 0) / self.steps, 1.0)
+        return self.start + (self.end - self.start) * self.shape(progress)
+
+    def get_config(self) -> dict[str, Any]:
+        return {"start": self.start, "end": self.end, "steps": self.steps, "delay": self.delay}
+
+
+class LinearSchedule(_Ramp):
     """``start`` until step ``delay``, then linearly to ``end`` over ``steps`` steps, then
     ``end``: ``start + (end - start) * clip((step - delay) / steps, 0, 1)``."""
 
-    def __init__(self, start: float, end: float, steps: int, delay: int = 0) -> None:
-        super().__init__()
-        self.start = _non_negative("start", start)
-        self.end = _non_negative("end", end)
-        self.steps = _count("steps", steps, 1)
-        self.delay = _count("delay", delay, 0)
-
-    def value(self, step: int) -> float:
-        progress = min(max(step - self.delay, 0) / self.steps, 1.0)
-        return self.start + (self.end - self.start) * progress
-
-    def get_config(self) -> dict[str, Any]:
-        return {"start": self.start, "end": self.end, "steps": self.steps, "delay": self.delay}
+    def shape(self, progress: float) -> float:
+        return progress
 
 
-class CosineSchedule(Schedule):
+class CosineSchedule(_Ramp):
     """From ``start`` to ``end`` along half a cosine over ``steps`` steps after ``delay``:
     ``end + (start - end) * (1 + cos(pi * clip((step - delay) / steps, 0, 1))) / 2``."""
 
-    def __init__(self, start: float, end: float, steps: int, delay: int = 0) -> None:
-        super().__init__()
-        self.start = _non_negative("start", start)
-        self.end = _non_negative("end", end)
-        self.steps = _count("steps", steps, 1)
-        self.delay = _count("delay", delay, 0)
-
-    def value(self, step: int) -> float:
-        progress = min(max(step - self.delay, 0) / self.steps, 1.0)
-        return self.end + (self.start - self.end) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    def get_config(self) -> dict[str, Any]:
-        return {"start": self.start, "end": self.end, "steps": self.steps, "delay": self.delay}
+    def shape(self, progress: float) -> float:
+        return 0.5 * (1.0 - math.cos(math.pi * progress))
 
 
 class FunctionSchedule(Schedule):
