@@ -267,7 +267,7 @@ class _DifferencePenalty(torch.autograd.Function):
         tensors, n = ctx.saved_tensors, ctx.n
         diffs, ctx.diffs = ctx.diffs, None
         factor = grad_total * (2.0 * ctx.coef)
-        grads: list[torch.Tensor]
+        grads: Sequence[torch.Tensor]
         if diffs is None or torch.is_grad_enabled():  # a second backward, or create_graph
             grads = torch._foreach_sub(list(tensors[:n]), list(tensors[n:]))
             grads = torch._foreach_mul(grads, factor)
