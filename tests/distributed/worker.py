@@ -46,6 +46,8 @@ def build(coll: rc.Collection | None, *, middle: str = "l1_l2", side: bool = Fal
         "l1_l2": rc.l1_l2(l1=1e-3, l2=1e-2),
         "orthogonal": rc.orthogonal(0.5),
         "custom": rc.regularizers.get(lambda w: 0.05 * (w.sum(dim=1) ** 2).sum()),
+        "l2sp": rc.L2SP(0.5),
+        "group_lasso": rc.GroupLasso(0.05),
     }
 
     def linear(n_in: int, n_out: int, **kwargs: Any) -> torch.nn.Module:
@@ -353,6 +355,10 @@ SCENARIOS: dict[str, Callable[[], dict[str, Any]]] = {
     "fsdp2_root_only": lambda: compare(root_only),
     "fsdp2_orthogonal": lambda: compare(fsdp, middle="orthogonal"),
     "fsdp2_custom": lambda: compare(fsdp, middle="custom"),
+    "ddp_l2sp": lambda: compare(DDP, middle="l2sp"),
+    "fsdp2_l2sp": lambda: compare(fsdp, middle="l2sp"),
+    "ddp_group_lasso": lambda: compare(DDP, middle="group_lasso"),
+    "fsdp2_group_lasso": lambda: compare(fsdp, middle="group_lasso"),
     "fsdp2_penalty_only_param": lambda: compare(fsdp, side=True),
     "fsdp2_regularize_after_shard": lambda: compare(fsdp, regularize=True),
     "hsdp_2d_mesh": lambda: compare(hsdp),
