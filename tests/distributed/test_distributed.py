@@ -147,9 +147,11 @@ def test_every_rank_sees_the_same_values(report: dict[str, Any], scenario: str) 
         ("fsdp2_penalty_only_param", {"c10d": 1}, {"c10d": 1}),
         # The root keeps its parameters unsharded after forward: nothing to reduce then.
         ("fsdp2_root_only", {}, {"c10d": 1}),
-        # Orthogonal and custom regularizers gather their one sharded tensor.
+        # Orthogonal, custom, L2-SP and group-lasso regularizers gather their sharded tensor.
         ("fsdp2_orthogonal", {"c10d": 1, "c10d_functional": 1}, {"c10d": 1, "c10d_functional": 1}),
         ("fsdp2_custom", {"c10d": 1, "c10d_functional": 1}, {"c10d": 1, "c10d_functional": 1}),
+        ("fsdp2_l2sp", {"c10d": 1, "c10d_functional": 1}, {"c10d": 1, "c10d_functional": 1}),
+        ("fsdp2_group_lasso", {"c10d": 1, "c10d_functional": 1}, {"c10d": 1, "c10d_functional": 1}),
     ],
 )
 def test_collectives_per_loss(
