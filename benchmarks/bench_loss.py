@@ -9,7 +9,7 @@ belong here, not in tests.
 Scenarios:
 1. many-small: 100 Linear(64, 64), kernel l2(1e-3) and bias l1(1e-4) (200 entries), forward +
    backward of the total penalty, against the Python loop users write and Keras 3.
-2. large: 33 tensors, 25.6M parameters, l2, against the optimizer's multi-tensor weight decay
+2. large: 33 tensors, 25.8M parameters, l2, against the optimizer's multi-tensor weight decay
    (torch._foreach_add_(grads, params, alpha=2c)); on CPU it runs again at the very end with
    glibc's malloc told to keep freed memory (2b), which shows what page faults cost.
 3. training step: 4-layer 1024-wide MLP, batch 256, forward + backward + SGD step, rc.l2 on the
