@@ -8,14 +8,12 @@ imports only torch; ``regcollect.regularizers`` adds the factories, the registry
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from .schedules import FunctionSchedule, Schedule, deserialize_schedule
+from .schedules import Coefficient, Schedule, check_coefficient, coefficient, scale
 
 __all__ = [
     "Coefficient",
@@ -34,46 +32,6 @@ __all__ = [
     "fused_terms",
     "scale",
 ]
-
-Coefficient = float | Schedule
-
-
-def check_coefficient(name: str, value: object) -> float:
-    """Return ``value`` as a float if it is a non-negative finite real number, else raise.
-
-    ``bool`` is rejected although it is an ``int``: ``l2(True)`` is almost certainly a bug.
-    """
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(
-            f"{name} must be a non-negative finite real number (int or float), "
-            f"got {value!r} of type {type(value).__name__}"
-        )
-    try:
-        result = float(value)
-    except OverflowError:  # an int beyond float's range, e.g. 10**400
-        result = math.inf
-    if not math.isfinite(result) or result < 0:
-        raise ValueError(f"{name} must be a non-negative finite real number, got {value!r}")
-    return result
-
-
-def coefficient(name: str, value: object) -> Coefficient:
-    """A regularizer coefficient: a non-negative finite real number, or a schedule over
-    optimizer steps (a ``regcollect.schedules.Schedule``, its serialised dict, or a callable
-    ``fn(step) -> float``)."""
-    if isinstance(value, Schedule):
-        return value
-    if isinstance(value, dict):
-        return deserialize_schedule(value)
-    if callable(value) and not isinstance(value, (numbers.Number, torch.Tensor)):
-        return FunctionSchedule(value)
-    return check_coefficient(name, value)
-
-
-def scale(coef: Coefficient, x: torch.Tensor) -> float | torch.Tensor:
-    """``coef`` as a factor for tensors on ``x``'s device: the float itself, or the schedule's
-    current value as a 0-dim tensor there (updated in place as the steps go by)."""
-    return coef if type(coef) is float else coef.tensor(x.device)  # type: ignore[union-attr]
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

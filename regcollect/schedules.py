@@ -12,6 +12,9 @@ back to the host, and ``torch.compile`` neither breaks its graph nor recompiles 
 moves. A schedule's step is state to checkpoint, like a learning-rate scheduler's:
 ``schedule.state_dict()`` / ``schedule.load_state_dict(...)``.
 
+This module also checks every coefficient a regularizer takes (``coefficient``,
+``check_coefficient``): a number or a schedule, one rule for both.
+
 Examples:
     >>> import regcollect as rc
     >>> s = rc.schedules.linear(0.0, 1e-3, steps=10)
@@ -32,24 +35,35 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 __all__ = [
+    "Coefficient",
     "CosineSchedule",
     "FunctionSchedule",
     "LinearSchedule",
     "Schedule",
+    "check_coefficient",
+    "coefficient",
     "cosine",
     "deserialize_schedule",
     "linear",
+    "scale",
     "warmup",
 ]
 
 
-def _non_negative(name: str, value: object) -> float:
+def check_coefficient(name: str, value: object) -> float:
+    """Return ``value`` as a float if it is a non-negative finite real number, else raise.
+
+    ``bool`` is rejected although it is an ``int``: ``l2(True)`` is almost certainly a bug.
+    """
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(
             f"{name} must be a non-negative finite real number (int or float), "
             f"got {value!r} of type {type(value).__name__}"
         )
-    result = float(value)
+    try:
+        result = float(value)
+    except OverflowError:  # an int beyond float's range, e.g. 10**400
+        result = math.inf
     if not math.isfinite(result) or result < 0:
         raise ValueError(f"{name} must be a non-negative finite real number, got {value!r}")
     return result
@@ -88,7 +102,9 @@ class Schedule:
 
     def current(self) -> float:
         """The coefficient at the current step, checked."""
-        return _non_negative(f"the value of {self!r} at step {self._step}", self.value(self._step))
+        return check_coefficient(
+            f"the value of {self!r} at step {self._step}", self.value(self._step)
+        )
 
     def __float__(self) -> float:
         return self.current()
@@ -145,8 +161,8 @@ class _Ramp(Schedule):
 
     def __init__(self, start: float, end: float, steps: int, delay: int = 0) -> None:
         super().__init__()
-        self.start = _non_negative("start", start)
-        self.end = _non_negative("end", end)
+        self.start = check_coefficient("start", start)
+        self.end = check_coefficient("end", end)
         self.steps = _count("steps", steps, 1)
         self.delay = _count("delay", delay, 0)
 
@@ -244,6 +260,28 @@ def deserialize_schedule(config: dict[str, Any]) -> Schedule:
         return cls(**inner)
     except TypeError as exc:
         raise ValueError(f"bad config for schedule {name!r}: {inner!r} ({exc})") from None
+
+
+Coefficient = float | Schedule
+
+
+def coefficient(name: str, value: object) -> Coefficient:
+    """A regularizer coefficient: a non-negative finite real number, or a schedule over
+    optimizer steps (a ``regcollect.schedules.Schedule``, its serialised dict, or a callable
+    ``fn(step) -> float``)."""
+    if isinstance(value, Schedule):
+        return value
+    if isinstance(value, dict):
+        return deserialize_schedule(value)
+    if callable(value) and not isinstance(value, (numbers.Number, torch.Tensor)):
+        return FunctionSchedule(value)
+    return check_coefficient(name, value)
+
+
+def scale(coef: Coefficient, x: torch.Tensor) -> float | torch.Tensor:
+    """``coef`` as a factor for tensors on ``x``'s device: the float itself, or the schedule's
+    current value as a 0-dim tensor there (updated in place as the steps go by)."""
+    return coef if type(coef) is float else coef.tensor(x.device)  # type: ignore[union-attr]
 
 
 # -- following the optimizer steps --------------------------------------------------------
