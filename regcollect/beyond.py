@@ -34,7 +34,15 @@ from .penalties import (
     scale,
 )
 
-__all__ = ["REFERENCE_SUFFIX", "GroupLasso", "L2SP", "group_lasso", "l2sp", "reference_name"]
+__all__ = [
+    "REFERENCE_SUFFIX",
+    "GroupLasso",
+    "L2SP",
+    "group_lasso",
+    "l2sp",
+    "reference_name",
+    "reference_of",
+]
 
 REFERENCE_SUFFIX = "_l2sp_reference"
 # Group lasso stacks tensors of one shape up to this size (one node for many small kernels).
@@ -44,6 +52,21 @@ _STACK_MAX_BYTES = 64 * 1024
 def reference_name(param: str) -> str:
     """The buffer holding the L2-SP reference of parameter ``param`` in its module."""
     return param + REFERENCE_SUFFIX
+
+
+def reference_of(module: torch.nn.Module, name: str) -> torch.Tensor:
+    """The L2-SP reference of ``module``'s parameter ``name``, in the parameter's dtype and
+    on its device."""
+    reference = module._buffers.get(reference_name(name))
+    if reference is None:
+        raise ValueError(
+            f"L2SP on {type(module).__name__}.{name}: its reference buffer "
+            f"{reference_name(name)!r} is gone; register the regularizer again"
+        )
+    param = module._parameters.get(name)
+    if param is not None and (reference.dtype, reference.device) != (param.dtype, param.device):
+        reference = reference.to(device=param.device, dtype=param.dtype)
+    return reference
 
 
 def _full(x: torch.Tensor) -> torch.Tensor:
@@ -171,19 +194,7 @@ class L2SP(Regularizer):
     def for_parameter(self, module: torch.nn.Module, name: str | None) -> Regularizer:
         if name is None:
             return self
-        reference = module._buffers.get(reference_name(name))
-        if reference is None:
-            raise ValueError(
-                f"L2SP on {type(module).__name__}.{name}: its reference buffer "
-                f"{reference_name(name)!r} is gone; register the regularizer again"
-            )
-        param = module._parameters.get(name)
-        if param is not None and (reference.dtype, reference.device) != (
-            param.dtype,
-            param.device,
-        ):
-            reference = reference.to(device=param.device, dtype=param.dtype)
-        return L2SP(self.l2, reference=reference)
+        return L2SP(self.l2, reference=reference_of(module, name))
 
     def batch_key(self, x: torch.Tensor) -> Any:
         reference = self.reference

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ._checks import RegcollectWarning
-from .beyond import L2SP, GroupLasso
+from .beyond import L2SP, GroupLasso, reference_of
 from .entries import WEIGHT
 from .handle import Handle
 from .penalties import Coefficient, fused_terms
@@ -98,17 +98,17 @@ class OptimizerAttachment:
                 # Sharded tensors keep these in loss(), as the plan does.
                 if isinstance(reg, L2SP):
                     # Looked up at each step: model.to() replaces the buffer.
-                    where = (reg, weakref.ref(entry.module), entry.param)
+                    where = (weakref.ref(entry.module), entry.param)
                     coefficients[id(tensor)] = [("l2sp", reg.l2, where)]
                 elif isinstance(reg, GroupLasso):
-                    coefficients[id(tensor)] = [("group", reg.factor, reg.axis)]
+                    coefficients[id(tensor)] = [("group", reg.factor, reg)]
         self._groups = []
         doubled = []
         for group in optimizer.param_groups:
             by_term: dict[tuple[str, Any], tuple[list[torch.Tensor], list[Any]]] = {}
             for p in group["params"]:
                 for kind, coef, extra in coefficients.get(id(p), ()):
-                    term = (kind, coef if kind != "group" else (coef, extra))
+                    term = (kind, coef if kind != "group" else (coef, extra.axis))
                     params, extras = by_term.setdefault(term, ([], []))
                     params.append(p)
                     extras.append(extra)
@@ -140,7 +140,7 @@ class OptimizerAttachment:
             return
         self._grouping(optimizer, coll)
         # Scheduled coefficients are read once, before the step advances them.
-        self._coefs = [[_value(c) for _, c, _, _ in terms] for terms in self._groups]
+        self._coefs = [[float(c) for _, c, _, _ in terms] for terms in self._groups]
         with torch.no_grad():
             for group, terms, coefs in zip(optimizer.param_groups, self._groups, self._coefs):
                 lr = _lr(group)
@@ -150,9 +150,9 @@ class OptimizerAttachment:
                         continue
                     if kind == "group":
                         if not self.decoupled:
-                            for p, axis in zip(params, extras):
+                            for p, reg in zip(params, extras):
                                 if p.grad is not None:
-                                    p.grad.add_(_group_directions(p, axis), alpha=coef)
+                                    p.grad.add_(_group_directions(p, reg), alpha=coef)
                         continue
                     if kind == "l2sp":
                         refs = [_reference(w) for p, w in zip(params, extras) if p.grad is not None]
@@ -184,44 +184,37 @@ class OptimizerAttachment:
                     if kind == "l1" and live:
                         _soft_threshold_(live, lr * coef)
                     elif kind == "group":
-                        for p, axis in zip(params, extras):
+                        for p, reg in zip(params, extras):
                             if p.grad is not None:
-                                _block_soft_threshold_(p, axis, lr * coef)
+                                _block_soft_threshold_(p, reg, lr * coef)
 
 
-def _reference(where: tuple[L2SP, Any, str]) -> torch.Tensor:
+def _reference(where: tuple[Any, str]) -> torch.Tensor:
     """The current L2SP reference of a parameter (its module's buffer)."""
-    reg, module_ref, name = where
+    module_ref, name = where
     module = module_ref()
     if module is None:
         raise RuntimeError(f"the module holding {name!r} is gone")
-    bound = reg.for_parameter(module, name)
-    return bound.reference  # type: ignore[attr-defined, no-any-return]
+    return reference_of(module, name)
 
 
-def _value(coef: Coefficient) -> float:
-    return coef if type(coef) is float else float(coef)
-
-
-def _group_norms(p: torch.Tensor, axis: int) -> torch.Tensor:
-    """Each group's L2 norm, shaped to broadcast against ``p`` along ``axis``."""
-    axis %= p.dim()
-    moved = p.movedim(axis, 0)
-    norms = torch.linalg.vector_norm(moved.reshape(moved.shape[0], -1), 2, dim=1)
+def _group_norms(p: torch.Tensor, reg: GroupLasso) -> torch.Tensor:
+    """Each group's L2 norm, shaped to broadcast against ``p`` along the group axis."""
     shape = [1] * p.dim()
-    shape[axis] = -1
-    return norms.reshape(shape)
+    shape[reg.axis % p.dim()] = -1
+    return reg.norms(p).reshape(shape)
 
 
-def _group_directions(p: torch.Tensor, axis: int) -> torch.Tensor:
+def _group_directions(p: torch.Tensor, reg: GroupLasso) -> torch.Tensor:
     """``p_g / ||p_g||`` per group (0 for a zero group): the group lasso's (sub)gradient."""
-    return p / _group_norms(p, axis).clamp_min(torch.finfo(p.dtype).tiny)
+    norms = _group_norms(p, reg)
+    return p / norms.clamp_min(torch.finfo(norms.dtype).tiny)
 
 
-def _block_soft_threshold_(p: torch.Tensor, axis: int, threshold: float) -> None:
+def _block_soft_threshold_(p: torch.Tensor, reg: GroupLasso, threshold: float) -> None:
     """``p_g *= max(0, 1 - threshold / ||p_g||)`` in place: the proximal step of the group
     lasso, which sets every group whose norm is below ``threshold`` exactly to zero."""
-    norms = _group_norms(p, axis)
+    norms = _group_norms(p, reg)
     p.mul_((1.0 - threshold / norms.clamp_min(torch.finfo(norms.dtype).tiny)).clamp_min(0.0))
 
 
