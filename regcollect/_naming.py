@@ -50,6 +50,8 @@ _WRAPPERS = {
     "_fsdp_wrapped_module": (("FullyShardedDataParallel",), "torch.distributed.fsdp"),
     "_checkpoint_wrapped_module": (("CheckpointWrapper",), "torch.distributed.algorithms"),
 }
+# The prefixes these wrappers put in front of the keys of a state dict saved through them.
+WRAPPER_PREFIXES = tuple(f"{attribute}." for attribute in _WRAPPERS)
 
 
 def version() -> int:

@@ -126,9 +126,6 @@ def _matches(name: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.")
-
-
 def _lookup(state_dict: Mapping[str, torch.Tensor], name: str, logical: str) -> torch.Tensor | None:
     """The tensor for a parameter in a state dict, under its name, its logical name (a
     parametrized weight), or either one behind wrapper prefixes (a state dict saved from a
@@ -138,7 +135,7 @@ def _lookup(state_dict: Mapping[str, torch.Tensor], name: str, logical: str) -> 
             return state_dict[key]
     for key, value in state_dict.items():
         stripped = key
-        while stripped.startswith(_WRAPPER_PREFIXES):
+        while stripped.startswith(_naming.WRAPPER_PREFIXES):
             stripped = stripped.partition(".")[2]
         if stripped in (name, logical):
             return value
