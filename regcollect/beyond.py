@@ -33,6 +33,7 @@ from .penalties import (
     coefficient,
     scale,
 )
+from .sharding import PLAIN
 
 __all__ = [
     "REFERENCE_SUFFIX",
@@ -200,7 +201,7 @@ class L2SP(Regularizer):
         reference = self.reference
         if (
             isinstance(reference, torch.Tensor)
-            and type(reference) in (torch.Tensor, torch.nn.Parameter)
+            and type(reference) in PLAIN  # a sharded reference is called alone
             and reference.shape == x.shape
             and reference.dtype == x.dtype
             and reference.device == x.device
