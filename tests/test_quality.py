@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# pyproject's [tool.mypy] options, so a run elsewhere can reuse the project's cache.
+SAME_OPTIONS = ["--python-version", "3.10", "--ignore-missing-imports"]
 
 
 @pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff not installed (pip install .[test])")
@@ -31,3 +33,31 @@ def test_mypy_clean():
 
 def test_py_typed_shipped():
     assert (ROOT / "regcollect" / "py.typed").exists()
+
+
+def test_user_code_outside_the_project_type_checks_against_the_installed_package(tmp_path):
+    """With the README's editable install, mypy run on the user's own code (in another
+    directory) finds the package and its types, not ``import-not-found``."""
+    pytest.importorskip("mypy", reason="mypy not installed (pip install .[test])")
+    (tmp_path / "train.py").write_text(
+        "import regcollect as rc\nreveal_type(rc.loss())\nreveal_type(rc.l2(0.01))\n"
+    )
+    result = subprocess.run(
+        # The project's cache (warm after test_mypy_clean) holds torch's analysis.
+        [
+            sys.executable,
+            "-m",
+            "mypy",
+            "--cache-dir",
+            str(ROOT / ".mypy_cache"),
+            *SAME_OPTIONS,
+            "train.py",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    out = result.stdout + result.stderr
+    assert "import-not-found" not in out, out
+    assert 'Revealed type is "torch._tensor.Tensor"' in out, out
+    assert 'Revealed type is "regcollect.penalties.L2"' in out, out
