@@ -1,9 +1,10 @@
 """L1 vs L2 vs L1L2 on the same overfitting problem: which weights survive?
 
-The data of ``weight_decay_sweep.py`` (200 inputs, 20 training examples). L2 shrinks every
-weight a little; L1 pushes most of them to (near) zero and keeps a few, so the model becomes
-sparse; L1L2 sits in between. Prints the test loss and the fraction of near-zero weights
-(``|w| < 1e-3``) per penalty and saves ``l1_vs_l2.png`` with the weight histograms:
+The data of ``weight_decay_sweep.py`` with d2l.ai's 20 training examples (200 inputs).
+L2 shrinks every weight a little; L1 pushes most of them to (near) zero and keeps a few, so
+the model becomes sparse; L1L2 sits in between. Prints the test loss and the fraction of
+near-zero weights (``|w| < 1e-3``) per penalty and saves ``l1_vs_l2.png`` with the weight
+histograms (one x-range for all panels; the near-zero share and test loss in each title):
 
     python examples/l1_vs_l2.py [--epochs 100] [--outdir plots]
 """
@@ -57,17 +58,26 @@ def train(penalty: rc.Regularizer | None, epochs: int, data, seed: int = 0):
     }
 
 
-def plot(weights: dict[str, torch.Tensor], path: Path) -> None:
+def plot(
+    weights: dict[str, torch.Tensor], results: dict[str, dict[str, float]], path: Path
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(weights), figsize=(4 * len(weights), 3.5), sharey=True)
+    # One x-range and one set of bins for every panel, so the widths compare at a glance.
+    limit = max(w.abs().max().item() for w in weights.values()) * 1.05
+    bins = torch.linspace(-limit, limit, 61).numpy()
+    fig, axes = plt.subplots(
+        1, len(weights), figsize=(4 * len(weights), 3.6), sharex=True, sharey=True
+    )
     for ax, (name, w) in zip(axes, weights.items()):
-        ax.hist(w.numpy(), bins=40, color="C0")
-        ax.set(title=name, xlabel="weight value")
-    axes[0].set_ylabel("count")
+        r = results[name]
+        ax.hist(w.numpy(), bins=bins, color="C0")
+        ax.set_title(f"{name}\n{r['near_zero']:.0%} near zero, test loss {r['test_loss']:.3g}")
+        ax.set_xlabel("weight value")
+    axes[0].set_ylabel(f"count (of {len(next(iter(weights.values())))} weights)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -76,7 +86,7 @@ def plot(weights: dict[str, torch.Tensor], path: Path) -> None:
 def main(epochs: int = 100, outdir: str | Path = "plots") -> dict[str, dict[str, float]]:
     from tabulate import tabulate
 
-    data = make_data()
+    data = make_data(n_train=20)
     weights, results = {}, {}
     for name, penalty in tqdm(PENALTIES.items(), desc="penalty", leave=False):
         weights[name], results[name] = train(penalty, epochs, data)
@@ -85,7 +95,7 @@ def main(epochs: int = 100, outdir: str | Path = "plots") -> dict[str, dict[str,
     )
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    plot(weights, outdir / "l1_vs_l2.png")
+    plot(weights, results, outdir / "l1_vs_l2.png")
     print(f"\nsaved {outdir / 'l1_vs_l2.png'}")
     return results
 

@@ -1,10 +1,13 @@
 """Is regularization doing anything? The classic overfitting demo, swept over lambda.
 
-Linear regression with 200 inputs but only 20 training examples (100 test examples; true
-weights 0.01, bias 0.05, noise 0.01), minibatch 5, SGD lr 0.003, 100 epochs. Without a
-penalty the model memorises the training set; an L2 penalty on the weight only,
-``rc.l2(lam / 2)`` (that is ``lam/2 * ||w||^2``, the textbook weight decay), trades training
-loss for test loss. Prints a table, saves ``weight_decay_sweep.png``:
+Linear regression with 200 inputs but only 100 training examples (100 test examples; true
+weights 0.01, bias 0.05, noise 0.01; the d2l.ai weight-decay data with 100 instead of 20
+training examples, so that the data can be learnt at all), weights initialised N(0, 1),
+minibatch 5, SGD lr 0.003, 100 epochs. An L2 penalty on the weight only, ``rc.l2(lam / 2)``
+(that is ``lam/2 * ||w||^2``, the textbook weight decay), trades training loss for test loss:
+too little and the model memorises the training set, too much and it learns nothing (the
+weights go to 0 and the test loss to that of predicting the mean); the best lambda is in
+between. Prints a table, saves ``weight_decay_sweep.png`` with the optimum marked:
 
     python examples/weight_decay_sweep.py [--epochs 100] [--outdir plots]
 """
@@ -19,10 +22,10 @@ from tqdm import tqdm
 
 import regcollect as rc
 
-LAMBDAS = (0.0, 0.3, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0)
+LAMBDAS = (0.0, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 
 
-def make_data(n_train: int = 20, n_test: int = 100, n_inputs: int = 200, seed: int = 0):
+def make_data(n_train: int = 100, n_test: int = 100, n_inputs: int = 200, seed: int = 0):
     """``y = 0.01 * sum(x) + 0.05 + noise(0.01)``: the d2l.ai weight-decay data."""
     g = torch.Generator().manual_seed(seed)
     true_w, true_b = torch.full((n_inputs, 1), 0.01), 0.05
@@ -67,13 +70,41 @@ def plot(rows: list[dict[str, float]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     lams = [r["lambda"] for r in rows]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    best = min(rows, key=lambda r: r["test_loss"])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
     left.plot(lams, [r["train_loss"] for r in rows], "o-", label="train")
     left.plot(lams, [r["test_loss"] for r in rows], "s-", label="test")
-    left.set(xlabel="lambda", ylabel="squared loss", yscale="log", title="Loss vs lambda")
-    left.legend()
+    left.plot([best["lambda"]], [best["test_loss"]], "*", ms=16, color="C3", label="best test")
+    left.annotate(
+        f"best: lambda = {best['lambda']:g}, test loss {best['test_loss']:.3g}",
+        (best["lambda"], best["test_loss"]),
+        xytext=(15, 45),
+        textcoords="offset points",
+        ha="left",
+        arrowprops={"arrowstyle": "->", "color": "C3"},
+    )
+    first, last = rows[0], rows[-1]
+    for r, where in ((first, "left"), (last, "right")):
+        left.annotate(
+            f"{r['test_loss']:.3g}",
+            (r["lambda"], r["test_loss"]),
+            xytext=(0, 6),
+            textcoords="offset points",
+            ha=where,
+        )
+    left.set(ylabel="squared loss", yscale="log", title="Loss vs lambda: an optimum in between")
+    left.legend(loc="upper right")
     right.plot(lams, [r["w_norm"] for r in rows], "o-", color="C2")
-    right.set(xlabel="lambda", ylabel="||w||", yscale="log", title="Weight norm vs lambda")
+    right.axvline(best["lambda"], color="C3", ls=":", label="best test loss")
+    right.axhline(0.01 * 200**0.5, color="0.5", ls="--", label="||true w|| = 0.141")
+    right.set(ylabel="||w||", yscale="log", title="Weight norm vs lambda")
+    right.legend()
+    for ax in (left, right):
+        # symlog: lambda = 0 sits on the axis, the rest on a log scale
+        ax.set_xscale("symlog", linthresh=0.1)
+        ax.set_xlim(-0.02, lams[-1] * 1.5)
+        ax.set_xticks(lams, [f"{lam:g}" for lam in lams])
+        ax.set_xlabel("lambda (penalty lambda/2 * ||w||^2)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

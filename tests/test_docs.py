@@ -55,3 +55,24 @@ def test_formulas_are_mathml_and_the_api_lists_what_users_import(site):
     api = site["api/index.html"]
     for name in ("regcollect.loss", "regcollect.attach_optimizer", "regcollect.regularize"):
         assert f'id="{name}"' in api, name
+
+
+def test_install_commands_work_on_a_fresh_machine():
+    """regcollect is not on PyPI and an unpinned torch is a multi-GB CUDA download: every
+    ``pip install`` in the README, the docs and the messages installs from the checkout (or a
+    wheel built from it) and pins torch where it installs it."""
+    sources = [
+        ROOT / "README.md",
+        *(ROOT / "docs").rglob("*.md"),
+        *(ROOT / "regcollect").rglob("*.py"),
+    ]
+    bad = []
+    for path in sources:
+        for line in path.read_text().splitlines():
+            for command in re.findall(r"pip install[^`;&|,(#\n]*", line):
+                words = command.replace('"', " ").replace("'", " ").split()
+                if any(re.fullmatch(r"regcollect(\[.*\])?", w) for w in words) or (
+                    "torch" in words and "torch==2.13.0" not in words
+                ):
+                    bad.append(f"{path.relative_to(ROOT)}: {command.strip()}")
+    assert not bad, "\n".join(bad)

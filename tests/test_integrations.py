@@ -27,12 +27,16 @@ def model():
 def test_missing_package_names_the_extra(monkeypatch, module, extra):
     monkeypatch.setitem(sys.modules, module, None)  # makes "import <module>" fail
     monkeypatch.delitem(sys.modules, f"regcollect.integrations.{module}", raising=False)
-    with pytest.raises(ImportError, match=rf"pip install 'regcollect\[{extra}\]'"):
+    with pytest.raises(
+        ImportError,
+        match=rf"pip install {extra} \(or, in the regcollect checkout, "
+        rf"pip install -e '\.\[{extra}\]'\)",
+    ):
         importlib.import_module(f"regcollect.integrations.{module}")
 
 
 def test_tensorboard_scalars_norms_and_histograms(tmp_path):
-    pytest.importorskip("tensorboard", reason="pip install regcollect[tensorboard]")
+    pytest.importorskip("tensorboard", reason="pip install -e .[tensorboard]")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from torch.utils.tensorboard import SummaryWriter
 
@@ -63,7 +67,7 @@ def test_tensorboard_scalars_norms_and_histograms(tmp_path):
 
 
 def test_lightning_callback_logs_the_penalties(tmp_path):
-    pytest.importorskip("lightning", reason="pip install regcollect[lightning]")
+    pytest.importorskip("lightning", reason="pip install -e .[lightning]")
     import lightning as L
     from lightning.pytorch.loggers import CSVLogger
 
@@ -109,9 +113,7 @@ def test_lightning_callback_logs_the_penalties(tmp_path):
 
 
 def _tiny_trainer_setup(kind):
-    transformers = pytest.importorskip(
-        "transformers", reason="pip install regcollect[transformers]"
-    )
+    transformers = pytest.importorskip("transformers", reason="pip install -e .[transformers]")
     pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
     torch.manual_seed(0)
     if kind == "bert":  # its loss is divided by the accumulation steps by the Trainer

@@ -1,8 +1,8 @@
 """Optional integrations with logging tools; each needs its own extra.
 
-- ``regcollect.integrations.tensorboard`` (``pip install regcollect[tensorboard]``)
-- ``regcollect.integrations.lightning`` (``pip install regcollect[lightning]``)
-- ``regcollect.integrations.transformers`` (``pip install regcollect[transformers]``)
+- ``regcollect.integrations.tensorboard`` (``pip install -e ".[tensorboard]"`` from a checkout)
+- ``regcollect.integrations.lightning`` (``pip install -e ".[lightning]"`` from a checkout)
+- ``regcollect.integrations.transformers`` (``pip install -e ".[transformers]"`` from a checkout)
 
 They are not imported by ``import regcollect``.
 """
@@ -19,5 +19,5 @@ def require(package: str, extra: str, module: str) -> None:
     except ImportError as exc:
         raise ImportError(
             f"{module} needs the {package!r} package, which is not installed: "
-            f"pip install 'regcollect[{extra}]' (or pip install {extra})"
+            f"pip install {extra} (or, in the regcollect checkout, pip install -e '.[{extra}]')"
         ) from exc
