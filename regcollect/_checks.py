@@ -13,7 +13,13 @@ __all__ = ["RegcollectWarning", "ScopeArg", "check_module", "check_scope"]
 
 
 class RegcollectWarning(UserWarning):
-    """Something regcollect cannot fix for you, such as penalties that are never consumed."""
+    """Something regcollect cannot fix for you, such as penalties that are never consumed.
+
+    Examples:
+        >>> import warnings, regcollect as rc
+        >>> with warnings.catch_warnings():   # e.g. in a test suite: make them errors
+        ...     warnings.simplefilter("error", rc.RegcollectWarning)
+    """
 
 
 # What loss(), losses(), penalties() and summary() take as ``scope``.

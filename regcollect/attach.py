@@ -59,6 +59,20 @@ def add_regularizer(
     Registering again on the same parameter (or a parameter tied to it) replaces the previous
     regularizer in that collection.
 
+    Args:
+        module: The module (or model) holding the parameter.
+        param_name: The parameter's name, dotted through submodules (``"encoder.0.weight"``).
+        regularizer: The penalty: anything ``rc.regularizers.get`` accepts except None
+            (a ``Regularizer``, a name, a config dict or a callable).
+        collection: The collection to register in (default: the active one).
+
+    Returns:
+        A ``Handle``; ``.remove()`` undoes this call, restoring what it replaced.
+
+    Raises:
+        TypeError: ``module`` is not an ``nn.Module``.
+        ValueError: No parameter ``param_name``, or a regularizer ``get`` rejects or None.
+
     Examples:
         >>> import torch, regcollect as rc
         >>> model = torch.nn.Sequential(torch.nn.Linear(3, 2))
@@ -76,7 +90,30 @@ def add_activity_regularizer(
     module: torch.nn.Module, regularizer: object, *, collection: Collection | None = None
 ) -> Handle:
     """Penalise ``module``'s output: ``regularizer(output) / batch_size`` on every forward pass
-    made with gradients enabled, counted once by the next ``loss()``."""
+    made with gradients enabled, counted once by the next ``loss()``.
+
+    Args:
+        module: The module whose output (the first tensor of a tuple) is penalised.
+        regularizer: The penalty: anything ``rc.regularizers.get`` accepts except None
+            (a ``Regularizer``, a name, a config dict or a callable).
+        collection: The collection to register in (default: the active one).
+
+    Returns:
+        A ``Handle``; ``.remove()`` removes the forward hook and the entry.
+
+    Raises:
+        TypeError: ``module`` is not an ``nn.Module``.
+        ValueError: A regularizer ``get`` rejects, or None.
+
+    Examples:
+        >>> import torch, regcollect as rc
+        >>> layer = torch.nn.Linear(2, 2)
+        >>> handle = rc.add_activity_regularizer(layer, rc.l1(0.5))
+        >>> out = layer(torch.ones(4, 2))
+        >>> torch.allclose(rc.loss(layer), 0.5 * out.abs().sum() / 4)   # per example, as Keras
+        True
+        >>> handle.remove()
+    """
     check_module(module)
     reg = _required(regularizer)
     coll = active_collection(collection)
@@ -217,6 +254,27 @@ def regularize(
 
     ``kernel`` alone is timm's decay set; Hugging Face's ``Trainer`` also decays embedding
     tables: ``regularize(model, kernel=reg, embeddings=reg)`` is its set.
+
+    Args:
+        model: The model.
+        kernel: Penalty on weights of rank >= 2 outside normalisation and embedding layers.
+        bias: Penalty on biases outside normalisation layers.
+        norm: Penalty on the parameters of normalisation layers.
+        embeddings: Penalty on embedding tables.
+        activity: Penalty on the output of the model, or of the modules ``include`` names.
+        include: Glob patterns over parameter (or, for ``activity``, module) names: only
+            those are regularized.
+        exclude: Glob patterns over parameter names to leave out.
+        collection: The collection to register in (default: the active one).
+
+    Returns:
+        One ``Handle`` for everything this call registered.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``; ``include``/``exclude`` are not lists
+            of strings.
+        ValueError: A regularizer ``get`` rejects; an ``L2SP`` reference state dict that
+            misses parameters.
 
     Examples:
         >>> import torch, regcollect as rc

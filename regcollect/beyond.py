@@ -111,6 +111,15 @@ class L2SP(Regularizer):
 
     Called on a tensor directly, it needs ``reference``.
 
+    Args:
+        l2: The coefficient (a float >= 0 or a schedule).
+        reference: The reference tensor, a state dict (through ``rc.regularize``) or None.
+
+    Raises:
+        TypeError: ``reference`` is not a floating-point tensor, a mapping or None.
+        ValueError: A negative, NaN or infinite coefficient; when called on a tensor, no
+            reference tensor or one of another shape.
+
     Examples:
         >>> import torch
         >>> x0 = torch.tensor([1.0, 2.0])
@@ -164,6 +173,16 @@ class L2SP(Regularizer):
     # -- on a module ----------------------------------------------------------------------
 
     def on_attach(self, module: torch.nn.Module, name: str) -> None:
+        """Store the reference as the buffer ``<name>_l2sp_reference`` of ``module``.
+
+        Args:
+            module: The module that owns the parameter.
+            name: The parameter's name in ``module``.
+
+        Raises:
+            ValueError: ``reference`` is a state dict (only ``rc.regularize`` resolves those)
+                or a tensor of another shape than the parameter.
+        """
         param = module._parameters[name]
         assert param is not None
         buffer = reference_name(name)
@@ -228,6 +247,14 @@ class GroupLasso(Regularizer):
     its proximal step (block soft-thresholding) sets them to zero exactly. ``axis=1``
     groups input units or channels. On a vector each element is a group: L1.
 
+    Args:
+        factor: The coefficient (a float >= 0 or a schedule).
+        axis: The dimension whose slices are the groups.
+
+    Raises:
+        ValueError: ``axis`` is not an int; a negative, NaN or infinite ``factor``; when
+            called, an ``axis`` out of the tensor's range.
+
     Examples:
         >>> import torch
         >>> x = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
@@ -252,7 +279,17 @@ class GroupLasso(Regularizer):
         return self.axis % x.dim()
 
     def norms(self, x: torch.Tensor) -> torch.Tensor:
-        """The L2 norm of each group (slice along ``axis``), in float32 at least."""
+        """The L2 norm of each group (slice along ``axis``), in float32 at least.
+
+        Args:
+            x: The tensor.
+
+        Returns:
+            A 1-D tensor with one norm per group.
+
+        Raises:
+            ValueError: ``axis`` is out of ``x``'s range.
+        """
         axis = self._axis(x)
         rows = x.movedim(axis, 0).reshape(x.shape[axis], -1)
         return torch.linalg.vector_norm(rows, 2, dim=1, dtype=accumulation_dtype(x.dtype))
@@ -294,10 +331,39 @@ class GroupLasso(Regularizer):
 def l2sp(
     l2: Coefficient = 0.01, reference: torch.Tensor | Mapping[str, torch.Tensor] | None = None
 ) -> L2SP:
-    """``L2SP(l2, reference)``: ``l2 * sum((x - x0)**2)``."""
+    """``L2SP(l2, reference)``: ``l2 * sum((x - x0)**2)``.
+
+    Args:
+        l2: The coefficient (a float >= 0 or a schedule).
+        reference: The reference ``x0``; None takes the parameter's value at registration.
+
+    Returns:
+        The ``L2SP`` regularizer.
+
+    Examples:
+        >>> import torch, regcollect as rc
+        >>> layer = torch.nn.Linear(2, 2)
+        >>> handle = rc.add_regularizer(layer, "weight", rc.l2sp(0.1))   # x0: weights now
+        >>> float(rc.loss(layer))   # the weights have not moved yet
+        0.0
+        >>> handle.remove()
+    """
     return L2SP(l2, reference)
 
 
 def group_lasso(factor: Coefficient = 0.01, axis: int = 0) -> GroupLasso:
-    """``GroupLasso(factor, axis)``: ``factor * sum_g ||x_g||_2``."""
+    """``GroupLasso(factor, axis)``: ``factor * sum_g ||x_g||_2``.
+
+    Args:
+        factor: The coefficient (a float >= 0 or a schedule).
+        axis: The dimension whose slices are the groups (0: rows, filters).
+
+    Returns:
+        The ``GroupLasso`` regularizer.
+
+    Examples:
+        >>> import torch, regcollect as rc
+        >>> float(rc.group_lasso(0.1)(torch.tensor([[3.0, 4.0], [0.0, 0.0]])))
+        0.5
+    """
     return GroupLasso(factor, axis)

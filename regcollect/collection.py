@@ -43,6 +43,10 @@ class Collection(Registry):
         check_finite: read every ``loss()``'s values back (one host synchronisation) and raise
             ``FloatingPointError`` naming the entries whose penalty is NaN or infinite.
 
+    Raises:
+        ValueError: ``max_pending`` or ``max_pending_bytes`` is not a positive int.
+        TypeError: ``check_finite`` is not a bool.
+
     Examples:
         >>> import torch, regcollect as rc
         >>> coll = rc.Collection()
@@ -244,6 +248,12 @@ class Collection(Registry):
 
         Weight entries are evaluated one by one (use ``loss`` in training loops); an
         activity entry gives the sum of its penalties recorded since the last call.
+
+        Args:
+            scope: As for ``loss``.
+
+        Returns:
+            The list of 0-dim tensors.
         """
         key, cached = self._plan(scope)
         records = self.pending.take(None if key is None else _ids_in(cached.in_scope_ids))
@@ -285,11 +295,24 @@ class Collection(Registry):
         Reads the values of the last ``loss`` (one device-to-host copy). Weights that are
         NaN or infinite always make ``loss()`` non-finite; this turns that into an error that
         says where. ``Collection(check_finite=True)`` runs it after every ``loss()``.
+
+        Args:
+            scope: As for ``loss``.
+
+        Raises:
+            FloatingPointError: Some entry's last value is NaN or infinite.
         """
         check_finite(self._rows(scope)[0])
 
     def penalties(self, scope: ScopeArg = None) -> dict[str, float]:
-        """``{entry name: penalty, ..., "total": sum}`` from the last ``loss`` call."""
+        """``{entry name: penalty, ..., "total": sum}`` from the last ``loss`` call.
+
+        Args:
+            scope: As for ``loss``.
+
+        Returns:
+            The dict (one device-to-host copy).
+        """
         rows, total, _ = self._rows(scope)
         return as_dict(rows, total)
 
@@ -301,7 +324,20 @@ class Collection(Registry):
         tablefmt: str = "simple",
         file: IO[str] | None = None,
     ) -> str:
-        """Print and return the table of penalties; see ``regcollect.summary``."""
+        """Print and return the table of penalties; see ``regcollect.summary``.
+
+        Args:
+            loss: The total training loss, for the "% of loss" column.
+            scope: As for ``loss``.
+            tablefmt: A ``tabulate`` format name.
+            file: Where to print (default: stdout).
+
+        Returns:
+            The table as a string.
+
+        Raises:
+            ValueError: An unknown ``tablefmt``.
+        """
         check_tablefmt(tablefmt)
         extra, loss_value = table_extra(loss)
         rows, total, extra_values = self._rows(scope, extra)

@@ -77,6 +77,13 @@ def scope(
         activity_regularizer: default for layers' ``activity_regularizer`` argument.
         collection: the collection layers made inside register in.
 
+    Returns:
+        A context manager; entries and layers made inside it take the name and defaults.
+
+    Raises:
+        ValueError: ``name`` is empty or not a string; a default is not a regularizer.
+        TypeError: ``collection`` is not a ``Collection``.
+
     Examples:
         >>> import regcollect as rc
         >>> with rc.scope("encoder", kernel_regularizer=rc.l2(1e-4)):
@@ -137,7 +144,16 @@ def active_collection(explicit: Collection | None = None) -> Collection:
 
 
 def get_collection() -> Collection:
-    """The default collection, used when no ``collection=`` is given."""
+    """The default collection, used when no ``collection=`` is given.
+
+    Returns:
+        The process-wide default ``Collection``.
+
+    Examples:
+        >>> import regcollect as rc
+        >>> rc.get_collection() is rc.get_collection()
+        True
+    """
     return default_collection()
 
 
@@ -184,6 +200,12 @@ def get_regularization_losses(
     Returns:
         A list of 0-dim tensors, one per entry that contributes (trainable weights, and
         activity entries with penalties recorded since the last call).
+
+    Examples:
+        >>> import torch, regcollect as rc
+        >>> model = rc.nn.Linear(2, 2, kernel_regularizer="l2", bias_regularizer="l1")
+        >>> len(rc.get_regularization_losses(model))   # weight and bias
+        2
     """
     return active_collection(collection).losses(scope)
 
@@ -197,6 +219,17 @@ def assert_finite(scope: ScopeArg = None, *, collection: Collection | None = Non
 
     Raises:
         FloatingPointError: some entry's last value is NaN or infinite.
+
+    Examples:
+        >>> import torch, regcollect as rc
+        >>> layer = rc.nn.Linear(2, 2, kernel_regularizer=rc.l2(0.1))
+        >>> with torch.no_grad():
+        ...     layer.weight[0, 0] = float("inf")
+        >>> _ = rc.loss(layer)
+        >>> rc.assert_finite(layer)
+        Traceback (most recent call last):
+        ...
+        FloatingPointError: ...
     """
     active_collection(collection).assert_finite(scope)
 
@@ -211,6 +244,15 @@ def penalties(scope: ScopeArg = None, *, collection: Collection | None = None) -
     Returns:
         Entry names mapped to their last penalty (entries never evaluated are left out), plus
         ``"total"``. One device-to-host copy.
+
+    Examples:
+        >>> import torch, regcollect as rc
+        >>> model = torch.nn.Sequential(rc.nn.Linear(2, 2, kernel_regularizer=rc.l2(0.5)))
+        >>> with torch.no_grad():
+        ...     _ = model[0].weight.fill_(1.0)
+        >>> _ = rc.loss(model)
+        >>> rc.penalties(model)
+        {'0.weight': 2.0, 'total': 2.0}
     """
     return active_collection(collection).penalties(scope)
 
@@ -239,5 +281,17 @@ def summary(
 
     Returns:
         The table as a string.
+
+    Examples:
+        >>> import torch, regcollect as rc
+        >>> model = torch.nn.Sequential(rc.nn.Linear(2, 2, kernel_regularizer=rc.l2(0.5)))
+        >>> with torch.no_grad():
+        ...     _ = model[0].weight.fill_(1.0)
+        >>> _ = rc.loss(model)
+        >>> _ = rc.summary(scope=model)
+        name      shape    regularizer      penalty    % of reg.
+        --------  -------  -------------  ---------  -----------
+        0.weight  2x2      L2(l2=0.5)             2      100.00%
+        total                                     2      100.00%
     """
     return active_collection(collection).summary(loss, scope, tablefmt=tablefmt, file=file)

@@ -29,7 +29,30 @@ def _dead_ref() -> None:
 
 class Entry:
     """One regularizer on one parameter (``kind == "weight"``), module output (``"activity"``)
-    or bare tensor (``"tensor"``). Read-only: re-register to change it."""
+    or bare tensor (``"tensor"``). Read-only: re-register to change it.
+
+    Entries are made by registration (layer arguments, ``rc.add_regularizer``,
+    ``rc.regularize``, TF1's ``apply_regularization``), never by hand; handles and
+    ``Collection.entries`` list them.
+
+    Args:
+        kind: ``"weight"``, ``"activity"`` or ``"tensor"``.
+        regularizer: The regularizer applied.
+        module_ref: A weak reference to the module (weight and activity entries).
+        param: The parameter's name in that module (weight entries).
+        tensor_ref: A weak reference to the tensor (tensor entries).
+        prefix: The scope prefix of its name (``"decoder/"``).
+        explicit_name: A name given at registration instead of the module path.
+
+    Examples:
+        >>> import torch, regcollect as rc
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+        >>> handle = rc.add_regularizer(model, "0.weight", rc.l2(0.01))
+        >>> entry, = handle.entries
+        >>> entry.name, entry.kind, entry.regularizer, entry.shape
+        ('0.weight', 'weight', L2(l2=0.01), (2, 2))
+        >>> handle.remove()
+    """
 
     __slots__ = (
         "__weakref__",
@@ -101,12 +124,21 @@ class Entry:
         return (self._tensor_ref if self._kind == TENSOR else _dead_ref, None)
 
     def resolve(self) -> torch.Tensor | None:
-        """The tensor this entry regularizes now (None for activity entries and dead ones)."""
+        """The tensor this entry regularizes now.
+
+        Returns:
+            The parameter or tensor (where it lives now, also after parametrization), or
+            None for activity entries and dead ones.
+        """
         return current_tensors([self.locator])[0]
 
     def tensors(self) -> list[torch.Tensor]:
-        """What this entry's penalty depends on: its tensor, or an activity entry's module's
-        parameters (what an optimizer must update for a coefficient schedule to advance)."""
+        """What this entry's penalty depends on.
+
+        Returns:
+            Its tensor, or an activity entry's module's parameters (what an optimizer must
+            update for a coefficient schedule to advance); empty once dead.
+        """
         if self._kind == ACTIVITY:
             module = self.module
             return [] if module is None else list(module.parameters())
@@ -123,7 +155,11 @@ class Entry:
         return tuple(full if full is not None else tensor.shape)
 
     def base_name(self) -> tuple[str, torch.nn.Module | None]:
-        """``(name before de-duplication, outermost model holding it or None)``."""
+        """The entry's name before de-duplication, and where it comes from.
+
+        Returns:
+            ``(name, outermost model holding it or None)``.
+        """
         if self._explicit_name is not None:
             return self._prefix + self._explicit_name, None
         module = self.module

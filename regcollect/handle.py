@@ -18,7 +18,21 @@ class _Registry(Protocol):
 
 class Handle:
     """What registration returns: ``.remove()`` undoes exactly what the call did, restoring
-    the regularizers it replaced. Also a context manager, removing its entries on exit."""
+    the regularizers it replaced. Also a context manager, removing its entries on exit.
+
+    Args:
+        added: ``(collection, entry)`` pairs the call registered.
+        on_remove: What else ``remove()`` undoes (``attach_optimizer``'s hooks).
+
+    Examples:
+        >>> import torch, regcollect as rc
+        >>> layer = rc.nn.Linear(2, 2, kernel_regularizer=rc.l2(0.1))
+        >>> with rc.add_regularizer(layer, "weight", rc.l1(0.5)):
+        ...     layer.kernel_regularizer          # replaced inside the block
+        L1(l1=0.5)
+        >>> layer.kernel_regularizer              # restored on exit
+        L2(l2=0.1)
+    """
 
     def __init__(
         self,
@@ -30,6 +44,15 @@ class Handle:
 
     @classmethod
     def join(cls, handles: Sequence[Handle]) -> Handle:
+        """One handle for several calls.
+
+        Args:
+            handles: The handles to combine.
+
+        Returns:
+            A handle whose ``remove()`` undoes all of them (their entries, not their
+            ``on_remove`` actions).
+        """
         return cls([item for h in handles for item in h._added])
 
     @property
@@ -38,6 +61,8 @@ class Handle:
         return [e for c, e in self._added if e in c._names()]
 
     def remove(self) -> None:
+        """Undo the call: remove its entries (restoring what they replaced) and run its
+        ``on_remove``. Removing twice does nothing."""
         for collection, entry in reversed(self._added):
             if collection._discard(entry):
                 for old in entry._replaced:

@@ -76,9 +76,23 @@ class RegularizedLayer(torch.nn.Module):
     ``activity_regularizer`` (penalising its output) and ``collection``. The arguments are
     readable and assignable attributes that read through to the collection: what
     ``rc.add_regularizer`` or ``rc.regularize`` registers on the layer shows there too.
+
+    Args:
+        collection: The collection to register in (default: the active one). The
+            regularizer arguments and the twin's own arguments come through ``**kwargs``.
+
+    Examples:
+        >>> import torch, regcollect as rc
+        >>> class PReLU(rc.nn.RegularizedLayer, torch.nn.PReLU):
+        ...     _rc_targets = {"alpha_regularizer": "weight"}
+        >>> act = PReLU(alpha_regularizer=rc.l2(0.1))
+        >>> act.alpha_regularizer
+        L2(l2=0.1)
     """
 
     _rc_targets: ClassVar[dict[str, str]] = {}
+    # Constructor arguments of the docstring's example (``"4, 2"`` for Linear).
+    _rc_example: ClassVar[str] = ""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -88,13 +102,18 @@ class RegularizedLayer(torch.nn.Module):
         base = next((b for b in cls.__mro__[1:] if not issubclass(b, RegularizedLayer)), None)
         if base is None or base is torch.nn.Module:
             return
+        if cls._rc_example and "Args:" not in (cls.__doc__ or ""):
+            cls.__doc__ = _layer_doc(cls, base)
         try:
             params = list(inspect.signature(base.__init__).parameters.values())
         except (TypeError, ValueError):
             return
         extra = [
-            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None)
-            for name in (*cls._rc_targets, _ACTIVITY, "collection")
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=kind)
+            for name, kind in [
+                *((n, "Regularizer | str | dict | Callable | None") for n in cls._rc_arguments()),
+                ("collection", "Collection | None"),
+            ]
         ]
         positional = [p for p in params if p.kind != inspect.Parameter.VAR_KEYWORD]
         keyword = [p for p in params if p.kind == inspect.Parameter.VAR_KEYWORD]
@@ -195,12 +214,64 @@ class RegularizedLayer(torch.nn.Module):
                 self._rc_add(self, name, reg)
 
     def extra_repr(self) -> str:
+        """The twin's ``extra_repr`` plus the regularizers set on the layer.
+
+        Returns:
+            ``"in_features=4, ..., kernel_regularizer=L2(l2=0.0001)"``.
+        """
         regs = [
             f"{name}={getattr(self, name)!r}"
             for name in self._rc_arguments()
             if getattr(self, name, None) is not None
         ]
         return ", ".join([s for s in (super().extra_repr(), *regs) if s])
+
+
+def _covers(pattern: str) -> str:
+    """A target pattern as a reader's glob: ``weight_(ih|hr)_l\\d+(_reverse)?`` ->
+    ``weight_{ih,hr}_l*``."""
+    glob = pattern.replace("(_reverse)?", "").replace(r"\d+", "*")
+    return re.sub(r"\(([^)]*)\)", lambda m: "{" + m.group(1).replace("|", ",") + "}", glob)
+
+
+def _layer_doc(cls: type[RegularizedLayer], base: type) -> str:
+    """The docstring of a layer class: its summary, then Google-style sections built from
+    its ``_rc_targets``, so every layer documents its arguments the same way."""
+    twin = f"torch.nn.{base.__name__}"
+    summary = inspect.cleandoc(cls.__doc__ or f"``{twin}`` with regularizer arguments.")
+    accepted = 'a ``Regularizer``, a name (``"l2"``), a config dict or a callable'
+    args = [
+        f"{argument}: Penalty on ``{_covers(pattern)}``: {accepted}. None (the default) "
+        "registers nothing, unless an enclosing ``rc.scope`` gives a default."
+        for argument, pattern in cls._rc_targets.items()
+    ]
+    args += [
+        f"{_ACTIVITY}: Penalty on the layer's output (the first tensor of a tuple), divided "
+        "by the batch size as in Keras, recorded on forward passes with gradients enabled.",
+        "collection: The ``rc.Collection`` to register in; default: the active one.",
+    ]
+    first = next(iter(cls._rc_targets))
+    lines = [
+        summary,
+        "",
+        f"The arguments and ``state_dict`` keys of ``{twin}``, plus the keyword-only",
+        "arguments below; the regularizer arguments are also readable and assignable",
+        "attributes.",
+        "",
+        "Args:",
+        *(f"    {a}" for a in args),
+        "",
+        "Raises:",
+        "    TypeError: A regularizer argument of a type ``rc.regularizers.get`` does not take.",
+        "    ValueError: An unknown regularizer name or a negative coefficient.",
+        "",
+        "Examples:",
+        "    >>> import regcollect as rc",
+        f"    >>> layer = rc.nn.{cls.__name__}({cls._rc_example}, {first}=rc.l2(1e-4))",
+        f"    >>> layer.{first}",
+        "    L2(l2=0.0001)",
+    ]
+    return "\n".join(lines)
 
 
 _KERNEL_BIAS = {"kernel_regularizer": "weight", "bias_regularizer": "bias"}
@@ -217,60 +288,70 @@ class Linear(RegularizedLayer, torch.nn.Linear):
     """``torch.nn.Linear`` with ``kernel_regularizer`` (weight), ``bias_regularizer`` (bias)."""
 
     _rc_targets = _KERNEL_BIAS
+    _rc_example = "4, 2"
 
 
 class Bilinear(RegularizedLayer, torch.nn.Bilinear):
     """``torch.nn.Bilinear`` with ``kernel_regularizer`` (weight), ``bias_regularizer`` (bias)."""
 
     _rc_targets = _KERNEL_BIAS
+    _rc_example = "3, 4, 2"
 
 
 class Conv1d(RegularizedLayer, torch.nn.Conv1d):
     """``torch.nn.Conv1d`` with ``kernel_regularizer`` (weight), ``bias_regularizer`` (bias)."""
 
     _rc_targets = _KERNEL_BIAS
+    _rc_example = "3, 8, 3"
 
 
 class Conv2d(RegularizedLayer, torch.nn.Conv2d):
     """``torch.nn.Conv2d`` with ``kernel_regularizer`` (weight), ``bias_regularizer`` (bias)."""
 
     _rc_targets = _KERNEL_BIAS
+    _rc_example = "3, 8, 3"
 
 
 class Conv3d(RegularizedLayer, torch.nn.Conv3d):
     """``torch.nn.Conv3d`` with ``kernel_regularizer`` (weight), ``bias_regularizer`` (bias)."""
 
     _rc_targets = _KERNEL_BIAS
+    _rc_example = "3, 8, 3"
 
 
 class ConvTranspose1d(RegularizedLayer, torch.nn.ConvTranspose1d):
     """``torch.nn.ConvTranspose1d`` with ``kernel_regularizer``, ``bias_regularizer``."""
 
     _rc_targets = _KERNEL_BIAS
+    _rc_example = "8, 3, 3"
 
 
 class ConvTranspose2d(RegularizedLayer, torch.nn.ConvTranspose2d):
     """``torch.nn.ConvTranspose2d`` with ``kernel_regularizer``, ``bias_regularizer``."""
 
     _rc_targets = _KERNEL_BIAS
+    _rc_example = "8, 3, 3"
 
 
 class ConvTranspose3d(RegularizedLayer, torch.nn.ConvTranspose3d):
     """``torch.nn.ConvTranspose3d`` with ``kernel_regularizer``, ``bias_regularizer``."""
 
     _rc_targets = _KERNEL_BIAS
+    _rc_example = "8, 3, 3"
 
 
 class Embedding(RegularizedLayer, torch.nn.Embedding):
     """``torch.nn.Embedding`` with ``embeddings_regularizer`` (weight)."""
 
     _rc_targets = _EMBEDDINGS
+    _rc_example = "10, 4"
 
 
 class EmbeddingBag(RegularizedLayer, torch.nn.EmbeddingBag):
     """``torch.nn.EmbeddingBag`` with ``embeddings_regularizer`` (weight)."""
 
     _rc_targets = _EMBEDDINGS
+    _rc_example = "10, 4"
 
 
 class RNN(RegularizedLayer, torch.nn.RNN):
@@ -278,6 +359,7 @@ class RNN(RegularizedLayer, torch.nn.RNN):
     (``weight_hh_l*``) and ``bias_regularizer`` (``bias_*``)."""
 
     _rc_targets = _RECURRENT
+    _rc_example = "4, 8"
 
 
 class LSTM(RegularizedLayer, torch.nn.LSTM):
@@ -285,6 +367,7 @@ class LSTM(RegularizedLayer, torch.nn.LSTM):
     ``weight_hr_l*``), ``recurrent_regularizer`` (``weight_hh_l*``), ``bias_regularizer``."""
 
     _rc_targets = _RECURRENT
+    _rc_example = "4, 8"
 
 
 class GRU(RegularizedLayer, torch.nn.GRU):
@@ -292,33 +375,39 @@ class GRU(RegularizedLayer, torch.nn.GRU):
     (``weight_hh_l*``) and ``bias_regularizer`` (``bias_*``)."""
 
     _rc_targets = _RECURRENT
+    _rc_example = "4, 8"
 
 
 class BatchNorm1d(RegularizedLayer, torch.nn.BatchNorm1d):
     """``torch.nn.BatchNorm1d`` with ``gamma_regularizer`` (weight), ``beta_regularizer`` (bias)."""
 
     _rc_targets = _NORM
+    _rc_example = "8"
 
 
 class BatchNorm2d(RegularizedLayer, torch.nn.BatchNorm2d):
     """``torch.nn.BatchNorm2d`` with ``gamma_regularizer`` (weight), ``beta_regularizer`` (bias)."""
 
     _rc_targets = _NORM
+    _rc_example = "8"
 
 
 class BatchNorm3d(RegularizedLayer, torch.nn.BatchNorm3d):
     """``torch.nn.BatchNorm3d`` with ``gamma_regularizer`` (weight), ``beta_regularizer`` (bias)."""
 
     _rc_targets = _NORM
+    _rc_example = "8"
 
 
 class LayerNorm(RegularizedLayer, torch.nn.LayerNorm):
     """``torch.nn.LayerNorm`` with ``gamma_regularizer`` (weight), ``beta_regularizer`` (bias)."""
 
     _rc_targets = _NORM
+    _rc_example = "8"
 
 
 class GroupNorm(RegularizedLayer, torch.nn.GroupNorm):
     """``torch.nn.GroupNorm`` with ``gamma_regularizer`` (weight), ``beta_regularizer`` (bias)."""
 
     _rc_targets = _NORM
+    _rc_example = "2, 8"

@@ -55,6 +55,20 @@ class Regularizer:
     Subclasses that are sums of ``c * sum(abs(x))`` and ``c * sum(x**2)`` terms report them in
     ``terms``, which lets the engine compute many of them at once with multi-tensor kernels.
     Any other subclass is simply called on each tensor.
+
+    Examples:
+        >>> import torch, regcollect as rc
+        >>> class MaxAbs(rc.Regularizer):
+        ...     def __init__(self, c=0.01):
+        ...         self.c = c
+        ...     def __call__(self, x):
+        ...         return self.c * x.abs().max()
+        ...     def get_config(self):
+        ...         return {"c": self.c}
+        >>> float(MaxAbs(0.5)(torch.tensor([1.0, -4.0])))
+        2.0
+        >>> MaxAbs.from_config(MaxAbs(0.5).get_config())
+        MaxAbs(c=0.5)
     """
 
     # Whether attach_optimizer applies this penalty in the optimizer step (besides the sums
@@ -65,45 +79,108 @@ class Regularizer:
         raise NotImplementedError(f"{type(self).__name__} must implement __call__")
 
     def get_config(self) -> dict[str, Any]:
+        """The constructor arguments, so that ``from_config(get_config())`` rebuilds it.
+
+        Returns:
+            A dict of JSON-safe values (schedules are serialised by ``serialize``).
+
+        Raises:
+            NotImplementedError: The subclass does not implement it (it cannot be saved).
+        """
         raise NotImplementedError(
             f"{type(self).__name__} must implement get_config() to be serialised"
         )
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Regularizer:
+        """Rebuild a regularizer from ``get_config()``'s output.
+
+        Args:
+            config: The constructor's keyword arguments.
+
+        Returns:
+            ``cls(**config)``.
+        """
         return cls(**config)
 
     def terms(self) -> tuple[tuple[str, Coefficient], ...] | None:
-        """``(("l1", c1), ("l2", c2), ...)`` when the penalty is a sum of such terms, else None."""
+        """How the engine may compute this penalty with multi-tensor kernels.
+
+        Returns:
+            ``(("l1", c1), ("l2", c2), ...)`` when the penalty is a sum of such terms
+            (``c * sum(abs(x))``, ``c * sum(x**2)``), else None.
+        """
         return None
 
     def schedules(self) -> list[Schedule]:
-        """The schedules among this regularizer's coefficients."""
+        """The schedules among this regularizer's coefficients.
+
+        Returns:
+            The ``Schedule`` objects among its attributes (empty for constant coefficients).
+        """
         return [v for v in vars(self).values() if isinstance(v, Schedule)]
 
     # -- hooks for penalties that need more than the tensor ------------------------------
 
     def on_attach(self, module: torch.nn.Module, name: str) -> None:
         """Called when registered on ``module``'s parameter ``name`` (``L2SP`` keeps its
-        reference there)."""
+        reference there). The default does nothing.
+
+        Args:
+            module: The module that owns the parameter.
+            name: The parameter's name in ``module``.
+        """
 
     def on_detach(self, module: torch.nn.Module, name: str) -> None:
-        """Called when no longer registered on ``module``'s parameter ``name``."""
+        """Called when no longer registered on ``module``'s parameter ``name``. The default
+        does nothing.
+
+        Args:
+            module: The module that owns the parameter.
+            name: The parameter's name in ``module``.
+        """
 
     def for_parameter(self, module: torch.nn.Module, name: str | None) -> Regularizer:
-        """The regularizer ``loss()`` evaluates on ``module``'s parameter ``name``."""
+        """The regularizer ``loss()`` evaluates on ``module``'s parameter ``name``.
+
+        Args:
+            module: The module the entry is registered on.
+            name: The parameter's name, or None for an activity entry.
+
+        Returns:
+            ``self`` by default; ``Orthogonal`` transposes Keras-layout kernels and ``L2SP``
+            binds the parameter's reference.
+        """
         return self
 
     def batch_key(self, x: torch.Tensor) -> Any:
-        """A key under which the engine may evaluate this penalty for many tensors at once
-        with ``batch`` (tensors of one device and dtype), or None to call it one by one."""
+        """Whether the engine may evaluate this penalty for many tensors at once.
+
+        Args:
+            x: The tensor the penalty is about to be evaluated on.
+
+        Returns:
+            A hashable key (tensors of one device and dtype sharing it go to one ``batch``
+            call), or None to call the regularizer on each tensor.
+        """
         return None
 
     @classmethod
     def batch(
         cls, xs: list[torch.Tensor], regularizers: list[Regularizer]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(total, per-tensor values)`` for tensors sharing a ``batch_key``."""
+        """Evaluate the penalty on tensors that share a ``batch_key``.
+
+        Args:
+            xs: The tensors.
+            regularizers: The regularizer for each tensor, in the same order.
+
+        Returns:
+            ``(total, per-tensor values)``: a 0-dim tensor and a 1-D tensor of ``len(xs)``.
+
+        Raises:
+            NotImplementedError: The class returns None from ``batch_key`` (the default).
+        """
         raise NotImplementedError(f"{cls.__name__} has no batched evaluation")
 
     def __repr__(self) -> str:
@@ -154,6 +231,13 @@ def _zero_like(x: torch.Tensor) -> torch.Tensor:
 class L1(Regularizer):
     """``l1 * sum(abs(x))``.
 
+    Args:
+        l1: The coefficient (a float >= 0 or a schedule).
+
+    Raises:
+        ValueError: A negative, NaN or infinite coefficient.
+        TypeError: A coefficient that is not a number or a schedule.
+
     Examples:
         >>> float(L1(0.01)(torch.ones(5, 5)))
         0.25
@@ -180,6 +264,13 @@ class L2(Regularizer):
     whose ``.grad`` is None, while ``loss()`` reaches every regularized one (see the
     weight-decay migration guide).
 
+    Args:
+        l2: The coefficient (a float >= 0 or a schedule).
+
+    Raises:
+        ValueError: A negative, NaN or infinite coefficient.
+        TypeError: A coefficient that is not a number or a schedule.
+
     Examples:
         >>> round(float(L2(0.01)(torch.full((2, 2), 3.0))), 6)
         0.36
@@ -201,6 +292,14 @@ class L2(Regularizer):
 
 class L1L2(Regularizer):
     """``l1 * sum(abs(x)) + l2 * sum(x**2)``; both default to 0 as in Keras's class.
+
+    Args:
+        l1: The L1 coefficient (a float >= 0 or a schedule).
+        l2: The L2 coefficient (a float >= 0 or a schedule).
+
+    Raises:
+        ValueError: A negative, NaN or infinite coefficient.
+        TypeError: A coefficient that is not a number or a schedule.
 
     Examples:
         >>> float(L1L2(l1=0.5, l2=0.25)(torch.tensor([2.0])))  # 0.5*2 + 0.25*4
@@ -247,6 +346,13 @@ class Orthogonal(Regularizer):
       ``Linear`` and recurrent layers, ``loss()`` therefore applies them to the transpose:
       ``"rows"`` there makes the input vectors orthogonal (``"inputs"``) and ``"columns"``
       the output units (``"outputs"``), as in Keras.
+
+    Args:
+        factor: The coefficient (a float >= 0 or a schedule).
+        mode: ``"rows"``, ``"columns"``, ``"outputs"`` or ``"inputs"``.
+
+    Raises:
+        ValueError: An unknown ``mode``, or a negative, NaN or infinite ``factor``.
 
     Examples:
         >>> float(Orthogonal(1.0)(torch.tensor([[1.0, 0.0], [1.0, 0.0]])))  # two equal rows
@@ -348,6 +454,22 @@ class Custom(Regularizer):
     The result is checked (a real 0-dim tensor on the input's device) and upcast to float32 at
     least. Custom regularizers cannot be serialised; subclass ``Regularizer`` and
     ``register`` it for that.
+
+    Args:
+        fn: The penalty function.
+
+    Raises:
+        TypeError: ``fn`` is not callable; when called, it returned no tensor.
+        ValueError: When called, it returned a tensor that is not a scalar or is on
+            another device than its input.
+
+    Examples:
+        >>> import torch, regcollect as rc
+        >>> reg = rc.regularizers.get(lambda w: 0.1 * w.abs().max())   # wrapped in Custom
+        >>> reg
+        Custom(<lambda>)
+        >>> round(float(reg(torch.tensor([1.0, -3.0]))), 6)
+        0.3
     """
 
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
@@ -376,6 +498,14 @@ class Custom(Regularizer):
         return result.reshape(()).to(accumulation_dtype(result.dtype))
 
     def get_config(self) -> dict[str, Any]:
+        """Custom regularizers wrap code, which is not configuration.
+
+        Returns:
+            Never returns.
+
+        Raises:
+            NotImplementedError: Always; subclass ``Regularizer`` and ``register`` it.
+        """
         raise NotImplementedError(
             f"custom regularizer {self!r} wraps a function and cannot be serialised; "
             "subclass regcollect.Regularizer and decorate it with @regcollect.register(name)"

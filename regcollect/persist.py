@@ -53,6 +53,29 @@ def export_plan(model: torch.nn.Module, *, collection: Collection | None = None)
     removed), the parameter name (or ``"activity": true``), the ``scope`` prefix it was made
     in, and the serialized regularizer. Custom (function) regularizers cannot be exported:
     subclass ``regcollect.Regularizer`` and ``regcollect.register`` it.
+
+    Args:
+        model: The model whose entries are exported.
+        collection: The collection to read (default: the active one).
+
+    Returns:
+        ``{"format": ..., "version": ..., "entries": [...]}``, for ``json.dump``.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``, or an entry's regularizer cannot be
+            serialised.
+
+    Examples:
+        >>> import json, torch, regcollect as rc
+        >>> model = torch.nn.Sequential(rc.nn.Linear(2, 2, kernel_regularizer=rc.l2(1e-4)))
+        >>> plan = rc.export_plan(model)
+        >>> entry, = plan["entries"]
+        >>> entry["module"], entry["param"], entry["regularizer"]
+        ('0', 'weight', {'class_name': 'L2', 'config': {'l2': 0.0001}})
+        >>> fresh = torch.nn.Sequential(torch.nn.Linear(2, 2))
+        >>> handle = rc.load_plan(fresh, json.loads(json.dumps(plan)))
+        >>> handle.entries[0].regularizer
+        L2(l2=0.0001)
     """
     check_module(model)
     coll = active_collection(collection)
@@ -82,8 +105,31 @@ def load_plan(
     """Register the regularizers of an ``export_plan`` result on ``model``.
 
     Entries are matched by module path and parameter name; registering replaces what a
-    parameter had, as everywhere in regcollect. Returns a ``Handle`` of what was added.
-    All entries are checked before any is registered.
+    parameter had, as everywhere in regcollect. All entries are checked before any is
+    registered.
+
+    Args:
+        model: The model to register on (the same architecture as the exported one).
+        plan: What ``export_plan`` returned (after a JSON round trip, for instance).
+        collection: The collection to register in (default: the active one).
+
+    Returns:
+        A ``Handle`` of what was added.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``; ``plan`` or its entries have the
+            wrong types.
+        ValueError: Wrong keys, format or version; an entry naming a module or parameter
+            the model lacks; a regularizer that does not deserialise.
+
+    Examples:
+        >>> import torch, regcollect as rc
+        >>> plan = {"format": "regcollect.plan", "version": 1, "entries": [
+        ...     {"module": "0", "param": "weight", "scope": "",
+        ...      "regularizer": {"class_name": "L1", "config": {"l1": 0.01}}}]}
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+        >>> rc.load_plan(model, plan).entries[0].regularizer
+        L1(l1=0.01)
     """
     check_module(model)
     coll = active_collection(collection)

@@ -63,22 +63,73 @@ __all__ = [
 
 
 def l1(l1: float = 0.01) -> L1:
-    """``L1(l1)``: ``l1 * sum(abs(x))``."""
+    """``L1(l1)``: ``l1 * sum(abs(x))``.
+
+    Args:
+        l1: The coefficient (a float >= 0 or a schedule).
+
+    Returns:
+        The ``L1`` regularizer.
+
+    Examples:
+        >>> import torch, regcollect as rc
+        >>> float(rc.l1(0.5)(torch.tensor([-1.0, 2.0])))
+        1.5
+    """
     return L1(l1)
 
 
 def l2(l2: float = 0.01) -> L2:
-    """``L2(l2)``: ``l2 * sum(x**2)``."""
+    """``L2(l2)``: ``l2 * sum(x**2)``; ``SGD(weight_decay=wd)`` is ``rc.l2(wd / 2)``.
+
+    Args:
+        l2: The coefficient (a float >= 0 or a schedule).
+
+    Returns:
+        The ``L2`` regularizer.
+
+    Examples:
+        >>> import torch, regcollect as rc
+        >>> float(rc.l2(0.1)(torch.tensor([1.0, 2.0])))
+        0.5
+    """
     return L2(l2)
 
 
 def l1_l2(l1: float = 0.01, l2: float = 0.01) -> L1L2:
-    """``L1L2(l1, l2)`` with Keras's factory defaults of 0.01 each."""
+    """``L1L2(l1, l2)``: ``l1 * sum(abs(x)) + l2 * sum(x**2)``, with Keras's factory defaults
+    of 0.01 each (the class ``L1L2`` defaults to 0.0).
+
+    Args:
+        l1: The L1 coefficient (a float >= 0 or a schedule).
+        l2: The L2 coefficient (a float >= 0 or a schedule).
+
+    Returns:
+        The ``L1L2`` regularizer.
+
+    Examples:
+        >>> import torch, regcollect as rc
+        >>> float(rc.l1_l2(l1=0.5, l2=0.1)(torch.tensor([-1.0, 2.0])))   # 0.5*3 + 0.1*5
+        2.0
+    """
     return L1L2(l1=l1, l2=l2)
 
 
 def orthogonal(factor: float = 0.01, mode: str = "rows") -> Orthogonal:
-    """``Orthogonal(factor, mode)``."""
+    """``Orthogonal(factor, mode)``: Keras's ``OrthogonalRegularizer``.
+
+    Args:
+        factor: The coefficient (a float >= 0 or a schedule).
+        mode: ``"rows"`` or ``"columns"`` (Keras's names), or ``"outputs"``/``"inputs"``.
+
+    Returns:
+        The ``Orthogonal`` regularizer.
+
+    Examples:
+        >>> import torch, regcollect as rc
+        >>> float(rc.orthogonal(0.01)(torch.eye(3)))   # orthonormal rows: no penalty
+        0.0
+    """
     return Orthogonal(factor=factor, mode=mode)
 
 
@@ -108,6 +159,29 @@ def register(name: str) -> Callable[[R], R]:
     """Class decorator: make a ``Regularizer`` subclass resolvable by ``name``.
 
     Only registered names resolve in ``get`` and ``deserialize``; nothing is imported.
+
+    Args:
+        name: The name ``serialize`` writes as ``class_name`` and strings resolve.
+
+    Returns:
+        The decorator, which returns the class unchanged.
+
+    Raises:
+        ValueError: ``name`` is empty or not a string, or already names another class.
+        TypeError: The decorated object is not a ``Regularizer`` subclass.
+
+    Examples:
+        >>> import torch, regcollect as rc
+        >>> @rc.register("DocsMaxAbs")
+        ... class MaxAbs(rc.Regularizer):
+        ...     def __init__(self, c=0.01):
+        ...         self.c = c
+        ...     def __call__(self, x):
+        ...         return self.c * x.abs().max()
+        ...     def get_config(self):
+        ...         return {"c": self.c}
+        >>> rc.regularizers.get("DocsMaxAbs")
+        MaxAbs(c=0.01)
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"register expects a non-empty string name, got {name!r}")
@@ -157,7 +231,23 @@ def _accepted() -> str:
 
 
 def serialize(regularizer: Regularizer) -> dict[str, Any]:
-    """``{"class_name": registered name, "config": get_config()}``, JSON-safe."""
+    """``{"class_name": registered name, "config": get_config()}``, JSON-safe.
+
+    Args:
+        regularizer: A regularizer whose class is registered (all built-in ones are).
+
+    Returns:
+        The config dict; schedules in it are serialised too.
+
+    Raises:
+        TypeError: ``regularizer`` is not a ``Regularizer``.
+        ValueError: Its class is not registered (``@rc.register(name)``).
+
+    Examples:
+        >>> import regcollect as rc
+        >>> rc.serialize(rc.l2(1e-4))
+        {'class_name': 'L2', 'config': {'l2': 0.0001}}
+    """
     if not isinstance(regularizer, Regularizer):
         raise TypeError(f"serialize expects a Regularizer, got {type(regularizer).__name__}")
     name = getattr(type(regularizer), "_registered_name", None)
@@ -174,7 +264,25 @@ def serialize(regularizer: Regularizer) -> dict[str, Any]:
 
 
 def deserialize(config: dict[str, Any]) -> Regularizer:
-    """Inverse of ``serialize``. Only registered class names resolve; nothing is imported."""
+    """Inverse of ``serialize``. Only registered class names resolve; nothing is imported.
+
+    Args:
+        config: ``{"class_name": str, "config": dict}`` (Keras's ``module`` and
+            ``registered_name`` keys are accepted and ignored).
+
+    Returns:
+        The regularizer.
+
+    Raises:
+        TypeError: ``config`` is not a dict.
+        ValueError: Missing or unknown keys, an unregistered class name, or a config the
+            class does not accept.
+
+    Examples:
+        >>> import regcollect as rc
+        >>> rc.deserialize({"class_name": "L1L2", "config": {"l1": 0.0, "l2": 0.5}})
+        L1L2(l1=0.0, l2=0.5)
+    """
     if not isinstance(config, dict):
         raise TypeError(f"deserialize expects a dict, got {type(config).__name__}")
     unknown = set(config) - {"class_name", "config", "module", "registered_name"}
@@ -203,6 +311,18 @@ def deserialize(config: dict[str, Any]) -> Regularizer:
 
 def get(identifier: object) -> Regularizer | None:
     """Resolve anything a layer argument accepts into a ``Regularizer`` (or None).
+
+    Args:
+        identifier: None, a ``Regularizer``, a registered name or alias (``"l2"``,
+            ``"l1_l2"``), a factory or class passed uncalled (``rc.l2``), a config dict, or a
+            callable ``f(tensor) -> scalar tensor`` (wrapped in ``Custom``).
+
+    Returns:
+        The regularizer, or None for None.
+
+    Raises:
+        ValueError: An unknown name, a name whose class needs arguments, or an object that
+            is none of the above; the message lists what is accepted.
 
     Examples:
         >>> get("l2")

@@ -79,7 +79,18 @@ class Schedule:
     """Base class: ``value(step) -> float``, a non-negative coefficient for each step.
 
     Subclasses implement ``value`` and ``get_config``. ``float(schedule)`` is the value at
-    the current step.
+    the current step. The optimizer steps that update the tensors a regularizer with this
+    schedule covers advance it, once per ``optimizer.step()``.
+
+    Examples:
+        >>> import regcollect as rc
+        >>> class Halving(rc.schedules.Schedule):
+        ...     def value(self, step):
+        ...         return 0.1 * 0.5 ** step
+        >>> schedule = Halving()
+        >>> schedule.set_step(2)
+        >>> float(schedule)
+        0.025
     """
 
     def __init__(self) -> None:
@@ -88,9 +99,28 @@ class Schedule:
         self._lock = threading.Lock()
 
     def value(self, step: int) -> float:
+        """The coefficient at ``step``.
+
+        Args:
+            step: The number of optimizer steps taken.
+
+        Returns:
+            The coefficient (checked where it is used: non-negative and finite).
+
+        Raises:
+            NotImplementedError: The subclass does not implement it.
+        """
         raise NotImplementedError(f"{type(self).__name__} must implement value(step)")
 
     def get_config(self) -> dict[str, Any]:
+        """The constructor arguments, for ``rc.serialize``.
+
+        Returns:
+            A JSON-safe dict.
+
+        Raises:
+            NotImplementedError: The subclass does not implement it (it cannot be saved).
+        """
         raise NotImplementedError(
             f"{type(self).__name__} must implement get_config() to be serialised"
         )
@@ -101,7 +131,14 @@ class Schedule:
         return self._step
 
     def current(self) -> float:
-        """The coefficient at the current step, checked."""
+        """The coefficient at the current step, checked.
+
+        Returns:
+            ``value(step)``.
+
+        Raises:
+            ValueError: The value is negative, NaN or infinite.
+        """
         return check_coefficient(
             f"the value of {self!r} at step {self._step}", self.value(self._step)
         )
@@ -110,7 +147,11 @@ class Schedule:
         return self.current()
 
     def set_step(self, step: int) -> None:
-        """Move to ``step`` (resuming), updating the coefficient tensors in place."""
+        """Move to ``step`` (resuming), updating the coefficient tensors in place.
+
+        Args:
+            step: The number of optimizer steps taken (an int >= 0).
+        """
         self._step = _count("step", step, 0)
         value = self.current()
         with torch.no_grad():
@@ -118,7 +159,15 @@ class Schedule:
                 tensor.fill_(value)
 
     def tensor(self, device: torch.device) -> torch.Tensor:
-        """The current value as a 0-dim tensor on ``device``, the same object every call."""
+        """The current value as a 0-dim tensor on ``device``, the same object every call.
+
+        Args:
+            device: Where the tensor lives (that of the tensors it scales).
+
+        Returns:
+            A 0-dim tensor updated in place when the step changes (so compiled code and
+            cached plans read the new value without rebuilding).
+        """
         tensor = self._tensors.get(device)
         if tensor is None:
             dtype = torch.float64 if device.type in ("cpu", "cuda") else torch.float32
@@ -130,10 +179,22 @@ class Schedule:
         return tensor
 
     def state_dict(self) -> dict[str, int]:
-        """``{"step": n}``: what a checkpoint must keep to resume the schedule."""
+        """What a checkpoint must keep to resume the schedule.
+
+        Returns:
+            ``{"step": n}``.
+        """
         return {"step": self._step}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        """Resume from ``state_dict()``'s output.
+
+        Args:
+            state: ``{"step": n}``.
+
+        Raises:
+            ValueError: ``state`` is not such a dict.
+        """
         if not isinstance(state, dict) or "step" not in state:
             raise ValueError(f'load_state_dict expects {{"step": int}}, got {state!r}')
         self.set_step(state["step"])
@@ -195,7 +256,21 @@ class CosineSchedule(_Ramp):
 
 class FunctionSchedule(Schedule):
     """Any callable ``fn(step) -> float``; its values are checked (non-negative, finite).
-    Not serialisable: it wraps code."""
+    Not serialisable: it wraps code.
+
+    Args:
+        fn: The coefficient as a function of the optimizer step.
+
+    Raises:
+        TypeError: ``fn`` is not callable.
+
+    Examples:
+        >>> import regcollect as rc
+        >>> reg = rc.l2(lambda step: 1e-4 * min(1.0, step / 100))   # a FunctionSchedule
+        >>> reg.l2.set_step(50)
+        >>> float(reg.l2)
+        5e-05
+    """
 
     def __init__(self, fn: Callable[[int], float]) -> None:
         if not callable(fn):
@@ -204,6 +279,14 @@ class FunctionSchedule(Schedule):
         self.fn = fn
 
     def value(self, step: int) -> float:
+        """``fn(step)``.
+
+        Args:
+            step: The number of optimizer steps taken.
+
+        Returns:
+            What ``fn`` returns.
+        """
         return self.fn(step)
 
     def __repr__(self) -> str:
@@ -216,17 +299,75 @@ class FunctionSchedule(Schedule):
 
 
 def linear(start: float, end: float, steps: int, delay: int = 0) -> LinearSchedule:
-    """``LinearSchedule``: from ``start`` to ``end`` over ``steps`` steps after ``delay``."""
+    """``LinearSchedule``: from ``start`` to ``end`` over ``steps`` steps after ``delay``.
+
+    Args:
+        start: The value until step ``delay``.
+        end: The value from step ``delay + steps`` on.
+        steps: The length of the ramp, in optimizer steps.
+        delay: The steps before the ramp starts.
+
+    Returns:
+        The schedule; pass it as a coefficient (``rc.l2(rc.schedules.linear(...))``).
+
+    Raises:
+        ValueError: A negative or non-finite value, or a negative ``steps`` or ``delay``.
+
+    Examples:
+        >>> import regcollect as rc
+        >>> s = rc.schedules.linear(1e-3, 1e-4, steps=100)
+        >>> s.set_step(50)
+        >>> round(float(s), 6)
+        0.00055
+    """
     return LinearSchedule(start, end, steps, delay)
 
 
 def warmup(value: float, steps: int, delay: int = 0) -> LinearSchedule:
-    """From 0 up to ``value`` over ``steps`` steps (after ``delay``), then ``value``."""
+    """From 0 up to ``value`` over ``steps`` steps (after ``delay``), then ``value``.
+
+    Args:
+        value: The value after the warm-up.
+        steps: The length of the warm-up, in optimizer steps.
+        delay: Steps at 0 before the warm-up starts.
+
+    Returns:
+        A ``LinearSchedule`` from 0 to ``value``.
+
+    Raises:
+        ValueError: A negative or non-finite value, or a negative ``steps`` or ``delay``.
+
+    Examples:
+        >>> import regcollect as rc
+        >>> reg = rc.l2(rc.schedules.warmup(1e-4, steps=1000))
+        >>> float(reg.l2)   # step 0
+        0.0
+    """
     return LinearSchedule(0.0, value, steps, delay)
 
 
 def cosine(start: float, end: float, steps: int, delay: int = 0) -> CosineSchedule:
-    """``CosineSchedule``: from ``start`` to ``end`` along half a cosine over ``steps``."""
+    """``CosineSchedule``: from ``start`` to ``end`` along half a cosine over ``steps``.
+
+    Args:
+        start: The value until step ``delay``.
+        end: The value from step ``delay + steps`` on.
+        steps: The length of the ramp, in optimizer steps.
+        delay: The steps before the ramp starts.
+
+    Returns:
+        The schedule.
+
+    Raises:
+        ValueError: A negative or non-finite value, or a negative ``steps`` or ``delay``.
+
+    Examples:
+        >>> import regcollect as rc
+        >>> s = rc.schedules.cosine(1e-3, 0.0, steps=100)
+        >>> s.set_step(50)
+        >>> round(float(s), 6)   # half-way down the cosine
+        0.0005
+    """
     return CosineSchedule(start, end, steps, delay)
 
 

@@ -73,6 +73,21 @@ def variable_scope(
     ignored, as in TF2's graph-less mode. Other TF1 arguments (``initializer``,
     ``partitioner``, ``custom_getter``, ...) have no PyTorch meaning and raise.
 
+    Args:
+        name_or_scope: The scope's name.
+        default_name: The name when ``name_or_scope`` is None.
+        values: Ignored.
+        regularizer: The default regularizer of every weight made inside.
+        reuse: None, True, False or ``AUTO_REUSE``; nothing to do in PyTorch.
+        **unsupported: Other TF1 arguments; any that is not None raises.
+
+    Returns:
+        A context manager.
+
+    Raises:
+        TypeError: A TF1 argument with no PyTorch meaning.
+        ValueError: A bad ``reuse``, or neither ``name_or_scope`` nor ``default_name``.
+
     Examples:
         >>> import regcollect as rc
         >>> from regcollect.compat import v1
@@ -101,35 +116,113 @@ def get_regularization_loss(
     scope: str | None = None, name: str = "total_regularization_loss"
 ) -> torch.Tensor:
     """TF1's ``get_regularization_loss(scope, name)``: the sum of the penalties whose names
-    match ``scope``. ``name`` named the TF op; accepted and unused."""
+    match ``scope``. ``name`` named the TF op; accepted and unused.
+
+    Args:
+        scope: A regular expression matched at the start of entry names, or None for all.
+        name: Ignored (a string).
+
+    Returns:
+        ``rc.loss(scope)``: a differentiable 0-dim tensor.
+
+    Raises:
+        TypeError: ``name`` is not a string.
+
+    Examples:
+        >>> import regcollect as rc
+        >>> from regcollect.compat import v1
+        >>> with v1.variable_scope("v1docs", regularizer=v1.l2_regularizer(0.1)):
+        ...     layer = rc.nn.Linear(2, 2)
+        >>> total = v1.get_regularization_loss(scope="v1docs/")
+        >>> bool(total > 0)
+        True
+    """
     if not isinstance(name, str):
         raise TypeError(f"name must be a string, got {type(name).__name__}")
     return context.get_regularization_loss(scope)
 
 
 def get_regularization_losses(scope: str | None = None) -> list[torch.Tensor]:
-    """TF1's ``get_regularization_losses(scope)``: one penalty per entry, in registration order."""
+    """TF1's ``get_regularization_losses(scope)``: one penalty per entry, in registration order.
+
+    Args:
+        scope: A regular expression matched at the start of entry names, or None for all.
+
+    Returns:
+        A list of differentiable 0-dim tensors.
+
+    Examples:
+        >>> import regcollect as rc
+        >>> from regcollect.compat import v1
+        >>> with v1.variable_scope("v1many", regularizer=v1.l1_regularizer(0.1)):
+        ...     layer = rc.nn.Linear(2, 2)
+        >>> len(v1.get_regularization_losses(scope="v1many/"))   # kernel and bias
+        2
+    """
     return context.get_regularization_losses(scope)
 
 
 class GraphKeys:
-    """The collection keys regcollect understands."""
+    """The collection keys regcollect understands.
+
+    Examples:
+        >>> from regcollect.compat import v1
+        >>> v1.GraphKeys.REGULARIZATION_LOSSES
+        'regularization_losses'
+    """
 
     REGULARIZATION_LOSSES = "regularization_losses"
 
 
 def l1_regularizer(scale: float) -> L1:
-    """``scale * sum(abs(w))``."""
+    """``scale * sum(abs(w))``.
+
+    Args:
+        scale: The coefficient (a float >= 0).
+
+    Returns:
+        ``L1(scale)``.
+
+    Examples:
+        >>> from regcollect.compat import v1
+        >>> v1.l1_regularizer(0.1)
+        L1(l1=0.1)
+    """
     return L1(check_coefficient("scale", scale))
 
 
 def l2_regularizer(scale: float) -> L2:
-    """``scale * sum(w**2) / 2`` (TF1 scaling), i.e. ``L2(scale / 2)``."""
+    """``scale * sum(w**2) / 2`` (TF1 scaling), i.e. ``L2(scale / 2)``.
+
+    Args:
+        scale: The coefficient (a float >= 0).
+
+    Returns:
+        ``L2(scale / 2)``.
+
+    Examples:
+        >>> from regcollect.compat import v1
+        >>> v1.l2_regularizer(0.1)
+        L2(l2=0.05)
+    """
     return L2(check_coefficient("scale", scale) / 2.0)
 
 
 def l1_l2_regularizer(scale_l1: float = 1.0, scale_l2: float = 1.0) -> L1L2:
-    """``scale_l1 * sum(abs(w)) + scale_l2 * sum(w**2) / 2``."""
+    """``scale_l1 * sum(abs(w)) + scale_l2 * sum(w**2) / 2``.
+
+    Args:
+        scale_l1: The L1 coefficient (a float >= 0).
+        scale_l2: The L2 coefficient, TF1-scaled (a float >= 0).
+
+    Returns:
+        ``L1L2(l1=scale_l1, l2=scale_l2 / 2)``.
+
+    Examples:
+        >>> from regcollect.compat import v1
+        >>> v1.l1_l2_regularizer(0.1, 0.1)
+        L1L2(l1=0.1, l2=0.05)
+    """
     return L1L2(
         l1=check_coefficient("scale_l1", scale_l1),
         l2=check_coefficient("scale_l2", scale_l2) / 2.0,
@@ -172,7 +265,22 @@ class Sum(Regularizer):
 
 
 def sum_regularizer(regularizer_list: Sequence[Any]) -> Sum | None:
-    """A regularizer adding up ``regularizer_list``; None for an empty list, as in TF1."""
+    """A regularizer adding up ``regularizer_list``; None for an empty list, as in TF1.
+
+    Args:
+        regularizer_list: Regularizers (or anything ``rc.regularizers.get`` accepts);
+            None items are skipped.
+
+    Returns:
+        A ``Sum``, or None when nothing is left.
+
+    Examples:
+        >>> import torch
+        >>> from regcollect.compat import v1
+        >>> reg = v1.sum_regularizer([v1.l1_regularizer(1.0), v1.l2_regularizer(1.0)])
+        >>> float(reg(torch.tensor([2.0])))   # 2 + 4 / 2
+        4.0
+    """
     result = Sum(regularizer_list)
     return result if result.regularizers else None
 
@@ -184,6 +292,26 @@ def apply_regularization(
 
     The weights keep counting in ``get_regularization_loss()`` afterwards (as the TF1 graph
     would); calling again on the same weights replaces, never double counts.
+
+    Args:
+        regularizer: The penalty (anything ``rc.regularizers.get`` accepts, not None).
+        weights_list: The tensors to penalise (any non-empty iterable, such as
+            ``model.parameters()``).
+
+    Returns:
+        The sum of the penalties, a differentiable 0-dim tensor.
+
+    Raises:
+        ValueError: ``regularizer`` is None, or ``weights_list`` is empty or missing.
+        TypeError: An item of ``weights_list`` is not a tensor.
+
+    Examples:
+        >>> import torch
+        >>> from regcollect.compat import v1
+        >>> w = torch.nn.Parameter(torch.tensor([3.0, 4.0]))
+        >>> total = v1.apply_regularization(v1.l2_regularizer(1.0), [w])
+        >>> float(total.detach())   # 25 / 2
+        12.5
     """
     reg = get_regularizer(regularizer)
     if reg is None:
@@ -210,7 +338,24 @@ def apply_regularization(
 
 
 def get_collection(key: str, scope: str | None = None) -> list[torch.Tensor]:
-    """``get_collection(GraphKeys.REGULARIZATION_LOSSES, scope)``: the per-entry penalties."""
+    """``get_collection(GraphKeys.REGULARIZATION_LOSSES, scope)``: the per-entry penalties.
+
+    Args:
+        key: ``GraphKeys.REGULARIZATION_LOSSES`` (the only collection kept).
+        scope: A regular expression matched at the start of entry names, or None for all.
+
+    Returns:
+        ``get_regularization_losses(scope)``.
+
+    Raises:
+        ValueError: Any other ``key``.
+
+    Examples:
+        >>> from regcollect.compat import v1
+        >>> losses = v1.get_collection(v1.GraphKeys.REGULARIZATION_LOSSES, scope="nothing/")
+        >>> losses
+        []
+    """
     if key != GraphKeys.REGULARIZATION_LOSSES:
         raise ValueError(
             f"regcollect only keeps the {GraphKeys.REGULARIZATION_LOSSES!r} collection "

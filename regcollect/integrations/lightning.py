@@ -35,6 +35,22 @@ class RegularizationLogger(pl.Callback):
     no collective under DDP/FSDP (every rank holds the same values). The callback reads them
     only on the steps the trainer writes logs (``Trainer(log_every_n_steps=...)``), so it adds
     no synchronisation to the other steps.
+
+    Args:
+        prefix: Prefix of the logged names.
+        scope: As for ``rc.loss``.
+        collection: The collection (default: the active one).
+        prog_bar: Also show the values in the progress bar.
+
+    Raises:
+        TypeError: ``prefix`` is not a string, or ``collection`` not a ``Collection``.
+
+    Examples:
+        >>> from regcollect.integrations.lightning import RegularizationLogger
+        >>> logger = RegularizationLogger(prefix="reg/")
+        >>> # lightning.Trainer(callbacks=[logger]); the LightningModule adds rc.loss(self)
+        >>> logger.prefix
+        'reg/'
     """
 
     def __init__(
@@ -58,6 +74,15 @@ class RegularizationLogger(pl.Callback):
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        """Log the last ``loss()``'s penalties on the steps the trainer writes logs.
+
+        Args:
+            trainer: The Lightning ``Trainer``.
+            pl_module: The ``LightningModule``; ``log_dict`` is called on it.
+            outputs: Unused.
+            batch: Unused.
+            batch_idx: Unused.
+        """
         connector = getattr(trainer, "_logger_connector", None)
         if not getattr(connector, "should_update_logs", True):
             return

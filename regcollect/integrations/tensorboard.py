@@ -42,9 +42,36 @@ def log_penalties(
     """Write ``{prefix}/{entry name}`` and ``{prefix}/total`` scalars for the last ``loss()``.
 
     ``weight_norms`` adds ``{prefix}/norm/{name}`` (the L2 norm of each regularized weight);
-    ``histograms`` adds ``{prefix}/weights/{name}`` histograms. Returns the penalties logged.
-    ``writer`` is a ``torch.utils.tensorboard.SummaryWriter`` (anything with ``add_scalar``
-    and ``add_histogram``).
+    ``histograms`` adds ``{prefix}/weights/{name}`` histograms.
+
+    Args:
+        writer: A ``torch.utils.tensorboard.SummaryWriter`` (anything with ``add_scalar``
+            and ``add_histogram``).
+        step: The global step of the scalars.
+        prefix: The tag prefix.
+        scope: As for ``rc.loss``.
+        collection: The collection (default: the active one).
+        weight_norms: Also log the L2 norm of each regularized weight.
+        histograms: Also log a histogram of each regularized weight.
+
+    Returns:
+        The penalties logged, ``{name: value, ..., "total": sum}``.
+
+    Raises:
+        TypeError: ``writer`` has no ``add_scalar``.
+        ValueError: A negative or non-int ``step``, or an empty ``prefix``.
+
+    Examples:
+        >>> import tempfile, torch, regcollect as rc
+        >>> from torch.utils.tensorboard import SummaryWriter
+        >>> from regcollect.integrations.tensorboard import log_penalties
+        >>> model = torch.nn.Sequential(rc.nn.Linear(2, 2, kernel_regularizer=rc.l2(0.5)))
+        >>> with torch.no_grad():
+        ...     _ = model[0].weight.fill_(1.0)
+        >>> _ = rc.loss(model)
+        >>> with tempfile.TemporaryDirectory() as logdir, SummaryWriter(logdir) as writer:
+        ...     log_penalties(writer, step=0, scope=model)
+        {'0.weight': 2.0, 'total': 2.0}
     """
     if not callable(getattr(writer, "add_scalar", None)):
         raise TypeError(

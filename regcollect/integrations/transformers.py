@@ -42,8 +42,21 @@ class RegularizationMixin:
       ``{prefix}total`` from the last ``loss()`` are added (one device-to-host copy).
 
     Args:
+        *args: The wrapped Trainer's positional arguments.
         regularization_collection: the collection to use (default: the active one).
         regularization_log_prefix: prefix of the logged penalty names (default ``"reg/"``).
+        **kwargs: The wrapped Trainer's keyword arguments.
+
+    Raises:
+        TypeError: ``regularization_log_prefix`` is not a string.
+
+    Examples:
+        >>> import transformers
+        >>> from regcollect.integrations.transformers import RegularizationMixin
+        >>> class MyTrainer(RegularizationMixin, transformers.Trainer):
+        ...     pass   # or any Trainer subclass you already use
+        >>> [c.__name__ for c in MyTrainer.__mro__[:3]]
+        ['MyTrainer', 'RegularizationMixin', 'Trainer']
     """
 
     def __init__(
@@ -69,6 +82,17 @@ class RegularizationMixin:
         return_outputs: bool = False,
         num_items_in_batch: Any = None,
     ) -> Any:
+        """The Trainer's loss, plus the model's penalties when training.
+
+        Args:
+            model: The model being trained (or evaluated).
+            inputs: The batch.
+            return_outputs: Whether to return ``(loss, outputs)``.
+            num_items_in_batch: The Trainer's count of items over the accumulated batch.
+
+        Returns:
+            The loss, or ``(loss, outputs)``, as ``Trainer.compute_loss`` returns them.
+        """
         result = super().compute_loss(  # type: ignore[misc]
             model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
         )
@@ -93,6 +117,13 @@ class RegularizationMixin:
         )
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Add the penalties of the last ``loss()`` to a training log.
+
+        Args:
+            logs: The values the Trainer logs.
+            *args: Passed on to ``Trainer.log``.
+            **kwargs: Passed on to ``Trainer.log``.
+        """
         if "loss" in logs:  # a training log
             model = getattr(self, "model", None)
             scope = model if isinstance(model, torch.nn.Module) else None
@@ -103,4 +134,21 @@ class RegularizationMixin:
 
 
 class RegularizedTrainer(RegularizationMixin, transformers.Trainer):
-    """``transformers.Trainer`` with regcollect's penalties (see ``RegularizationMixin``)."""
+    """``transformers.Trainer`` with regcollect's penalties (see ``RegularizationMixin``).
+
+    Args:
+        *args: ``transformers.Trainer``'s positional arguments.
+        regularization_collection: the collection to use (default: the active one).
+        regularization_log_prefix: prefix of the logged penalty names (default ``"reg/"``).
+        **kwargs: ``transformers.Trainer``'s keyword arguments.
+
+    Raises:
+        TypeError: ``regularization_log_prefix`` is not a string.
+
+    Examples:
+        >>> import regcollect as rc
+        >>> from regcollect.integrations.transformers import RegularizedTrainer
+        >>> rc.regularize(model, kernel=rc.l2(1e-4), embeddings=rc.l2(1e-4))  # doctest: +SKIP
+        >>> trainer = RegularizedTrainer(model=model, args=args, train_dataset=ds)  # doctest: +SKIP
+        >>> trainer.train()   # logs "reg/total" and each penalty  # doctest: +SKIP
+    """
