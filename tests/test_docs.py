@@ -4,6 +4,7 @@ MathML (no script, no network) and docstrings carry no Sphinx roles."""
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory):
+def site_dir(tmp_path_factory):
     pytest.importorskip("mkdocs", reason="pip install .[test] installs the docs tools")
     pytest.importorskip("latex2mathml", reason="pip install .[test] installs the docs tools")
     out = tmp_path_factory.mktemp("site")
@@ -27,7 +28,12 @@ def site(tmp_path_factory):
         timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    return {p.relative_to(out).as_posix(): p.read_text() for p in out.rglob("*.html")}
+    return out
+
+
+@pytest.fixture(scope="module")
+def site(site_dir):
+    return {p.relative_to(site_dir).as_posix(): p.read_text() for p in site_dir.rglob("*.html")}
 
 
 RAW = [
@@ -145,3 +151,44 @@ def test_every_documented_function_and_class_has_google_sections():
         if re.search(r"^\s+raise \w+(Error|Exception)\(", source, re.M) and "Raises:" not in doc:
             problems.append(f"{name}: raises, but no Raises")
     assert not problems, f"{len(problems)} problems:\n" + "\n".join(problems)
+
+
+BROWSER = next(
+    (b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None
+)
+
+
+@pytest.mark.skipif(BROWSER is None, reason="no Chromium (apt-get install chromium)")
+@pytest.mark.parametrize("page", ["index.html", "regularizers/index.html", "api/index.html"])
+def test_pages_as_a_browser_renders_them(site_dir, page):
+    """What a reader sees, after the page's scripts ran: the formulas are MathML elements
+    (no raw TeX in the text), no Sphinx role, and the API lists every rc.nn layer."""
+    result = subprocess.run(
+        [
+            BROWSER,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--dump-dom",
+            (site_dir / page).as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    dom = result.stdout
+    assert "</html>" in dom, result.stderr[-2000:]
+    text = re.sub(r"<[^>]+>", " ", re.sub(r"<(script|style)\b.*?</\1>", " ", dom, flags=re.S))
+    for pattern, what in RAW:
+        match = pattern.search(text)
+        assert match is None, (
+            f"{page}: {what}: {text[max(0, match.start() - 60) : match.end() + 60]!r}"
+        )
+    if page == "regularizers/index.html":
+        assert dom.count("<math") >= 5
+    if page == "api/index.html":
+        import regcollect as rc
+
+        for layer in rc.nn.__all__:
+            assert f'id="regcollect.nn.{layer}"' in dom, layer
+        assert dom.count("kernel_regularizer") >= 11
