@@ -344,7 +344,7 @@ def l2sp(
         >>> import torch, regcollect as rc
         >>> layer = torch.nn.Linear(2, 2)
         >>> handle = rc.add_regularizer(layer, "weight", rc.l2sp(0.1))   # x0: weights now
-        >>> float(rc.loss(layer))   # the weights have not moved yet
+        >>> float(rc.loss(layer).detach())   # the weights have not moved yet
         0.0
         >>> handle.remove()
     """
