@@ -30,7 +30,7 @@ class RuntimeLayerDocs(griffe.Extension):
         if cls.parent is None or cls.parent.path != "regcollect.nn":
             return
         runtime = getattr(importlib.import_module("regcollect.nn"), cls.name, None)
-        if not getattr(runtime, "_rc_example", ""):
+        if "_rc_example" not in vars(runtime or object):  # the layers _layer_doc documents
             return
         old = cls.docstring  # parsed the way the handler's options say (Google style)
         cls.docstring = griffe.Docstring(

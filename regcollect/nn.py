@@ -102,7 +102,7 @@ class RegularizedLayer(torch.nn.Module):
         base = next((b for b in cls.__mro__[1:] if not issubclass(b, RegularizedLayer)), None)
         if base is None or base is torch.nn.Module:
             return
-        if cls._rc_example and "Args:" not in (cls.__doc__ or ""):
+        if "_rc_example" in cls.__dict__:  # regcollect's own layers, not users' subclasses
             cls.__doc__ = _layer_doc(cls, base)
         try:
             params = list(inspect.signature(base.__init__).parameters.values())

@@ -317,3 +317,18 @@ def test_torch_save_load_in_a_fresh_process(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "total" in result.stdout
+
+
+def test_a_users_subclass_keeps_its_own_docstring():
+    """The generated docstrings (Args from the targets, an example) are for rc.nn's own
+    layers: a subclass a user writes does not get one naming rc.nn.<its name>."""
+
+    class MyLinear(rc.nn.Linear):
+        pass
+
+    class Documented(rc.nn.Linear):
+        """My layer."""
+
+    assert MyLinear.__doc__ is None
+    assert Documented.__doc__ == "My layer."
+    assert "rc.nn.Linear(4, 2, kernel_regularizer=rc.l2(1e-4))" in rc.nn.Linear.__doc__
