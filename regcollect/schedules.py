@@ -311,7 +311,7 @@ def linear(start: float, end: float, steps: int, delay: int = 0) -> LinearSchedu
         The schedule; pass it as a coefficient (``rc.l2(rc.schedules.linear(...))``).
 
     Raises:
-        ValueError: A negative or non-finite value, or a negative ``steps`` or ``delay``.
+        ValueError: A negative or non-finite value, ``steps`` below 1 or a negative ``delay``.
 
     Examples:
         >>> import regcollect as rc
@@ -335,7 +335,7 @@ def warmup(value: float, steps: int, delay: int = 0) -> LinearSchedule:
         A ``LinearSchedule`` from 0 to ``value``.
 
     Raises:
-        ValueError: A negative or non-finite value, or a negative ``steps`` or ``delay``.
+        ValueError: A negative or non-finite value, ``steps`` below 1 or a negative ``delay``.
 
     Examples:
         >>> import regcollect as rc
@@ -359,7 +359,7 @@ def cosine(start: float, end: float, steps: int, delay: int = 0) -> CosineSchedu
         The schedule.
 
     Raises:
-        ValueError: A negative or non-finite value, or a negative ``steps`` or ``delay``.
+        ValueError: A negative or non-finite value, ``steps`` below 1 or a negative ``delay``.
 
     Examples:
         >>> import regcollect as rc
