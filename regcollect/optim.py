@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -159,17 +159,20 @@ class OptimizerAttachment:
                         if self.decoupled:  # towards the reference, as AdamW towards zero
                             torch._foreach_lerp_(live, refs, lr * 2.0 * coef)
                         else:
-                            grads = [p.grad for p in live if p.grad is not None]
-                            torch._foreach_add_(
-                                grads, torch._foreach_sub(live, refs), alpha=2.0 * coef
-                            )
+                            for part, ref_part in _chunks(live, refs):
+                                grads = [p.grad for p in part if p.grad is not None]
+                                diffs = torch._foreach_sub(part, ref_part)
+                                torch._foreach_add_(grads, diffs, alpha=2.0 * coef)
+                                del diffs  # before the next chunk's
                         continue
                     if not self.decoupled:
-                        grads = [p.grad for p in live if p.grad is not None]
-                        if kind == "l2":
+                        if kind == "l2":  # in place: no temporary at all
+                            grads = [p.grad for p in live if p.grad is not None]
                             torch._foreach_add_(grads, live, alpha=2.0 * coef)
                         else:
-                            torch._foreach_add_(grads, torch._foreach_sign(live), alpha=coef)
+                            for (part,) in _chunks(live):
+                                grads = [p.grad for p in part if p.grad is not None]
+                                torch._foreach_add_(grads, torch._foreach_sign(part), alpha=coef)
                     elif kind == "l2":
                         torch._foreach_mul_(live, 1.0 - lr * 2.0 * coef)
 
@@ -220,11 +223,37 @@ def _block_soft_threshold_(p: torch.Tensor, reg: GroupLasso, threshold: float) -
 
 def _soft_threshold_(params: list[torch.Tensor], threshold: float) -> None:
     """``p = sign(p) * max(|p| - threshold, 0)`` in place: the proximal step of L1."""
-    # p -= sign(p) * min(|p|, threshold): in-place pointwise steps only (DTensors too).
-    shrink = torch._foreach_abs(params)
-    torch._foreach_clamp_max_(shrink, threshold)
-    torch._foreach_mul_(shrink, torch._foreach_sign(params))
-    torch._foreach_sub_(params, shrink)
+    # p -= clamp(p, -threshold, threshold): exactly 0 where |p| <= threshold, p -/+ threshold
+    # elsewhere; in-place pointwise steps (DTensors too), one temporary per chunk.
+    for (part,) in _chunks(params):
+        shrink = torch._foreach_clamp_max(part, threshold)
+        torch._foreach_clamp_min_(shrink, -threshold)
+        torch._foreach_sub_(part, shrink)
+        del shrink  # before the next chunk's
+
+
+# The step's temporaries (signs, differences to a reference, the proximal clamp) are made a
+# few tensors at a time: at most this many bytes, or one tensor if it is larger. So the step
+# holds at most one gradient-sized tensor more, as SGD's weight_decay does on the CPU (its
+# foreach form on CUDA holds a fresh gradient for every parameter at once), where one call
+# for all of them would hold a copy of every regularized parameter.
+_TEMPORARY_BYTES = 1 << 20
+
+
+def _chunks(*lists: list[torch.Tensor]) -> Iterator[tuple[list[torch.Tensor], ...]]:
+    """Parallel slices of ``lists`` whose tensors in the first list total at most
+    ``max(_TEMPORARY_BYTES, the largest of them)`` bytes."""
+    sizes = [p.nbytes for p in lists[0]]
+    if not sizes:
+        return
+    budget = max(_TEMPORARY_BYTES, max(sizes))
+    start, held = 0, 0
+    for i, size in enumerate(sizes):
+        if held + size > budget:
+            yield tuple(items[start:i] for items in lists)
+            start, held = i, 0
+        held += size
+    yield tuple(items[start:] for items in lists)
 
 
 def _lr(group: dict[str, Any]) -> float:

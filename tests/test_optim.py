@@ -289,3 +289,111 @@ def test_a_compiled_training_step_equals_eager():
     assert got_losses == pytest.approx(eager_losses, rel=1e-5)
     for a, b in zip(eager, got):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def peak_bytes(fn):
+    """The most CPU memory ``fn`` holds at once beyond what it started with, in bytes: the
+    running sum of the profiler's allocation and free events, in order."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    running = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        running += event.nbytes()
+        peak = max(peak, running)
+    return peak
+
+
+def wide_model():
+    """12 kernels of 256 KiB and one of 1 MiB (the largest gradient), biases unregularized."""
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(256, 256) for _ in range(12)] + [torch.nn.Linear(512, 512)]
+    model = torch.nn.ModuleList(layers)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    return model
+
+
+@pytest.mark.parametrize(
+    "regularizer, decoupled",
+    [
+        (rc.l2(WD / 2), False),
+        (rc.l2(WD / 2), True),
+        (rc.l1(WD), False),
+        (rc.l1(WD), True),
+        (rc.l1_l2(WD, WD), True),
+        (rc.l2sp(WD / 2), False),
+        (rc.group_lasso(WD), True),
+    ],
+    ids=["l2", "l2-decoupled", "l1", "l1-proximal", "l1l2-decoupled", "l2sp", "group-lasso"],
+)
+def test_the_attached_step_holds_no_more_memory_than_weight_decay(regularizer, decoupled):
+    plain = wide_model()
+    groups = [
+        {"params": kernels(plain), "weight_decay": WD},
+        {"params": others(plain), "weight_decay": 0.0},
+    ]
+    opt_plain = torch.optim.SGD(groups, lr=0.1)
+    ours = wide_model()
+    coll = rc.Collection()
+    rc.regularize(ours, kernel=regularizer, collection=coll)
+    opt = torch.optim.SGD(ours.parameters(), lr=0.1)
+    rc.attach_optimizer(opt, decoupled=decoupled, collection=coll)
+    opt_plain.step(), opt.step()  # state and plans built outside the measurement
+    weight_decay = peak_bytes(opt_plain.step)
+    attached = peak_bytes(opt.step)
+    # SGD's weight_decay holds a fresh gradient: on the CPU one tensor at a time (1 MiB).
+    assert weight_decay >= 512 * 512 * 4
+    assert attached <= weight_decay
+    if isinstance(regularizer, rc.L2):  # in place: nothing at all
+        assert attached < 4096
+
+
+def test_the_proximal_step_is_soft_thresholding_and_the_coupled_l1_step_adds_the_sign():
+    model = wide_model()
+    coll = rc.Collection()
+    rc.regularize(model, kernel=rc.l1(0.5), collection=coll)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    handle = rc.attach_optimizer(opt, decoupled=True, collection=coll)
+    for p in kernels(model):  # a third of the weights within the threshold 0.1 * 0.5
+        p.data = torch.linspace(-0.15, 0.15, p.numel()).reshape(p.shape)
+    before = [p.detach().clone() for p in kernels(model)]
+    grads = [p.grad.clone() for p in kernels(model)]
+    opt.step()
+    for p, w, g in zip(kernels(model), before, grads):
+        moved = w - 0.1 * g
+        want = torch.sign(moved) * (moved.abs() - 0.05).clamp_min(0)
+        assert torch.allclose(p.detach(), want, atol=1e-7)
+        assert torch.equal(p.detach() == 0, moved.abs() <= 0.05)
+    handle.remove()
+    rc.attach_optimizer(opt, collection=coll)  # coupled: grad += 0.5 * sign(w)
+    before = [p.detach().clone() for p in kernels(model)]
+    opt.step()
+    for p, w, g in zip(kernels(model), before, grads):
+        assert torch.allclose(p.detach(), w - 0.1 * (g + 0.5 * torch.sign(w)), atol=1e-7)
+
+
+def test_the_value_of_attached_penalties_is_exact_and_carries_no_gradient():
+    # Many small kernels (computed from one stacked copy) and a large one.
+    torch.manual_seed(0)
+    model = torch.nn.ModuleList(
+        [torch.nn.Linear(64, 64) for _ in range(20)] + [torch.nn.Linear(1024, 256)]
+    )
+    coll = rc.Collection()
+    rc.regularize(model, kernel=rc.l1_l2(1e-3, 5e-3), bias=rc.l1(1e-2), collection=coll)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rc.attach_optimizer(opt, collection=coll)
+    value = coll.loss()
+    assert not value.requires_grad
+    want = sum(
+        1e-3 * m.weight.detach().double().abs().sum()
+        + 5e-3 * (m.weight.detach().double() ** 2).sum()
+        + 1e-2 * m.bias.detach().double().abs().sum()
+        for m in model
+    )
+    assert value.item() == pytest.approx(want.item(), rel=1e-6)
+    first = model[0].weight.detach().double()
+    want_first = 1e-3 * first.abs().sum() + 5e-3 * (first**2).sum()
+    assert coll.penalties()["0.weight"] == pytest.approx(want_first.item(), rel=1e-6)
