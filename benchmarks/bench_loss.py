@@ -64,6 +64,29 @@ def measure(
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """The most memory ``fn`` holds at once beyond what it started with, in bytes: the CUDA
+    allocator's peak, or on the CPU the running sum of the profiler's allocation and free
+    events, in order."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - start
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    running = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        running += event.nbytes()
+        peak = max(peak, running)
+    return peak
+
+
 def report(title: str, medians: dict[str, float], base: str) -> None:
     print(f"\n## {title}")
     for name, seconds in medians.items():
@@ -361,6 +384,35 @@ def fused_step(repeats: int, device: torch.device) -> dict[str, float]:
     )
     out.update({f"large: {k}": v for k, v in medians.items()})
 
+    # Peak memory of one step beyond the weights, gradients and optimizer state, against the
+    # same penalty through autograd (its backward into the existing gradients).
+    l1 = tensors()
+    l1_coll, _l1_holder = rc.Collection(), torch.nn.Module()
+    for i, p in enumerate(l1):
+        _l1_holder.register_parameter(f"p{i}", p)
+        rc.add_regularizer(_l1_holder, f"p{i}", rc.l1(wd), collection=l1_coll)
+    opt_l1 = torch.optim.SGD(l1, lr=1e-3)
+    rc.attach_optimizer(opt_l1, decoupled=True, collection=l1_coll)
+    autograd = tensors()
+    autograd_coll, _autograd_holder = l2_collection(autograd, wd / 2)
+    opt_l1.step()
+    peaks = {
+        "SGD(weight_decay) step": peak_bytes(opt_plain.step, device),
+        "step, l2 attached": peak_bytes(opt_ours.step, device),
+        "step, l1 attached (proximal)": peak_bytes(opt_l1.step, device),
+        "rc.loss() backward, through autograd": peak_bytes(
+            lambda: autograd_coll.loss().backward(), device
+        ),
+    }
+    print(
+        "\npeak memory held during the call (parameters: "
+        f"{sum(p.numel() * p.element_size() for p in plain) / 2**20:.1f} MiB)"
+    )
+    for name, peak in peaks.items():
+        print(f"{name:<44} {peak / 2**20:9.1f} MiB")
+    out.update({f"large peak MiB: {k}": v / 2**20 for k, v in peaks.items()})
+    del l1, autograd, opt_l1
+
     # 5b. many small: 100 x Linear(64, 64), weight decay on the kernels only.
     def layers() -> torch.nn.ModuleList:
         torch.manual_seed(0)
@@ -560,6 +612,11 @@ def main() -> None:
     print(
         f"fused step, large: rc.loss() + step {big_loss:.2f}x, step alone {big_alone:.2f}x "
         f"SGD(weight_decay); many-small: {small_loss:.2f}x / {small_alone:.2f}x"
+    )
+    peak = {k.split(": ", 1)[1]: v for k, v in fused.items() if k.startswith("large peak")}
+    print(
+        "fused step, large, peak memory: "
+        + ", ".join(f"{name} {mib:.1f} MiB" for name, mib in peak.items())
     )
     beyond_summary(beyond(args.repeats, device))
     batch = args.real_size if args.real_size is not None else (64 if device.type == "cuda" else 0)

@@ -16,7 +16,7 @@ import torch
 
 from .penalties import accumulation_dtype
 
-__all__ = ["group_penalty"]
+__all__ = ["group_penalty", "group_value"]
 
 
 def _group_forward(
@@ -97,6 +97,17 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1)
 
 
+def _row_powers(kind: str, stacked: torch.Tensor, n: int) -> torch.Tensor:
+    """``sum(|x|)`` (l1) or ``sum(x**2)`` (l2) of each of the ``n`` stacked tensors."""
+    # reshape, not view: channels_last kernels stack into a non-contiguous tensor.
+    rows = stacked.reshape(n, -1)
+    acc = accumulation_dtype(stacked.dtype)
+    if kind == "l2":
+        norms = torch.linalg.vector_norm(rows, 2, dim=1, dtype=acc)
+        return norms * norms
+    return rows.abs().sum(dim=1, dtype=acc)
+
+
 def _group_backward(
     kind: str,
     coef: float | torch.Tensor,
@@ -150,14 +161,7 @@ class _StackedPenalty(torch.autograd.Function):
             stacked = torch.stack(xs)
         except RuntimeError as exc:  # shapes differ: only a direct group_penalty call can do it
             raise ValueError(f"tensors must all have one shape with stack=True: {exc}") from exc
-        # reshape, not view: channels_last kernels stack into a non-contiguous tensor.
-        rows = stacked.reshape(len(xs), xs[0].numel())
-        acc = accumulation_dtype(stacked.dtype)
-        if kind == "l2":
-            norms = torch.linalg.vector_norm(rows, 2, dim=1, dtype=acc)
-            values = coef * (norms * norms)
-        else:
-            values = coef * rows.abs().sum(dim=1, dtype=acc)
+        values = coef * _row_powers(kind, stacked, len(xs))
         ctx.kind, ctx.coef = kind, coef
         # The tensors too: autograd's in-place-modification check, and the double backward.
         ctx.save_for_backward(stacked, *xs)
@@ -227,6 +231,30 @@ def group_penalty(
     else:
         total, values = _GroupPenalty.apply(kind, coef, *tensors)
     return total, values
+
+
+def group_value(
+    kind: str,
+    coef: float | torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    stack: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``group_penalty``'s ``(total, per_tensor_values)`` without autograd: the value of the
+    penalties an optimizer applies (``attach_optimizer``), which carries no gradient.
+
+    No node is built and nothing is kept, so ``stack=True`` (tensors of one shape) pays for
+    small tensors up to a larger size than in ``group_penalty``: the stacked copy is freed at
+    once, and one reduction over its rows replaces one kernel per tensor.
+    """
+    if kind not in ("l1", "l2"):
+        raise ValueError(f'kind must be "l1" or "l2", got {kind!r}')
+    with torch.no_grad():
+        if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
+            return group_penalty(kind, coef, tensors)
+        if stack:
+            values = coef * _row_powers(kind, torch.stack(tuple(tensors)), len(tensors))
+            return values.sum(), values
+        return _group_forward(kind, coef, tuple(tensors))
 
 
 def _differences(
