@@ -17,7 +17,9 @@ Scenarios:
    CUDA graphs (what is left without the host's work).
 5. fused step (rc.attach_optimizer): the penalty inside SGD's step against
    SGD(weight_decay), with and without the rc.loss() value call, on scenario 2's tensors and on
-   100 small layers against weight_decay parameter groups.
+   100 small layers against weight_decay parameter groups; and the peak memory one step holds
+   beyond the weights and gradients (L2 and proximal L1 attached, SGD(weight_decay), and the
+   same penalty's backward through autograd).
 6. beyond the peers: rc.L2SP against rc.l2 on scenario 1's kernels and on scenario 2's tensors
    (forward + backward; the issue's bound is 1.5x), and rc.GroupLasso on the same tensors.
 4. real size (CUDA by default, `--real-size BATCH` elsewhere): ResNet-50 and ViT-B/16 built
@@ -367,16 +369,22 @@ def fused_step(repeats: int, device: torch.device) -> dict[str, float]:
         coll.loss()  # the value, for the printed loss; no autograd work
         opt_ours.step()
 
-    medians = measure(
-        {
-            "SGD(weight_decay) step": opt_plain.step,
-            "rc.loss() + step, attached": with_loss,
-            "step alone, attached": opt_ours.step,
-        },
-        repeats,
-        inner=3,
-        device=device,
-    )
+    # What the figures are made of: the step without any decay, the value alone, and (on the
+    # CPU, where SGD defaults to a loop over tensors) SGD's multi-tensor form, CUDA's default.
+    bare = tensors()
+    opt_bare = torch.optim.SGD(bare, lr=1e-3)
+    candidates: dict[str, Callable[[], object]] = {
+        "SGD(weight_decay) step": opt_plain.step,
+        "rc.loss() + step, attached": with_loss,
+        "step alone, attached": opt_ours.step,
+        "  of which: SGD step without weight decay": opt_bare.step,
+        "  rc.loss() alone (the value), attached": coll.loss,
+    }
+    if device.type == "cpu":
+        foreach = tensors()
+        opt_foreach = torch.optim.SGD(foreach, lr=1e-3, weight_decay=wd, foreach=True)
+        candidates["SGD(weight_decay, foreach=True) step"] = opt_foreach.step
+    medians = measure(candidates, repeats, inner=3, device=device)
     report(
         "5a. fused step: 33 tensors, 25.8M parameters, l2 inside SGD's step",
         medians,

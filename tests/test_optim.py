@@ -52,8 +52,9 @@ def train(model, opt, data, extra=None):
         lambda params, **kw: torch.optim.SGD(params, lr=0.1, momentum=0.9, **kw),
         lambda params, **kw: torch.optim.Adam(params, lr=0.01, **kw),
         lambda params, **kw: torch.optim.RMSprop(params, lr=0.01, **kw),
+        lambda params, **kw: torch.optim.Adam(params, lr=torch.tensor(0.01), fused=True, **kw),
     ],
-    ids=["SGD-momentum", "Adam", "RMSprop"],
+    ids=["SGD-momentum", "Adam", "RMSprop", "Adam-fused-tensor-lr"],
 )
 def test_coupled_equals_the_optimizers_weight_decay_on_the_same_parameters(make):
     data = batches()
@@ -85,19 +86,23 @@ def test_coupled_equals_the_optimizers_weight_decay_on_the_same_parameters(make)
     assert coll.loss().item() == pytest.approx(want, rel=1e-6)
 
 
-def test_decoupled_equals_adamw():
+@pytest.mark.parametrize(
+    "options", [{}, {"fused": True}], ids=["foreach-or-loop", "fused-tensor-lr"]
+)
+def test_decoupled_equals_adamw(options):
+    lr = torch.tensor(0.01) if options else 0.01  # fused optimizers take a tensor lr
     data = batches()
     plain = mlp()
     groups = [
         {"params": kernels(plain), "weight_decay": WD},
         {"params": others(plain), "weight_decay": 0.0},
     ]
-    train(plain, torch.optim.AdamW(groups, lr=0.01), data)
+    train(plain, torch.optim.AdamW(groups, lr=lr, **options), data)
 
     ours = mlp()
     coll = rc.Collection()
     rc.regularize(ours, kernel=rc.l2(WD / 2), collection=coll)
-    opt = torch.optim.Adam(ours.parameters(), lr=0.01)
+    opt = torch.optim.Adam(ours.parameters(), lr=lr, **options)
     rc.attach_optimizer(opt, decoupled=True, collection=coll)
     train(ours, opt, data, coll.loss)
     for a, b in zip(plain.parameters(), ours.parameters()):
