@@ -402,3 +402,26 @@ def test_the_value_of_attached_penalties_is_exact_and_carries_no_gradient(plan_b
     first = model[0].weight.detach().double()
     want_first = 1e-3 * first.abs().sum() + 5e-3 * (first**2).sum()
     assert coll.penalties()["0.weight"] == pytest.approx(want_first.item(), rel=1e-6)
+
+
+def test_clipping_sees_the_data_gradient_and_frozen_parameters_are_left_alone():
+    coll = rc.Collection()
+    a = rc.nn.Linear(2, 2, kernel_regularizer=rc.l2(0.5), collection=coll)
+    b = rc.nn.Linear(2, 2, kernel_regularizer=rc.l2(0.5), collection=coll)
+    b.weight.requires_grad_(False)  # frozen, but still in the optimizer
+    opt = torch.optim.SGD([*a.parameters(), *b.parameters()], lr=0.1)
+    rc.attach_optimizer(opt, collection=coll)
+    x = torch.ones(1, 2)
+    (a(x).sum() + b(x).sum() + coll.loss()).backward()
+    assert torch.equal(a.weight.grad, torch.ones(2, 2))  # the data gradient only
+    # Clipping before step() scales the data gradient; the penalty is added after it, as
+    # weight_decay is: w -= lr * (clipped + 2c * w).
+    torch.nn.utils.clip_grad_norm_(a.parameters(), max_norm=0.5)
+    clipped = a.weight.grad.clone()
+    assert clipped.norm() < 0.5
+    w, frozen = a.weight.detach().clone(), b.weight.detach().clone()
+    opt.step()
+    assert torch.allclose(a.weight.detach(), w - 0.1 * (clipped + 2 * 0.5 * w))
+    assert torch.equal(b.weight.detach(), frozen)  # no gradient: neither decayed nor counted
+    want = 0.5 * (a.weight.detach().double() ** 2).sum().item()
+    assert coll.loss().item() == pytest.approx(want, rel=1e-6)
