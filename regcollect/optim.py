@@ -134,13 +134,41 @@ class OptimizerAttachment:
 
     # -- the hooks --------------------------------------------------------------------------
 
-    def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    def _before_step(
+        self, optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         coll = self.collection()
         if coll is None:
-            return
+            return None
         self._grouping(optimizer, coll)
         # Scheduled coefficients are read once, before the step advances them.
         self._coefs = [[float(c) for _, c, _, _ in terms] for terms in self._groups]
+        # args are step()'s own: (optimizer, closure) when the closure is positional.
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if not callable(closure):
+            self._apply_before(optimizer)
+            return None
+        # step(closure) runs the closure (zero_grad, forward, backward) inside step(), after
+        # this hook: the penalty goes on the gradients each call computes (L-BFGS calls it
+        # several times per step), and the decoupled decay once, after the first call, where
+        # AdamW decays after its closure.
+        calls = 0
+
+        def closure_then_penalty() -> Any:
+            nonlocal calls
+            result = closure()
+            calls += 1
+            if calls == 1 or not self.decoupled:
+                self._apply_before(optimizer)
+            return result
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": closure_then_penalty}
+        return (args[0], closure_then_penalty, *args[2:]), kwargs
+
+    def _apply_before(self, optimizer: torch.optim.Optimizer) -> None:
+        """What the step applies before the optimizer's own math: the coupled gradients, or
+        the decoupled L2 decay of the weights."""
         with torch.no_grad():
             for group, terms, coefs in zip(optimizer.param_groups, self._groups, self._coefs):
                 lr = _lr(group)

@@ -425,3 +425,122 @@ def test_clipping_sees_the_data_gradient_and_frozen_parameters_are_left_alone():
     assert torch.equal(b.weight.detach(), frozen)  # no gradient: neither decayed nor counted
     want = 0.5 * (a.weight.detach().double() ** 2).sum().item()
     assert coll.loss().item() == pytest.approx(want, rel=1e-6)
+
+
+def closure_for(model, opt, x, y, extra=None):
+    """The closure ``step(closure)`` takes: zero the gradients, forward, backward."""
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        if extra is not None:
+            loss = loss + extra()
+        loss.backward()
+        closure.returned.append(loss)
+        return loss
+
+    closure.returned = []
+    return closure
+
+
+@pytest.mark.parametrize("decoupled", [False, True], ids=["coupled", "decoupled"])
+def test_a_step_with_a_closure_applies_the_penalty_to_the_gradients_the_closure_computes(
+    decoupled,
+):
+    # step(closure) runs the closure (zero_grad, backward) inside step(), after the step's
+    # pre-hooks: the penalty must be applied after it, or the closure wipes it out.
+    data = batches()
+    plain = mlp()
+    groups = [
+        {"params": kernels(plain), "weight_decay": WD},
+        {"params": others(plain), "weight_decay": 0.0},
+    ]
+    make = torch.optim.AdamW if decoupled else torch.optim.Adam
+    opt_plain = make(groups, lr=0.01)
+    ours = mlp()
+    coll = rc.Collection()
+    rc.regularize(ours, kernel=rc.l2(WD / 2), collection=coll)
+    opt = torch.optim.Adam(ours.parameters(), lr=0.01)
+    rc.attach_optimizer(opt, decoupled=decoupled, collection=coll)
+    for x, y in data:
+        opt_plain.step(closure_for(plain, opt_plain, x, y))
+        closure = closure_for(ours, opt, x, y, coll.loss)
+        assert opt.step(closure=closure) is closure.returned[0]  # step() returns its loss
+    for a, b in zip(plain.parameters(), ours.parameters()):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_lbfgs_with_the_penalty_attached_equals_lbfgs_with_the_penalty_in_the_loss():
+    # L-BFGS calls the closure several times per step (line search): the penalty's gradient
+    # is added to each evaluation, as autograd does when rc.loss() carries it.
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 6), torch.randn(32, 3)
+    results = []
+    for attach in (False, True):
+        model = mlp()
+        coll = rc.Collection()
+        rc.regularize(model, kernel=rc.l2(0.05), bias=rc.l1(0.01), collection=coll)
+        opt = torch.optim.LBFGS(
+            model.parameters(), lr=0.5, max_iter=5, line_search_fn="strong_wolfe"
+        )
+        if attach:
+            rc.attach_optimizer(opt, collection=coll)
+        losses = [opt.step(closure_for(model, opt, x, y, coll.loss)).item() for _ in range(3)]
+        results.append((losses, [p.detach().clone() for p in model.parameters()]))
+    (want_losses, want), (got_losses, got) = results
+    assert got_losses == pytest.approx(want_losses, rel=1e-5)
+    for a, b in zip(want, got):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(want[0], mlp()[0].weight)  # it trained
+
+
+def test_lightning_training_with_an_attached_optimizer_equals_weight_decay():
+    # Lightning's automatic optimization calls optimizer.step(closure=...) and runs
+    # training_step, zero_grad and backward inside that closure.
+    pytest.importorskip("lightning", reason="pip install -e .[lightning]")
+    import lightning as L
+
+    data = batches()
+
+    class Module(L.LightningModule):
+        def __init__(self, attach):
+            super().__init__()
+            self.net, self.attach = mlp(), attach
+            self.coll = rc.Collection()
+            if attach:
+                rc.regularize(self.net, kernel=rc.l2(WD / 2), collection=self.coll)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            loss = torch.nn.functional.mse_loss(self.net(x), y)
+            return loss + self.coll.loss() if self.attach else loss
+
+        def configure_optimizers(self):
+            if not self.attach:
+                return torch.optim.SGD(
+                    [
+                        {"params": kernels(self.net), "weight_decay": WD},
+                        {"params": others(self.net), "weight_decay": 0.0},
+                    ],
+                    lr=0.1,
+                    momentum=0.9,
+                )
+            opt = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+            rc.attach_optimizer(opt, collection=self.coll)
+            return opt
+
+    trained = []
+    for attach in (False, True):
+        module = Module(attach)
+        trainer = L.Trainer(
+            max_steps=len(data),
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=None))
+        trained.append(list(module.net.parameters()))
+    for a, b in zip(*trained):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
