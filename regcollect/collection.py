@@ -80,6 +80,12 @@ class Collection(Registry):
 
     def _attach(self, attachment: OptimizerAttachment) -> None:
         with self._lock:
+            # Attaching an optimizer again (set-up code run twice) replaces its attachment, so
+            # the step applies each penalty once; those of collected optimizers are dropped.
+            optimizer = attachment.optimizer()
+            for old in [a for a in self._attachments if a.optimizer() in (None, optimizer)]:
+                old.remove()
+                self._attachments.remove(old)
             self._attachments.append(attachment)
             self._changed()
 

@@ -306,7 +306,10 @@ def attach_optimizer(
     From now on, for the parameters ``optimizer`` holds, those penalties are applied by the
     step instead of through autograd; ``rc.loss()`` still returns their value (without a
     gradient), so keep adding it to the loss you print. ``.remove()`` on the returned handle
-    undoes it.
+    undoes it. Attaching the same optimizer to the collection again (set-up code run twice,
+    or to switch ``decoupled``) replaces the first attachment: each penalty is applied once.
+    ``step(closure)`` (L-BFGS, Lightning) works too: the penalty goes on the gradients the
+    closure computes.
 
     Args:
         optimizer: any ``torch.optim.Optimizer`` (SGD, Adam, AdamW, ...).

@@ -544,3 +544,24 @@ def test_lightning_training_with_an_attached_optimizer_equals_weight_decay():
         trained.append(list(module.net.parameters()))
     for a, b in zip(*trained):
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_attaching_an_optimizer_again_replaces_its_attachment_instead_of_doubling_it():
+    coll = rc.Collection()
+    layer = rc.nn.Linear(2, 2, bias=False, kernel_regularizer=rc.l2(0.5), collection=coll)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    first = rc.attach_optimizer(opt, collection=coll)
+    rc.attach_optimizer(opt, collection=coll)  # the set-up code (a notebook cell) run again
+    layer.weight.grad = torch.zeros(2, 2)
+    w = layer.weight.detach().clone()
+    opt.step()
+    assert torch.allclose(layer.weight.detach(), w - 0.1 * (2 * 0.5) * w)  # once, not twice
+    # Attaching again in the other mode switches to it: L2 as a decay of the weights by
+    # 1 - lr * 2c before the update, with a gradient of 1 this time.
+    rc.attach_optimizer(opt, decoupled=True, collection=coll)
+    first.remove()  # the replaced handle: nothing left to undo
+    layer.weight.grad = torch.ones(2, 2)
+    w = layer.weight.detach().clone()
+    opt.step()
+    assert torch.allclose(layer.weight.detach(), w * (1 - 0.1 * 2 * 0.5) - 0.1)
+    assert not coll.loss().requires_grad  # still attached
