@@ -565,3 +565,34 @@ def test_attaching_an_optimizer_again_replaces_its_attachment_instead_of_doublin
     opt.step()
     assert torch.allclose(layer.weight.detach(), w * (1 - 0.1 * 2 * 0.5) - 0.1)
     assert not coll.loss().requires_grad  # still attached
+
+
+def test_a_gans_two_optimizers_each_apply_their_own_models_penalties():
+    coll = rc.Collection()
+    G = rc.nn.Linear(2, 2, bias=False, kernel_regularizer=rc.l2(0.5), collection=coll)
+    D = rc.nn.Linear(2, 1, bias=False, kernel_regularizer=rc.l1(0.2), collection=coll)
+    opt_g = torch.optim.SGD(G.parameters(), lr=0.1)
+    opt_d = torch.optim.SGD(D.parameters(), lr=0.1)
+    rc.attach_optimizer(opt_g, collection=coll)
+    rc.attach_optimizer(opt_d, collection=coll)
+    z = torch.randn(4, 2)
+    # D step (the generator's output detached), then G step, as in the PyTorch DCGAN tutorial.
+    g, d = G.weight.detach().clone(), D.weight.detach().clone()
+    opt_d.zero_grad()
+    d_loss = D(G(z).detach()).mean() + coll.loss(D)
+    d_loss.backward()
+    d_grad = D.weight.grad.clone()
+    opt_d.step()
+    assert torch.allclose(D.weight.detach(), d - 0.1 * (d_grad + 0.2 * torch.sign(d)))
+    assert torch.equal(G.weight.detach(), g)  # D's step leaves G alone
+    opt_g.zero_grad()
+    g_loss = -D(G(z)).mean() + coll.loss(G)
+    g_loss.backward()
+    g_grad = G.weight.grad.clone()
+    opt_g.step()
+    assert torch.allclose(G.weight.detach(), g - 0.1 * (g_grad + 2 * 0.5 * g))
+    # Each model's loss() is its own penalty's value, without a gradient.
+    d_value, g_value = coll.loss(D), coll.loss(G)
+    assert not d_value.requires_grad and not g_value.requires_grad
+    assert d_value.item() == pytest.approx(0.2 * D.weight.detach().abs().sum().item(), rel=1e-6)
+    assert g_value.item() == pytest.approx(0.5 * (G.weight.detach() ** 2).sum().item(), rel=1e-6)
