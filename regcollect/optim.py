@@ -172,6 +172,9 @@ class OptimizerAttachment:
         with torch.no_grad():
             for group, terms, coefs in zip(optimizer.param_groups, self._groups, self._coefs):
                 lr = _lr(group)
+                # maximize=True negates .grad in the optimizer's math, and adds weight decay
+                # after that: the penalty's gradient goes in negated, so that it still shrinks.
+                sign = -1.0 if group.get("maximize", False) else 1.0
                 for (kind, _, params, extras), coef in zip(terms, coefs):
                     live = [p for p in params if p.grad is not None]  # as weight_decay does
                     if not live:
@@ -180,7 +183,7 @@ class OptimizerAttachment:
                         if not self.decoupled:
                             for p, reg in zip(params, extras):
                                 if p.grad is not None:
-                                    p.grad.add_(_group_directions(p, reg), alpha=coef)
+                                    p.grad.add_(_group_directions(p, reg), alpha=sign * coef)
                         continue
                     if kind == "l2sp":
                         refs = [_reference(w) for p, w in zip(params, extras) if p.grad is not None]
@@ -190,17 +193,19 @@ class OptimizerAttachment:
                             for part, ref_part in _chunks(live, refs):
                                 grads = [p.grad for p in part if p.grad is not None]
                                 diffs = torch._foreach_sub(part, ref_part)
-                                torch._foreach_add_(grads, diffs, alpha=2.0 * coef)
+                                torch._foreach_add_(grads, diffs, alpha=sign * 2.0 * coef)
                                 del diffs  # before the next chunk's
                         continue
                     if not self.decoupled:
                         if kind == "l2":  # in place: no temporary at all
                             grads = [p.grad for p in live if p.grad is not None]
-                            torch._foreach_add_(grads, live, alpha=2.0 * coef)
+                            torch._foreach_add_(grads, live, alpha=sign * 2.0 * coef)
                         else:
                             for (part,) in _chunks(live):
                                 grads = [p.grad for p in part if p.grad is not None]
-                                torch._foreach_add_(grads, torch._foreach_sign(part), alpha=coef)
+                                signs = torch._foreach_sign(part)
+                                torch._foreach_add_(grads, signs, alpha=sign * coef)
+                                del signs  # before the next chunk's
                     elif kind == "l2":
                         torch._foreach_mul_(live, 1.0 - lr * 2.0 * coef)
 

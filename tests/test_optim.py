@@ -596,3 +596,42 @@ def test_a_gans_two_optimizers_each_apply_their_own_models_penalties():
     assert not d_value.requires_grad and not g_value.requires_grad
     assert d_value.item() == pytest.approx(0.2 * D.weight.detach().abs().sum().item(), rel=1e-6)
     assert g_value.item() == pytest.approx(0.5 * (G.weight.detach() ** 2).sum().item(), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda params, **kw: torch.optim.SGD(params, lr=0.1, momentum=0.9, maximize=True, **kw),
+        lambda params, **kw: torch.optim.Adam(params, lr=0.01, maximize=True, **kw),
+    ],
+    ids=["SGD", "Adam"],
+)
+def test_a_maximizing_optimizer_still_shrinks_the_weights_as_its_weight_decay_does(make):
+    # maximize=True negates the gradient before the optimizer's math and adds weight decay
+    # after: the penalty is subtracted from the objective it maximizes, never added to it.
+    data = batches()
+    plain = mlp()
+    groups = [
+        {"params": kernels(plain), "weight_decay": WD},
+        {"params": others(plain), "weight_decay": 0.0},
+    ]
+    train(plain, make(groups), data)
+    ours = mlp()
+    coll = rc.Collection()
+    rc.regularize(ours, kernel=rc.l2(WD / 2), collection=coll)
+    opt = make(ours.parameters())
+    rc.attach_optimizer(opt, collection=coll)
+    train(ours, opt, data, coll.loss)
+    for a, b in zip(plain.parameters(), ours.parameters()):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_a_maximizing_optimizer_shrinks_the_weights_under_l1_too():
+    coll = rc.Collection()
+    layer = rc.nn.Linear(2, 2, bias=False, kernel_regularizer=rc.l1(0.5), collection=coll)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1, maximize=True)
+    rc.attach_optimizer(opt, collection=coll)
+    layer.weight.grad = torch.zeros(2, 2)  # no data gradient: only the penalty moves w
+    w = layer.weight.detach().clone()
+    opt.step()
+    assert torch.allclose(layer.weight.detach(), w - 0.1 * 0.5 * torch.sign(w))
