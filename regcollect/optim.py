@@ -317,7 +317,9 @@ def attach_optimizer(
     closure computes.
 
     Args:
-        optimizer: any ``torch.optim.Optimizer`` (SGD, Adam, AdamW, ...).
+        optimizer: any ``torch.optim.Optimizer`` (SGD, Adam, AdamW, ...), or a wrapper
+            that steps one it holds as ``.optimizer`` (accelerate's ``AcceleratedOptimizer``,
+            Lightning's ``LightningOptimizer``): the wrapped optimizer is attached.
         decoupled: False (coupled): the penalty's gradient is added to ``.grad`` before the
             optimizer's math, as ``weight_decay`` does in SGD and Adam. True: the weights are
             decayed directly, scaled by the group's learning rate, as ``AdamW`` does for L2;
@@ -328,8 +330,8 @@ def attach_optimizer(
         A handle; ``.remove()`` restores the autograd path.
 
     Raises:
-        TypeError: ``optimizer`` is not a ``torch.optim.Optimizer``, or ``decoupled`` is not
-            a bool.
+        TypeError: ``optimizer`` is neither a ``torch.optim.Optimizer`` nor a wrapper of
+            one, or ``decoupled`` is not a bool.
 
     Examples:
         >>> import torch, regcollect as rc
@@ -343,10 +345,13 @@ def attach_optimizer(
     """
     from .context import active_collection
 
-    if not isinstance(optimizer, torch.optim.Optimizer):
+    stepped = _stepped(optimizer)
+    if stepped is None:
         raise TypeError(
-            f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            "optimizer must be a torch.optim.Optimizer (or a wrapper holding one as "
+            f".optimizer, like accelerate's AcceleratedOptimizer), got {type(optimizer).__name__}"
         )
+    optimizer = stepped
     if not isinstance(decoupled, bool):
         raise TypeError(f"decoupled must be True or False, got {decoupled!r}")
     coll = active_collection(collection)
@@ -358,6 +363,23 @@ def attach_optimizer(
         coll._detach_optimizer(attachment)
 
     return Handle([], undo)
+
+
+def _stepped(optimizer: Any) -> torch.optim.Optimizer | None:
+    """The torch optimizer whose ``step()`` runs the update: the innermost one a wrapper
+    holds as ``.optimizer`` and steps (accelerate's ``AcceleratedOptimizer``, which has no
+    step hooks of its own; Lightning's ``LightningOptimizer``), or ``optimizer`` itself.
+    Attaching the wrapper or the wrapped optimizer is then one and the same attachment."""
+    for _ in range(4):
+        inner = getattr(optimizer, "optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer) or inner is optimizer:
+            break
+        optimizer = inner
+    if isinstance(optimizer, torch.optim.Optimizer) and hasattr(
+        optimizer, "_optimizer_step_pre_hooks"
+    ):
+        return optimizer
+    return None
 
 
 def held_by(attachments: Iterable[OptimizerAttachment]) -> set[int]:

@@ -242,7 +242,9 @@ def test_remove_restores_the_autograd_path_and_bad_arguments():
     layer.weight.grad = torch.zeros_like(w)
     opt.step()  # no hook any more: nothing applied
     assert torch.equal(layer.weight.detach(), w)
-    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer, got list"):
+    with pytest.raises(
+        TypeError, match=r"must be a torch.optim.Optimizer \(or a wrapper.*got list"
+    ):
         rc.attach_optimizer([layer.weight])
     with pytest.raises(TypeError, match="decoupled must be True or False, got 'yes'"):
         rc.attach_optimizer(opt, decoupled="yes")
@@ -635,3 +637,37 @@ def test_a_maximizing_optimizer_shrinks_the_weights_under_l1_too():
     w = layer.weight.detach().clone()
     opt.step()
     assert torch.allclose(layer.weight.detach(), w - 0.1 * 0.5 * torch.sign(w))
+
+
+def test_an_accelerate_prepared_optimizer_can_be_attached_and_accumulation_steps_once():
+    pytest.importorskip("accelerate", reason="pip install -e .[transformers]")
+    from accelerate import Accelerator
+
+    data = batches(8)
+    trained = []
+    for attach in (False, True):
+        accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+        model = mlp()
+        coll = rc.Collection()
+        if attach:
+            rc.regularize(model, kernel=rc.l2(WD / 2), collection=coll)
+            opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+            rc.attach_optimizer(opt, collection=coll)  # attached before prepare() too: once
+        else:
+            groups = [
+                {"params": kernels(model), "weight_decay": WD},
+                {"params": others(model), "weight_decay": 0.0},
+            ]
+            opt = torch.optim.SGD(groups, lr=0.1, momentum=0.9)
+        model, opt = accelerator.prepare(model, opt)
+        if attach:  # the prepared optimizer: the wrapped one's step applies the penalty
+            rc.attach_optimizer(opt, collection=coll)
+        for x, y in data:
+            with accelerator.accumulate(model):
+                loss = torch.nn.functional.mse_loss(model(x), y) + coll.loss()
+                accelerator.backward(loss)
+                opt.step()  # a real step every second batch only
+                opt.zero_grad()
+        trained.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*trained):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
