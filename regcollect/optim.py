@@ -176,35 +176,31 @@ class OptimizerAttachment:
                 # after that: the penalty's gradient goes in negated, so that it still shrinks.
                 sign = -1.0 if group.get("maximize", False) else 1.0
                 for (kind, _, params, extras), coef in zip(terms, coefs):
-                    live = [p for p in params if p.grad is not None]  # as weight_decay does
+                    live, live_extras = _live(params, extras)
                     if not live:
                         continue
                     if kind == "group":
                         if not self.decoupled:
-                            for p, reg in zip(params, extras):
-                                if p.grad is not None:
-                                    p.grad.add_(_group_directions(p, reg), alpha=sign * coef)
+                            for p, grad, reg in zip(live, _grads(live), live_extras):
+                                grad.add_(_group_directions(p, reg), alpha=sign * coef)
                         continue
                     if kind == "l2sp":
-                        refs = [_reference(w) for p, w in zip(params, extras) if p.grad is not None]
+                        refs = [_reference(where) for where in live_extras]
                         if self.decoupled:  # towards the reference, as AdamW towards zero
                             torch._foreach_lerp_(live, refs, lr * 2.0 * coef)
                         else:
                             for part, ref_part in _chunks(live, refs):
-                                grads = [p.grad for p in part if p.grad is not None]
                                 diffs = torch._foreach_sub(part, ref_part)
-                                torch._foreach_add_(grads, diffs, alpha=sign * 2.0 * coef)
+                                torch._foreach_add_(_grads(part), diffs, alpha=sign * 2.0 * coef)
                                 del diffs  # before the next chunk's
                         continue
                     if not self.decoupled:
                         if kind == "l2":  # in place: no temporary at all
-                            grads = [p.grad for p in live if p.grad is not None]
-                            torch._foreach_add_(grads, live, alpha=sign * 2.0 * coef)
+                            torch._foreach_add_(_grads(live), live, alpha=sign * 2.0 * coef)
                         else:
                             for (part,) in _chunks(live):
-                                grads = [p.grad for p in part if p.grad is not None]
                                 signs = torch._foreach_sign(part)
-                                torch._foreach_add_(grads, signs, alpha=sign * coef)
+                                torch._foreach_add_(_grads(part), signs, alpha=sign * coef)
                                 del signs  # before the next chunk's
                     elif kind == "l2":
                         torch._foreach_mul_(live, 1.0 - lr * 2.0 * coef)
@@ -216,13 +212,24 @@ class OptimizerAttachment:
             for group, terms, coefs in zip(optimizer.param_groups, self._groups, self._coefs):
                 lr = _lr(group)
                 for (kind, _, params, extras), coef in zip(terms, coefs):
-                    live = [p for p in params if p.grad is not None]
+                    live, live_extras = _live(params, extras)
                     if kind == "l1" and live:
                         _soft_threshold_(live, lr * coef)
                     elif kind == "group":
-                        for p, reg in zip(params, extras):
-                            if p.grad is not None:
-                                _block_soft_threshold_(p, reg, lr * coef)
+                        for p, reg in zip(live, live_extras):
+                            _block_soft_threshold_(p, reg, lr * coef)
+
+
+def _live(params: list[torch.Tensor], extras: list[Any]) -> tuple[list[torch.Tensor], list[Any]]:
+    """The parameters with a gradient this step, and their extras: the others are skipped, as
+    ``weight_decay`` skips them."""
+    live = [(p, extra) for p, extra in zip(params, extras) if p.grad is not None]
+    return [p for p, _ in live], [extra for _, extra in live]
+
+
+def _grads(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The gradients of ``params`` (all present: ``params`` come from ``_live``)."""
+    return [p.grad for p in params if p.grad is not None]
 
 
 def _reference(where: tuple[Any, str]) -> torch.Tensor:
