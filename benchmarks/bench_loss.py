@@ -150,23 +150,23 @@ def large_parameters(device: torch.device) -> list[torch.nn.Parameter]:
     return [torch.nn.Parameter(torch.randn(s, device=device) * 0.01) for s in shapes]
 
 
-def l2_collection(
-    params: list[torch.nn.Parameter], l2: float
+def collection_of(
+    params: list[torch.nn.Parameter], regularizer: rc.Regularizer
 ) -> tuple[rc.Collection, torch.nn.Module]:
-    """A collection with ``rc.l2(l2)`` on each of ``params``, and the module holding them
+    """A collection with ``regularizer`` on each of ``params``, and the module holding them
     (keep it: entries hold their module weakly)."""
     coll = rc.Collection()
     holder = torch.nn.Module()
     for i, p in enumerate(params):
         holder.register_parameter(f"p{i}", p)
-        rc.add_regularizer(holder, f"p{i}", rc.l2(l2), collection=coll)
+        rc.add_regularizer(holder, f"p{i}", regularizer, collection=coll)
     return coll, holder
 
 
 def large(repeats: int, device: torch.device) -> dict[str, float]:
     params = large_parameters(device)
     total = sum(p.numel() for p in params)
-    coll, _holder = l2_collection(params, 1e-4)
+    coll, _holder = collection_of(params, rc.l2(1e-4))
     for p in params:
         p.grad = torch.zeros_like(p)
     grads = [p.grad for p in params]
@@ -339,7 +339,7 @@ def fused_step(repeats: int, device: torch.device) -> dict[str, float]:
     plain = tensors()
     opt_plain = torch.optim.SGD(plain, lr=1e-3, weight_decay=wd)
     ours = tensors()
-    coll, _holder = l2_collection(ours, wd / 2)
+    coll, _holder = collection_of(ours, rc.l2(wd / 2))
     opt_ours = torch.optim.SGD(ours, lr=1e-3)
     rc.attach_optimizer(opt_ours, collection=coll)
 
@@ -373,14 +373,11 @@ def fused_step(repeats: int, device: torch.device) -> dict[str, float]:
     # Peak memory of one step beyond the weights, gradients and optimizer state, against the
     # same penalty through autograd (its backward into the existing gradients).
     l1 = tensors()
-    l1_coll, _l1_holder = rc.Collection(), torch.nn.Module()
-    for i, p in enumerate(l1):
-        _l1_holder.register_parameter(f"p{i}", p)
-        rc.add_regularizer(_l1_holder, f"p{i}", rc.l1(wd), collection=l1_coll)
+    l1_coll, _l1_holder = collection_of(l1, rc.l1(wd))
     opt_l1 = torch.optim.SGD(l1, lr=1e-3)
     rc.attach_optimizer(opt_l1, decoupled=True, collection=l1_coll)
     autograd = tensors()
-    autograd_coll, _autograd_holder = l2_collection(autograd, wd / 2)
+    autograd_coll, _autograd_holder = collection_of(autograd, rc.l2(wd / 2))
     opt_l1.step()
     peaks = {
         "SGD(weight_decay) step": peak_bytes(opt_plain.step, device),
