@@ -38,6 +38,15 @@ def others(model):
     return [p for p in model.parameters() if p.dim() < 2]
 
 
+def decay_groups(model):
+    """Parameter groups with ``weight_decay=WD`` on the kernels only, as rc.regularize's
+    ``kernel=`` covers them."""
+    return [
+        {"params": kernels(model), "weight_decay": WD},
+        {"params": others(model), "weight_decay": 0.0},
+    ]
+
+
 def train(model, opt, data, extra=None):
     for x, y in data:
         opt.zero_grad()
@@ -55,16 +64,24 @@ def train(model, opt, data, extra=None):
         lambda params, **kw: torch.optim.Adam(params, lr=0.01, **kw),
         lambda params, **kw: torch.optim.RMSprop(params, lr=0.01, **kw),
         lambda params, **kw: torch.optim.Adam(params, lr=torch.tensor(0.01), fused=True, **kw),
+        # maximize=True negates the gradient before the optimizer's math and adds weight
+        # decay after: the penalty still shrinks the weights, as weight_decay does.
+        lambda params, **kw: torch.optim.SGD(params, lr=0.1, momentum=0.9, maximize=True, **kw),
+        lambda params, **kw: torch.optim.Adam(params, lr=0.01, maximize=True, **kw),
     ],
-    ids=["SGD-momentum", "Adam", "RMSprop", "Adam-fused-tensor-lr"],
+    ids=[
+        "SGD-momentum",
+        "Adam",
+        "RMSprop",
+        "Adam-fused-tensor-lr",
+        "SGD-momentum-maximize",
+        "Adam-maximize",
+    ],
 )
 def test_coupled_equals_the_optimizers_weight_decay_on_the_same_parameters(make):
     data = batches()
     plain = mlp()
-    groups = [
-        {"params": kernels(plain), "weight_decay": WD},
-        {"params": others(plain), "weight_decay": 0.0},
-    ]
+    groups = decay_groups(plain)
     train(plain, make(groups), data)
 
     ours = mlp()
@@ -95,10 +112,7 @@ def test_decoupled_equals_adamw(options):
     lr = torch.tensor(0.01) if options else 0.01  # fused optimizers take a tensor lr
     data = batches()
     plain = mlp()
-    groups = [
-        {"params": kernels(plain), "weight_decay": WD},
-        {"params": others(plain), "weight_decay": 0.0},
-    ]
+    groups = decay_groups(plain)
     train(plain, torch.optim.AdamW(groups, lr=lr, **options), data)
 
     ours = mlp()
@@ -114,13 +128,7 @@ def test_decoupled_equals_adamw(options):
 def test_decoupled_follows_a_learning_rate_schedule():
     data = batches()
     plain = mlp()
-    opt_plain = torch.optim.AdamW(
-        [
-            {"params": kernels(plain), "weight_decay": WD},
-            {"params": others(plain), "weight_decay": 0},
-        ],
-        lr=0.01,
-    )
+    opt_plain = torch.optim.AdamW(decay_groups(plain), lr=0.01)
     sched_plain = torch.optim.lr_scheduler.StepLR(opt_plain, step_size=2, gamma=0.3)
     ours = mlp()
     coll = rc.Collection()
@@ -335,10 +343,7 @@ def wide_model():
 )
 def test_the_attached_step_holds_no_more_memory_than_weight_decay(regularizer, decoupled):
     plain = wide_model()
-    groups = [
-        {"params": kernels(plain), "weight_decay": WD},
-        {"params": others(plain), "weight_decay": 0.0},
-    ]
+    groups = decay_groups(plain)
     opt_plain = torch.optim.SGD(groups, lr=0.1)
     ours = wide_model()
     coll = rc.Collection()
@@ -453,10 +458,7 @@ def test_a_step_with_a_closure_applies_the_penalty_to_the_gradients_the_closure_
     # pre-hooks: the penalty must be applied after it, or the closure wipes it out.
     data = batches()
     plain = mlp()
-    groups = [
-        {"params": kernels(plain), "weight_decay": WD},
-        {"params": others(plain), "weight_decay": 0.0},
-    ]
+    groups = decay_groups(plain)
     make = torch.optim.AdamW if decoupled else torch.optim.Adam
     opt_plain = make(groups, lr=0.01)
     ours = mlp()
@@ -519,14 +521,7 @@ def test_lightning_training_with_an_attached_optimizer_equals_weight_decay():
 
         def configure_optimizers(self):
             if not self.attach:
-                return torch.optim.SGD(
-                    [
-                        {"params": kernels(self.net), "weight_decay": WD},
-                        {"params": others(self.net), "weight_decay": 0.0},
-                    ],
-                    lr=0.1,
-                    momentum=0.9,
-                )
+                return torch.optim.SGD(decay_groups(self.net), lr=0.1, momentum=0.9)
             opt = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
             rc.attach_optimizer(opt, collection=self.coll)
             return opt
@@ -600,34 +595,6 @@ def test_a_gans_two_optimizers_each_apply_their_own_models_penalties():
     assert g_value.item() == pytest.approx(0.5 * (G.weight.detach() ** 2).sum().item(), rel=1e-6)
 
 
-@pytest.mark.parametrize(
-    "make",
-    [
-        lambda params, **kw: torch.optim.SGD(params, lr=0.1, momentum=0.9, maximize=True, **kw),
-        lambda params, **kw: torch.optim.Adam(params, lr=0.01, maximize=True, **kw),
-    ],
-    ids=["SGD", "Adam"],
-)
-def test_a_maximizing_optimizer_still_shrinks_the_weights_as_its_weight_decay_does(make):
-    # maximize=True negates the gradient before the optimizer's math and adds weight decay
-    # after: the penalty is subtracted from the objective it maximizes, never added to it.
-    data = batches()
-    plain = mlp()
-    groups = [
-        {"params": kernels(plain), "weight_decay": WD},
-        {"params": others(plain), "weight_decay": 0.0},
-    ]
-    train(plain, make(groups), data)
-    ours = mlp()
-    coll = rc.Collection()
-    rc.regularize(ours, kernel=rc.l2(WD / 2), collection=coll)
-    opt = make(ours.parameters())
-    rc.attach_optimizer(opt, collection=coll)
-    train(ours, opt, data, coll.loss)
-    for a, b in zip(plain.parameters(), ours.parameters()):
-        assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
-
-
 def test_a_maximizing_optimizer_shrinks_the_weights_under_l1_too():
     coll = rc.Collection()
     layer = rc.nn.Linear(2, 2, bias=False, kernel_regularizer=rc.l1(0.5), collection=coll)
@@ -654,10 +621,7 @@ def test_an_accelerate_prepared_optimizer_can_be_attached_and_accumulation_steps
             opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
             rc.attach_optimizer(opt, collection=coll)  # attached before prepare() too: once
         else:
-            groups = [
-                {"params": kernels(model), "weight_decay": WD},
-                {"params": others(model), "weight_decay": 0.0},
-            ]
+            groups = decay_groups(model)
             opt = torch.optim.SGD(groups, lr=0.1, momentum=0.9)
         model, opt = accelerator.prepare(model, opt)
         if attach:  # the prepared optimizer: the wrapped one's step applies the penalty
