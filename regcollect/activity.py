@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import torch
 
 from ._checks import RegcollectWarning
+from ._torch_compat import is_compiling
 from .entries import Entry
 from .regularizers import Regularizer, accumulation_dtype
 
@@ -114,7 +115,7 @@ class Pending:
         return self._bytes
 
     def add(self, entry: Entry, value: torch.Tensor, training: bool, output: torch.Tensor) -> None:
-        if torch.compiler.is_compiling():
+        if is_compiling():
             # Traced into the graph: no lock, no tensor hook (a compiled step cannot tell
             # when its pass is backpropagated); the bounds are checked by the next eager call.
             self._records.append(Record(entry, value, training, 0))
@@ -230,7 +231,7 @@ class ActivityHook:
         owner, entry = self.owner(), self.entry()
         if owner is None or entry is None:
             return
-        node = None if torch.compiler.is_compiling() else torch._C._current_autograd_node()
+        node = None if is_compiling() else torch._C._current_autograd_node()
         if node is not None and type(node).__name__ == "CheckpointFunctionBackward":
             raise RuntimeError(
                 f"activity regularizer on {owner.describe(entry)} inside "

@@ -19,6 +19,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import _naming
 from ._checks import RegcollectWarning, ScopeArg, check_scope
+from ._torch_compat import CONSTANT_FUNCTIONS_TAKE_OBJECTS, is_compiling
 from .activity import Record
 from .engine import Plan
 from .entries import ACTIVITY, Entry, current_tensors
@@ -195,7 +196,7 @@ class Collection(Registry):
             A 0-dim tensor, differentiable, on the parameters' device, float32 at least;
             ``tensor(0.)`` when nothing is registered. Reads nothing back to the host.
         """
-        if torch.compiler.is_compiling():
+        if is_compiling():
             return self._traced_loss(scope)
         key, cached = self._plan(scope)
         records = self.pending.take(None if key is None else _ids_in(cached.in_scope_ids))
@@ -223,7 +224,7 @@ class Collection(Registry):
         of the penalty math, so a compiled step has no graph break here. A ``scope`` is
         matched against the names once, when the step is traced (``_scope_positions``).
         """
-        in_scope = list(self._entries.values())
+        in_scope = list(self._ordered)
         checked = None if scope is None else check_scope(scope)  # the eager path's errors
         if checked is not None:
             found = _scope_positions(self, scope)
@@ -444,13 +445,12 @@ def _positions(coll: Collection, scope: Any) -> tuple[int, ...] | str:
         keep = set(map(id, coll.entries(scope)))
     except ValueError as exc:
         return str(exc)
-    return tuple(i for i, e in enumerate(coll._entries.values()) if id(e) in keep)
+    return tuple(i for i, e in enumerate(coll._ordered) if id(e) in keep)
 
 
-# Dynamo passes objects (the collection, a model) to a constant function from torch 2.13 on;
-# older versions reject them ("is not a constant", seen on 2.11). There the function is traced
-# like any other: correct values, with graph breaks at its regular expressions.
-_scope_positions = mark_constant(_positions) if torch.__version__ >= "2.13" else _positions
+# Where dynamo rejects objects as a constant function's arguments, the function is traced like
+# any other (see _torch_compat).
+_scope_positions = mark_constant(_positions) if CONSTANT_FUNCTIONS_TAKE_OBJECTS else _positions
 
 
 _default = Collection()

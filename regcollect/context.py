@@ -15,6 +15,7 @@ from typing import IO
 import torch
 
 from ._checks import ScopeArg
+from ._torch_compat import is_compiling
 from .collection import Collection, default_collection
 from .regularizers import Regularizer
 from .regularizers import get as get_regularizer
@@ -132,7 +133,7 @@ def scope_default(argument: str) -> Regularizer | None:
 
 def active_collection(explicit: Collection | None = None) -> Collection:
     """``explicit`` if given, else the innermost scope's collection, else the default one."""
-    if explicit is None and torch.compiler.is_compiling():
+    if explicit is None and is_compiling():
         # Scopes are a model-building tool; torch.compile cannot trace ContextVar reads.
         return default_collection()
     if _check_collection(explicit) is not None:

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ._torch_compat import is_compiling
 from .penalties import accumulation_dtype
 
 __all__ = ["group_penalty", "group_value"]
@@ -27,7 +28,7 @@ def _group_forward(
     # on other devices, every step).
     cpu = xs[0].device.type == "cpu"
     large = [i for i, x in enumerate(xs) if x.numel() > _EXACT_MIN] if cpu else []
-    if large and not torch.compiler.is_compiling():
+    if large and not is_compiling():
         powers = _cpu_powers(kind, xs, large, acc)
     else:
         norms = torch.stack(torch._foreach_norm(xs, 1 if kind == "l1" else 2, dtype=acc))
@@ -226,7 +227,7 @@ def group_penalty(
         raise ValueError(f'kind must be "l1" or "l2", got {kind!r}')
     if torch._C._are_functorch_transforms_active():
         total, values = _GroupPenaltyForTransforms.apply(kind, coef, *tensors)
-    elif stack and not torch.compiler.is_compiling():
+    elif stack and not is_compiling():
         total, values = _StackedPenalty.apply(kind, coef, *tensors)
     else:
         total, values = _GroupPenalty.apply(kind, coef, *tensors)
@@ -249,7 +250,7 @@ def group_value(
     if kind not in ("l1", "l2"):
         raise ValueError(f'kind must be "l1" or "l2", got {kind!r}')
     with torch.no_grad():
-        if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
+        if torch._C._are_functorch_transforms_active() or is_compiling():
             return group_penalty(kind, coef, tensors)
         if stack:
             values = coef * _row_powers(kind, torch.stack(tuple(tensors)), len(tensors))

@@ -34,7 +34,7 @@ _exists = functools.partial(operator.is_not, None)
 
 def _flags(tensors: list[torch.Tensor | None]) -> list[tuple[Any, ...]]:
     """``(requires_grad, dtype, device, shape)`` of each tensor that exists (None skipped)."""
-    return list(map(_meta, filter(_exists, tensors)))
+    return [_meta(t) for t in tensors if t is not None]
 
 
 def applied(entries: Sequence[Entry]) -> list[Regularizer]:

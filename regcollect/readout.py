@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ._torch_compat import is_compiling
 from .entries import Entry
 
 __all__ = ["Last", "Readout", "Row", "as_dict", "check_finite", "to_host"]
@@ -53,7 +54,7 @@ class Readout:
         self._lasts: dict[Any, Last] = {}
 
     def store(self, key: Any, last: Last) -> None:
-        if torch.compiler.is_compiling():
+        if is_compiling():
             # Traced: dynamo cannot enter a lock; a compiled step runs on one thread at a time.
             self._lasts.pop(key, None)
             self._lasts[key] = last

@@ -71,6 +71,9 @@ class Registry:
         self._entries: dict[tuple[Any, ...], Entry] = {}
         self._by_tensor: dict[int, tuple[weakref.ref[torch.Tensor], tuple[Any, ...]]] = {}
         self._version = 0
+        # The entries in registration order, as a tuple: what a compiled loss() reads (dynamo
+        # before torch 2.13 cannot trace a dict keyed by weak references).
+        self._ordered: tuple[Entry, ...] = ()
         self._has_dead = False
         self._plans = PlanCache()
         self._names_cache: tuple[tuple[int, int], dict[Entry, str]] | None = None
@@ -178,6 +181,7 @@ class Registry:
     def _changed(self) -> None:
         self._version += 1
         self._plans = PlanCache()
+        self._ordered = tuple(self._entries.values())
 
     def _detach(self, entry: Entry) -> None:
         if entry._hook is not None:

@@ -26,6 +26,8 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
+from ._torch_compat import is_compiling
+
 __all__ = [
     "PLAIN",
     "ContiguousGrad",
@@ -96,7 +98,7 @@ class Layout:
     def check(self, full: torch.Tensor) -> None:
         counts = full[2::3]
         bad = (counts != 0) & (counts != self.ranks)
-        if torch.compiler.is_compiling() or counts.device.type != "cpu":
+        if is_compiling() or counts.device.type != "cpu":
             # No host synchronisation on a GPU: the check runs on the device.
             torch._assert_async(
                 ~bad.any(),

@@ -13,6 +13,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# The site builds once per module (about 5 s) and Chromium renders three pages: slow checks.
+slow = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def site_dir(tmp_path_factory):
@@ -44,6 +47,7 @@ RAW = [
 ]
 
 
+@slow
 def test_no_page_shows_raw_roles_or_tex(site):
     found = [
         f"{page}: {what}: ...{html[max(0, m.start() - 40) : m.end() + 40]!r}..."
@@ -56,6 +60,7 @@ def test_no_page_shows_raw_roles_or_tex(site):
     assert not found, "\n".join(found)
 
 
+@slow
 def test_formulas_are_mathml_and_the_api_lists_what_users_import(site):
     assert site["regularizers/index.html"].count("<math") >= 5
     api = site["api/index.html"]
@@ -158,6 +163,7 @@ BROWSER = next(
 )
 
 
+@slow
 @pytest.mark.skipif(BROWSER is None, reason="no Chromium (apt-get install chromium)")
 @pytest.mark.parametrize("page", ["index.html", "regularizers/index.html", "api/index.html"])
 def test_pages_as_a_browser_renders_them(site_dir, page):

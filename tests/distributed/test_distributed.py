@@ -19,10 +19,13 @@ from typing import Any
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(
-    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
-    reason="torch.distributed with the gloo backend is not available in this build",
-)
+pytestmark = [
+    pytest.mark.slow,  # torchrun launches: 10-40 s
+    pytest.mark.skipif(
+        not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+        reason="torch.distributed with the gloo backend is not available in this build",
+    ),
+]
 
 WORKER = Path(__file__).with_name("worker.py")
 TOL = 1e-5

@@ -1,0 +1,50 @@
+"""What differs between the torch versions regcollect supports, in one place.
+
+The rest of the package asks this module, never ``torch.__version__`` or ``hasattr(torch, ...)``.
+The supported range is ``pyproject.toml``'s ``torch`` requirement; ``.ci/run`` runs the suite on
+its floor and on the newest torch the index serves.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+__all__ = [
+    "COMPILED_LOSS_WITHOUT_GRAPH_BREAKS",
+    "CONSTANT_FUNCTIONS_TAKE_OBJECTS",
+    "TORCH_VERSION",
+    "is_compiling",
+    "parse_version",
+]
+
+
+def parse_version(text: str) -> tuple[int, int, int]:
+    """``"2.13.0+cpu"`` -> ``(2, 13, 0)``; pre-release and local parts are ignored.
+
+    Compared as tuples: comparing the strings puts ``"2.9"`` after ``"2.13"``.
+    """
+    match = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", text)
+    if match is None:
+        raise ValueError(f"torch version must look like 'MAJOR.MINOR[.PATCH]', got {text!r}")
+    major, minor, patch = match.groups()
+    return int(major), int(minor), int(patch or 0)
+
+
+TORCH_VERSION = parse_version(torch.__version__)
+
+# Dynamo passes objects (a collection, a model) to a function marked constant from torch 2.13 on;
+# older versions reject them ("is not a constant", seen on 2.11). There the function is traced
+# like any other: the same values, with graph breaks at the scope's regular expressions.
+CONSTANT_FUNCTIONS_TAKE_OBJECTS = TORCH_VERSION >= (2, 13)
+
+# A compiled step with loss() in it traces as one graph from torch 2.13 on (checked on 2.13 and
+# 2.14). On the floor, 2.6, dynamo breaks the graph where the engine looks a penalty's kernel up
+# on its class, and at a scope's regular expressions: the values are the same as eager. The
+# versions between are not checked in CI and are not promised to trace without breaks.
+COMPILED_LOSS_WITHOUT_GRAPH_BREAKS = TORCH_VERSION >= (2, 13)
+
+# torch.compiler.is_compiling is public from torch 2.3 on (dynamo's own flag is older). It is
+# bound here, not wrapped, so dynamo sees the function it folds to a constant while tracing.
+is_compiling = torch.compiler.is_compiling
