@@ -72,3 +72,32 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 def device(request):
     """The devices a test that takes one runs on: the CPU, and CUDA where a GPU is present."""
     return torch.device(request.param)
+
+
+def rounding_bound(weights, steps, momentum=0.0):
+    """How far two trainings that differ only in rounding may drift apart: 8 ulps of the
+    weights' scale a step, summed over ``steps``, and again by a running average of the
+    gradient (momentum, Adam's first moment: a factor 1 / (1 - momentum)).
+
+    It scales with the dtype's epsilon, so it is the same argument in float32 and float64;
+    a real difference (a wrong coefficient: lr * wd * |w| a step) is orders above it here.
+    """
+    eps = torch.finfo(weights.dtype).eps
+    scale = max(1.0, weights.detach().abs().max().item())
+    return steps * 8 * eps * scale / (1.0 - momentum)
+
+
+@pytest.fixture
+def same_to_rounding():
+    """``check(want_params, got_params, steps, momentum=0.0)``: each pair of tensors agrees
+    within ``rounding_bound``."""
+
+    def check(want, got, steps, momentum=0.0):
+        want, got = list(want), list(got)
+        assert len(want) == len(got)
+        for a, b in zip(want, got):
+            bound = rounding_bound(a, steps, momentum)
+            diff = (a.detach() - b.detach()).abs().max().item()
+            assert diff <= bound, f"{tuple(a.shape)}: differs by {diff:.3g} > {bound:.3g}"
+
+    return check
