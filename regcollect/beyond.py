@@ -33,7 +33,7 @@ from .penalties import (
     coefficient,
     scale,
 )
-from .sharding import PLAIN
+from .sharding import is_plain
 
 __all__ = [
     "REFERENCE_SUFFIX",
@@ -220,7 +220,7 @@ class L2SP(Regularizer):
         reference = self.reference
         if (
             isinstance(reference, torch.Tensor)
-            and type(reference) in PLAIN  # a sharded reference is called alone
+            and is_plain(reference)  # a sharded reference is called alone
             and reference.shape == x.shape
             and reference.dtype == x.dtype
             and reference.device == x.device

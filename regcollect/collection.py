@@ -99,6 +99,18 @@ class Collection(Registry):
     def _held_by_optimizers(self) -> set[int]:
         return held_by(self._attachments)
 
+    def _attachment_key(self) -> tuple[Any, ...]:
+        """What decides which penalties the attached optimizers apply: each one's parameter
+        groups, and whether it is still alive (a dropped optimizer gives its penalties back
+        to autograd). Part of the plan's staleness key, with the registry's and the module
+        tree's versions."""
+        if not self._attachments:
+            return ()
+        keys = tuple(a.key() for a in self._attachments)
+        if None in keys:
+            self._attachments = [a for a in self._attachments if a.optimizer() is not None]
+        return keys
+
     @property
     def max_pending(self) -> int:
         return self.pending.max_count
@@ -149,7 +161,7 @@ class Collection(Registry):
 
             cached = self._plans.get(
                 key,
-                (self._version, _naming.version()),
+                (self._version, _naming.version(), self._attachment_key()),
                 roots,
                 build,
                 self._describer,

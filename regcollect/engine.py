@@ -29,15 +29,27 @@ from .kernels import group_penalty, group_value
 from .penalties import Coefficient, scale
 from .regularizers import Regularizer, accumulation_dtype, fused_terms
 from .sharding import (
-    PLAIN,
     ContiguousGrad,
     all_reduce,
     is_dtensor,
+    is_plain,
     layouts,
     shard_reduction,
 )
 
-__all__ = ["Plan", "Result", "group_penalty"]
+__all__ = ["Plan", "Result", "group_penalty", "steppable"]
+
+
+def steppable(x: torch.Tensor, reg: Regularizer) -> bool:
+    """Whether an attached optimizer's step applies ``reg`` to ``x`` (and ``loss()`` then
+    gives its value without a gradient): the one rule both sides follow, so that a penalty is
+    counted exactly once. L1/L2 terms on tensors whose local values sum to the penalty (plain
+    tensors, sharded DTensors); the other penalties with step math on plain tensors only."""
+    if not x.is_floating_point():
+        return False
+    if fused_terms(reg) is not None:
+        return shard_reduction(x) is not None
+    return reg.applied_in_step and is_plain(x)
 
 
 @dataclass
@@ -88,17 +100,20 @@ class Plan:
         groups: dict[tuple[Any, ...], list[int]] = {}
         batched: dict[tuple[Any, ...], list[int]] = {}
         self.fallback: list[int] = []
+        self.fallback_detached: set[int] = set()
         for i, (x, reg) in enumerate(zip(self.tensors, self.regularizers)):
             terms = fused_terms(reg) if x.is_floating_point() else None
             reduce_over = shard_reduction(x) if terms is not None else None
             if terms is None or reduce_over is None:
                 # Other penalties that can be evaluated many at once (Regularizer.batch):
                 # plain tensors only; sharded ones are completed and called one by one.
-                key = reg.batch_key(x) if type(x) in PLAIN and x.is_floating_point() else None
+                key = reg.batch_key(x) if is_plain(x) and x.is_floating_point() else None
+                detached = id(x) in no_grad and steppable(x, reg)
                 if key is None:
                     self.fallback.append(i)
+                    if detached:
+                        self.fallback_detached.add(i)
                 else:
-                    detached = id(x) in no_grad and reg.applied_in_step
                     batched.setdefault((type(reg), key, x.device, x.dtype, detached), []).append(i)
                 continue
             # Zero terms are skipped, but a tensor whose terms are all zero (a lambda = 0 run
@@ -200,7 +215,8 @@ class Plan:
             if is_dtensor(x):
                 x = ContiguousGrad.apply(x.full_tensor())  # type: ignore[attr-defined]
             try:
-                value = self.regularizers[i](x)
+                with torch.no_grad() if i in self.fallback_detached else contextlib.nullcontext():
+                    value = self.regularizers[i](x)
             except (TypeError, ValueError) as exc:
                 raise type(exc)(f"{self.describe(i)}: {exc}") from exc
             parts.append((value.detach().reshape(1), [i]))
@@ -242,7 +258,7 @@ _VALUE_STACK_MAX_BYTES = 16 * 1024
 
 def _stack_shape(x: torch.Tensor, max_bytes: int) -> torch.Size | None:
     """``x``'s shape if it may be stacked with tensors of the same shape, else None."""
-    if type(x) in PLAIN and x.device.type == "cpu" and x.numel() * x.element_size() <= max_bytes:
+    if is_plain(x) and x.device.type == "cpu" and x.numel() * x.element_size() <= max_bytes:
         return x.shape
     return None
 

@@ -26,34 +26,43 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from . import _step
 from ._checks import RegcollectWarning
+from ._optimizers import skip_flag, stepped
 from .beyond import L2SP, GroupLasso, reference_of
+from .engine import steppable
 from .entries import WEIGHT
 from .handle import Handle
 from .penalties import Coefficient, fused_terms
-from .sharding import PLAIN
 
 if TYPE_CHECKING:
     from .collection import Collection
 
 __all__ = ["OptimizerAttachment", "attach_optimizer"]
 
+# One term the step applies: (kind, coefficient, parameters, extras); kind is "l1"/"l2" (a
+# fused term), "l2sp" (extras: where the reference lives) or "group" (extras: the GroupLasso).
+Term = tuple[str, Any, list[torch.Tensor], list[Any]]
+
 
 class OptimizerAttachment:
-    """The hooks on one optimizer, and the grouping of its parameters by coefficient."""
+    """The hooks on one optimizer, and its parameters grouped by penalty term. The math is
+    in ``regcollect._step``; this class only gathers what it needs, as ``torch.optim``'s
+    ``_init_group`` does."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, coll: Collection, decoupled: bool):
+        if decoupled:
+            _check_learning_rates(optimizer)
         self.optimizer = weakref.ref(optimizer)
         self.collection = weakref.ref(coll)
         self.decoupled = decoupled
         self._key: tuple[Any, ...] | None = None
-        # Per param group: [(kind, coefficient, [params])], built when something changes.
-        self._groups: list[list[tuple[str, Any, list[torch.Tensor], list[Any]]]] = []
+        self._groups: list[list[Term]] = []  # per param group
         self._coefs: list[list[float]] = []
         self._pre = optimizer.register_step_pre_hook(self._before_step)
         self._post = optimizer.register_step_post_hook(self._after_step)
@@ -66,6 +75,19 @@ class OptimizerAttachment:
             return set()
         return {id(p) for group in optimizer.param_groups for p in group["params"]}
 
+    def key(self) -> tuple[Any, ...] | None:
+        """What ``held()`` depends on, cheaply: the optimizer (None once collected) and its
+        parameter groups' lists (``add_param_group`` adds one). Part of the collection's
+        staleness key, so that ``loss()`` re-plans when the step starts or stops applying a
+        penalty."""
+        optimizer = self.optimizer()
+        if optimizer is None:
+            return None
+        return (
+            id(optimizer),
+            *((id(g["params"]), len(g["params"])) for g in optimizer.param_groups),
+        )
+
     def remove(self) -> None:
         self._pre.remove()
         self._post.remove()
@@ -73,35 +95,27 @@ class OptimizerAttachment:
     # -- the grouping -----------------------------------------------------------------------
 
     def _grouping(self, optimizer: torch.optim.Optimizer, coll: Collection) -> None:
-        key = (
-            coll._version,
-            tuple(id(p) for group in optimizer.param_groups for p in group["params"]),
-        )
+        key = (coll._version, self.key())
         if key == self._key:
             return
-        if self._key is not None and key[1] != self._key[1]:
-            coll._changed()  # the optimizer holds other parameters: loss() must re-plan
-        # id(tensor) -> [(kind, coefficient, extra)]: "l1"/"l2" terms, "l2sp" with its
-        # reference, "group" (group lasso) with its axis.
+        # id(tensor) -> its terms, by the rule loss() follows too (engine.steppable).
         coefficients: dict[int, list[tuple[str, Coefficient, Any]]] = {}
         for entry in coll.entries():
             if entry.kind != WEIGHT:
                 continue
             tensor = entry.resolve()
-            if tensor is None:
-                continue
-            terms = fused_terms(entry.regularizer)
             reg = entry.regularizer
+            if tensor is None or not steppable(tensor, reg):
+                continue
+            terms = fused_terms(reg)
             if terms:
                 coefficients[id(tensor)] = [(k, c, None) for k, c in terms if c]
-            elif reg.applied_in_step and type(tensor) in PLAIN and entry.module is not None:
-                # Sharded tensors keep these in loss(), as the plan does.
-                if isinstance(reg, L2SP):
-                    # Looked up at each step: model.to() replaces the buffer.
-                    where = (weakref.ref(entry.module), entry.param)
-                    coefficients[id(tensor)] = [("l2sp", reg.l2, where)]
-                elif isinstance(reg, GroupLasso):
-                    coefficients[id(tensor)] = [("group", reg.factor, reg)]
+            elif isinstance(reg, L2SP) and entry.module is not None:
+                # Looked up at each step: model.to() replaces the buffer.
+                where = (weakref.ref(entry.module), entry.param)
+                coefficients[id(tensor)] = [("l2sp", reg.l2, where)]
+            elif isinstance(reg, GroupLasso):
+                coefficients[id(tensor)] = [("group", reg.factor, reg)]
         self._groups = []
         doubled = []
         for group in optimizer.param_groups:
@@ -168,56 +182,60 @@ class OptimizerAttachment:
 
     def _apply_before(self, optimizer: torch.optim.Optimizer) -> None:
         """What the step applies before the optimizer's own math: the coupled gradients, or
-        the decoupled L2 decay of the weights."""
+        the decoupled L2 and L2-SP decay of the weights."""
+        # A fused optimizer under GradScaler unscales inside its step: the coupled penalty's
+        # gradient goes in multiplied by the scale it will divide by; the decoupled decay is
+        # not applied on a step the scaler skips.
+        grad_scale = None if self.decoupled else getattr(optimizer, "grad_scale", None)
+        skip, keep = _skipped(optimizer) if self.decoupled else (False, None)
+        if skip:
+            return
         with torch.no_grad():
             for group, terms, coefs in zip(optimizer.param_groups, self._groups, self._coefs):
-                lr = _lr(group)
                 # maximize=True negates .grad in the optimizer's math, and adds weight decay
                 # after that: the penalty's gradient goes in negated, so that it still shrinks.
                 sign = -1.0 if group.get("maximize", False) else 1.0
+                lr = _lr(group, optimizer) if self.decoupled else None
                 for (kind, _, params, extras), coef in zip(terms, coefs):
                     live, live_extras = _live(params, extras)
                     if not live:
                         continue
-                    if kind == "group":
-                        if not self.decoupled:
-                            for p, grad, reg in zip(live, _grads(live), live_extras):
-                                grad.add_(_group_directions(p, reg), alpha=sign * coef)
-                        continue
-                    if kind == "l2sp":
-                        refs = [_reference(where) for where in live_extras]
-                        if self.decoupled:  # towards the reference, as AdamW towards zero
-                            torch._foreach_lerp_(live, refs, lr * 2.0 * coef)
-                        else:
-                            for part, ref_part in _chunks(live, refs):
-                                diffs = torch._foreach_sub(part, ref_part)
-                                torch._foreach_add_(_grads(part), diffs, alpha=sign * 2.0 * coef)
-                                del diffs  # before the next chunk's
-                        continue
                     if not self.decoupled:
-                        if kind == "l2":  # in place: no temporary at all
-                            torch._foreach_add_(_grads(live), live, alpha=sign * 2.0 * coef)
-                        else:
-                            for (part,) in _chunks(live):
-                                signs = torch._foreach_sign(part)
-                                torch._foreach_add_(_grads(part), signs, alpha=sign * coef)
-                                del signs  # before the next chunk's
+                        if kind == "group":
+                            for p, reg in zip(live, live_extras):
+                                d = _step.group_directions(p, reg.norms(p), reg.axis)
+                                if grad_scale is not None:
+                                    d.mul_(grad_scale.to(d.device))
+                                p.grad.add_(d, alpha=sign * coef)  # type: ignore[union-attr]
+                            continue
+                        refs = [_reference(w) for w in live_extras] if kind == "l2sp" else None
+                        _step.coupled_(
+                            kind, coef, live, _grads(live), refs, sign=sign, grad_scale=grad_scale
+                        )
                     elif kind == "l2":
-                        torch._foreach_mul_(live, 1.0 - lr * 2.0 * coef)
+                        _step.decay_(live, lr * 2.0 * coef, keep)  # type: ignore[operator]
+                    elif kind == "l2sp":
+                        refs = [_reference(w) for w in live_extras]
+                        _step.pull_(live, refs, lr * 2.0 * coef, keep)  # type: ignore[operator]
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        """The decoupled proximal steps, after the optimizer's update: L1's soft threshold
+        and the group lasso's block soft threshold."""
         if not self.decoupled:
+            return
+        skip, keep = _skipped(optimizer)
+        if skip:
             return
         with torch.no_grad():
             for group, terms, coefs in zip(optimizer.param_groups, self._groups, self._coefs):
-                lr = _lr(group)
+                lr = _lr(group, optimizer)
                 for (kind, _, params, extras), coef in zip(terms, coefs):
                     live, live_extras = _live(params, extras)
                     if kind == "l1" and live:
-                        _soft_threshold_(live, lr * coef)
+                        _step.soft_threshold_(live, lr * coef, keep)
                     elif kind == "group":
                         for p, reg in zip(live, live_extras):
-                            _block_soft_threshold_(p, reg, lr * coef)
+                            _step.block_soft_threshold_(p, reg.norms(p), reg.axis, lr * coef, keep)
 
 
 def _live(params: list[torch.Tensor], extras: list[Any]) -> tuple[list[torch.Tensor], list[Any]]:
@@ -241,64 +259,40 @@ def _reference(where: tuple[Any, str]) -> torch.Tensor:
     return reference_of(module, name)
 
 
-def _group_norms(p: torch.Tensor, reg: GroupLasso) -> torch.Tensor:
-    """Each group's L2 norm, shaped to broadcast against ``p`` along the group axis."""
-    shape = [1] * p.dim()
-    shape[reg.axis % p.dim()] = -1
-    return reg.norms(p).reshape(shape)
+def _skipped(optimizer: torch.optim.Optimizer) -> tuple[bool, torch.Tensor | None]:
+    """Whether ``GradScaler`` skips this step of a fused optimizer: ``(True, None)`` when
+    known on the host (a CPU flag), else ``(False, keep)`` with ``keep = 1 - found_inf`` on
+    the device, which the step math multiplies in (no host read)."""
+    found_inf = skip_flag(optimizer)
+    if found_inf is None:
+        return False, None
+    if found_inf.device.type == "cpu":
+        return bool(found_inf.item()), None
+    return False, 1.0 - found_inf.clamp(max=1.0)
 
 
-def _group_directions(p: torch.Tensor, reg: GroupLasso) -> torch.Tensor:
-    """``p_g / ||p_g||`` per group (0 for a zero group): the group lasso's (sub)gradient."""
-    norms = _group_norms(p, reg)
-    return p / norms.clamp_min(torch.finfo(norms.dtype).tiny)
+def _lr(group: dict[str, Any], optimizer: torch.optim.Optimizer) -> Any:
+    """The group's learning rate for the decoupled step: a float, or a device tensor kept on
+    its device (a capturable optimizer's; reading it on the host would sync every step)."""
+    lr = group.get("lr")
+    if isinstance(lr, torch.Tensor):
+        return float(lr) if lr.device.type == "cpu" else lr
+    if lr is None:
+        raise ValueError(_no_lr(optimizer))
+    return float(lr)
 
 
-def _block_soft_threshold_(p: torch.Tensor, reg: GroupLasso, threshold: float) -> None:
-    """``p_g *= max(0, 1 - threshold / ||p_g||)`` in place: the proximal step of the group
-    lasso, which sets every group whose norm is below ``threshold`` exactly to zero."""
-    norms = _group_norms(p, reg)
-    p.mul_((1.0 - threshold / norms.clamp_min(torch.finfo(norms.dtype).tiny)).clamp_min(0.0))
+def _no_lr(optimizer: torch.optim.Optimizer) -> str:
+    return (
+        f"decoupled=True needs a learning rate: {type(optimizer).__name__} has a parameter "
+        "group with lr=None (it computes its own step size, as Adafactor's relative_step "
+        "does). Attach it coupled (decoupled=False), which needs no learning rate."
+    )
 
 
-def _soft_threshold_(params: list[torch.Tensor], threshold: float) -> None:
-    """``p = sign(p) * max(|p| - threshold, 0)`` in place: the proximal step of L1."""
-    # p -= clamp(p, -threshold, threshold): exactly 0 where |p| <= threshold, p -/+ threshold
-    # elsewhere; in-place pointwise steps (DTensors too), one temporary per chunk.
-    for (part,) in _chunks(params):
-        shrink = torch._foreach_clamp_max(part, threshold)
-        torch._foreach_clamp_min_(shrink, -threshold)
-        torch._foreach_sub_(part, shrink)
-        del shrink  # before the next chunk's
-
-
-# The step's temporaries (signs, differences to a reference, the proximal clamp) are made a
-# few tensors at a time: at most this many bytes, or one tensor if it is larger. So the step
-# holds at most one gradient-sized tensor more, as SGD's weight_decay does on the CPU (its
-# foreach form on CUDA holds a fresh gradient for every parameter at once), where one call
-# for all of them would hold a copy of every regularized parameter.
-_TEMPORARY_BYTES = 1 << 20
-
-
-def _chunks(*lists: list[torch.Tensor]) -> Iterator[tuple[list[torch.Tensor], ...]]:
-    """Parallel slices of ``lists`` whose tensors in the first list total at most
-    ``max(_TEMPORARY_BYTES, the largest of them)`` bytes."""
-    sizes = [p.nbytes for p in lists[0]]
-    if not sizes:
-        return
-    budget = max(_TEMPORARY_BYTES, max(sizes))
-    start, held = 0, 0
-    for i, size in enumerate(sizes):
-        if held + size > budget:
-            yield tuple(items[start:i] for items in lists)
-            start, held = i, 0
-        held += size
-    yield tuple(items[start:] for items in lists)
-
-
-def _lr(group: dict[str, Any]) -> float:
-    lr = group.get("lr", 0.0)
-    return float(lr)  # a tensor learning rate (capturable optimizers) is read here
+def _check_learning_rates(optimizer: torch.optim.Optimizer) -> None:
+    if any(g.get("lr") is None for g in optimizer.param_groups):
+        raise ValueError(_no_lr(optimizer))
 
 
 def _first_decay(optimizer: torch.optim.Optimizer) -> float:
@@ -324,9 +318,12 @@ def attach_optimizer(
     closure computes.
 
     Args:
-        optimizer: any ``torch.optim.Optimizer`` (SGD, Adam, AdamW, ...), or a wrapper
-            that steps one it holds as ``.optimizer`` (accelerate's ``AcceleratedOptimizer``,
-            Lightning's ``LightningOptimizer``): the wrapped optimizer is attached.
+        optimizer: any ``torch.optim.Optimizer`` (SGD, Adam, AdamW, fused or not, under
+            ``GradScaler`` too), or a wrapper whose ``step()`` drives one it holds as
+            ``.optimizer`` (accelerate's ``AcceleratedOptimizer``, Lightning's
+            ``LightningOptimizer``), ``.base_optimizer`` (SAM) or ``._base_optimizer``
+            (timm's ``Lookahead``): the innermost optimizer, the one real update per step,
+            is attached, so the penalty is applied once per update.
         decoupled: False (coupled): the penalty's gradient is added to ``.grad`` before the
             optimizer's math, as ``weight_decay`` does in SGD and Adam. True: the weights are
             decayed directly, scaled by the group's learning rate, as ``AdamW`` does for L2;
@@ -338,7 +335,11 @@ def attach_optimizer(
 
     Raises:
         TypeError: ``optimizer`` is neither a ``torch.optim.Optimizer`` nor a wrapper of
-            one, or ``decoupled`` is not a bool.
+            one; the optimizer it steps has no step hooks (it never ran
+            ``Optimizer.__init__``) and holds no optimizer under a known name; or
+            ``decoupled`` is not a bool.
+        ValueError: ``decoupled=True`` on an optimizer with a parameter group whose ``lr``
+            is None (Adafactor's relative step): the decoupled step needs a learning rate.
 
     Examples:
         >>> import torch, regcollect as rc
@@ -352,13 +353,7 @@ def attach_optimizer(
     """
     from .context import active_collection
 
-    stepped = _stepped(optimizer)
-    if stepped is None:
-        raise TypeError(
-            "optimizer must be a torch.optim.Optimizer (or a wrapper holding one as "
-            f".optimizer, like accelerate's AcceleratedOptimizer), got {type(optimizer).__name__}"
-        )
-    optimizer = stepped
+    optimizer = stepped(optimizer)
     if not isinstance(decoupled, bool):
         raise TypeError(f"decoupled must be True or False, got {decoupled!r}")
     coll = active_collection(collection)
@@ -370,23 +365,6 @@ def attach_optimizer(
         coll._detach_optimizer(attachment)
 
     return Handle([], undo)
-
-
-def _stepped(optimizer: Any) -> torch.optim.Optimizer | None:
-    """The torch optimizer whose ``step()`` runs the update: the innermost one a wrapper
-    holds as ``.optimizer`` and steps (accelerate's ``AcceleratedOptimizer``, which has no
-    step hooks of its own; Lightning's ``LightningOptimizer``), or ``optimizer`` itself.
-    Attaching the wrapper or the wrapped optimizer is then one and the same attachment."""
-    for _ in range(4):
-        inner = getattr(optimizer, "optimizer", None)
-        if not isinstance(inner, torch.optim.Optimizer) or inner is optimizer:
-            break
-        optimizer = inner
-    if isinstance(optimizer, torch.optim.Optimizer) and hasattr(
-        optimizer, "_optimizer_step_pre_hooks"
-    ):
-        return optimizer
-    return None
 
 
 def held_by(attachments: Iterable[OptimizerAttachment]) -> set[int]:

@@ -71,7 +71,7 @@ class CachedPlan:
     """A plan and what it was built from. ``in_scope`` lists every entry the scope covers
     (activity entries included); ``entries`` are the plan's, one per tensor it evaluates."""
 
-    version: tuple[int, int]
+    version: tuple[Any, ...]
     roots: tuple[weakref.ref[torch.nn.Module], ...]
     locators: list[tuple[Any, str | None]]
     tensors: list[torch.Tensor | None]
@@ -88,7 +88,7 @@ class CachedPlan:
     # Entries on meta tensors left out because real tensors are in the plan too.
     meta: list[Entry] = field(default_factory=list)
 
-    def valid(self, version: tuple[int, int], roots: Sequence[torch.nn.Module]) -> bool:
+    def valid(self, version: tuple[Any, ...], roots: Sequence[torch.nn.Module]) -> bool:
         if self.version != version or len(self.roots) != len(roots):
             return False
         if not all(r() is m for r, m in zip(self.roots, roots)):
@@ -109,7 +109,7 @@ class PlanCache:
     def get(
         self,
         key: Any,
-        version: tuple[int, int],
+        version: tuple[Any, ...],
         roots: Sequence[torch.nn.Module],
         build: Callable[[], tuple[list[Entry], list[Entry]]],
         describe: Callable[[list[Entry]], Callable[[int], str]],

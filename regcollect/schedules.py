@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from ._optimizers import inner, skip_flag
+
 __all__ = [
     "Coefficient",
     "CosineSchedule",
@@ -468,8 +470,16 @@ def _driven(optimizer: torch.optim.Optimizer) -> list[Schedule]:
 
 
 def advance(optimizer: torch.optim.Optimizer) -> None:
-    """One step of ``optimizer``: advance the schedules of the tensors it updates."""
-    if not _USERS:
+    """One step of ``optimizer``: advance the schedules of the tensors it updates.
+
+    Once per real update: a wrapper that steps an inner optimizer (Lookahead, SAM) leaves it
+    to the inner one's step, and a step ``GradScaler`` skips inside a fused optimizer
+    advances nothing (its flag is read on the host here, only when a schedule is driven).
+    """
+    if not _USERS or inner(optimizer) is not None:
+        return
+    found_inf = skip_flag(optimizer)
+    if found_inf is not None and bool(found_inf.item()):
         return
     for schedule in _driven(optimizer):
         schedule.set_step(schedule.step + 1)

@@ -30,6 +30,7 @@ from ._torch_compat import is_compiling
 
 __all__ = [
     "PLAIN",
+    "is_plain",
     "ContiguousGrad",
     "Layout",
     "ShardedGroup",
@@ -168,6 +169,18 @@ class ContiguousGrad(torch.autograd.Function):
 PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
+def is_plain(x: torch.Tensor) -> bool:
+    """Whether ``x`` holds all its values as an ordinary tensor does: a ``Tensor``, a
+    ``Parameter``, or a subclass of ``Parameter`` that only tags it (no ``__torch_dispatch__``
+    or ``__torch_function__`` of its own, unlike DTensor and other wrapper subclasses)."""
+    cls = type(x)
+    return cls in PLAIN or (
+        issubclass(cls, torch.nn.Parameter)
+        and cls.__torch_dispatch__ is torch.nn.Parameter.__torch_dispatch__
+        and cls.__torch_function__ is torch.nn.Parameter.__torch_function__
+    )
+
+
 def is_dtensor(x: torch.Tensor) -> bool:
     # A DTensor exists only once torch.distributed.tensor is imported; never import it here.
     module = sys.modules.get("torch.distributed.tensor")
@@ -182,7 +195,7 @@ def shard_reduction(x: torch.Tensor) -> tuple[Any, ...] | None:
     local values cannot be summed (a ``Partial`` placement, another tensor subclass), which
     sends the tensor down the per-tensor path.
     """
-    if type(x) in PLAIN:
+    if is_plain(x):
         return ()
     if not is_dtensor(x):
         return None

@@ -251,9 +251,7 @@ def test_remove_restores_the_autograd_path_and_bad_arguments():
     layer.weight.grad = torch.zeros_like(w)
     opt.step()  # no hook any more: nothing applied
     assert torch.equal(layer.weight.detach(), w)
-    with pytest.raises(
-        TypeError, match=r"must be a torch.optim.Optimizer \(or a wrapper.*got list"
-    ):
+    with pytest.raises(TypeError, match=r"must be a torch.optim.Optimizer, or a wrapper.*got list"):
         rc.attach_optimizer([layer.weight])
     with pytest.raises(TypeError, match="decoupled must be True or False, got 'yes'"):
         rc.attach_optimizer(opt, decoupled="yes")
@@ -634,3 +632,286 @@ def test_an_accelerate_prepared_optimizer_can_be_attached_and_accumulation_steps
                 opt.zero_grad()
         trained.append([p.detach().clone() for p in model.parameters()])
     same_to_rounding(*trained, STEPS, MOMENTUM)
+
+
+# -- the seams: scalers, parameter groups, dropped optimizers, wrappers ---------------------
+
+
+def scaled_training(model, opt, coll, data, inf_at=3):
+    """``GradScaler`` as fp16 training uses it (no ``unscale_``): the step after ``inf_at``
+    batches has infinite gradients, and the scaler skips it."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    for i, (x, y) in enumerate(data):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y) + coll.loss()
+        if i == inf_at:
+            loss = loss * float("inf")
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
+@pytest.mark.parametrize(
+    ("theirs", "ours", "decoupled"),
+    [
+        (
+            lambda p, fused: torch.optim.Adam(p, lr=0.01, fused=fused),
+            lambda p, fused: torch.optim.Adam(p, lr=0.01, fused=fused),
+            False,
+        ),
+        (
+            lambda p, fused: torch.optim.SGD(p, lr=0.1, momentum=0.9, fused=fused),
+            lambda p, fused: torch.optim.SGD(p, lr=0.1, momentum=0.9, fused=fused),
+            False,
+        ),
+        (
+            lambda p, fused: torch.optim.AdamW(p, lr=0.01, fused=fused),
+            lambda p, fused: torch.optim.Adam(p, lr=0.01, fused=fused),
+            True,
+        ),
+    ],
+    ids=["Adam-coupled", "SGD-coupled", "AdamW-decoupled"],
+)
+def test_under_grad_scaler_fused_optimizers_equal_their_weight_decay(
+    theirs, ours, decoupled, fused, same_to_rounding
+):
+    # Fused optimizers take the scale and the skip flag inside step() (grad_scale,
+    # found_inf): the coupled penalty goes on gradients still multiplied by the scale, and a
+    # skipped step must apply nothing, the decoupled decay included.
+    data = batches()
+    plain = mlp()
+    scaled_training(plain, theirs(decay_groups(plain), fused), rc.Collection(), data)
+    model = mlp()
+    coll = rc.Collection()
+    rc.regularize(model, kernel=rc.l2(WD / 2), collection=coll)
+    opt = ours(model.parameters(), fused)
+    rc.attach_optimizer(opt, decoupled=decoupled, collection=coll)
+    scaled_training(model, opt, coll, data)
+    same_to_rounding(plain.parameters(), model.parameters(), STEPS, MOMENTUM)
+
+
+def test_a_step_the_scaler_skips_does_not_advance_a_schedule():
+    layer = torch.nn.Linear(2, 2)
+    coll = rc.Collection()
+    schedule = rc.schedules.linear(0.0, 1.0, steps=10)
+    rc.add_regularizer(layer, "weight", rc.l2(schedule), collection=coll)
+    for fused in (False, True):
+        schedule.set_step(0)
+        opt = torch.optim.Adam(layer.parameters(), lr=0.01, fused=fused)
+        rc.attach_optimizer(opt, decoupled=True, collection=coll)
+        scaled_training(layer, opt, coll, [(torch.ones(1, 2), torch.zeros(1, 2))] * 3, inf_at=1)
+        assert schedule.step == 2, fused  # three steps, one skipped
+
+
+def test_a_parameter_group_added_after_attaching_is_counted_once():
+    data = batches(3)
+    plain = mlp()
+    opt_plain = torch.optim.SGD([*plain[0].parameters(), *plain[4].parameters()], lr=0.1)
+    opt_plain.add_param_group({"params": [plain[2].weight], "weight_decay": WD})
+    opt_plain.add_param_group({"params": [plain[2].bias]})
+    model = mlp()
+    coll = rc.Collection()
+    rc.add_regularizer(model[2], "weight", rc.l2(WD / 2), collection=coll)
+    opt = torch.optim.SGD([*model[0].parameters(), *model[4].parameters()], lr=0.1)
+    rc.attach_optimizer(opt, collection=coll)
+    assert coll.loss().requires_grad  # logged once: model[2] is not held yet, autograd
+    opt.add_param_group({"params": model[2].parameters()})
+    for net, o, extra in ((plain, opt_plain, None), (model, opt, coll.loss)):
+        for x, y in data:
+            o.zero_grad()
+            loss = torch.nn.functional.mse_loss(net(x), y)
+            (loss if extra is None else loss + extra()).backward()
+            o.step()
+    assert not coll.loss().requires_grad  # the step applies it: no autograd path as well
+    assert torch.allclose(plain[2].weight, model[2].weight, rtol=0, atol=3 * 8 * 1.2e-7)
+
+
+def test_a_dropped_attached_optimizer_gives_the_penalty_back_to_autograd():
+    model = mlp()
+    coll = rc.Collection()
+    rc.regularize(model, kernel=rc.l2(WD / 2), collection=coll)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rc.attach_optimizer(opt, collection=coll)
+    assert not coll.loss().requires_grad
+    # The attached optimizer is dropped (a new, unattached one trains from here): the
+    # penalty must reach the new optimizer through the loss's gradient.
+    del opt
+    value = coll.loss()
+    assert value.requires_grad
+    value.backward()  # a penalty-only backward works
+    w = model[0].weight
+    assert torch.allclose(w.grad, WD * w.detach())
+
+
+def test_a_parameter_subclass_is_regularized_once():
+    class Tagged(torch.nn.Parameter):
+        pass
+
+    def build():
+        torch.manual_seed(0)
+        layer = torch.nn.Linear(3, 3)
+        layer.weight = Tagged(layer.weight.detach().clone())
+        return layer
+
+    x = torch.randn(4, 3)
+    plain = build()
+    opt_plain = torch.optim.SGD([{"params": [plain.weight], "weight_decay": WD}], lr=0.1)
+    layer = build()
+    coll = rc.Collection()
+    rc.add_regularizer(layer, "weight", rc.l2(WD / 2), collection=coll)
+    opt = torch.optim.SGD([layer.weight], lr=0.1)
+    rc.attach_optimizer(opt, collection=coll)
+    for net, o, extra in ((plain, opt_plain, None), (layer, opt, coll.loss)):
+        for _ in range(3):
+            o.zero_grad()
+            loss = net(x).pow(2).mean()
+            (loss if extra is None else loss + extra()).backward()
+            o.step()
+    assert torch.allclose(plain.weight, layer.weight, rtol=0, atol=3 * 8 * 1.2e-7)
+
+
+def test_an_optimizer_without_a_learning_rate_works_coupled():
+    transformers = pytest.importorskip("transformers", reason="pip install -e .[transformers]")
+    Adafactor = transformers.optimization.Adafactor
+
+    def run(attach):
+        model = mlp()
+        coll = rc.Collection()
+        rc.regularize(model, kernel=rc.l2(WD / 2), collection=coll)
+        opt = Adafactor(model.parameters(), lr=None, relative_step=True, warmup_init=True)
+        if attach:
+            rc.attach_optimizer(opt, collection=coll)
+        train(model, opt, batches(), coll.loss)
+        return model
+
+    # Coupled, the penalty's gradient is the same in the step as through autograd.
+    for a, b in zip(run(False).parameters(), run(True).parameters()):
+        assert torch.allclose(a, b, rtol=0, atol=STEPS * 8 * 1.2e-7 * 10)
+    with pytest.raises(ValueError, match="decoupled=True needs a learning rate.*Adafactor"):
+        model = mlp()
+        coll = rc.Collection()
+        rc.regularize(model, kernel=rc.l2(WD / 2), collection=coll)
+        opt = Adafactor(model.parameters(), lr=None, relative_step=True, warmup_init=True)
+        rc.attach_optimizer(opt, decoupled=True, collection=coll)
+        train(model, opt, batches(1), coll.loss)
+
+
+class SAM(torch.optim.Optimizer):
+    """Sharpness-aware minimisation as it is usually written (davda54/sam): ``first_step``
+    moves to the worst nearby point, ``second_step`` restores and steps the base optimizer."""
+
+    def __init__(self, params, base_optimizer, rho=0.05, **kwargs):
+        super().__init__(params, dict(rho=rho, **kwargs))
+        self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
+        self.param_groups = self.base_optimizer.param_groups
+
+    @torch.no_grad()
+    def first_step(self):
+        norm = torch.norm(
+            torch.stack([p.grad.norm() for g in self.param_groups for p in g["params"]])
+        )
+        for group in self.param_groups:
+            for p in group["params"]:
+                e = p.grad * group["rho"] / (norm + 1e-12)
+                p.add_(e)
+                self.state[p]["e"] = e
+        self.zero_grad()
+
+    @torch.no_grad()
+    def second_step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.sub_(self.state[p]["e"])
+        self.base_optimizer.step()
+        self.zero_grad()
+
+
+class Lookahead(torch.optim.Optimizer):
+    """timm's Lookahead, reduced: it never calls ``Optimizer.__init__`` (it makes the hook
+    dictionaries itself) and steps the optimizer it holds as ``_base_optimizer``."""
+
+    def __init__(self, base_optimizer, alpha=0.5, k=2):
+        from collections import OrderedDict
+
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._base_optimizer = base_optimizer
+        self.param_groups = base_optimizer.param_groups
+        self.defaults = base_optimizer.defaults
+        self.state = base_optimizer.state
+        self.alpha, self.k, self.count = alpha, k, 0
+        self.slow = [p.detach().clone() for g in self.param_groups for p in g["params"]]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = self._base_optimizer.step(closure)
+        self.count += 1
+        if self.count % self.k == 0:
+            fast = [p for g in self.param_groups for p in g["params"]]
+            for p, slow in zip(fast, self.slow):
+                slow.add_(p - slow, alpha=self.alpha)
+                p.copy_(slow)
+        return loss
+
+
+def test_sam_attached_applies_the_penalty_once_per_real_update(same_to_rounding):
+    data = batches()
+
+    def run(attach):
+        model = mlp()
+        coll = rc.Collection()
+        if attach:
+            rc.regularize(model, kernel=rc.l2(WD / 2), collection=coll)
+            opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+            rc.attach_optimizer(opt, collection=coll)
+        else:
+            opt = SAM(decay_groups(model), torch.optim.SGD, lr=0.1, momentum=0.9)
+        for x, y in data:
+            (torch.nn.functional.mse_loss(model(x), y) + coll.loss()).backward()
+            opt.first_step()
+            (torch.nn.functional.mse_loss(model(x), y) + coll.loss()).backward()
+            opt.second_step()
+        return model
+
+    same_to_rounding(run(False).parameters(), run(True).parameters(), STEPS, MOMENTUM)
+
+
+def test_lookahead_attached_applies_the_penalty_once_and_advances_schedules_once(
+    same_to_rounding,
+):
+    data = batches()
+
+    def run(attach):
+        model = mlp()
+        coll = rc.Collection()
+        # A scheduled coefficient that stays 0: it must advance once per update, and
+        # changes no weight, so the trainings compare with and without it.
+        schedule = rc.schedules.linear(0.0, 0.0, steps=100)
+        if attach:
+            rc.regularize(model, kernel=rc.l2(WD / 2), collection=coll)
+            rc.add_regularizer(model[0], "bias", rc.l1(schedule), collection=coll)
+            opt = Lookahead(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+            rc.attach_optimizer(opt, collection=coll)
+        else:
+            opt = Lookahead(torch.optim.SGD(decay_groups(model), lr=0.1, momentum=0.9))
+        train(model, opt, data, coll.loss)
+        return model, schedule
+
+    (plain, _), (ours, schedule) = run(False), run(True)
+    same_to_rounding(plain.parameters(), ours.parameters(), STEPS, MOMENTUM)
+    assert schedule.step == STEPS  # once per real update, not once per optimizer stepped
+
+
+def test_a_wrapper_without_step_hooks_or_a_known_inner_optimizer_is_refused():
+    class Opaque(torch.optim.Optimizer):
+        def __init__(self, inner):
+            self._inner = inner
+            self.param_groups = inner.param_groups
+
+        def step(self, closure=None):
+            return self._inner.step(closure)
+
+    inner = torch.optim.SGD(mlp().parameters(), lr=0.1)
+    with pytest.raises(TypeError, match=r"Opaque.*step hooks.*attach the optimizer"):
+        rc.attach_optimizer(Opaque(inner))
