@@ -14,6 +14,7 @@ from .attach import add_activity_regularizer, add_regularizer, regularize
 from .collection import Collection
 from .context import (
     assert_finite,
+    attach_optimizer,
     get_collection,
     get_regularization_loss,
     get_regularization_losses,
@@ -24,7 +25,6 @@ from .context import (
 )
 from .entries import Entry
 from .handle import Handle
-from .optim import attach_optimizer
 from .persist import export_plan, load_plan
 from .regularizers import (
     L1,

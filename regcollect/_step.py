@@ -40,16 +40,11 @@ _TEMPORARY_BYTES = 1 << 20
 def _by_device_and_dtype(
     *lists: Sequence[torch.Tensor],
 ) -> Iterator[tuple[torch.device, tuple[list[torch.Tensor], ...]]]:
-    """Parallel sub-lists of ``lists`` whose first tensors share a device and a dtype (what
-    ``Optimizer._group_tensors_by_device_and_dtype`` does before the foreach calls)."""
-    groups: dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], ...]] = {}
-    for items in zip(*lists):
-        first = items[0]
-        bucket = groups.setdefault((first.device, first.dtype), tuple([] for _ in lists))
-        for out, item in zip(bucket, items):
-            out.append(item)
-    for (device, _), bucket in groups.items():
-        yield device, bucket
+    """Parallel sub-lists of ``lists`` whose first tensors share a device and a dtype, as
+    torch.optim groups them before its foreach calls (the same C++ helper)."""
+    grouped = torch.optim.Optimizer._group_tensors_by_device_and_dtype([list(x) for x in lists])
+    for (device, _), (bucket, _indices) in grouped.items():  # type: ignore[misc]
+        yield device, tuple(bucket)  # type: ignore[arg-type,misc]
 
 
 def _chunks(*lists: list[torch.Tensor]) -> Iterator[tuple[list[torch.Tensor], ...]]:

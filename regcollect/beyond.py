@@ -27,11 +27,11 @@ from .kernels import difference_penalty
 from .penalties import (
     Coefficient,
     Regularizer,
-    _check_tensor,
-    _zero_like,
     accumulation_dtype,
+    check_tensor,
     coefficient,
     scale,
+    zero_like,
 )
 from .sharding import is_plain
 
@@ -160,7 +160,7 @@ class L2SP(Regularizer):
         return reference
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = _check_tensor(x, "L2SP")
+        x = check_tensor(x, "L2SP")
         reference = _full(self._reference_for(x))
         acc = accumulation_dtype(x.dtype)
         diff = x.to(acc) - reference.detach().to(device=x.device, dtype=acc)
@@ -295,10 +295,10 @@ class GroupLasso(Regularizer):
         return torch.linalg.vector_norm(rows, 2, dim=1, dtype=accumulation_dtype(x.dtype))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = _check_tensor(x, "GroupLasso")
+        x = check_tensor(x, "GroupLasso")
         self._axis(x)
         if x.numel() == 0:
-            return _zero_like(x) + 0.0 * x.sum()
+            return zero_like(x) + 0.0 * x.sum()
         return scale(self.factor, x) * self.norms(x).sum()
 
     def get_config(self) -> dict[str, Any]:

@@ -15,14 +15,18 @@ from typing import IO
 import torch
 
 from ._checks import ScopeArg
+from ._optimizers import stepped
 from ._torch_compat import is_compiling
 from .collection import Collection, default_collection
+from .handle import Handle
+from .optim import OptimizerAttachment
 from .regularizers import Regularizer
 from .regularizers import get as get_regularizer
 
 __all__ = [
     "active_collection",
     "assert_finite",
+    "attach_optimizer",
     "current_prefix",
     "defaults_scope",
     "get_collection",
@@ -296,3 +300,67 @@ def summary(
         total                                     2      100.00%
     """
     return active_collection(collection).summary(loss, scope, tablefmt=tablefmt, file=file)
+
+
+def attach_optimizer(
+    optimizer: torch.optim.Optimizer,
+    *,
+    decoupled: bool = False,
+    collection: Collection | None = None,
+) -> Handle:
+    """Apply the collection's L1, L2 and L1L2 weight penalties inside ``optimizer.step()``.
+
+    From now on, for the parameters ``optimizer`` holds, those penalties are applied by the
+    step instead of through autograd; ``rc.loss()`` still returns their value (without a
+    gradient), so keep adding it to the loss you print. ``.remove()`` on the returned handle
+    undoes it. Attaching the same optimizer to the collection again (set-up code run twice,
+    or to switch ``decoupled``) replaces the first attachment: each penalty is applied once.
+    ``step(closure)`` (L-BFGS, Lightning) works too: the penalty goes on the gradients the
+    closure computes.
+
+    Args:
+        optimizer: any ``torch.optim.Optimizer`` (SGD, Adam, AdamW, fused or not, under
+            ``GradScaler`` too), or a wrapper whose ``step()`` drives one it holds as
+            ``.optimizer`` (accelerate's ``AcceleratedOptimizer``, Lightning's
+            ``LightningOptimizer``), ``.base_optimizer`` (SAM) or ``._base_optimizer``
+            (timm's ``Lookahead``): the innermost optimizer, the one real update per step,
+            is attached, so the penalty is applied once per update.
+        decoupled: False (coupled): the penalty's gradient is added to ``.grad`` before the
+            optimizer's math, as ``weight_decay`` does in SGD and Adam. True: the weights are
+            decayed directly, scaled by the group's learning rate, as ``AdamW`` does for L2;
+            L1 becomes a proximal step (soft-thresholding) that produces exact zeros.
+        collection: the collection whose penalties are applied (default: the active one).
+
+    Returns:
+        A handle; ``.remove()`` restores the autograd path.
+
+    Raises:
+        TypeError: ``optimizer`` is neither a ``torch.optim.Optimizer`` nor a wrapper of
+            one; the optimizer it steps has no step hooks (it never ran
+            ``Optimizer.__init__``) and holds no optimizer under a known name; or
+            ``decoupled`` is not a bool.
+        ValueError: ``decoupled=True`` on an optimizer with a parameter group whose ``lr``
+            is None (Adafactor's relative step): the decoupled step needs a learning rate.
+
+    Examples:
+        >>> import torch, regcollect as rc
+        >>> coll = rc.Collection()
+        >>> layer = rc.nn.Linear(2, 2, kernel_regularizer=rc.l2(0.5), collection=coll)
+        >>> opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+        >>> handle = rc.attach_optimizer(opt, collection=coll)
+        >>> coll.loss().requires_grad  # the value is there; the step applies the gradient
+        False
+        >>> handle.remove()
+    """
+    optimizer = stepped(optimizer)
+    if not isinstance(decoupled, bool):
+        raise TypeError(f"decoupled must be True or False, got {decoupled!r}")
+    coll = active_collection(collection)
+    attachment = OptimizerAttachment(optimizer, coll, decoupled)
+    coll._attach(attachment)
+
+    def undo() -> None:
+        attachment.remove()
+        coll._detach_optimizer(attachment)
+
+    return Handle([], undo)

@@ -27,23 +27,29 @@ from __future__ import annotations
 import warnings
 import weakref
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
 from . import _step
 from ._checks import RegcollectWarning
-from ._optimizers import skip_flag, stepped
+from ._optimizers import skip_flag
 from .beyond import L2SP, GroupLasso, reference_of
 from .engine import steppable
-from .entries import WEIGHT
-from .handle import Handle
+from .entries import WEIGHT, Entry
 from .penalties import Coefficient, fused_terms
 
-if TYPE_CHECKING:
-    from .collection import Collection
+__all__ = ["OptimizerAttachment", "held_by"]
 
-__all__ = ["OptimizerAttachment", "attach_optimizer"]
+
+class Collection(Protocol):
+    """What an attachment reads of its collection (``regcollect.Collection``): the version
+    of its registry and its entries. A protocol, so that this layer sits below it."""
+
+    _version: int
+
+    def entries(self, scope: Any = None) -> list[Entry]: ...
+
 
 # One term the step applies: (kind, coefficient, parameters, extras); kind is "l1"/"l2" (a
 # fused term), "l2sp" (extras: where the reference lives) or "group" (extras: the GroupLasso).
@@ -299,72 +305,6 @@ def _first_decay(optimizer: torch.optim.Optimizer) -> float:
     return next(
         (float(g["weight_decay"]) for g in optimizer.param_groups if g.get("weight_decay")), 0.0
     )
-
-
-def attach_optimizer(
-    optimizer: torch.optim.Optimizer,
-    *,
-    decoupled: bool = False,
-    collection: Collection | None = None,
-) -> Handle:
-    """Apply the collection's L1, L2 and L1L2 weight penalties inside ``optimizer.step()``.
-
-    From now on, for the parameters ``optimizer`` holds, those penalties are applied by the
-    step instead of through autograd; ``rc.loss()`` still returns their value (without a
-    gradient), so keep adding it to the loss you print. ``.remove()`` on the returned handle
-    undoes it. Attaching the same optimizer to the collection again (set-up code run twice,
-    or to switch ``decoupled``) replaces the first attachment: each penalty is applied once.
-    ``step(closure)`` (L-BFGS, Lightning) works too: the penalty goes on the gradients the
-    closure computes.
-
-    Args:
-        optimizer: any ``torch.optim.Optimizer`` (SGD, Adam, AdamW, fused or not, under
-            ``GradScaler`` too), or a wrapper whose ``step()`` drives one it holds as
-            ``.optimizer`` (accelerate's ``AcceleratedOptimizer``, Lightning's
-            ``LightningOptimizer``), ``.base_optimizer`` (SAM) or ``._base_optimizer``
-            (timm's ``Lookahead``): the innermost optimizer, the one real update per step,
-            is attached, so the penalty is applied once per update.
-        decoupled: False (coupled): the penalty's gradient is added to ``.grad`` before the
-            optimizer's math, as ``weight_decay`` does in SGD and Adam. True: the weights are
-            decayed directly, scaled by the group's learning rate, as ``AdamW`` does for L2;
-            L1 becomes a proximal step (soft-thresholding) that produces exact zeros.
-        collection: the collection whose penalties are applied (default: the active one).
-
-    Returns:
-        A handle; ``.remove()`` restores the autograd path.
-
-    Raises:
-        TypeError: ``optimizer`` is neither a ``torch.optim.Optimizer`` nor a wrapper of
-            one; the optimizer it steps has no step hooks (it never ran
-            ``Optimizer.__init__``) and holds no optimizer under a known name; or
-            ``decoupled`` is not a bool.
-        ValueError: ``decoupled=True`` on an optimizer with a parameter group whose ``lr``
-            is None (Adafactor's relative step): the decoupled step needs a learning rate.
-
-    Examples:
-        >>> import torch, regcollect as rc
-        >>> coll = rc.Collection()
-        >>> layer = rc.nn.Linear(2, 2, kernel_regularizer=rc.l2(0.5), collection=coll)
-        >>> opt = torch.optim.SGD(layer.parameters(), lr=0.1)
-        >>> handle = rc.attach_optimizer(opt, collection=coll)
-        >>> coll.loss().requires_grad  # the value is there; the step applies the gradient
-        False
-        >>> handle.remove()
-    """
-    from .context import active_collection
-
-    optimizer = stepped(optimizer)
-    if not isinstance(decoupled, bool):
-        raise TypeError(f"decoupled must be True or False, got {decoupled!r}")
-    coll = active_collection(collection)
-    attachment = OptimizerAttachment(optimizer, coll, decoupled)
-    coll._attach(attachment)
-
-    def undo() -> None:
-        attachment.remove()
-        coll._detach_optimizer(attachment)
-
-    return Handle([], undo)
 
 
 def held_by(attachments: Iterable[OptimizerAttachment]) -> set[int]:

@@ -41,7 +41,7 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _check_tensor(x: object, who: str) -> torch.Tensor:
+def check_tensor(x: object, who: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{who} expects a torch.Tensor, got {type(x).__name__}")
     if x.is_complex():
@@ -224,7 +224,7 @@ def _square_sum(x: torch.Tensor) -> torch.Tensor:
     return (x * x).sum()
 
 
-def _zero_like(x: torch.Tensor) -> torch.Tensor:
+def zero_like(x: torch.Tensor) -> torch.Tensor:
     return torch.zeros((), dtype=accumulation_dtype(x.dtype), device=x.device)
 
 
@@ -247,7 +247,7 @@ class L1(Regularizer):
         self.l1 = coefficient("l1", l1)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = _check_tensor(x, "L1")
+        x = check_tensor(x, "L1")
         return scale(self.l1, x) * _abs_sum(x)
 
     def get_config(self) -> dict[str, Any]:
@@ -280,7 +280,7 @@ class L2(Regularizer):
         self.l2 = coefficient("l2", l2)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = _check_tensor(x, "L2")
+        x = check_tensor(x, "L2")
         return scale(self.l2, x) * _square_sum(x)
 
     def get_config(self) -> dict[str, Any]:
@@ -311,8 +311,8 @@ class L1L2(Regularizer):
         self.l2 = coefficient("l2", l2)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = _check_tensor(x, "L1L2")
-        result = _zero_like(x)
+        x = check_tensor(x, "L1L2")
+        result = zero_like(x)
         if self.l1:  # a schedule always counts: it may be zero now, not later
             result = result + scale(self.l1, x) * _abs_sum(x)
         if self.l2:
@@ -371,20 +371,20 @@ class Orthogonal(Regularizer):
         self.mode = mode
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = _check_tensor(x, "Orthogonal")
+        x = check_tensor(x, "Orthogonal")
         if x.dim() < 2:
             raise ValueError(
                 f"Orthogonal expects a tensor of rank >= 2 (a kernel), got shape {tuple(x.shape)}"
             )
         if x.numel() == 0:  # no rows or no columns: nothing to make orthogonal
-            return _zero_like(x) + 0.0 * x.sum()
+            return zero_like(x) + 0.0 * x.sum()
         x = x.reshape(x.shape[0], -1).to(accumulation_dtype(x.dtype))
         if self.mode in ("columns", "inputs"):
             x = x.t()
         size = x.shape[0]
         if size < 2:
             # Keras divides by zero pairs here and returns NaN; one vector is trivially orthogonal.
-            return _zero_like(x) + 0.0 * x.sum()
+            return zero_like(x) + 0.0 * x.sum()
         # Keras normalises with max(norm, epsilon); F.normalize does the same with eps=1e-12.
         x = torch.nn.functional.normalize(x, p=2.0, dim=1, eps=1e-12)
         if x.device.type in ("cuda", "cpu"):
@@ -478,7 +478,7 @@ class Custom(Regularizer):
         self.fn = fn
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = _check_tensor(x, repr(self))
+        x = check_tensor(x, repr(self))
         result = self.fn(x)
         if not isinstance(result, torch.Tensor):
             raise TypeError(

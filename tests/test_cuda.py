@@ -320,3 +320,33 @@ def test_attached_optimizer_step_never_synchronises_and_equals_cpu(decoupled):
 
     for got, want in zip(run(CUDA), run(torch.device("cpu"))):
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("decoupled", [False, True], ids=["coupled", "decoupled"])
+def test_an_attached_capturable_optimizer_with_a_device_learning_rate_never_syncs(decoupled):
+    """The step hooks read no tensor on the host: a CUDA learning rate stays on the GPU
+    (capturable Adam), and the decoupled L2 decay and L1 proximal step use it there. The
+    result equals the same step with a float learning rate."""
+
+    def build(lr):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+        model = model.to(CUDA)
+        coll = rc.Collection()
+        rc.regularize(model, kernel=rc.l2(0.05), bias=rc.l1(0.01), collection=coll)
+        opt = torch.optim.Adam(model.parameters(), lr=lr, capturable=True)
+        rc.attach_optimizer(opt, decoupled=decoupled, collection=coll)
+        return model, opt
+
+    x, y = torch.randn(4, 8, device=CUDA), torch.randn(4, 2, device=CUDA)
+    results = []
+    for lr in (torch.tensor(0.01, device=CUDA), 0.01):
+        model, opt = build(lr)
+        for _ in range(3):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            with no_sync() if isinstance(lr, torch.Tensor) else contextlib.nullcontext():
+                opt.step()
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
