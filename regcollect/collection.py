@@ -15,15 +15,16 @@ from collections.abc import Callable, Sequence
 from typing import IO, Any
 
 import torch
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import _naming
 from ._checks import RegcollectWarning, ScopeArg, check_scope
+from ._state import OPTIMIZER_STEP
 from ._torch_compat import CONSTANT_FUNCTIONS_TAKE_OBJECTS, is_compiling
 from .activity import Record
 from .engine import Plan
 from .entries import ACTIVITY, Entry, current_tensors
 from .guards import model_groups, several_models_message
+from .handle import Handle
 from .optim import OptimizerAttachment, held_by
 from .plans import CachedPlan, applied, choose, mark_constant, traced_tensors
 from .readout import Last, Readout, Row, as_dict, check_finite
@@ -78,6 +79,12 @@ class Collection(Registry):
         self._readout = Readout()
         # Optimizers applying this collection's L1/L2 terms in their step (attach_optimizer).
         self._attachments: list[OptimizerAttachment] = []
+
+    def _insert(self, key: tuple[Any, ...], entry: Entry) -> Handle:
+        # The first entry anywhere installs the optimizer-step hook that warns about
+        # penalties no loss() ever reads.
+        OPTIMIZER_STEP.add(_forgotten_loss_check)
+        return super()._insert(key, entry)
 
     def _attach(self, attachment: OptimizerAttachment) -> None:
         with self._lock:
@@ -438,9 +445,6 @@ def _forgotten_loss_check(optimizer: torch.optim.Optimizer, args: Any, kwargs: A
             RegcollectWarning,
             stacklevel=3,
         )
-
-
-register_optimizer_step_post_hook(_forgotten_loss_check)
 
 
 def _positions(coll: Collection, scope: Any) -> tuple[int, ...] | str:

@@ -32,9 +32,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ._optimizers import inner, skip_flag
+from ._state import OPTIMIZER_STEP
 
 __all__ = [
     "Coefficient",
@@ -444,6 +444,7 @@ def follow(schedule: Schedule, user: Any) -> None:
     uses ``schedule``: optimizers updating those tensors advance it."""
     _USERS.setdefault(schedule, weakref.WeakSet()).add(user)
     _version[0] += 1
+    OPTIMIZER_STEP.add(_after_step)
 
 
 def changed() -> None:
@@ -487,6 +488,3 @@ def advance(optimizer: torch.optim.Optimizer) -> None:
 
 def _after_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     advance(optimizer)
-
-
-register_optimizer_step_post_hook(_after_step)

@@ -414,3 +414,31 @@ def test_losses_follow_registration_order_with_activity_entries():
     assert names == ["0:activity", "1.weight"]
     assert losses[0].item() == pytest.approx((out0.abs().sum() / 3).item(), rel=1e-6)
     assert losses[1].item() == pytest.approx((model[1].weight ** 2).sum().item(), rel=1e-6)
+
+
+def test_importing_regcollect_hooks_no_optimizer_and_the_hook_comes_with_the_first_entry():
+    """``import regcollect`` leaves torch's optimizer-step hook table alone: the hook (the
+    forgotten-loss warning, the schedules' steps) is installed with the first entry, and it
+    can be taken out again."""
+    import subprocess
+    import sys
+
+    code = """
+import torch
+from torch.optim import optimizer as o
+before = len(o._global_optimizer_post_hooks)
+import regcollect as rc
+from regcollect._state import OPTIMIZER_STEP
+assert len(o._global_optimizer_post_hooks) == before, "hooked at import"
+layer = rc.nn.Linear(2, 2, kernel_regularizer=rc.l2(rc.schedules.warmup(0.1, steps=2)))
+assert len(o._global_optimizer_post_hooks) == before + 1, "one hook for both uses"
+opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+(layer(torch.ones(1, 2)).sum() + rc.loss()).backward()
+opt.step()
+assert layer.kernel_regularizer.l2.step == 1  # the schedule followed the step
+OPTIMIZER_STEP.remove()
+assert len(o._global_optimizer_post_hooks) == before
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip() == "ok", result.stderr[-2000:]
