@@ -8,11 +8,13 @@ Examples:
     torch.Size([])
 """
 
-from . import compat, nn, regularizers, schedules
+import sys as _sys
+
+from . import compat, integrations, nn, regularizers, schedules
+from ._attach import add_activity_regularizer, add_regularizer, regularize
 from ._checks import RegcollectWarning
-from .attach import add_activity_regularizer, add_regularizer, regularize
-from .collection import Collection
-from .context import (
+from ._collection import Collection
+from ._context import (
     assert_finite,
     attach_optimizer,
     get_collection,
@@ -23,9 +25,9 @@ from .context import (
     scope,
     summary,
 )
-from .entries import Entry
-from .handle import Handle
-from .persist import export_plan, load_plan
+from ._entries import Entry
+from ._handle import Handle
+from ._persist import export_plan, load_plan
 from .regularizers import (
     L1,
     L1L2,
@@ -47,6 +49,13 @@ from .regularizers import (
 )
 
 __version__ = "0.1.0"
+
+# Checkpoints pickled before the internal modules became private name the regularizer
+# classes and the collection by their old module paths (regcollect.penalties.L2, ...): those
+# paths still resolve for unpickling, without becoming attributes of the package (where
+# rc.penalties and rc.summary are the functions).
+for _old in ("penalties", "beyond", "collection", "entries", "handle"):
+    _sys.modules.setdefault(f"{__name__}.{_old}", _sys.modules[f"{__name__}._{_old}"])
 
 __all__ = [
     "Collection",
@@ -72,6 +81,7 @@ __all__ = [
     "get_regularization_loss",
     "get_regularization_losses",
     "group_lasso",
+    "integrations",
     "l1",
     "l1_l2",
     "l2",
@@ -89,3 +99,8 @@ __all__ = [
     "serialize",
     "summary",
 ]
+
+
+def __dir__() -> list[str]:
+    """The public API: what ``__all__`` lists (internal modules are private)."""
+    return sorted([*__all__, "__version__"])

@@ -21,10 +21,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from .activity import inert_hook
-from .collection import Collection
-from .context import active_collection, current_prefix, scope_default
-from .registry import parametrized_tensors
+from ._activity import inert_hook
+from ._collection import Collection
+from ._context import active_collection, current_prefix, scope_default
+from ._registry import parametrized_tensors
 from .regularizers import Regularizer
 from .regularizers import get as get_regularizer
 

@@ -21,8 +21,8 @@ from typing import Any, TypeVar
 
 import torch
 
-from .beyond import L2SP, GroupLasso, group_lasso, l2sp
-from .penalties import (
+from ._beyond import L2SP, GroupLasso, group_lasso, l2sp
+from ._penalties import (
     L1,
     L1L2,
     L2,

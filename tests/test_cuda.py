@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import regcollect as rc
-from regcollect.engine import _STACK_MIN, Plan
-from regcollect.penalties import evaluated
+from regcollect._engine import _STACK_MIN, Plan
+from regcollect._penalties import evaluated
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 import regcollect as rc
+from regcollect._engine import _STACK_MAX_BYTES, _STACK_MIN, Plan, group_penalty
 from regcollect._torch_compat import COMPILED_LOSS_WITHOUT_GRAPH_BREAKS
-from regcollect.engine import _STACK_MAX_BYTES, _STACK_MIN, Plan, group_penalty
 
 # torch.compile of a step with loss() has no graph break from torch 2.13 on; on older versions
 # dynamo breaks the graph (at the kernel lookup, at a scope's regular expressions) and the

@@ -10,8 +10,8 @@ import torch
 from torch.nn.utils import parametrize
 
 import regcollect as rc
+from regcollect._engine import _STACK_MIN
 from regcollect.compat import v1
-from regcollect.engine import _STACK_MIN
 
 
 @rc.register("hardening_MeanL2")

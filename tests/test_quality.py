@@ -42,4 +42,40 @@ def test_user_code_outside_the_project_type_checks_against_the_installed_package
     out = result.stdout + result.stderr
     assert "import-not-found" not in out, out
     assert 'Revealed type is "torch._tensor.Tensor"' in out, out
-    assert 'Revealed type is "regcollect.penalties.L2"' in out, out
+    assert 'Revealed type is "regcollect._penalties.L2"' in out, out
+
+
+def test_the_public_surface_is_the_api():
+    """``dir(rc)`` lists the API and the public subpackages, no internal module;
+    ``rc.penalties`` and ``rc.summary`` are the functions, not modules they shadow."""
+    import inspect
+
+    import regcollect as rc
+
+    names = dir(rc)
+    assert {"nn", "regularizers", "schedules", "compat", "integrations"} <= set(names)
+    assert not [
+        n
+        for n in names
+        if inspect.ismodule(getattr(rc, n))
+        and n not in ("nn", "regularizers", "schedules", "compat", "integrations")
+    ]
+    assert not [n for n in names if n.startswith("_") and n != "__version__"]
+    assert inspect.isfunction(rc.penalties) and inspect.isfunction(rc.summary)
+
+
+def test_checkpoints_pickled_under_the_old_module_paths_still_load():
+    """Regularizers pickled when the internal modules were public (``regcollect.penalties``,
+    ``regcollect.beyond``) load, and new pickles name the private modules."""
+    import pickle
+
+    import regcollect as rc
+
+    for reg, old, new in (
+        (rc.l2(0.3), b"regcollect.penalties", b"regcollect._penalties"),
+        (rc.L2SP(0.5), b"regcollect.beyond", b"regcollect._beyond"),
+    ):
+        data = pickle.dumps(reg, protocol=2)  # module paths as plain text
+        assert new + b"\n" in data
+        restored = pickle.loads(data.replace(new + b"\n", old + b"\n"))
+        assert type(restored) is type(reg) and restored.get_config() == reg.get_config()

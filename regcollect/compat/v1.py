@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from .. import context
-from ..context import active_collection, current_prefix, defaults_scope
-from ..penalties import Coefficient
+from .. import _context
+from .._context import active_collection, current_prefix, defaults_scope
+from .._penalties import Coefficient
 from ..regularizers import L1, L1L2, L2, Regularizer, check_coefficient, fused_terms, register
 from ..regularizers import get as get_regularizer
 from ..schedules import Schedule
@@ -139,7 +139,7 @@ def get_regularization_loss(
     """
     if not isinstance(name, str):
         raise TypeError(f"name must be a string, got {type(name).__name__}")
-    return context.get_regularization_loss(scope)
+    return _context.get_regularization_loss(scope)
 
 
 def get_regularization_losses(scope: str | None = None) -> list[torch.Tensor]:
@@ -159,7 +159,7 @@ def get_regularization_losses(scope: str | None = None) -> list[torch.Tensor]:
         >>> len(v1.get_regularization_losses(scope="v1many/"))   # kernel and bias
         2
     """
-    return context.get_regularization_losses(scope)
+    return _context.get_regularization_losses(scope)
 
 
 class GraphKeys:

@@ -22,8 +22,8 @@ require("lightning", "lightning", __name__)
 
 import lightning.pytorch as pl  # noqa: E402
 
-from ..collection import Collection  # noqa: E402
-from ..context import active_collection  # noqa: E402
+from .._collection import Collection  # noqa: E402
+from .._context import active_collection  # noqa: E402
 
 __all__ = ["RegularizationLogger"]
 

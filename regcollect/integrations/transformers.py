@@ -23,8 +23,8 @@ require("transformers", "transformers", __name__)
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from ..collection import Collection  # noqa: E402
-from ..context import active_collection  # noqa: E402
+from .._collection import Collection  # noqa: E402
+from .._context import active_collection  # noqa: E402
 
 __all__ = ["RegularizationMixin", "RegularizedTrainer"]
 

@@ -27,8 +27,8 @@ from torch.distributed.tensor.debug import CommDebugMode
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import regcollect as rc
-import regcollect.engine
-import regcollect.plans
+import regcollect._engine
+import regcollect._plans
 
 STEPS, BATCH, LR = 3, 8, 0.1
 Wrap = Callable[[torch.nn.Module], torch.nn.Module]
@@ -142,13 +142,13 @@ def compare(
     ``stacked``: the wrapped model's plain CPU tensors go through the engine's stacked path
     (every group stacks, however few its tensors); the reference keeps the foreach path.
     """
-    default_min = regcollect.engine._STACK_MIN
+    default_min = regcollect._engine._STACK_MIN
     try:
         if stacked:
-            regcollect.engine._STACK_MIN = 1
+            regcollect._engine._STACK_MIN = 1
         return _compare(wrap, regularize, in_forward, build_kwargs)
     finally:
-        regcollect.engine._STACK_MIN = default_min
+        regcollect._engine._STACK_MIN = default_min
 
 
 def _compare(
@@ -158,7 +158,7 @@ def _compare(
     x, y = data()
     rules = {"kernel": rc.l2(0.05), "bias": rc.l1(0.01)}
 
-    stack_min, regcollect.engine._STACK_MIN = regcollect.engine._STACK_MIN, sys.maxsize
+    stack_min, regcollect._engine._STACK_MIN = regcollect._engine._STACK_MIN, sys.maxsize
     ref_coll = rc.Collection()
     ref = build(None if regularize else ref_coll, **build_kwargs)
     if regularize:
@@ -166,7 +166,7 @@ def _compare(
     initial = full_state(ref)
     ref_seen = train(ref, ref_coll, x, y)
     ref_pen = ref_coll.penalties()
-    regcollect.engine._STACK_MIN = stack_min
+    regcollect._engine._STACK_MIN = stack_min
 
     coll = rc.Collection()
     model = build(None if regularize else coll, **build_kwargs)
@@ -175,18 +175,18 @@ def _compare(
         rc.regularize(model, collection=coll, **rules)
     half = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
     used: list[Any] = []
-    original = regcollect.plans.Plan
+    original = regcollect._plans.Plan
 
     class Recording(original):  # type: ignore[misc, valid-type]
         def __call__(self) -> Any:
             used.append(self)
             return super().__call__()
 
-    regcollect.plans.Plan = Recording
+    regcollect._plans.Plan = Recording
     try:
         seen = train(model, coll, x[half], y[half])
     finally:
-        regcollect.plans.Plan = original
+        regcollect._plans.Plan = original
     # The plan the last loss() used, right after a forward pass.
     stacked_groups = sum(g.stacked for g in used[-1].groups)
     # PenaltyInForward adds "model." to the names; nothing else may change them.
@@ -257,7 +257,7 @@ def replicated_beside_plain() -> dict[str, Any]:
     """A replicated DTensor and a plain tensor with the same kind, coefficient and dtype."""
     from torch.distributed.tensor import Replicate, distribute_tensor
 
-    from regcollect.engine import Plan
+    from regcollect._engine import Plan
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     torch.manual_seed(0)

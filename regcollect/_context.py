@@ -15,11 +15,11 @@ from typing import IO
 import torch
 
 from ._checks import ScopeArg
+from ._collection import Collection, default_collection
+from ._handle import Handle
+from ._optim import OptimizerAttachment
 from ._optimizers import stepped
 from ._torch_compat import is_compiling
-from .collection import Collection, default_collection
-from .handle import Handle
-from .optim import OptimizerAttachment
 from .regularizers import Regularizer
 from .regularizers import get as get_regularizer
 

@@ -9,9 +9,9 @@ import torch
 
 from . import _naming
 from ._checks import check_module
-from .collection import Collection
-from .context import active_collection, current_prefix
-from .handle import Handle
+from ._collection import Collection
+from ._context import active_collection, current_prefix
+from ._handle import Handle
 from .regularizers import L2SP, Regularizer
 from .regularizers import get as get_regularizer
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from .entries import Entry
+from ._entries import Entry
 
 __all__ = ["Handle"]
 

@@ -1,4 +1,4 @@
-"""The collection: a ``regcollect.registry.Registry`` that computes.
+"""The collection: a ``regcollect._registry.Registry`` that computes.
 
 ``loss()`` and ``losses()`` evaluate the cached plan of a scope and take the pending activity
 penalties in that scope; each call leaves its values on the device for ``summary()`` and
@@ -17,19 +17,19 @@ from typing import IO, Any
 import torch
 
 from . import _naming
+from ._activity import Record
 from ._checks import RegcollectWarning, ScopeArg, check_scope
+from ._engine import Plan
+from ._entries import ACTIVITY, Entry, current_tensors
+from ._guards import model_groups, several_models_message
+from ._handle import Handle
+from ._optim import OptimizerAttachment, held_by
+from ._plans import CachedPlan, applied, choose, mark_constant, traced_tensors
+from ._readout import Last, Readout, Row, as_dict, check_finite
+from ._registry import Registry
 from ._state import OPTIMIZER_STEP
+from ._summary import check_tablefmt, render, table_extra
 from ._torch_compat import CONSTANT_FUNCTIONS_TAKE_OBJECTS, is_compiling
-from .activity import Record
-from .engine import Plan
-from .entries import ACTIVITY, Entry, current_tensors
-from .guards import model_groups, several_models_message
-from .handle import Handle
-from .optim import OptimizerAttachment, held_by
-from .plans import CachedPlan, applied, choose, mark_constant, traced_tensors
-from .readout import Last, Readout, Row, as_dict, check_finite
-from .registry import Registry
-from .summary import check_tablefmt, render, table_extra
 
 __all__ = ["Collection", "default_collection"]
 
@@ -350,7 +350,7 @@ class Collection(Registry):
         tablefmt: str = "simple",
         file: IO[str] | None = None,
     ) -> str:
-        """Print and return the table of penalties; see ``regcollect.summary``.
+        """Print and return the table of penalties; see ``regcollect._summary``.
 
         Args:
             loss: The total training loss, for the "% of loss" column.

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 
 from . import _naming
-from .entries import Entry
+from ._entries import Entry
 
 __all__ = ["model_groups", "several_models_message"]
 

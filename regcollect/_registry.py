@@ -2,7 +2,7 @@
 
 Registration is ``Registry.add_weight``, ``Registry.add_activity`` and
 ``Registry.add_tensor``, used by the layers, ``add_regularizer``/``regularize``, plans loaded
-from JSON and the TF1 layer. Each returns a ``regcollect.handle.Handle`` that remembers
+from JSON and the TF1 layer. Each returns a ``regcollect._handle.Handle`` that remembers
 what the call replaced, so ``.remove()`` restores exactly that. One regularizer per tensor:
 registering again, or on a tied parameter, replaces. Entries hold modules weakly; a dead
 module's entries are dropped at the next access. Names and scopes are resolved here too.
@@ -17,11 +17,11 @@ from typing import Any
 import torch
 
 from . import _naming, schedules
+from ._activity import ActivityHook, Pending
 from ._checks import ScopeArg, check_module, check_scope
-from .activity import ActivityHook, Pending
-from .entries import ACTIVITY, TENSOR, WEIGHT, Entry, unique_names
-from .handle import Handle
-from .plans import PlanCache
+from ._entries import ACTIVITY, TENSOR, WEIGHT, Entry, unique_names
+from ._handle import Handle
+from ._plans import PlanCache
 from .regularizers import Regularizer
 
 __all__ = ["Registry", "parametrized_tensors"]
@@ -64,7 +64,7 @@ def _checked(regularizer: object) -> Regularizer:
 
 
 class Registry:
-    """Entries and their registration; ``regcollect.collection.Collection`` computes."""
+    """Entries and their registration; ``regcollect._collection.Collection`` computes."""
 
     def __init__(self, max_pending: int, max_pending_bytes: int) -> None:
         self._lock = threading.RLock()

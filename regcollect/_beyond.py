@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from .kernels import difference_penalty
-from .penalties import (
+from ._kernels import difference_penalty
+from ._penalties import (
     Coefficient,
     Regularizer,
     accumulation_dtype,
@@ -33,7 +33,7 @@ from .penalties import (
     scale,
     zero_like,
 )
-from .sharding import is_plain
+from ._sharding import is_plain
 
 __all__ = [
     "REFERENCE_SUFFIX",

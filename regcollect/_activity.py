@@ -30,8 +30,8 @@ from typing import Any, Protocol
 import torch
 
 from ._checks import RegcollectWarning
+from ._entries import Entry
 from ._torch_compat import is_compiling
-from .entries import Entry
 from .regularizers import Regularizer, accumulation_dtype
 
 __all__ = ["ActivityHook", "Pending", "Record", "activity_penalty", "inert_hook"]

@@ -26,10 +26,10 @@ import torch
 
 from . import _naming
 from ._checks import check_module
-from .collection import Collection
-from .context import active_collection
-from .entries import ACTIVITY, WEIGHT
-from .handle import Handle
+from ._collection import Collection
+from ._context import active_collection
+from ._entries import ACTIVITY, WEIGHT
+from ._handle import Handle
 from .regularizers import deserialize, serialize
 
 __all__ = ["export_plan", "load_plan"]

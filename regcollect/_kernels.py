@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
+from ._penalties import accumulation_dtype
 from ._torch_compat import is_compiling
-from .penalties import accumulation_dtype
 
 __all__ = ["group_penalty", "group_value"]
 

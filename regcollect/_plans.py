@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from .engine import Plan
-from .entries import ACTIVITY, TENSOR, Entry, current_tensors
-from .penalties import Regularizer, evaluated
+from ._engine import Plan
+from ._entries import ACTIVITY, TENSOR, Entry, current_tensors
+from ._penalties import Regularizer, evaluated
 
 __all__ = ["CachedPlan", "PlanCache", "applied", "choose", "traced_tensors"]
 
@@ -39,7 +39,7 @@ def _flags(tensors: list[torch.Tensor | None]) -> list[tuple[Any, ...]]:
 
 def applied(entries: Sequence[Entry]) -> list[Regularizer]:
     """The regularizers ``loss()`` evaluates for ``entries`` (Keras's kernel layout where an
-    orthogonal mode names it; see ``regcollect.penalties.evaluated``)."""
+    orthogonal mode names it; see ``regcollect._penalties.evaluated``)."""
     return [evaluated(e.regularizer, e.module, e.param) for e in entries]
 
 

@@ -32,12 +32,12 @@ from typing import Any, Protocol
 import torch
 
 from . import _step
+from ._beyond import L2SP, GroupLasso, reference_of
 from ._checks import RegcollectWarning
+from ._engine import steppable
+from ._entries import WEIGHT, Entry
 from ._optimizers import skip_flag
-from .beyond import L2SP, GroupLasso, reference_of
-from .engine import steppable
-from .entries import WEIGHT, Entry
-from .penalties import Coefficient, fused_terms
+from ._penalties import Coefficient, fused_terms
 
 __all__ = ["OptimizerAttachment", "held_by"]
 

@@ -10,8 +10,8 @@ each step is one kernel (``_StackedPenalty``). Other regularizers (orthogonal, c
 are called on their tensor one by one. The per-call Python cost is proportional to the number
 of groups, not the number of tensors, and nothing here reads a value back to the host.
 
-Sharded tensors (``DTensor``) are completed exactly across ranks (``regcollect.sharding``);
-the grouped kernels are in ``regcollect.kernels``.
+Sharded tensors (``DTensor``) are completed exactly across ranks (``regcollect._sharding``);
+the grouped kernels are in ``regcollect._kernels``.
 
 This module knows nothing of modules, names or collections.
 """
@@ -25,10 +25,9 @@ from typing import Any
 
 import torch
 
-from .kernels import group_penalty, group_value
-from .penalties import Coefficient, scale
-from .regularizers import Regularizer, accumulation_dtype, fused_terms
-from .sharding import (
+from ._kernels import group_penalty, group_value
+from ._penalties import Coefficient, scale
+from ._sharding import (
     ContiguousGrad,
     all_reduce,
     is_dtensor,
@@ -36,6 +35,7 @@ from .sharding import (
     layouts,
     shard_reduction,
 )
+from .regularizers import Regularizer, accumulation_dtype, fused_terms
 
 __all__ = ["Plan", "Result", "group_penalty", "steppable"]
 

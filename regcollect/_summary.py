@@ -1,4 +1,4 @@
-"""Seeing the penalties: rows from ``regcollect.readout`` rendered as a table.
+"""Seeing the penalties: rows from ``regcollect._readout`` rendered as a table.
 
 Renders what the last ``loss()`` computed (one device-to-host copy for the whole table) and
 never computes a penalty itself.
@@ -13,8 +13,8 @@ from typing import IO, Any
 import torch
 from tabulate import tabulate, tabulate_formats
 
-from .entries import ACTIVITY, Entry
-from .readout import Row
+from ._entries import ACTIVITY, Entry
+from ._readout import Row
 
 __all__ = ["SummaryText", "render", "table_extra"]
 
