@@ -9,6 +9,7 @@ Examples:
 """
 
 import sys as _sys
+import types as _types
 
 from . import compat, integrations, nn, regularizers, schedules
 from ._attach import add_activity_regularizer, add_regularizer, regularize
@@ -54,8 +55,21 @@ __version__ = "0.1.0"
 # classes and the collection by their old module paths (regcollect.penalties.L2, ...): those
 # paths still resolve for unpickling, without becoming attributes of the package (where
 # rc.penalties and rc.summary are the functions).
-for _old in ("penalties", "beyond", "collection", "entries", "handle"):
-    _sys.modules.setdefault(f"{__name__}.{_old}", _sys.modules[f"{__name__}._{_old}"])
+for _old, _parts in (
+    ("penalties", ("_penalties", "_orthogonal")),
+    ("beyond", ("_beyond",)),
+    ("collection", ("_collection",)),
+    ("entries", ("_entries",)),
+    ("handle", ("_handle",)),
+):
+    _legacy = _types.ModuleType(f"{__name__}.{_old}")
+    for _part in _parts:
+        _legacy.__dict__.update(
+            {k: v for k, v in vars(_sys.modules[f"{__name__}.{_part}"]).items() if k[:2] != "__"}
+        )
+    _sys.modules.setdefault(_legacy.__name__, _legacy)
+del _old, _parts, _part, _legacy
+
 
 __all__ = [
     "Collection",

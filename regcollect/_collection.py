@@ -8,6 +8,7 @@ same collection, elsewhere the default one.
 
 from __future__ import annotations
 
+import functools
 import uuid
 import warnings
 import weakref
@@ -20,8 +21,8 @@ from . import _naming
 from ._activity import Record
 from ._checks import RegcollectWarning, ScopeArg, check_scope
 from ._engine import Plan
-from ._entries import ACTIVITY, Entry, current_tensors
-from ._guards import model_groups, several_models_message
+from ._entries import ACTIVITY, Entry
+from ._guards import forgotten_loss_check, model_groups, several_models_message
 from ._handle import Handle
 from ._optim import OptimizerAttachment, held_by
 from ._plans import CachedPlan, applied, choose, mark_constant, traced_tensors
@@ -83,7 +84,7 @@ class Collection(Registry):
     def _insert(self, key: tuple[Any, ...], entry: Entry) -> Handle:
         # The first entry anywhere installs the optimizer-step hook that warns about
         # penalties no loss() ever reads.
-        OPTIMIZER_STEP.add(_forgotten_loss_check)
+        OPTIMIZER_STEP.add(_check_forgotten)
         return super()._insert(key, entry)
 
     def _attach(self, attachment: OptimizerAttachment) -> None:
@@ -392,6 +393,8 @@ def _with_records(
 
 
 _live: weakref.WeakSet[Collection] = weakref.WeakSet()
+# After every optimizer step: warn once per collection whose penalties never reach a loss.
+_check_forgotten = functools.partial(forgotten_loss_check, _live)
 _by_uid: weakref.WeakValueDictionary[str, Collection] = weakref.WeakValueDictionary()
 _warned_lost = False
 
@@ -419,32 +422,6 @@ def _restore_collection(uid: str, was_default: bool) -> Collection:
 def default_collection() -> Collection:
     """The default collection, used when no ``collection=`` is given."""
     return _default
-
-
-def _forgotten_loss_check(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    """Optimizer step hook: warn once per collection whose penalties never reach a loss."""
-    for coll in list(_live):
-        if coll._consumed or coll._warned_forgotten or not coll._entries or coll._attachments:
-            continue  # (an attached optimizer applies the penalties itself)
-        with coll._lock:
-            entries = list(coll._entries.values())
-            tensors = current_tensors([e.locator for e in entries])
-            pending = bool(coll.pending)
-        ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        trained = [e for e, t in zip(entries, tensors) if t is not None and id(t) in ids]
-        if not trained and not pending:
-            continue
-        coll._warned_forgotten = True
-        names = coll._names()
-        example = names.get(trained[0] if trained else entries[0], "?")
-        warnings.warn(
-            f"{len(entries)} regularization penalties (e.g. {example!r}) are registered, but "
-            f"{type(optimizer).__name__}.step() ran before rc.loss() was ever called: the "
-            "penalties are not part of training. Add rc.loss() to the loss you backpropagate "
-            "(total_loss = loss + rc.loss()).",
-            RegcollectWarning,
-            stacklevel=3,
-        )
 
 
 def _positions(coll: Collection, scope: Any) -> tuple[int, ...] | str:

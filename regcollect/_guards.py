@@ -4,14 +4,17 @@ adds several of them up (a stale model from an earlier run, a copy, a GAN's two 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 
 from . import _naming
-from ._entries import Entry
+from ._checks import RegcollectWarning
+from ._entries import Entry, current_tensors
 
-__all__ = ["model_groups", "several_models_message"]
+__all__ = ["forgotten_loss_check", "model_groups", "several_models_message"]
 
 
 def model_groups(entries: Iterable[Entry]) -> dict[int, int]:
@@ -67,3 +70,32 @@ def several_models_message(
         "list of models), give each model its own rc.Collection(), or delete the models you "
         "no longer use."
     )
+
+
+def forgotten_loss_check(
+    collections: Iterable[Any], optimizer: torch.optim.Optimizer, args: Any, kwargs: Any
+) -> None:
+    """Optimizer step hook: warn once per collection (of ``collections``) whose penalties
+    never reach a loss."""
+    for coll in list(collections):
+        if coll._consumed or coll._warned_forgotten or not coll._entries or coll._attachments:
+            continue  # (an attached optimizer applies the penalties itself)
+        with coll._lock:
+            entries = list(coll._entries.values())
+            tensors = current_tensors([e.locator for e in entries])
+            pending = bool(coll.pending)
+        ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        trained = [e for e, t in zip(entries, tensors) if t is not None and id(t) in ids]
+        if not trained and not pending:
+            continue
+        coll._warned_forgotten = True
+        names = coll._names()
+        example = names.get(trained[0] if trained else entries[0], "?")
+        warnings.warn(
+            f"{len(entries)} regularization penalties (e.g. {example!r}) are registered, but "
+            f"{type(optimizer).__name__}.step() ran before rc.loss() was ever called: the "
+            "penalties are not part of training. Add rc.loss() to the loss you backpropagate "
+            "(total_loss = loss + rc.loss()).",
+            RegcollectWarning,
+            stacklevel=3,
+        )

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from . import _naming, schedules
+from . import _following, _naming
 from ._activity import ActivityHook, Pending
 from ._checks import ScopeArg, check_module, check_scope
 from ._entries import ACTIVITY, TENSOR, WEIGHT, Entry, unique_names
@@ -168,7 +168,7 @@ class Registry:
             for gone in replaced:
                 self._release(gone)
             for schedule in entry.regularizer.schedules():
-                schedules.follow(schedule, entry)
+                _following.follow(schedule, entry)
                 if tensor is not None:
                     schedule.tensor(tensor.device)  # made here, not inside a compiled trace
             if module is not None:
@@ -209,7 +209,7 @@ class Registry:
             if current is None or type(current.regularizer) is not type(entry.regularizer):
                 entry.regularizer.on_detach(module, entry.param)
         if entry.regularizer.schedules():
-            schedules.changed()
+            _following.changed()
 
     def _restore(self, entry: Entry) -> None:
         """Register a replaced ``entry`` again, unless its place has been taken since; a

@@ -22,13 +22,12 @@ from typing import Any, TypeVar
 import torch
 
 from ._beyond import L2SP, GroupLasso, group_lasso, l2sp
+from ._orthogonal import Orthogonal, OrthogonalRegularizer
 from ._penalties import (
     L1,
     L1L2,
     L2,
     Custom,
-    Orthogonal,
-    OrthogonalRegularizer,
     Regularizer,
     accumulation_dtype,
     check_coefficient,

@@ -74,6 +74,7 @@ def test_checkpoints_pickled_under_the_old_module_paths_still_load():
     for reg, old, new in (
         (rc.l2(0.3), b"regcollect.penalties", b"regcollect._penalties"),
         (rc.L2SP(0.5), b"regcollect.beyond", b"regcollect._beyond"),
+        (rc.orthogonal(0.1), b"regcollect.penalties", b"regcollect._orthogonal"),
     ):
         data = pickle.dumps(reg, protocol=2)  # module paths as plain text
         assert new + b"\n" in data

@@ -1,0 +1,126 @@
+"""Keras's ``OrthogonalRegularizer``: its value, and the kernel layout a ported model needs.
+
+Its own module, as each penalty with more than a formula: the mode names, the transpose for
+Keras's ``(in, units)`` kernels (``KerasKernel``) and the autocast guard live together here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ._penalties import Regularizer, accumulation_dtype, check_tensor, zero_like
+from .schedules import Coefficient, coefficient, scale
+
+__all__ = ["KerasKernel", "Orthogonal", "OrthogonalRegularizer"]
+
+
+class Orthogonal(Regularizer):
+    """Keras ``OrthogonalRegularizer``: pushes vectors of a kernel towards orthogonality.
+
+    ``factor * 0.5 * sum(abs(P * (1 - I))) / (s * (s - 1) / 2)`` where ``P`` is the Gram matrix
+    of the ``s`` L2-normalised vectors the mode picks. Tensors of rank > 2 are flattened to
+    ``(shape[0], -1)``; ``s == 1`` gives 0.
+
+    Modes:
+
+    - ``"outputs"``: one vector per output unit or filter (the rows of a torch weight, whose
+      layout is ``(out, in, ...)``); ``"inputs"``: one per input (its columns). Named by what
+      they make orthogonal, these mean the same on every layer.
+    - ``"rows"`` (the default) and ``"columns"``: Keras's names, the rows or columns **of the
+      kernel as Keras holds it**, so that a ported model gives Keras's numbers. On a tensor
+      called directly, and on convolution and embedding weights (laid out alike in both), they
+      are the tensor's rows and columns. A Keras ``Dense`` or recurrent kernel is
+      ``(in, units)``, the transpose of torch's ``(units, in)`` weight; on the weights of
+      ``Linear`` and recurrent layers, ``loss()`` therefore applies them to the transpose:
+      ``"rows"`` there makes the input vectors orthogonal (``"inputs"``) and ``"columns"``
+      the output units (``"outputs"``), as in Keras.
+
+    Args:
+        factor: The coefficient (a float >= 0 or a schedule).
+        mode: ``"rows"``, ``"columns"``, ``"outputs"`` or ``"inputs"``.
+
+    Raises:
+        ValueError: An unknown ``mode``, or a negative, NaN or infinite ``factor``.
+
+    Examples:
+        >>> float(Orthogonal(1.0)(torch.tensor([[1.0, 0.0], [1.0, 0.0]])))  # two equal rows
+        1.0
+    """
+
+    MODES = ("rows", "columns", "outputs", "inputs")
+
+    def __init__(self, factor: Coefficient = 0.01, mode: str = "rows") -> None:
+        self.factor = coefficient("factor", factor)
+        if mode not in self.MODES:
+            raise ValueError(
+                f'mode must be "rows" or "columns" (Keras\'s names) or "outputs" or "inputs", '
+                f"got {mode!r}"
+            )
+        self.mode = mode
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = check_tensor(x, "Orthogonal")
+        if x.dim() < 2:
+            raise ValueError(
+                f"Orthogonal expects a tensor of rank >= 2 (a kernel), got shape {tuple(x.shape)}"
+            )
+        if x.numel() == 0:  # no rows or no columns: nothing to make orthogonal
+            return zero_like(x) + 0.0 * x.sum()
+        x = x.reshape(x.shape[0], -1).to(accumulation_dtype(x.dtype))
+        if self.mode in ("columns", "inputs"):
+            x = x.t()
+        size = x.shape[0]
+        if size < 2:
+            # Keras divides by zero pairs here and returns NaN; one vector is trivially orthogonal.
+            return zero_like(x) + 0.0 * x.sum()
+        # Keras normalises with max(norm, epsilon); F.normalize does the same with eps=1e-12.
+        x = torch.nn.functional.normalize(x, p=2.0, dim=1, eps=1e-12)
+        if x.device.type in ("cuda", "cpu"):
+            # In float32 at least, as every penalty: autocast would run the Gram matrix in
+            # bfloat16/float16 (a ported bf16 model read 1.6e-4 relative off).
+            with torch.autocast(x.device.type, enabled=False):
+                product = x @ x.t()
+        else:
+            product = x @ x.t()
+        off_diagonal = product * (1.0 - torch.eye(size, dtype=x.dtype, device=x.device))
+        num_pairs = size * (size - 1.0) / 2.0
+        return scale(self.factor, x) * 0.5 * off_diagonal.abs().sum() / num_pairs
+
+    def get_config(self) -> dict[str, Any]:
+        return {"factor": self.factor, "mode": self.mode}
+
+    def for_parameter(self, module: torch.nn.Module, name: str | None) -> Regularizer:
+        # Keras's "rows"/"columns" name the vectors of the kernel as Keras holds it: a
+        # Dense or recurrent kernel is (in, units), torch's Linear/RNN weight (units, in).
+        if (
+            type(self) is Orthogonal
+            and self.mode in ("rows", "columns")
+            and name is not None
+            and name.startswith("weight")
+            and isinstance(module, (torch.nn.Linear, torch.nn.RNNBase))
+        ):
+            return KerasKernel(self)
+        return self
+
+
+OrthogonalRegularizer = Orthogonal
+
+
+class KerasKernel(Regularizer):
+    """``regularizer`` applied to a weight in Keras's kernel layout (its transpose).
+
+    What ``loss()`` evaluates for an ``Orthogonal`` with Keras's mode names on the 2-D
+    weight of a ``Linear`` or recurrent layer; see ``evaluated``. Not registered, never
+    stored: entries keep the regularizer the user gave.
+    """
+
+    def __init__(self, regularizer: Regularizer) -> None:
+        self.regularizer = regularizer
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.regularizer(x.t())
+
+    def __repr__(self) -> str:
+        return repr(self.regularizer)
