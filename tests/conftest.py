@@ -101,3 +101,22 @@ def same_to_rounding():
             assert diff <= bound, f"{tuple(a.shape)}: differs by {diff:.3g} > {bound:.3g}"
 
     return check
+
+
+def autograd_nodes(tensor):
+    """The autograd nodes behind ``tensor`` (gradient accumulators left out): how many
+    kernels its backward runs, whatever their names."""
+    seen, stack = set(), [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return [n for n in seen if type(n).__name__ != "AccumulateGrad"]
+
+
+@pytest.fixture
+def node_count():
+    """``node_count(tensor)``: the number of autograd nodes behind ``tensor``."""
+    return lambda tensor: len(autograd_nodes(tensor))

@@ -236,14 +236,14 @@ def test_losses_one_per_entry():
 
 
 def test_names_and_scope_filter():
-    lone = rc.nn.Linear(2, 2, kernel_regularizer="l2")
+    _lone = rc.nn.Linear(2, 2, kernel_regularizer="l2")
     with rc.scope("encoder"):
         enc = torch.nn.Sequential(
             rc.nn.Linear(2, 2, kernel_regularizer="l2"), rc.nn.Linear(2, 2, kernel_regularizer="l2")
         )
     with rc.scope("decoder"):
         with rc.scope("inner"):
-            dec = torch.nn.Sequential(
+            _dec = torch.nn.Sequential(
                 rc.nn.Linear(2, 2, kernel_regularizer="l2", activity_regularizer="l1")
             )
     names = [e.name for e in rc.get_collection().entries()]
@@ -259,7 +259,6 @@ def test_names_and_scope_filter():
     assert rc.loss(scope="encoder").item() == pytest.approx(0.01 * expected.item(), rel=1e-6)
     assert rc.loss(scope="inner").item() == 0.0  # matched at the start, TF-style
     assert len(rc.get_collection().entries(scope=r"decoder/.*activity")) == 1
-    assert lone is not None and dec is not None
 
 
 def test_outermost_model_names_and_stability():
@@ -306,7 +305,7 @@ def test_scope_defaults_and_nesting():
 def test_scope_collection_and_bad_arguments():
     coll = rc.Collection()
     with rc.scope("s", collection=coll):
-        layer = rc.nn.Linear(2, 2, kernel_regularizer="l2")
+        _layer = rc.nn.Linear(2, 2, kernel_regularizer="l2")
     assert len(coll) == 1 and len(rc.get_collection()) == 0
     assert coll.entries()[0].name.startswith("s/linear") and coll.entries()[0].name.endswith(
         ".weight"
@@ -319,7 +318,6 @@ def test_scope_collection_and_bad_arguments():
             pass
     with pytest.raises(ValueError, match="scope must be a valid regular expression"):
         rc.loss(scope="enc[")
-    assert layer is not None
 
 
 def test_independent_collections():
