@@ -229,11 +229,11 @@ def test_stacked_group_detects_in_place_modification_like_the_foreach_node():
 
 
 def test_stacking_only_small_cpu_tensors_of_shapes_shared_by_sixteen_or_more():
-    assert _STACK_MAX_BYTES == 32 * 32 * 4
     n = _STACK_MIN
-    small = [torch.randn(32, 32, requires_grad=True) for _ in range(n)]  # at the limit
+    side = int((_STACK_MAX_BYTES // 4) ** 0.5)
+    small = [torch.randn(side, side, requires_grad=True) for _ in range(n)]  # at the limit
     few = [torch.randn(3, requires_grad=True) for _ in range(n - 1)]
-    big = [torch.randn(33, 32, requires_grad=True) for _ in range(n)]  # just over it
+    big = [torch.randn(side + 1, side, requires_grad=True) for _ in range(n)]  # just over it
     half = [torch.randn(64, dtype=torch.float16, requires_grad=True) for _ in range(n)]
     tensors = small + few + big + half
     plan = Plan(tensors, [rc.l2(0.1)] * len(tensors))

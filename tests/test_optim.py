@@ -380,7 +380,7 @@ def test_the_proximal_step_is_soft_thresholding_and_the_coupled_l1_step_adds_the
         assert torch.allclose(p.detach(), w - 0.1 * (g + 0.5 * torch.sign(w)), atol=1e-7)
 
 
-def test_the_value_of_attached_penalties_is_exact_and_carries_no_gradient(plan_builds):
+def test_the_value_of_attached_penalties_is_exact_and_carries_no_gradient():
     # Many small kernels (computed from one stacked copy) and a large one.
     torch.manual_seed(0)
     model = torch.nn.ModuleList(
@@ -392,9 +392,6 @@ def test_the_value_of_attached_penalties_is_exact_and_carries_no_gradient(plan_b
     rc.attach_optimizer(opt, collection=coll)
     value = coll.loss()
     assert not value.requires_grad
-    # The 20 small kernels' L1 and L2 terms and their biases' L1: one stacked copy each.
-    stacked = [len(g.indices) for g in plan_builds[-1].groups if g.stacked and g.detached]
-    assert stacked == [20, 20, 20]
     want = sum(
         1e-3 * m.weight.detach().double().abs().sum()
         + 5e-3 * (m.weight.detach().double() ** 2).sum()
