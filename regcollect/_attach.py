@@ -330,6 +330,11 @@ def regularize(
             if reference is None:
                 missing.append(name)
                 continue
+            if tuple(reference.shape) != tuple(param.shape):
+                raise ValueError(
+                    f"L2SP reference for {name!r} has shape {tuple(reference.shape)}, "
+                    f"expected the parameter's shape {tuple(param.shape)}"
+                )
             reg = L2SP(reg.l2, reference=reference)
         if reg is not None:
             targets.append((owner, local, reg))

@@ -248,7 +248,8 @@ def penalties(scope: ScopeArg = None, *, collection: Collection | None = None) -
 
     Returns:
         Entry names mapped to their last penalty (entries never evaluated are left out), plus
-        ``"total"``. One device-to-host copy.
+        ``"total"`` (``"total (sum)"`` when an entry itself is named ``total``). One
+        device-to-host copy.
 
     Examples:
         >>> import torch, regcollect as rc

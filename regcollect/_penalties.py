@@ -197,7 +197,13 @@ class Regularizer:
             return self is other
 
     def __hash__(self) -> int:
-        return id(self)
+        # Equal regularizers (same class, equal configs) must hash alike: the class and the
+        # config's keys, which equal configs share, whatever their values' hashability.
+        try:
+            config = self.get_config()
+        except NotImplementedError:
+            return id(self)
+        return hash((type(self), tuple(sorted(config))))
 
 
 def fused_terms(regularizer: Regularizer) -> tuple[tuple[str, Coefficient], ...] | None:

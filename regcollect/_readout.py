@@ -120,9 +120,11 @@ def check_finite(rows: Sequence[Row]) -> None:
 
 
 def as_dict(rows: Sequence[Row], total: float) -> dict[str, float]:
-    """``{name: value, ..., "total": total}`` for loggers; rows without a value left out."""
+    """``{name: value, ..., "total": total}`` for loggers; rows without a value left out.
+    An entry named ``total`` (a root-level parameter) keeps its name; the sum is then
+    ``"total (sum)"``."""
     out = {name: value for _, name, value in rows if value is not None}
-    out["total"] = total
+    out["total (sum)" if "total" in out else "total"] = total
     return out
 
 

@@ -413,6 +413,18 @@ def coefficient(name: str, value: object) -> Coefficient:
     if isinstance(value, dict):
         return deserialize_schedule(value)
     if callable(value) and not isinstance(value, (numbers.Number, torch.Tensor)):
+        # A callable coefficient is a schedule fn(step) -> float. A function of the weights
+        # given here by mistake (rc.l2(lambda w: ...)) fails on a step number: say so now,
+        # not at the first loss() with "'int' object has no attribute ...".
+        try:
+            float(value(0))
+        except Exception as exc:
+            raise ValueError(
+                f"{name} must be a number or a schedule fn(step) -> float; the callable given "
+                f"raised {type(exc).__name__} on step 0 ({exc}). For a penalty computed by your "
+                "own function of the weights, pass the function as the regularizer itself "
+                "(kernel_regularizer=fn, or rc.regularizers.get(fn))"
+            ) from None
         return FunctionSchedule(value)
     return check_coefficient(name, value)
 

@@ -372,3 +372,61 @@ def test_no_warning_when_loss_is_used_or_optimizer_is_unrelated():
         opt = torch.optim.Adam(model.parameters())
         (model(torch.randn(2, 4)).sum() + rc.loss()).backward()
         opt.step()
+
+
+# -- issue 26, item 10: each a right value or a clear error ---------------------------------
+
+
+def test_equal_regularizers_hash_alike():
+    assert len({rc.L2(0.1), rc.L2(0.1)}) == 1
+    assert len({rc.L2(0.1), rc.L2(0.2), rc.L1(0.1)}) == 3
+    assert {rc.l1_l2(0.1, 0.2): "a"}[rc.L1L2(0.1, 0.2)] == "a"
+
+
+def test_a_function_of_the_weights_given_as_a_coefficient_is_a_clear_error():
+    with pytest.raises(
+        ValueError,
+        match=r"l2 .*schedule fn\(step\).*raised AttributeError.*"
+        r"kernel_regularizer=fn",
+    ):
+        rc.l2(lambda w: w.abs().sum())
+    assert float(rc.l2(lambda step: 0.5 * step).l2) == 0.0  # a real schedule still works
+
+
+def test_a_root_parameter_named_total_keeps_its_row_in_penalties():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.total = torch.nn.Parameter(torch.ones(2))
+            self.layer = torch.nn.Linear(2, 2)
+
+    net = Net()
+    coll = rc.Collection()
+    rc.add_regularizer(net, "total", rc.l2(1.0), collection=coll)
+    rc.add_regularizer(net.layer, "weight", rc.l2(1.0), collection=coll)
+    value = coll.loss().item()
+    got = coll.penalties()
+    assert got["total"] == pytest.approx(2.0)  # the parameter's own penalty, 1.0 * (1 + 1)
+    totals = [k for k in got if k.startswith("total")]
+    assert sorted(totals) == ["total", "total (sum)"] and got["total (sum)"] == pytest.approx(value)
+
+
+def test_an_l2sp_shape_error_names_the_qualified_parameter():
+    model = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    with pytest.raises(ValueError, match=r"'2\.weight'"):
+        rc.regularize(model, kernel=rc.L2SP(0.1, reference={"2.weight": torch.ones(5, 5)}))
+
+
+def test_tensorboard_accepts_a_numpy_integer_step(tmp_path):
+    pytest.importorskip("tensorboard", reason="pip install -e .[tensorboard]")
+    import numpy as np
+    from torch.utils.tensorboard import SummaryWriter
+
+    from regcollect.integrations.tensorboard import log_penalties
+
+    layer = rc.nn.Linear(2, 2, kernel_regularizer=rc.l2(0.1))
+    rc.loss(layer)
+    with SummaryWriter(tmp_path) as writer:
+        log_penalties(writer, np.int64(3))  # what enumerate over a numpy array gives
+        with pytest.raises(ValueError, match="step must be a non-negative int"):
+            log_penalties(writer, np.float64(3.5))

@@ -14,6 +14,7 @@ Values are those of the last ``rc.loss()``: one device-to-host copy, no recomput
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import torch
@@ -77,8 +78,9 @@ def log_penalties(
         raise TypeError(
             f"writer must be a SummaryWriter (with add_scalar), got {type(writer).__name__}"
         )
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
         raise ValueError(f"step must be a non-negative int, got {step!r}")
+    step = int(step)  # numpy integers (enumerate over an array) too
     if not isinstance(prefix, str) or not prefix:
         raise ValueError(f"prefix must be a non-empty string, got {prefix!r}")
     coll = active_collection(collection)
