@@ -1,14 +1,19 @@
 """Activity penalties: the forward hook, Keras's ``/ batch_size`` rule, and pending records.
 
 A forward pass made with gradients enabled records ``regularizer(output) / batch_size``. The
-record waits until a ``loss()`` whose scope covers its entry takes it; the rules follow the
-training loop:
+record is part of every read of the collection (``loss()``, ``losses()``,
+``get_regularization_losses()``) whose scope covers its entry, until its pass is done; reading
+has no side effect, as Keras's ``model.losses``. The rules follow the training loop:
 
-* it is counted by the first such ``loss()`` after the pass, if that pass has not been
-  backpropagated yet;
-* once the pass is backpropagated without it (the output's gradient was computed and the
-  record was still pending), the penalty can never reach the weights: it is dropped at once,
-  freeing its graph, and the next ``loss()`` warns, naming the entry;
+* the pass is done when it is backpropagated (its output's gradient was computed): the
+  record leaves then, counted by the ``loss()`` that reached the weights. If no read took it
+  before, the penalty never reached the weights: it is dropped, freeing its graph, and the
+  next ``loss()`` warns, naming the entry;
+* a record already read gives way to the next pass of the same layer (a validation loop run
+  with gradients on prints each pass once, never a growing sum);
+* a record whose output carries no gradient (a frozen layer fed constants) or that a
+  compiled step made has no backward to tell its end: it leaves at the next optimizer step
+  after a read (or with the next pass of its layer);
 * a pass made while its layer was in eval mode is dropped by a ``loss()`` taken after the
   layer is back in training mode (a validation pass never leaks into a training step);
 * what pending records hold is bounded in count and in bytes of the outputs whose graphs
@@ -65,12 +70,16 @@ def activity_penalty(regularizer: Regularizer, tensor: torch.Tensor, batch: int)
 
 
 class Record:
-    """One forward pass's activity penalty, waiting for a ``loss()``."""
+    """One forward pass's activity penalty, pending until its pass is done."""
 
-    __slots__ = ("__weakref__", "entry", "nbytes", "training", "value")
+    __slots__ = ("__weakref__", "entry", "hooked", "nbytes", "read", "training", "value")
 
-    def __init__(self, entry: Entry, value: torch.Tensor, training: bool, nbytes: int) -> None:
+    def __init__(
+        self, entry: Entry, value: torch.Tensor, training: bool, nbytes: int, hooked: bool
+    ) -> None:
         self.entry, self.value, self.training, self.nbytes = entry, value, training, nbytes
+        self.hooked = hooked  # its output's backward releases it
+        self.read = False
 
 
 class _BackpropHook:
@@ -118,12 +127,20 @@ class Pending:
         if is_compiling():
             # Traced into the graph: no lock, no tensor hook (a compiled step cannot tell
             # when its pass is backpropagated); the bounds are checked by the next eager call.
-            self._records.append(Record(entry, value, training, 0))
+            # An earlier pass of this layer that a read already counted gives way, as below.
+            self._records = [r for r in self._records if not (r.read and r.entry is entry)]
+            self._records.append(Record(entry, value, training, 0, hooked=False))
             return
-        record = Record(entry, value, training, output.nbytes if output.requires_grad else 0)
-        if output.requires_grad:
+        hooked = output.requires_grad
+        record = Record(entry, value, training, output.nbytes if hooked else 0, hooked)
+        if hooked:
             output.register_hook(_BackpropHook(self, record))
         with self._lock:
+            # An earlier pass of this layer that a read already counted gives way.
+            if any(r.read and r.entry is entry for r in self._records):
+                kept = [r for r in self._records if not (r.read and r.entry is entry)]
+                self._bytes = sum(r.nbytes for r in kept)
+                self._records = kept
             self._records.append(record)
             self._bytes += record.nbytes
             if len(self._records) <= self.max_count and self._bytes <= self.max_bytes:
@@ -150,12 +167,13 @@ class Pending:
                 if r is record:
                     del self._records[i]
                     self._bytes -= r.nbytes
-                    if self._missed is None:
+                    if not r.read and self._missed is None:
                         self._missed = r.entry
                     return
 
     def take(self, keep: Callable[[Entry], bool] | None) -> list[Record]:
-        """Remove and return the records ``keep`` selects (all when None), oldest first.
+        """The records ``keep`` selects (all when None), oldest first, marked as read; they
+        stay pending until their pass is backpropagated (see the module's rules).
 
         Records made in eval mode whose layer is back in training mode are dropped instead.
         """
@@ -167,10 +185,13 @@ class Pending:
                 if keep is not None and not keep(r.entry):
                     left.append(r)
                     continue
-                self._bytes -= r.nbytes
                 module = r.entry.module
-                if module is not None and (r.training or not module.training):
-                    taken.append(r)
+                if module is None or not (r.training or not module.training):
+                    self._bytes -= r.nbytes  # a dead layer's, or a validation pass's
+                    continue
+                r.read = True
+                taken.append(r)
+                left.append(r)
             self._records = left
         if missed is not None and not self._warned_missed:
             self._warned_missed = True
@@ -186,12 +207,19 @@ class Pending:
 
     def take_traced(self, keep: frozenset[int] | None) -> list[Record]:
         """``take`` while torch.compile traces: no lock, no mode check, no warning."""
-        if keep is None:
-            taken, self._records = self._records, []
-            return taken
-        taken = [r for r in self._records if id(r.entry) in keep]
-        self._records = [r for r in self._records if id(r.entry) not in keep]
+        taken = [r for r in self._records if keep is None or id(r.entry) in keep]
+        for r in taken:
+            r.read = True
         return taken
+
+    def end_of_step(self) -> None:
+        """An optimizer step ran: the records no backward releases (no gradient, or made in
+        a compiled step) that a read counted are done."""
+        with self._lock:
+            if any(r.read and not r.hooked for r in self._records):
+                kept = [r for r in self._records if r.hooked or not r.read]
+                self._bytes = sum(r.nbytes for r in kept)
+                self._records = kept
 
     def discard(self, keep: Callable[[Record], bool]) -> None:
         """Drop the records ``keep`` rejects (a removed entry's, a dead module's)."""

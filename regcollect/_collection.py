@@ -85,6 +85,7 @@ class Collection(Registry):
         # The first entry anywhere installs the optimizer-step hook that warns about
         # penalties no loss() ever reads.
         OPTIMIZER_STEP.add(_check_forgotten)
+        OPTIMIZER_STEP.add(_end_of_step)
         return super()._insert(key, entry)
 
     def _attach(self, attachment: OptimizerAttachment) -> None:
@@ -393,8 +394,15 @@ def _with_records(
 
 
 _live: weakref.WeakSet[Collection] = weakref.WeakSet()
-# After every optimizer step: warn once per collection whose penalties never reach a loss.
+# After every optimizer step: warn once per collection whose penalties never reach a loss,
+# and end the step for the activity records no backward releases.
 _check_forgotten = functools.partial(forgotten_loss_check, _live)
+
+
+def _end_of_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    for coll in list(_live):
+        if coll.pending:
+            coll.pending.end_of_step()
 _by_uid: weakref.WeakValueDictionary[str, Collection] = weakref.WeakValueDictionary()
 _warned_lost = False
 

@@ -235,3 +235,55 @@ def test_averaged_model_copy_is_named_and_left_out():
     assert rc.loss(model).item() == pytest.approx(single.item(), rel=1e-6)
     assert set(rc.penalties(model)) == {"0.weight", "total"}
     assert swa.module[0].weight.grad is None
+
+
+def test_reading_the_penalties_leaves_them_for_the_loss():
+    """Keras's model.losses and TF1's collections have no side effects when read: logging
+    the list, then adding rc.loss() to the training loss, trains the activity penalty."""
+    layer = rc.nn.Linear(3, 2, kernel_regularizer=rc.l2(0.1), activity_regularizer=rc.l2(0.5))
+    x = torch.randn(4, 3)
+    out = layer(x)
+    kernel = 0.1 * (layer.weight.detach() ** 2).sum().item()
+    activity = 0.5 * (out.detach() ** 2).sum().item() / 4
+    logged = sum(rc.get_regularization_losses()).item()
+    listed = [t.item() for t in rc.get_collection().losses()]
+    first, second = rc.loss().item(), rc.loss().item()
+    assert logged == pytest.approx(kernel + activity, rel=1e-6)
+    assert sorted(listed) == pytest.approx(sorted([kernel, activity]), rel=1e-6)
+    assert first == second == pytest.approx(kernel + activity, rel=1e-6)
+    total = out.sum() + rc.loss()
+    total.backward()
+    # The activity penalty reached the weights: its gradient is in layer.weight.grad.
+    plain = torch.nn.Linear(3, 2)
+    plain.load_state_dict(layer.state_dict())
+    y = plain(x)
+    (y.sum() + 0.1 * (plain.weight**2).sum() + 0.5 * (y**2).sum() / 4).backward()
+    assert torch.allclose(layer.weight.grad, plain.weight.grad, rtol=1e-6, atol=1e-7)
+    # Backpropagated: the pass is done, the next step starts with the weights only.
+    assert rc.loss().item() == pytest.approx(kernel, rel=1e-6)
+
+
+def test_a_validation_loop_with_gradients_on_reads_each_pass_once():
+    layer = rc.nn.Linear(3, 2, activity_regularizer=rc.l2(0.5))
+    layer.eval()  # validation, but torch.no_grad() forgotten: the passes are recorded
+    values = []
+    for _ in range(3):
+        out = layer(torch.ones(4, 3))
+        values.append(rc.loss().item())  # printed, never backpropagated
+    want = 0.5 * (out.detach() ** 2).sum().item() / 4
+    assert values == pytest.approx([want] * 3, rel=1e-6)  # each pass once, never summed up
+
+
+def test_a_pass_no_backward_ends_is_done_at_the_next_optimizer_step():
+    """An activity penalty whose output carries no gradient (a frozen layer fed constants)
+    has no backward to end its pass: reads agree until the optimizer steps."""
+    frozen = rc.nn.Linear(3, 2, activity_regularizer=rc.l2(0.5)).requires_grad_(False)
+    head = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(head.parameters(), lr=0.1)
+    feats = frozen(torch.ones(4, 3))
+    want = 0.5 * (feats**2).sum().item() / 4
+    assert rc.loss().item() == pytest.approx(want, rel=1e-6)
+    assert rc.loss().item() == pytest.approx(want, rel=1e-6)  # read again: the same
+    (head(feats).sum() + rc.loss()).backward()
+    opt.step()
+    assert rc.loss().item() == 0.0  # the step is over
