@@ -46,7 +46,8 @@ def _watched_output(module: torch.nn.Module, output: Any) -> tuple[torch.Tensor,
     """The tensor an activity regularizer sees and its batch size.
 
     The first tensor of a tuple (RNNs return ``(output, state)``); a packed sequence
-    contributes its data. Batch-first unless the module says ``batch_first=False``.
+    contributes its data. Batch-first unless the module (or, for transformer layers and
+    encoders, its first submodule that says) has ``batch_first=False``.
     """
     if isinstance(output, (tuple, list)) and output:
         output = output[0]
@@ -58,8 +59,19 @@ def _watched_output(module: torch.nn.Module, output: Any) -> tuple[torch.Tensor,
             f"activity regularizer on {type(module).__name__} expects a tensor output, "
             f"got {type(output).__name__}"
         )
-    batch_dim = 1 if getattr(module, "batch_first", True) is False and output.dim() == 3 else 0
+    batch_dim = 1 if not _batch_first(module) and output.dim() == 3 else 0
     return output, (output.shape[batch_dim] if output.dim() > 0 else 1)
+
+
+def _batch_first(module: torch.nn.Module) -> bool:
+    """The module's ``batch_first``, or that of the first submodule that has one: a
+    ``TransformerEncoderLayer`` keeps it on its attention, a ``TransformerEncoder`` on its
+    layers (sequence-first by default, as RNNs)."""
+    for m in module.modules():
+        flag = getattr(m, "batch_first", None)
+        if isinstance(flag, bool):
+            return flag
+    return True
 
 
 def activity_penalty(regularizer: Regularizer, tensor: torch.Tensor, batch: int) -> torch.Tensor:
@@ -117,6 +129,12 @@ class Pending:
 
     def __bool__(self) -> bool:
         return bool(self._records)
+
+    @property
+    def missed(self) -> Entry | None:
+        """An entry whose pass was backpropagated before any read took its penalty (until
+        the next read warns about it)."""
+        return self._missed
 
     @property
     def nbytes(self) -> int:

@@ -403,6 +403,8 @@ def _end_of_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> No
     for coll in list(_live):
         if coll.pending:
             coll.pending.end_of_step()
+
+
 _by_uid: weakref.WeakValueDictionary[str, Collection] = weakref.WeakValueDictionary()
 _warned_lost = False
 

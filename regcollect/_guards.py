@@ -84,13 +84,16 @@ def forgotten_loss_check(
             entries = list(coll._entries.values())
             tensors = current_tensors([e.locator for e in entries])
             pending = bool(coll.pending)
+            # An activity penalty whose pass was backpropagated unread (an activity-only
+            # model's pending list is empty again by the time the optimizer steps).
+            missed = coll.pending.missed
         ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
         trained = [e for e, t in zip(entries, tensors) if t is not None and id(t) in ids]
-        if not trained and not pending:
+        if not trained and not pending and missed is None:
             continue
         coll._warned_forgotten = True
         names = coll._names()
-        example = names.get(trained[0] if trained else entries[0], "?")
+        example = names.get(trained[0] if trained else missed or entries[0], "?")
         warnings.warn(
             f"{len(entries)} regularization penalties (e.g. {example!r}) are registered, but "
             f"{type(optimizer).__name__}.step() ran before rc.loss() was ever called: the "

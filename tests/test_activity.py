@@ -287,3 +287,25 @@ def test_a_pass_no_backward_ends_is_done_at_the_next_optimizer_step():
     (head(feats).sum() + rc.loss()).backward()
     opt.step()
     assert rc.loss().item() == 0.0  # the step is over
+
+
+def test_an_activity_only_model_that_never_calls_loss_is_warned():
+    model = torch.nn.Sequential(rc.nn.Linear(3, 2, activity_regularizer=rc.l2(0.5)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(rc.RegcollectWarning, match=r"0:activity.*step\(\) ran before rc.loss\(\)"):
+        for _ in range(2):
+            opt.zero_grad()
+            model(torch.ones(4, 3)).sum().backward()  # rc.loss() forgotten
+            opt.step()
+
+
+@pytest.mark.parametrize("wrap", ["layer", "encoder"])
+def test_sequence_first_transformers_divide_by_the_batch_size(wrap):
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(d_model=4, nhead=2, dim_feedforward=8, dropout=0.0)
+    module = layer if wrap == "layer" else torch.nn.TransformerEncoder(layer, num_layers=1)
+    coll = rc.Collection()
+    rc.add_activity_regularizer(module, rc.l2(1.0), collection=coll)
+    x = torch.randn(5, 3, 4)  # (sequence, batch, features): batch_first=False, the default
+    out = module(x)
+    assert coll.loss().item() == pytest.approx((out.detach() ** 2).sum().item() / 3, rel=1e-6)
