@@ -163,7 +163,13 @@ class Registry:
                         replaced.append(tied)
                 self._by_tensor[id(tensor)] = (weakref.ref(tensor), key)
             entry._key = key
-            entry._replaced = replaced
+            # What removing this entry restores. An equal regularizer registered again is
+            # set-up code run twice, not an override: removing the new handle must not bring
+            # the first registration back, only what that one had replaced.
+            restorable: list[Entry] = []
+            for r in replaced:
+                restorable.extend(r._replaced if r.regularizer == entry.regularizer else [r])
+            entry._replaced = restorable
             self._entries[key] = entry
             for gone in replaced:
                 self._release(gone)

@@ -225,3 +225,23 @@ def test_forgotten_loss_memory_is_bounded_and_warned():
 def test_max_pending_validated():
     with pytest.raises(ValueError, match="max_pending must be a positive int, got 0"):
         rc.Collection(max_pending=0)
+
+
+def test_set_up_code_run_twice_then_removed_leaves_nothing_and_an_override_still_restores():
+    model = torch.nn.Sequential(
+        torch.nn.Linear(3, 3), rc.nn.Linear(3, 2, kernel_regularizer=rc.l1(0.5))
+    )
+    w1 = model[1].weight.detach()
+    handle = rc.regularize(model, kernel=rc.l2(0.1))  # a notebook cell ...
+    handle = rc.regularize(model, kernel=rc.l2(0.1))  # ... run twice
+    assert rc.loss().item() == pytest.approx(
+        0.1 * ((model[0].weight ** 2).sum() + (w1**2).sum()).item(), rel=1e-6
+    )
+    handle.remove()
+    # Nothing of the cell is left; the layer's own regularizer is back.
+    assert rc.loss().item() == pytest.approx(0.5 * w1.abs().sum().item(), rel=1e-6)
+    with rc.regularize(model, kernel=rc.l2(0.3)):  # a temporary override
+        assert rc.loss().item() == pytest.approx(
+            0.3 * ((model[0].weight ** 2).sum() + (w1**2).sum()).item(), rel=1e-6
+        )
+    assert rc.loss().item() == pytest.approx(0.5 * w1.abs().sum().item(), rel=1e-6)
