@@ -13,11 +13,16 @@ Registered on a module, an ``L2SP`` keeps its reference on that module as a pers
 buffer ``<parameter>_l2sp_reference``: it moves with ``model.to()``, and it is in the model's
 ``state_dict``, so a checkpoint keeps the original reference and resuming restores it instead
 of taking the resumed weights. Loading a checkpoint that has no reference (a plain pretrained
-one) makes the loaded weights the reference.
+one) makes a copy of the loaded weights the reference (``assign=True`` included), unless the
+reference was given explicitly (``reference=``): that one wins over any load that lacks it.
+The buffer goes only when its registration is removed (``handle.remove()``); replaced by
+another penalty (an override in ``with``) or after ``Collection.clear()``, it stays, so the
+original reference comes back with the registration.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -84,11 +89,21 @@ def _load_reference(
     """Load pre-hook: a checkpoint without a parameter's reference (a plain pretrained one)
     makes the loaded weights the reference; one with it (a saved fine-tuning run) restores
     the original."""
+    explicit = _EXPLICIT.get(module, ())
     for buffer in list(module._buffers):
         if buffer.endswith(REFERENCE_SUFFIX):
             param = buffer[: -len(REFERENCE_SUFFIX)]
+            if param in explicit:
+                continue  # a reference the user gave wins over any load that lacks it
             if prefix + buffer not in state_dict and prefix + param in state_dict:
-                state_dict[prefix + buffer] = state_dict[prefix + param]
+                # A copy: load_state_dict(..., assign=True) (meta-device initialisation)
+                # would otherwise make the reference the weight tensor itself.
+                state_dict[prefix + buffer] = state_dict[prefix + param].detach().clone()
+
+
+# Parameters whose L2SP reference was given explicitly (reference=...), per module: a load
+# without the buffer keeps it instead of taking the loaded weights.
+_EXPLICIT: weakref.WeakKeyDictionary[torch.nn.Module, set[str]] = weakref.WeakKeyDictionary()
 
 
 def _install_load_hook(module: torch.nn.Module) -> None:
@@ -200,6 +215,7 @@ class L2SP(Regularizer):
                         f"expected the parameter's shape {tuple(param.shape)}"
                     )
                 value = given.detach().to(device=param.device, dtype=param.dtype).clone()
+                _EXPLICIT.setdefault(module, set()).add(name)
             elif module._buffers.get(buffer) is not None:
                 value = None  # registered again: keep the original reference
             else:
@@ -210,6 +226,7 @@ class L2SP(Regularizer):
 
     def on_detach(self, module: torch.nn.Module, name: str) -> None:
         module._buffers.pop(reference_name(name), None)
+        _EXPLICIT.get(module, set()).discard(name)
 
     def for_parameter(self, module: torch.nn.Module, name: str | None) -> Regularizer:
         if name is None:

@@ -172,7 +172,9 @@ class Registry:
             entry._replaced = restorable
             self._entries[key] = entry
             for gone in replaced:
-                self._release(gone)
+                # Replaced, not removed: removing the new entry may restore it, so its state
+                # on the module (an L2SP reference buffer) stays.
+                self._release(gone, keep_state=True)
             for schedule in entry.regularizer.schedules():
                 _following.follow(schedule, entry)
                 if tensor is not None:
@@ -206,11 +208,18 @@ class Registry:
             self._changed()
             return True
 
-    def _release(self, entry: Entry) -> None:
+    def _release(self, entry: Entry, keep_state: bool = False) -> None:
         """What a weight entry no longer registered leaves on its module (an L2SP reference
-        buffer) goes, unless an entry of the same kind of regularizer took its place."""
+        buffer) goes, unless an entry of the same kind of regularizer took its place or
+        ``keep_state`` (a replaced entry that may come back; ``clear()``, which empties the
+        collection, not the model)."""
         module = entry.module
-        if entry.kind == WEIGHT and module is not None and entry.param is not None:
+        if (
+            not keep_state
+            and entry.kind == WEIGHT
+            and module is not None
+            and entry.param is not None
+        ):
             current = self._entries.get(entry._key)
             if current is None or type(current.regularizer) is not type(entry.regularizer):
                 entry.regularizer.on_detach(module, entry.param)
@@ -274,7 +283,7 @@ class Registry:
                 self._detach(entry)
             self._entries.clear()
             for entry in removed:
-                self._release(entry)
+                self._release(entry, keep_state=True)
             self._by_tensor.clear()
             self.pending.clear()
             self._changed()

@@ -146,9 +146,11 @@ def test_registering_again_keeps_the_reference_and_an_explicit_one_replaces_it()
     target = torch.ones(2, 3)
     rc.add_regularizer(layer, "weight", rc.L2SP(0.5, reference=target), collection=coll)
     assert coll.loss().item() == pytest.approx(0.5 * ((layer.weight - 1) ** 2).sum().item())
-    # Replaced by another penalty: the buffer goes.
-    rc.add_regularizer(layer, "weight", rc.l2(0.5), collection=coll)
-    assert "weight_l2sp_reference" not in layer.state_dict()
+    # Replaced by another penalty: the buffer stays, for when the replacement is removed.
+    handle = rc.add_regularizer(layer, "weight", rc.l2(0.5), collection=coll)
+    assert "weight_l2sp_reference" in layer.state_dict()
+    handle.remove()  # L2-SP is back, towards the same explicit target
+    assert coll.loss().item() == pytest.approx(0.5 * ((layer.weight - 1) ** 2).sum().item())
 
 
 def test_l2sp_reference_from_a_state_dict_by_name():
@@ -386,3 +388,62 @@ def test_group_lasso_engine_values_and_gradcheck(shape):
 
     inputs = tuple(w.detach().clone().requires_grad_() for w in holder.parameters())
     assert torch.autograd.gradcheck(penalty, inputs)
+
+
+# -- the L2-SP reference through every load (issue 26, item 3) ----------------------------
+
+
+def l2sp_layer(pretrained):
+    layer = rc.nn.Linear(2, 2, kernel_regularizer=rc.L2SP(1.0))
+    layer.load_state_dict(pretrained)
+    return layer
+
+
+def test_a_meta_initialised_model_loaded_with_assign_keeps_a_reference_of_its_own():
+    # What HF from_pretrained does: build on the meta device, then load with assign=True.
+    pretrained = torch.nn.Linear(2, 2).state_dict()
+    with torch.device("meta"):
+        layer = rc.nn.Linear(2, 2, kernel_regularizer=rc.L2SP(1.0))
+    original = {k: v.clone() for k, v in pretrained.items()}  # assign=True takes these tensors
+    layer.load_state_dict(pretrained, assign=True, strict=False)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        (layer(torch.ones(1, 2)).sum() + rc.loss()).backward()
+        opt.step()
+    moved = ((layer.weight.detach() - original["weight"]) ** 2).sum().item()
+    assert moved > 0 and rc.loss().item() == pytest.approx(moved, rel=1e-5)
+
+
+def test_an_override_or_a_removed_handle_gives_l2sp_its_own_reference_back():
+    pretrained = torch.nn.Linear(2, 2).state_dict()
+    model = torch.nn.Sequential(l2sp_layer(pretrained))
+    with torch.no_grad():
+        model[0].weight.add_(1.0)  # fine-tuned away: L2-SP = 1.0 * 4 * 1.0
+    assert rc.loss().item() == pytest.approx(4.0, rel=1e-6)
+    with rc.regularize(model, kernel=rc.l2(0.1)):
+        pass
+    assert rc.loss().item() == pytest.approx(4.0, rel=1e-6)
+    rc.add_regularizer(model[0], "weight", rc.l1(0.1)).remove()
+    assert rc.loss().item() == pytest.approx(4.0, rel=1e-6)
+
+
+def test_clearing_the_collection_leaves_the_pretrained_reference_on_the_model():
+    pretrained = torch.nn.Linear(2, 2).state_dict()
+    layer = l2sp_layer(pretrained)
+    with torch.no_grad():
+        layer.weight.add_(1.0)
+    rc.get_collection().clear()
+    assert torch.equal(layer.state_dict()["weight_l2sp_reference"], pretrained["weight"])
+    rc.add_regularizer(layer, "weight", rc.L2SP(1.0))  # set-up run again: same reference
+    assert rc.loss().item() == pytest.approx(4.0, rel=1e-6)
+
+
+def test_an_explicit_reference_survives_a_parameters_only_load():
+    reference = torch.zeros(2, 2)
+    layer = torch.nn.Linear(2, 2)
+    rc.add_regularizer(layer, "weight", rc.L2SP(1.0, reference=reference))
+    checkpoint = {k: v for k, v in torch.nn.Linear(2, 2).state_dict().items()}  # no buffer
+    layer.load_state_dict(checkpoint, strict=False)
+    want = (checkpoint["weight"] ** 2).sum().item()  # still towards the explicit zeros
+    assert rc.loss().item() == pytest.approx(want, rel=1e-6)
