@@ -52,22 +52,34 @@ class Readout:
         self.size = size
         self._lock = threading.Lock()
         self._lasts: dict[Any, Last] = {}
+        # The latest view a compiled step stored, folded into _lasts by the next eager call.
+        self._traced: tuple[Any, Last] | None = None
 
     def store(self, key: Any, last: Last) -> None:
         if is_compiling():
-            # Traced: dynamo cannot enter a lock; a compiled step runs on one thread at a time.
-            self._lasts.pop(key, None)
-            self._lasts[key] = last
+            # Traced: one attribute set, no lock (dynamo cannot enter one; a compiled step
+            # runs on one thread at a time) and nothing read from the dict, whose contents
+            # dynamo would otherwise guard on (a recompile once the key is in it).
+            self._traced = (key, last)
             return
         with self._lock:
-            self._lasts.pop(key, None)
-            if len(self._lasts) >= self.size:
-                del self._lasts[next(iter(self._lasts))]
-            self._lasts[key] = last
+            self._fold()
+            self._put(key, last)
+
+    def _fold(self) -> None:
+        if self._traced is not None:
+            (key, last), self._traced = self._traced, None
+            self._put(key, last)
+
+    def _put(self, key: Any, last: Last) -> None:
+        self._lasts.pop(key, None)
+        if len(self._lasts) >= self.size:
+            del self._lasts[next(iter(self._lasts))]
+        self._lasts[key] = last
 
     def clear(self) -> None:
         with self._lock:
-            self._lasts = {}
+            self._lasts, self._traced = {}, None
 
     def rows(
         self,
@@ -80,6 +92,7 @@ class Readout:
         None marks an entry no ``loss()`` has evaluated (registered since, or frozen).
         """
         with self._lock:
+            self._fold()
             lasts = list(self._lasts.values())
         tensors: list[torch.Tensor] = [t.detach().reshape(-1) for t in extra]
         owners: list[tuple[int, list[Entry]]] = []

@@ -407,3 +407,26 @@ def test_large_tensors_are_exact_to_float64(dtype, device):
         for g, t in zip(grads, tensors):
             expected = 0.1 * t.detach() if kind == "l2" else 0.05 * torch.sign(t.detach())
             assert torch.equal(g, expected.to(g.dtype)) or torch.allclose(g, expected, rtol=1e-2)
+
+
+def test_a_compiled_training_step_with_loss_compiles_once():
+    import torch._dynamo
+
+    model = torch.nn.Sequential(
+        rc.nn.Linear(4, 4, kernel_regularizer=rc.l2(0.1), activity_regularizer=rc.l1(0.01)),
+        torch.nn.ReLU(),
+        rc.nn.Linear(4, 2, kernel_regularizer=rc.l1(0.1)),
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(3, 4)
+    torch._dynamo.reset()
+    step = torch.compile(lambda x: model(x).pow(2).mean() + rc.loss(), backend="eager")
+    values = []
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(4):
+            total = step(x)
+            values.append(rc.penalties()["total"])
+            total.backward()
+            opt.step()
+            opt.zero_grad()
+    assert values[-1] < values[0]  # trained, and the summary followed every step
