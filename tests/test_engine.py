@@ -422,7 +422,9 @@ def test_a_compiled_training_step_with_loss_compiles_once():
     torch._dynamo.reset()
     step = torch.compile(lambda x: model(x).pow(2).mean() + rc.loss(), backend="eager")
     values = []
-    with torch._dynamo.config.patch(error_on_recompile=True):
+    # Where the step has graph breaks (torch < 2.13), dynamo compiles the pieces between them
+    # per module type: those recompile; the values are still checked.
+    with torch._dynamo.config.patch(error_on_recompile=WITHOUT_BREAKS):
         for _ in range(4):
             total = step(x)
             values.append(rc.penalties()["total"])
