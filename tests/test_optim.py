@@ -910,3 +910,28 @@ def test_a_wrapper_without_step_hooks_or_a_known_inner_optimizer_is_refused():
     inner = torch.optim.SGD(mlp().parameters(), lr=0.1)
     with pytest.raises(TypeError, match=r"Opaque.*step hooks.*attach the optimizer"):
         rc.attach_optimizer(Opaque(inner))
+
+
+def test_a_parameter_frozen_with_a_zero_gradient_is_decayed_as_weight_decay_decays_it():
+    # zero_grad(set_to_none=False) leaves a zero .grad on a parameter frozen afterwards:
+    # weight_decay decays it, and so does the attached step (the docs say so).
+    def run(attach):
+        torch.manual_seed(0)
+        layer = torch.nn.Linear(2, 2)
+        coll = rc.Collection()
+        if attach:
+            rc.add_regularizer(layer, "weight", rc.l2(WD / 2), collection=coll)
+            opt = torch.optim.SGD([layer.weight], lr=0.1)
+            rc.attach_optimizer(opt, collection=coll)
+        else:
+            opt = torch.optim.SGD([layer.weight], lr=0.1, weight_decay=WD)
+        layer(torch.ones(1, 2)).sum().backward()
+        opt.zero_grad(set_to_none=False)
+        layer.weight.requires_grad_(False)
+        before = layer.weight.detach().clone()
+        opt.step()
+        return before, layer.weight.detach()
+
+    (b0, w0), (b1, w1) = run(False), run(True)
+    assert torch.equal(b0, b1) and not torch.equal(w0, b0)
+    assert torch.allclose(w0, w1, rtol=0, atol=8 * 1.2e-7)
