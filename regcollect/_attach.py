@@ -274,7 +274,8 @@ def regularize(
         TypeError: ``model`` is not an ``nn.Module``; ``include``/``exclude`` are not lists
             of strings.
         ValueError: A regularizer ``get`` rejects; an ``L2SP`` reference state dict that
-            misses parameters.
+            misses parameters or has one of another shape; lazy parameters (``LazyLinear``)
+            not materialized by a first forward pass.
 
     Examples:
         >>> import torch, regcollect as rc
@@ -298,6 +299,7 @@ def regularize(
     prefix = current_prefix()
     targets: list[tuple[torch.nn.Module, str, Regularizer]] = []
     missing: list[str] = []
+    uninitialized: list[str] = []
     norms: dict[int, bool] = {}
     for name, logical, owner, local, layer in _walk_parameters(model):
         if _matches(name, skip) or _matches(logical, skip):
@@ -310,6 +312,9 @@ def regularize(
             continue
         param = owner._parameters[local]
         assert param is not None
+        if isinstance(param, torch.nn.parameter.UninitializedParameter):
+            uninitialized.append(name)
+            continue
         last = logical.rpartition(".")[2]
         norm = norms.get(id(layer))
         if norm is None:  # once per layer, not once per parameter
@@ -338,6 +343,12 @@ def regularize(
             reg = L2SP(reg.l2, reference=reference)
         if reg is not None:
             targets.append((owner, local, reg))
+    if uninitialized:
+        raise ValueError(
+            f"model has lazy parameters not materialized yet: {uninitialized}; their shapes "
+            "(and so which rule covers them) are unknown until the first forward pass. Run "
+            "one forward pass (a dummy batch) before rc.regularize"
+        )
     if missing:
         raise ValueError(
             f"the L2SP reference state dict has no tensor for {missing}: parameters without "

@@ -430,3 +430,14 @@ def test_tensorboard_accepts_a_numpy_integer_step(tmp_path):
         log_penalties(writer, np.int64(3))  # what enumerate over a numpy array gives
         with pytest.raises(ValueError, match="step must be a non-negative int"):
             log_penalties(writer, np.float64(3.5))
+
+
+def test_regularize_on_a_lazy_model_before_its_first_forward_is_a_clear_error():
+    model = torch.nn.Sequential(torch.nn.LazyLinear(3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    with pytest.raises(ValueError, match=r"lazy parameters .*\['0.weight', '0.bias'\].*forward"):
+        rc.regularize(model, kernel=rc.l2(0.1))
+    assert len(rc.get_collection()) == 0  # nothing registered
+    model(torch.ones(1, 4))  # materialized: now it works
+    rc.regularize(model, kernel=rc.l2(0.1))
+    want = 0.1 * sum((model[i].weight.detach() ** 2).sum().item() for i in (0, 2))
+    assert rc.loss().item() == pytest.approx(want, rel=1e-6)
