@@ -156,9 +156,7 @@ class Pending:
         with self._lock:
             # An earlier pass of this layer that a read already counted gives way.
             if any(r.read and r.entry is entry for r in self._records):
-                kept = [r for r in self._records if not (r.read and r.entry is entry)]
-                self._bytes = sum(r.nbytes for r in kept)
-                self._records = kept
+                self.discard(lambda r: not (r.read and r.entry is entry))
             self._records.append(record)
             self._bytes += record.nbytes
             if len(self._records) <= self.max_count and self._bytes <= self.max_bytes:
@@ -235,12 +233,11 @@ class Pending:
         a compiled step) that a read counted are done."""
         with self._lock:
             if any(r.read and not r.hooked for r in self._records):
-                kept = [r for r in self._records if r.hooked or not r.read]
-                self._bytes = sum(r.nbytes for r in kept)
-                self._records = kept
+                self.discard(lambda r: r.hooked or not r.read)
 
     def discard(self, keep: Callable[[Record], bool]) -> None:
-        """Drop the records ``keep`` rejects (a removed entry's, a dead module's)."""
+        """Drop the records ``keep`` rejects (a removed entry's, a dead module's, a pass that
+        is done)."""
         with self._lock:
             kept = [r for r in self._records if keep(r)]
             self._bytes = sum(r.nbytes for r in kept)

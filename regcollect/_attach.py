@@ -8,6 +8,7 @@ from collections.abc import Mapping
 import torch
 
 from . import _naming
+from ._beyond import check_reference_shape
 from ._checks import check_module
 from ._collection import Collection
 from ._context import active_collection, current_prefix
@@ -335,11 +336,7 @@ def regularize(
             if reference is None:
                 missing.append(name)
                 continue
-            if tuple(reference.shape) != tuple(param.shape):
-                raise ValueError(
-                    f"L2SP reference for {name!r} has shape {tuple(reference.shape)}, "
-                    f"expected the parameter's shape {tuple(param.shape)}"
-                )
+            check_reference_shape(reference, param, name)  # named as in the model
             reg = L2SP(reg.l2, reference=reference)
         if reg is not None:
             targets.append((owner, local, reg))

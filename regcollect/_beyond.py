@@ -42,6 +42,7 @@ from ._sharding import is_plain
 
 __all__ = [
     "REFERENCE_SUFFIX",
+    "check_reference_shape",
     "GroupLasso",
     "L2SP",
     "group_lasso",
@@ -73,6 +74,19 @@ def reference_of(module: torch.nn.Module, name: str) -> torch.Tensor:
     if param is not None and (reference.dtype, reference.device) != (param.dtype, param.device):
         reference = reference.to(device=param.device, dtype=param.dtype)
     return reference
+
+
+def check_reference_shape(reference: torch.Tensor, param: torch.Tensor, name: str) -> None:
+    """An L2-SP reference for parameter ``name`` must have the parameter's shape.
+
+    Raises:
+        ValueError: It has another shape.
+    """
+    if tuple(reference.shape) != tuple(param.shape):
+        raise ValueError(
+            f"L2SP reference for {name!r} has shape {tuple(reference.shape)}, "
+            f"expected the parameter's shape {tuple(param.shape)}"
+        )
 
 
 def _full(x: torch.Tensor) -> torch.Tensor:
@@ -209,11 +223,7 @@ class L2SP(Regularizer):
             )
         with torch.no_grad():
             if given is not None:
-                if tuple(given.shape) != tuple(param.shape):
-                    raise ValueError(
-                        f"L2SP reference for {name!r} has shape {tuple(given.shape)}, "
-                        f"expected the parameter's shape {tuple(param.shape)}"
-                    )
+                check_reference_shape(given, param, name)
                 value = given.detach().to(device=param.device, dtype=param.dtype).clone()
                 _EXPLICIT.setdefault(module, set()).add(name)
             elif module._buffers.get(buffer) is not None:

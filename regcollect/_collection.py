@@ -8,7 +8,6 @@ same collection, elsewhere the default one.
 
 from __future__ import annotations
 
-import functools
 import uuid
 import warnings
 import weakref
@@ -82,10 +81,9 @@ class Collection(Registry):
         self._attachments: list[OptimizerAttachment] = []
 
     def _insert(self, key: tuple[Any, ...], entry: Entry) -> Handle:
-        # The first entry anywhere installs the optimizer-step hook that warns about
-        # penalties no loss() ever reads.
-        OPTIMIZER_STEP.add(_check_forgotten)
-        OPTIMIZER_STEP.add(_end_of_step)
+        # The first entry anywhere installs the optimizer-step hook (the forgotten-loss
+        # warning, the end of a step for activity records).
+        OPTIMIZER_STEP.add(_after_optimizer_step)
         return super()._insert(key, entry)
 
     def _attach(self, attachment: OptimizerAttachment) -> None:
@@ -394,12 +392,12 @@ def _with_records(
 
 
 _live: weakref.WeakSet[Collection] = weakref.WeakSet()
-# After every optimizer step: warn once per collection whose penalties never reach a loss,
-# and end the step for the activity records no backward releases.
-_check_forgotten = functools.partial(forgotten_loss_check, _live)
 
 
-def _end_of_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+def _after_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    """Warn once per collection whose penalties never reach a loss, and end the step for the
+    activity records no backward releases."""
+    forgotten_loss_check(_live, optimizer)
     for coll in list(_live):
         if coll.pending:
             coll.pending.end_of_step()

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ._optimizers import inner, skip_flag
+from ._optimizers import groups_key, inner, skip_flag
 from ._state import OPTIMIZER_STEP
 from .schedules import Schedule
 
@@ -41,10 +41,7 @@ def changed() -> None:
 
 
 def _driven(optimizer: torch.optim.Optimizer) -> list[Schedule]:
-    key = (
-        _version[0],
-        tuple((id(g["params"]), len(g["params"])) for g in optimizer.param_groups),
-    )
+    key = (_version[0], groups_key(optimizer))
     cached = _DRIVEN.get(optimizer)
     if cached is not None and cached[0] == key:
         return cached[1]

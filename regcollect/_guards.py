@@ -72,11 +72,9 @@ def several_models_message(
     )
 
 
-def forgotten_loss_check(
-    collections: Iterable[Any], optimizer: torch.optim.Optimizer, args: Any, kwargs: Any
-) -> None:
-    """Optimizer step hook: warn once per collection (of ``collections``) whose penalties
-    never reach a loss."""
+def forgotten_loss_check(collections: Iterable[Any], optimizer: torch.optim.Optimizer) -> None:
+    """After ``optimizer`` stepped: warn once per collection (of ``collections``) whose
+    penalties never reach a loss."""
     for coll in list(collections):
         if coll._consumed or coll._warned_forgotten or not coll._entries or coll._attachments:
             continue  # (an attached optimizer applies the penalties itself)

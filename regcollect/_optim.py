@@ -36,7 +36,7 @@ from ._beyond import L2SP, GroupLasso, reference_of
 from ._checks import RegcollectWarning
 from ._engine import steppable
 from ._entries import WEIGHT, Entry
-from ._optimizers import skip_flag
+from ._optimizers import groups_key, skip_flag
 from ._penalties import Coefficient, fused_terms
 
 __all__ = ["OptimizerAttachment", "held_by"]
@@ -89,10 +89,7 @@ class OptimizerAttachment:
         optimizer = self.optimizer()
         if optimizer is None:
             return None
-        return (
-            id(optimizer),
-            *((id(g["params"]), len(g["params"])) for g in optimizer.param_groups),
-        )
+        return (id(optimizer), *groups_key(optimizer))
 
     def remove(self) -> None:
         self._pre.remove()
@@ -209,10 +206,14 @@ class OptimizerAttachment:
                     if not self.decoupled:
                         if kind == "group":
                             for p, reg in zip(live, live_extras):
-                                d = _step.group_directions(p, reg.norms(p), reg.axis)
-                                if grad_scale is not None:
-                                    d.mul_(grad_scale.to(d.device))
-                                p.grad.add_(d, alpha=sign * coef)  # type: ignore[union-attr]
+                                _step.group_coupled_(
+                                    p,
+                                    reg.norms(p),
+                                    reg.axis,
+                                    coef,
+                                    sign=sign,
+                                    grad_scale=grad_scale,
+                                )
                             continue
                         refs = [_reference(w) for w in live_extras] if kind == "l2sp" else None
                         _step.coupled_(

@@ -14,9 +14,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["INNER_NAMES", "inner", "skip_flag", "stepped"]
+__all__ = ["INNER_NAMES", "groups_key", "inner", "skip_flag", "stepped"]
 
 INNER_NAMES = ("optimizer", "base_optimizer", "_base_optimizer")
+
+
+def groups_key(optimizer: torch.optim.Optimizer) -> tuple[tuple[int, int], ...]:
+    """What the set of parameters ``optimizer`` holds depends on, cheaply: each parameter
+    group's list and its length (``add_param_group`` adds a group)."""
+    return tuple((id(g["params"]), len(g["params"])) for g in optimizer.param_groups)
 
 
 def inner(optimizer: Any) -> torch.optim.Optimizer | None:

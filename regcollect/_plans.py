@@ -10,7 +10,6 @@ plan), so dynamo turns it into guards and a graph with no break.
 
 from __future__ import annotations
 
-import functools
 import operator
 import weakref
 from collections.abc import Callable, Sequence
@@ -27,9 +26,9 @@ __all__ = ["CachedPlan", "PlanCache", "applied", "choose", "traced_tensors"]
 
 # What a plan depends on besides identity: module.to(dtype) and .cuda() change a parameter's
 # dtype and device in place, keeping the same object, and structured pruning through .data its
-# shape (the stacked path groups by shape). attrgetter keeps this check in C.
+# shape (the stacked path groups by shape). A comprehension, not map() over filter(): dynamo
+# on torch 2.6 mis-traced that form (AttributeError on a tuple).
 _meta = operator.attrgetter("requires_grad", "dtype", "device", "shape")
-_exists = functools.partial(operator.is_not, None)
 
 
 def _flags(tensors: list[torch.Tensor | None]) -> list[tuple[Any, ...]]:

@@ -210,9 +210,8 @@ class Registry:
 
     def _release(self, entry: Entry, keep_state: bool = False) -> None:
         """What a weight entry no longer registered leaves on its module (an L2SP reference
-        buffer) goes, unless an entry of the same kind of regularizer took its place or
-        ``keep_state`` (a replaced entry that may come back; ``clear()``, which empties the
-        collection, not the model)."""
+        buffer) goes, unless ``keep_state``: a replaced entry, which removing its replacement
+        restores; ``clear()``, which empties the collection, not the model."""
         module = entry.module
         if (
             not keep_state
@@ -220,9 +219,7 @@ class Registry:
             and module is not None
             and entry.param is not None
         ):
-            current = self._entries.get(entry._key)
-            if current is None or type(current.regularizer) is not type(entry.regularizer):
-                entry.regularizer.on_detach(module, entry.param)
+            entry.regularizer.on_detach(module, entry.param)
         if entry.regularizer.schedules():
             _following.changed()
 

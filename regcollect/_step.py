@@ -18,7 +18,6 @@ gradient-sized tensor more, as SGD's ``weight_decay`` does on the CPU.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 import torch
 
@@ -27,6 +26,7 @@ __all__ = [
     "block_soft_threshold_",
     "coupled_",
     "decay_",
+    "group_coupled_",
     "group_directions",
     "pull_",
     "soft_threshold_",
@@ -105,8 +105,7 @@ def coupled_(
 def decay_(params: list[torch.Tensor], rate: Scalar, keep: torch.Tensor | None = None) -> None:
     """``w *= 1 - rate`` in place (decoupled L2, as AdamW), nothing where ``keep`` is 0."""
     for device, (bucket,) in _by_device_and_dtype(params):
-        factor = _factor(rate, keep, device)
-        torch._foreach_mul_(bucket, factor)
+        torch._foreach_mul_(bucket, 1.0 - _scaled(rate, keep, device))  # type: ignore[arg-type]
 
 
 def pull_(
@@ -158,6 +157,23 @@ def group_directions(p: torch.Tensor, norms: torch.Tensor, axis: int) -> torch.T
     return p / _group_norms(p, norms, axis)
 
 
+def group_coupled_(
+    p: torch.Tensor,
+    norms: torch.Tensor,
+    axis: int,
+    coef: float,
+    *,
+    sign: float = 1.0,
+    grad_scale: torch.Tensor | None = None,
+) -> None:
+    """``grad += sign * grad_scale * coef * p_g / ||p_g||`` in place: the group lasso's
+    (sub)gradient, given each group's norm."""
+    direction = group_directions(p, norms, axis)
+    if grad_scale is not None:
+        direction.mul_(grad_scale.to(direction.device))
+    p.grad.add_(direction, alpha=sign * coef)  # type: ignore[union-attr]
+
+
 def block_soft_threshold_(
     p: torch.Tensor,
     norms: torch.Tensor,
@@ -178,8 +194,3 @@ def _scaled(rate: Scalar, keep: torch.Tensor | None, device: torch.device) -> Sc
         return rate
     kept = _on(keep, device)
     return kept * rate  # type: ignore[operator]
-
-
-def _factor(rate: Scalar, keep: torch.Tensor | None, device: torch.device) -> Any:
-    scaled = _scaled(rate, keep, device)
-    return 1.0 - scaled
