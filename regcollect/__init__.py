@@ -51,13 +51,16 @@ from .regularizers import (
 
 __version__ = "0.1.0"
 
-# Checkpoints pickled before the internal modules became private name the regularizer
-# classes and the collection by their old module paths (regcollect.penalties.L2, ...): those
-# paths still resolve for unpickling, without becoming attributes of the package (where
-# rc.penalties and rc.summary are the functions).
+# Checkpoints pickled before the internal modules became private, or before each penalty had
+# its own module, name the regularizer classes and the collection by their old module paths
+# (regcollect.penalties.L2, regcollect._beyond.L2SP, ...): those paths still resolve for
+# unpickling, without becoming attributes of the package (where rc.penalties and rc.summary
+# are the functions).
+_sys.modules[f"{__name__}._penalties"].__dict__.update({"L1": L1, "L2": L2, "L1L2": L1L2})
 for _old, _parts in (
-    ("penalties", ("_penalties", "_orthogonal")),
-    ("beyond", ("_beyond",)),
+    ("penalties", ("_penalties", "_l1l2", "_orthogonal")),
+    ("beyond", ("_l2sp", "_group_lasso")),
+    ("_beyond", ("_l2sp", "_group_lasso")),
     ("collection", ("_collection",)),
     ("entries", ("_entries",)),
     ("handle", ("_handle",)),

@@ -8,11 +8,11 @@ from collections.abc import Mapping
 import torch
 
 from . import _naming
-from ._beyond import check_reference_shape
 from ._checks import check_module
 from ._collection import Collection
 from ._context import active_collection, current_prefix
 from ._handle import Handle
+from ._l2sp import check_reference_shape
 from .regularizers import L2SP, Regularizer
 from .regularizers import get as get_regularizer
 

@@ -1,8 +1,9 @@
 """Computes many penalties at once.
 
 A ``Plan`` is built once from ``(tensor, regularizer)`` pairs and evaluated every training
-step. Regularizers that are sums of L1/L2 terms (``Regularizer.terms``) are split into their
-terms and grouped by ``(kind, coefficient, device, dtype)``; each group is a single autograd node
+step. Regularizers whose parts are all p-norm powers (``Regularizer._terms``, ``Term.p``) are
+split into their parts and grouped by ``(p, coefficient, device, dtype)``; each group is a single
+autograd node
 whose forward is one ``torch._foreach_norm`` and whose backward is one or two ``torch._foreach_*``
 calls, accumulating in float32 at least. On the CPU, where ``_foreach_*`` kernels loop over
 their tensors one by one, 16 or more small tensors of one shape are stacked instead, so that
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 
 from ._kernels import group_penalty, group_value
-from ._penalties import Coefficient, scale
+from ._penalties import Coefficient, Regularizer, Term, accumulation_dtype, scale
 from ._sharding import (
     ContiguousGrad,
     all_reduce,
@@ -35,7 +36,6 @@ from ._sharding import (
     layouts,
     shard_reduction,
 )
-from .regularizers import Regularizer, accumulation_dtype, fused_terms
 
 __all__ = ["Plan", "Result", "group_penalty", "steppable"]
 
@@ -45,11 +45,18 @@ def steppable(x: torch.Tensor, reg: Regularizer) -> bool:
     gives its value without a gradient): the one rule both sides follow, so that a penalty is
     counted exactly once. L1/L2 terms on tensors whose local values sum to the penalty (plain
     tensors, sharded DTensors); the other penalties with step math on plain tensors only."""
-    if not x.is_floating_point():
+    terms = reg._terms() if x.is_floating_point() else ()
+    if not terms:
         return False
-    if fused_terms(reg) is not None:
+    if all(term.local for term, _ in terms):  # elementwise: each shard as it is
         return shard_reduction(x) is not None
-    return reg.applied_in_step and is_plain(x)
+    return is_plain(x)
+
+
+def _powers(reg: Regularizer) -> tuple[tuple[Term, Coefficient], ...] | None:
+    """The penalty's parts when all are p-norm powers (the grouped kernels'), else None."""
+    terms = reg._terms()
+    return terms if terms and all(term.p for term, _ in terms) else None
 
 
 @dataclass
@@ -102,12 +109,12 @@ class Plan:
         self.fallback: list[int] = []
         self.fallback_detached: set[int] = set()
         for i, (x, reg) in enumerate(zip(self.tensors, self.regularizers)):
-            terms = fused_terms(reg) if x.is_floating_point() else None
+            terms = _powers(reg) if x.is_floating_point() else None
             reduce_over = shard_reduction(x) if terms is not None else None
             if terms is None or reduce_over is None:
-                # Other penalties that can be evaluated many at once (Regularizer.batch):
+                # Other penalties that can be evaluated many at once (Regularizer._batch):
                 # plain tensors only; sharded ones are completed and called one by one.
-                key = reg.batch_key(x) if is_plain(x) and x.is_floating_point() else None
+                key = reg._batch_key(x) if is_plain(x) and x.is_floating_point() else None
                 detached = id(x) in no_grad and steppable(x, reg)
                 if key is None:
                     self.fallback.append(i)
@@ -125,8 +132,8 @@ class Plan:
             detached = id(x) in no_grad
             shape = _stack_shape(x, _VALUE_STACK_MAX_BYTES if detached else _STACK_MAX_BYTES)
             key = (x.device, x.dtype, is_dtensor(x), reduce_over, detached, shape)
-            for kind, coef in [t for t in terms if t[1]] or terms[:1]:
-                groups.setdefault((kind, coef, *key), []).append(i)
+            for term, coef in [t for t in terms if t[1]] or terms[:1]:
+                groups.setdefault((term.p, coef, *key), []).append(i)
         # Stacking pays for its extra node only with enough tensors of one shape; fewer go
         # back to the group's foreach node, so the node count stays bounded.
         merged: dict[tuple[Any, ...], list[int]] = {}
@@ -136,7 +143,7 @@ class Plan:
             merged.setdefault(key, []).extend(idx)
         self.groups = [
             _Group(
-                kind,
+                p,
                 coef,
                 idx,
                 [self.tensors[i] for i in idx],
@@ -145,7 +152,7 @@ class Plan:
                 shape is not None,
                 detached,
             )
-            for (kind, coef, _, _, sharded, reduce_over, detached, shape), idx in merged.items()
+            for (p, coef, _, _, sharded, reduce_over, detached, shape), idx in merged.items()
         ]
         self.batches = [(k[0], idx, k[-1]) for k, idx in batched.items()]
         self.device = self.tensors[0].device if self.tensors else torch.device("cpu")
@@ -170,9 +177,9 @@ class Plan:
                 tensors = [x.to_local() for x in tensors]  # type: ignore[attr-defined]
             coef = scale(group.coef, tensors[0])  # a schedule: its current value, a tensor
             if group.detached:
-                group_total, values = group_value(group.kind, coef, tensors, group.stacked)
+                group_total, values = group_value(group.p, coef, tensors, group.stacked)
             else:
-                group_total, values = group_penalty(group.kind, coef, tensors, group.stacked)
+                group_total, values = group_penalty(group.p, coef, tensors, group.stacked)
             if group.reduce_over:
                 pending.setdefault(group.reduce_over, []).append((group, group_total, values))
             else:
@@ -203,7 +210,7 @@ class Plan:
         for cls, idx, detached in self.batches:
             try:
                 with torch.no_grad() if detached else contextlib.nullcontext():
-                    batch_total, values = cls.batch(
+                    batch_total, values = cls._batch(
                         [self.tensors[i] for i in idx], [self.regularizers[i] for i in idx]
                     )
             except (TypeError, ValueError) as exc:
@@ -228,7 +235,7 @@ class Plan:
 
 @dataclass
 class _Group:
-    kind: str
+    p: int
     coef: Coefficient
     indices: list[int]
     tensors: list[torch.Tensor]

@@ -11,10 +11,9 @@ in-place multi-tensor update per group of parameters sharing a coefficient.
   L2 as ``AdamW`` does (``w *= 1 - lr * 2 * l2`` before the update), L1 as the proximal step
   after the update (soft-thresholding by ``lr * l1``), which sets weights exactly to zero.
 
-L2-SP and group lasso penalties are applied too: coupled, ``grad += 2 * l2 * (w - w0)`` and
-``grad += factor * w_g / ||w_g||``; decoupled, ``w -= lr * 2 * l2 * (w - w0)`` before the update
-and the group lasso's proximal step after it (``w_g *= max(0, 1 - lr * factor / ||w_g||)``),
-which sets whole groups exactly to zero. A scheduled coefficient is read before the step.
+L2-SP and group lasso penalties are applied too (their step math is in their modules: each
+part of a penalty is a ``Term`` that knows its coupled gradient and its decoupled steps). A
+scheduled coefficient is read before the step.
 
 Only those penalties on (unsharded) parameters the optimizer holds are applied this way;
 orthogonal, custom and activity penalties stay in ``loss()`` with their gradients. For the
@@ -31,13 +30,11 @@ from typing import Any, Protocol
 
 import torch
 
-from . import _step
-from ._beyond import L2SP, GroupLasso, reference_of
 from ._checks import RegcollectWarning
 from ._engine import steppable
 from ._entries import WEIGHT, Entry
 from ._optimizers import groups_key, skip_flag
-from ._penalties import Coefficient, fused_terms
+from ._penalties import Coefficient, Term
 
 __all__ = ["OptimizerAttachment", "held_by"]
 
@@ -50,10 +47,14 @@ class Collection(Protocol):
 
     def entries(self, scope: Any = None) -> list[Entry]: ...
 
+    _attachments: list[OptimizerAttachment]
 
-# One term the step applies: (kind, coefficient, parameters, extras); kind is "l1"/"l2" (a
-# fused term), "l2sp" (extras: where the reference lives) or "group" (extras: the GroupLasso).
-Term = tuple[str, Any, list[torch.Tensor], list[Any]]
+    def _attachment_key(self) -> tuple[Any, ...]: ...
+
+
+# One part the step applies to some parameters of a group: (term, coefficient, parameters,
+# where each parameter's state lives: Term.locate).
+Part = tuple[Term, Any, list[torch.Tensor], list[Any]]
 
 
 class OptimizerAttachment:
@@ -68,7 +69,10 @@ class OptimizerAttachment:
         self.collection = weakref.ref(coll)
         self.decoupled = decoupled
         self._key: tuple[Any, ...] | None = None
-        self._groups: list[list[Term]] = []  # per param group
+        self._groups: list[list[Part]] = []  # per param group
+        # Parameters another attached optimizer holds too: their gradient gets the coupled
+        # penalty once, whichever optimizer steps first (see _coupled).
+        self._shared: set[int] = set()
         self._coefs: list[list[float]] = []
         self._pre = optimizer.register_step_pre_hook(self._before_step)
         self._post = optimizer.register_step_post_hook(self._after_step)
@@ -98,45 +102,37 @@ class OptimizerAttachment:
     # -- the grouping -----------------------------------------------------------------------
 
     def _grouping(self, optimizer: torch.optim.Optimizer, coll: Collection) -> None:
-        key = (coll._version, self.key())
+        key = (coll._version, coll._attachment_key())
         if key == self._key:
             return
-        # id(tensor) -> its terms, by the rule loss() follows too (engine.steppable).
-        coefficients: dict[int, list[tuple[str, Coefficient, Any]]] = {}
+        # id(tensor) -> its parts, by the rule loss() follows too (engine.steppable).
+        parts: dict[int, list[tuple[Term, Coefficient, Any]]] = {}
         for entry in coll.entries():
-            if entry.kind != WEIGHT:
-                continue
-            tensor = entry.resolve()
+            tensor = entry.resolve() if entry.kind == WEIGHT else None
             reg = entry.regularizer
             if tensor is None or not steppable(tensor, reg):
                 continue
-            terms = fused_terms(reg)
-            if terms:
-                coefficients[id(tensor)] = [(k, c, None) for k, c in terms if c]
-            elif isinstance(reg, L2SP) and entry.module is not None:
-                # Looked up at each step: model.to() replaces the buffer.
-                where = (weakref.ref(entry.module), entry.param)
-                coefficients[id(tensor)] = [("l2sp", reg.l2, where)]
-            elif isinstance(reg, GroupLasso):
-                coefficients[id(tensor)] = [("group", reg.factor, reg)]
+            parts[id(tensor)] = [
+                (term, coef, term.locate(entry.module, entry.param))
+                for term, coef in reg._terms()
+                if coef
+            ]
         self._groups = []
         doubled = []
         for group in optimizer.param_groups:
-            by_term: dict[tuple[str, Any], tuple[list[torch.Tensor], list[Any]]] = {}
+            by_part: dict[tuple[Term, Any], tuple[list[torch.Tensor], list[Any]]] = {}
             for p in group["params"]:
-                for kind, coef, extra in coefficients.get(id(p), ()):
-                    term = (kind, coef if kind != "group" else (coef, extra.axis))
-                    params, extras = by_term.setdefault(term, ([], []))
+                for term, coef, where in parts.get(id(p), ()):
+                    params, places = by_part.setdefault((term, coef), ([], []))
                     params.append(p)
-                    extras.append(extra)
-                if id(p) in coefficients and group.get("weight_decay", 0.0):
+                    places.append(where)
+                if id(p) in parts and group.get("weight_decay", 0.0):
                     doubled.append(p)
             self._groups.append(
-                [
-                    (kind, coef[0] if kind == "group" else coef, ps, extras)
-                    for (kind, coef), (ps, extras) in by_term.items()
-                ]
+                [(term, coef, ps, places) for (term, coef), (ps, places) in by_part.items()]
             )
+        others = held_by(a for a in coll._attachments if a is not self)
+        self._shared = self.held() & others if others else set()
         self._key = key
         if doubled and not self._warned_decay:
             self._warned_decay = True
@@ -159,7 +155,7 @@ class OptimizerAttachment:
             return None
         self._grouping(optimizer, coll)
         # Scheduled coefficients are read once, before the step advances them.
-        self._coefs = [[float(c) for _, c, _, _ in terms] for terms in self._groups]
+        self._coefs = [[float(c) for _, c, _, _ in parts] for parts in self._groups]
         # args are step()'s own: (optimizer, closure) when the closure is positional.
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
         if not callable(closure):
@@ -185,7 +181,7 @@ class OptimizerAttachment:
 
     def _apply_before(self, optimizer: torch.optim.Optimizer) -> None:
         """What the step applies before the optimizer's own math: the coupled gradients, or
-        the decoupled L2 and L2-SP decay of the weights."""
+        the decoupled steps before the update (L2's decay, L2-SP's pull)."""
         # A fused optimizer under GradScaler unscales inside its step: the coupled penalty's
         # gradient goes in multiplied by the scale it will divide by; the decoupled decay is
         # not applied on a step the scaler skips.
@@ -194,76 +190,67 @@ class OptimizerAttachment:
         if skip:
             return
         with torch.no_grad():
-            for group, terms, coefs in zip(optimizer.param_groups, self._groups, self._coefs):
+            for group, parts, coefs in zip(optimizer.param_groups, self._groups, self._coefs):
                 # maximize=True negates .grad in the optimizer's math, and adds weight decay
                 # after that: the penalty's gradient goes in negated, so that it still shrinks.
                 sign = -1.0 if group.get("maximize", False) else 1.0
                 lr = _lr(group, optimizer) if self.decoupled else None
-                for (kind, _, params, extras), coef in zip(terms, coefs):
-                    live, live_extras = _live(params, extras)
+                for (term, _, params, places), coef in zip(parts, coefs):
+                    live, where = self._live(params, places)
                     if not live:
                         continue
-                    if not self.decoupled:
-                        if kind == "group":
-                            for p, reg in zip(live, live_extras):
-                                _step.group_coupled_(
-                                    p,
-                                    reg.norms(p),
-                                    reg.axis,
-                                    coef,
-                                    sign=sign,
-                                    grad_scale=grad_scale,
-                                )
-                            continue
-                        refs = [_reference(w) for w in live_extras] if kind == "l2sp" else None
-                        _step.coupled_(
-                            kind, coef, live, _grads(live), refs, sign=sign, grad_scale=grad_scale
-                        )
-                    elif kind == "l2":
-                        _step.decay_(live, lr * 2.0 * coef, keep)  # type: ignore[operator]
-                    elif kind == "l2sp":
-                        refs = [_reference(w) for w in live_extras]
-                        _step.pull_(live, refs, lr * 2.0 * coef, keep)  # type: ignore[operator]
+                    if lr is not None:  # decoupled
+                        term.before_(coef, lr, live, where, keep)
+                    else:
+                        grads = [p.grad for p in live if p.grad is not None]
+                        term.coupled_(coef, live, grads, where, sign=sign, grad_scale=grad_scale)
+                if not self.decoupled and self._shared:
+                    self._stamp(group)
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        """The decoupled proximal steps, after the optimizer's update: L1's soft threshold
-        and the group lasso's block soft threshold."""
+        """The decoupled steps after the optimizer's update: the proximal steps (L1's soft
+        threshold, the group lasso's block soft threshold)."""
         if not self.decoupled:
             return
         skip, keep = _skipped(optimizer)
         if skip:
             return
         with torch.no_grad():
-            for group, terms, coefs in zip(optimizer.param_groups, self._groups, self._coefs):
+            for group, parts, coefs in zip(optimizer.param_groups, self._groups, self._coefs):
                 lr = _lr(group, optimizer)
-                for (kind, _, params, extras), coef in zip(terms, coefs):
-                    live, live_extras = _live(params, extras)
-                    if kind == "l1" and live:
-                        _step.soft_threshold_(live, lr * coef, keep)
-                    elif kind == "group":
-                        for p, reg in zip(live, live_extras):
-                            _step.block_soft_threshold_(p, reg.norms(p), reg.axis, lr * coef, keep)
+                for (term, _, params, places), coef in zip(parts, coefs):
+                    live, where = self._live(params, places)
+                    if live:
+                        term.after_(coef, lr, live, where, keep)
+
+    def _live(
+        self, params: list[torch.Tensor], places: list[Any]
+    ) -> tuple[list[torch.Tensor], list[Any]]:
+        """The parameters with a gradient this step, and where their state lives: the others
+        are skipped, as ``weight_decay`` skips them. Coupled, a parameter another attached
+        optimizer holds too is skipped when its gradient has the penalty already (it has not
+        changed since that optimizer added it): the gradient of the total loss at the weights
+        the backward saw, as through autograd, whichever optimizer steps first."""
+        live = [
+            (p, where)
+            for p, where in zip(params, places)
+            if p.grad is not None
+            and (self.decoupled or id(p) not in self._shared or not self._penalized(p.grad))
+        ]
+        return [p for p, _ in live], [where for _, where in live]
+
+    def _penalized(self, grad: torch.Tensor) -> bool:
+        return getattr(grad, _STAMP, None) == (id(self.collection()), grad._version)
+
+    def _stamp(self, group: dict[str, Any]) -> None:
+        """Mark the shared parameters' gradients as holding this collection's penalty, with
+        their version counter: a backward or zero_grad() in place changes it."""
+        for p in group["params"]:
+            if id(p) in self._shared and p.grad is not None:
+                setattr(p.grad, _STAMP, (id(self.collection()), p.grad._version))
 
 
-def _live(params: list[torch.Tensor], extras: list[Any]) -> tuple[list[torch.Tensor], list[Any]]:
-    """The parameters with a gradient this step, and their extras: the others are skipped, as
-    ``weight_decay`` skips them."""
-    live = [(p, extra) for p, extra in zip(params, extras) if p.grad is not None]
-    return [p for p, _ in live], [extra for _, extra in live]
-
-
-def _grads(params: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The gradients of ``params`` (all present: ``params`` come from ``_live``)."""
-    return [p.grad for p in params if p.grad is not None]
-
-
-def _reference(where: tuple[Any, str]) -> torch.Tensor:
-    """The current L2SP reference of a parameter (its module's buffer)."""
-    module_ref, name = where
-    module = module_ref()
-    if module is None:
-        raise RuntimeError(f"the module holding {name!r} is gone")
-    return reference_of(module, name)
+_STAMP = "_regcollect_penalized"
 
 
 def _skipped(optimizer: torch.optim.Optimizer) -> tuple[bool, torch.Tensor | None]:

@@ -91,7 +91,7 @@ class Orthogonal(Regularizer):
     def get_config(self) -> dict[str, Any]:
         return {"factor": self.factor, "mode": self.mode}
 
-    def for_parameter(self, module: torch.nn.Module, name: str | None) -> Regularizer:
+    def _bind(self, module: torch.nn.Module | None, name: str | None) -> Regularizer:
         # Keras's "rows"/"columns" name the vectors of the kernel as Keras holds it: a
         # Dense or recurrent kernel is (in, units), torch's Linear/RNN weight (units, in).
         if (
@@ -112,7 +112,7 @@ class KerasKernel(Regularizer):
     """``regularizer`` applied to a weight in Keras's kernel layout (its transpose).
 
     What ``loss()`` evaluates for an ``Orthogonal`` with Keras's mode names on the 2-D
-    weight of a ``Linear`` or recurrent layer; see ``evaluated``. Not registered, never
+    weight of a ``Linear`` or recurrent layer; see ``Orthogonal._bind``. Not registered, never
     stored: entries keep the regularizer the user gave.
     """
 

@@ -1,9 +1,25 @@
-"""Penalty math: one small class per penalty, each a formula on one tensor.
+"""The base of every penalty, and the private protocol the engine and the step speak to it.
 
-Every regularizer maps a tensor ``x`` to a 0-dim penalty tensor on ``x``'s device, computed in
-float32 at least (so float16/bfloat16 weights never overflow) and differentiable. This module
-imports only torch; ``regcollect.regularizers`` adds the factories, the registry and
-(de)serialisation, and re-exports everything here.
+A penalty lives in one module with everything it needs: its value (``__call__``), the parts
+the engine computes many tensors at once (``Term``), its step math for ``attach_optimizer``
+(the same ``Term``), and its per-module state. ``L1``/``L2``/``L1L2`` are in
+``regcollect._l1l2``, ``L2SP`` in ``regcollect._l2sp``, ``GroupLasso`` in
+``regcollect._group_lasso``, ``Orthogonal`` in ``regcollect._orthogonal``. Adding a penalty
+means adding one module; nothing else names it. This module imports only torch and the
+schedules.
+
+The protocol, all private (a Keras-facing ``Regularizer`` is ``__call__``, ``get_config``
+and ``from_config``):
+
+- ``_terms()``: the penalty as a sum of ``(Term, coefficient)`` parts, or ``()`` when it is
+  only a formula (called on each tensor). A part whose ``Term.p`` is 1 or 2 is
+  ``coef * sum(|x|**p)``, computed by the grouped kernels; the step applies every part.
+- ``_batch_key(x)``/``_batch(xs, regularizers)``: many tensors at once, for penalties whose
+  value is not a p-norm power (L2-SP, group lasso).
+- ``_bind(module, name)``: the regularizer ``loss()`` evaluates on that parameter (L2-SP bound
+  to its reference, an orthogonal penalty to Keras's kernel layout).
+- ``_on_attach``/``_on_detach``: the penalty's state on the module (L2-SP's reference).
+- ``_schedules()``: the schedules among its coefficients.
 """
 
 from __future__ import annotations
@@ -18,16 +34,14 @@ from .schedules import Coefficient, Schedule, check_coefficient, coefficient, sc
 __all__ = [
     "Coefficient",
     "Custom",
-    "L1",
-    "L1L2",
-    "L2",
     "Regularizer",
+    "Term",
     "accumulation_dtype",
     "check_coefficient",
+    "check_tensor",
     "coefficient",
-    "evaluated",
-    "fused_terms",
     "scale",
+    "zero_like",
 ]
 
 
@@ -46,12 +60,74 @@ def check_tensor(x: object, who: str) -> torch.Tensor:
     return x
 
 
+def zero_like(x: torch.Tensor) -> torch.Tensor:
+    return torch.zeros((), dtype=accumulation_dtype(x.dtype), device=x.device)
+
+
+class Term:
+    """One additive part of a penalty, as the engine and an attached optimizer's step see it.
+
+    Each penalty module defines its own next to the penalty. The step methods get lists of
+    parameters (with a gradient this step) of one parameter group, and the ``coef`` the part
+    had when the step began; ``grad_scale`` is a fused optimizer's ``GradScaler`` scale (the
+    coupled gradient goes in scaled, as the optimizer will divide by it) and ``keep`` is
+    ``1 - found_inf`` on the device (0 on a step the scaler skips) or None.
+
+    Attributes:
+        p: 1 or 2 when the part is ``coef * sum(|x|**p)`` (the grouped kernels compute it);
+            None when the penalty computes its value itself (``_batch``, ``__call__``).
+        local: The step math is elementwise, so it applies shard by shard to a sharded
+            tensor; otherwise the step applies it to plain tensors only.
+    """
+
+    p: int | None = None
+    local = False
+
+    def locate(self, module: torch.nn.Module | None, name: str | None) -> Any:
+        """Per-parameter state the step needs (L2-SP: where its reference lives)."""
+        return None
+
+    def coupled_(
+        self,
+        coef: float,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        where: list[Any],
+        *,
+        sign: float,
+        grad_scale: torch.Tensor | None,
+    ) -> None:
+        """``grad += sign * grad_scale * d(coef * part)/dw`` in place (coupled mode)."""
+        raise NotImplementedError(f"{type(self).__name__} has no coupled step")
+
+    def before_(
+        self,
+        coef: float,
+        lr: float | torch.Tensor,
+        params: list[torch.Tensor],
+        where: list[Any],
+        keep: torch.Tensor | None,
+    ) -> None:
+        """Decoupled mode, before the optimizer's update (L2's decay). Nothing by default."""
+
+    def after_(
+        self,
+        coef: float,
+        lr: float | torch.Tensor,
+        params: list[torch.Tensor],
+        where: list[Any],
+        keep: torch.Tensor | None,
+    ) -> None:
+        """Decoupled mode, after the optimizer's update (a proximal step). Nothing by
+        default."""
+
+
 class Regularizer:
     """Base class: ``__call__(x) -> 0-dim tensor``, ``get_config()``, ``from_config(config)``.
 
-    Subclasses that are sums of ``c * sum(abs(x))`` and ``c * sum(x**2)`` terms report them in
-    ``terms``, which lets the engine compute many of them at once with multi-tensor kernels.
-    Any other subclass is simply called on each tensor.
+    A subclass is called on each tensor. The built-in penalties also speak the engine's
+    private protocol (see ``regcollect._penalties``); a subclass of one of them that defines
+    its own ``__call__`` is its own formula and is called, whatever it inherits.
 
     Examples:
         >>> import torch, regcollect as rc
@@ -67,10 +143,6 @@ class Regularizer:
         >>> MaxAbs.from_config(MaxAbs(0.5).get_config())
         MaxAbs(c=0.5)
     """
-
-    # Whether attach_optimizer applies this penalty in the optimizer step (besides the sums
-    # of L1/L2 terms, which it always does).
-    applied_in_step = False
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} must implement __call__")
@@ -100,84 +172,45 @@ class Regularizer:
         """
         return cls(**config)
 
-    def terms(self) -> tuple[tuple[str, Coefficient], ...] | None:
-        """How the engine may compute this penalty with multi-tensor kernels.
+    # -- the engine's private protocol (see the module docstring) ---------------------------
 
-        Returns:
-            ``(("l1", c1), ("l2", c2), ...)`` when the penalty is a sum of such terms
-            (``c * sum(abs(x))``, ``c * sum(x**2)``), else None.
-        """
-        return None
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # A subclass with its own formula is called, whatever parts or batched evaluation it
+        # inherits (class MeanL2(rc.L2) with a __call__ of its own is not L2).
+        if "__call__" in cls.__dict__:
+            for name in ("_terms", "_batch_key"):
+                if name not in cls.__dict__:
+                    setattr(cls, name, getattr(Regularizer, name))
 
-    def schedules(self) -> list[Schedule]:
-        """The schedules among this regularizer's coefficients.
+    def _terms(self) -> tuple[tuple[Term, Coefficient], ...]:
+        """The penalty as ``(Term, coefficient)`` parts; ``()``: a formula only."""
+        return ()
 
-        Returns:
-            The ``Schedule`` objects among its attributes (empty for constant coefficients).
-        """
+    def _schedules(self) -> list[Schedule]:
+        """The ``Schedule`` objects among this regularizer's attributes."""
         return [v for v in vars(self).values() if isinstance(v, Schedule)]
 
-    # -- hooks for penalties that need more than the tensor ------------------------------
+    def _on_attach(self, module: torch.nn.Module, name: str) -> None:
+        """Registered on ``module``'s parameter ``name``: keep state there (L2-SP)."""
 
-    def on_attach(self, module: torch.nn.Module, name: str) -> None:
-        """Called when registered on ``module``'s parameter ``name`` (``L2SP`` keeps its
-        reference there). The default does nothing.
+    def _on_detach(self, module: torch.nn.Module, name: str) -> None:
+        """No longer registered on ``module``'s parameter ``name``: drop that state."""
 
-        Args:
-            module: The module that owns the parameter.
-            name: The parameter's name in ``module``.
-        """
-
-    def on_detach(self, module: torch.nn.Module, name: str) -> None:
-        """Called when no longer registered on ``module``'s parameter ``name``. The default
-        does nothing.
-
-        Args:
-            module: The module that owns the parameter.
-            name: The parameter's name in ``module``.
-        """
-
-    def for_parameter(self, module: torch.nn.Module, name: str | None) -> Regularizer:
-        """The regularizer ``loss()`` evaluates on ``module``'s parameter ``name``.
-
-        Args:
-            module: The module the entry is registered on.
-            name: The parameter's name, or None for an activity entry.
-
-        Returns:
-            ``self`` by default; ``Orthogonal`` transposes Keras-layout kernels and ``L2SP``
-            binds the parameter's reference.
-        """
+    def _bind(self, module: torch.nn.Module | None, name: str | None) -> Regularizer:
+        """What ``loss()`` evaluates on ``module``'s parameter ``name`` (None: an output or
+        a bare tensor)."""
         return self
 
-    def batch_key(self, x: torch.Tensor) -> Any:
-        """Whether the engine may evaluate this penalty for many tensors at once.
-
-        Args:
-            x: The tensor the penalty is about to be evaluated on.
-
-        Returns:
-            A hashable key (tensors of one device and dtype sharing it go to one ``batch``
-            call), or None to call the regularizer on each tensor.
-        """
+    def _batch_key(self, x: torch.Tensor) -> Any:
+        """A hashable key shared by tensors ``_batch`` may evaluate together, or None."""
         return None
 
     @classmethod
-    def batch(
+    def _batch(
         cls, xs: list[torch.Tensor], regularizers: list[Regularizer]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Evaluate the penalty on tensors that share a ``batch_key``.
-
-        Args:
-            xs: The tensors.
-            regularizers: The regularizer for each tensor, in the same order.
-
-        Returns:
-            ``(total, per-tensor values)``: a 0-dim tensor and a 1-D tensor of ``len(xs)``.
-
-        Raises:
-            NotImplementedError: The class returns None from ``batch_key`` (the default).
-        """
+        """``(total, per-tensor values)`` of tensors sharing a ``_batch_key``."""
         raise NotImplementedError(f"{cls.__name__} has no batched evaluation")
 
     def __repr__(self) -> str:
@@ -204,141 +237,6 @@ class Regularizer:
         except NotImplementedError:
             return id(self)
         return hash((type(self), tuple(sorted(config))))
-
-
-def fused_terms(regularizer: Regularizer) -> tuple[tuple[str, Coefficient], ...] | None:
-    """``regularizer.terms()``, unless a subclass overrides ``__call__`` below the class that
-    defined ``terms()``: its formula is then its own, and the engine must call it."""
-    mro = type(regularizer).__mro__
-    terms_owner = next(c for c in mro if "terms" in c.__dict__)
-    call_owner = next(c for c in mro if "__call__" in c.__dict__)
-    if call_owner is not terms_owner and issubclass(call_owner, terms_owner):
-        return None
-    return regularizer.terms()
-
-
-def _abs_sum(x: torch.Tensor) -> torch.Tensor:
-    return x.abs().sum(dtype=accumulation_dtype(x.dtype))
-
-
-def _square_sum(x: torch.Tensor) -> torch.Tensor:
-    # Upcast before squaring: a float16 weight of 300 squares to inf in float16.
-    x = x.to(accumulation_dtype(x.dtype))
-    return (x * x).sum()
-
-
-def zero_like(x: torch.Tensor) -> torch.Tensor:
-    return torch.zeros((), dtype=accumulation_dtype(x.dtype), device=x.device)
-
-
-class L1(Regularizer):
-    """``l1 * sum(abs(x))``.
-
-    Args:
-        l1: The coefficient (a float >= 0 or a schedule).
-
-    Raises:
-        ValueError: A negative, NaN or infinite coefficient.
-        TypeError: A coefficient that is not a number or a schedule.
-
-    Examples:
-        >>> float(L1(0.01)(torch.ones(5, 5)))
-        0.25
-    """
-
-    def __init__(self, l1: Coefficient = 0.01) -> None:
-        self.l1 = coefficient("l1", l1)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = check_tensor(x, "L1")
-        return scale(self.l1, x) * _abs_sum(x)
-
-    def get_config(self) -> dict[str, Any]:
-        return {"l1": self.l1}
-
-    def terms(self) -> tuple[tuple[str, Coefficient], ...]:
-        return (("l1", self.l1),)
-
-
-class L2(Regularizer):
-    """``l2 * sum(x**2)`` (Keras scaling; ``SGD(weight_decay=wd)`` equals ``L2(wd / 2)``).
-
-    The equality holds for parameters the data loss reaches: the optimizer skips a parameter
-    whose ``.grad`` is None, while ``loss()`` reaches every regularized one (see the
-    weight-decay migration guide).
-
-    Args:
-        l2: The coefficient (a float >= 0 or a schedule).
-
-    Raises:
-        ValueError: A negative, NaN or infinite coefficient.
-        TypeError: A coefficient that is not a number or a schedule.
-
-    Examples:
-        >>> round(float(L2(0.01)(torch.full((2, 2), 3.0))), 6)
-        0.36
-    """
-
-    def __init__(self, l2: Coefficient = 0.01) -> None:
-        self.l2 = coefficient("l2", l2)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = check_tensor(x, "L2")
-        return scale(self.l2, x) * _square_sum(x)
-
-    def get_config(self) -> dict[str, Any]:
-        return {"l2": self.l2}
-
-    def terms(self) -> tuple[tuple[str, Coefficient], ...]:
-        return (("l2", self.l2),)
-
-
-class L1L2(Regularizer):
-    """``l1 * sum(abs(x)) + l2 * sum(x**2)``; both default to 0 as in Keras's class.
-
-    Args:
-        l1: The L1 coefficient (a float >= 0 or a schedule).
-        l2: The L2 coefficient (a float >= 0 or a schedule).
-
-    Raises:
-        ValueError: A negative, NaN or infinite coefficient.
-        TypeError: A coefficient that is not a number or a schedule.
-
-    Examples:
-        >>> float(L1L2(l1=0.5, l2=0.25)(torch.tensor([2.0])))  # 0.5*2 + 0.25*4
-        2.0
-    """
-
-    def __init__(self, l1: Coefficient = 0.0, l2: Coefficient = 0.0) -> None:
-        self.l1 = coefficient("l1", l1)
-        self.l2 = coefficient("l2", l2)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = check_tensor(x, "L1L2")
-        result = zero_like(x)
-        if self.l1:  # a schedule always counts: it may be zero now, not later
-            result = result + scale(self.l1, x) * _abs_sum(x)
-        if self.l2:
-            result = result + scale(self.l2, x) * _square_sum(x)
-        return result
-
-    def get_config(self) -> dict[str, Any]:
-        return {"l1": self.l1, "l2": self.l2}
-
-    def terms(self) -> tuple[tuple[str, Coefficient], ...]:
-        return (("l1", self.l1), ("l2", self.l2))
-
-
-def evaluated(
-    regularizer: Regularizer, module: torch.nn.Module | None, param: str | None
-) -> Regularizer:
-    """The regularizer ``loss()`` applies to ``module``'s parameter ``param``: an
-    ``Orthogonal`` with Keras's mode names on a ``Linear``/recurrent weight is applied to
-    its transpose (Keras's kernel layout), an ``L2SP`` is bound to the parameter's
-    reference; see ``Regularizer.for_parameter``."""
-    if module is None:
-        return regularizer
-    return regularizer.for_parameter(module, param)
 
 
 class Custom(Regularizer):

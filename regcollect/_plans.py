@@ -20,7 +20,7 @@ import torch
 
 from ._engine import Plan
 from ._entries import ACTIVITY, TENSOR, Entry, current_tensors
-from ._penalties import Regularizer, evaluated
+from ._penalties import Regularizer
 
 __all__ = ["CachedPlan", "PlanCache", "applied", "choose", "traced_tensors"]
 
@@ -38,8 +38,8 @@ def _flags(tensors: list[torch.Tensor | None]) -> list[tuple[Any, ...]]:
 
 def applied(entries: Sequence[Entry]) -> list[Regularizer]:
     """The regularizers ``loss()`` evaluates for ``entries`` (Keras's kernel layout where an
-    orthogonal mode names it; see ``regcollect._penalties.evaluated``)."""
-    return [evaluated(e.regularizer, e.module, e.param) for e in entries]
+    orthogonal mode names it, an L2-SP bound to its reference: ``Regularizer._bind``)."""
+    return [e.regularizer._bind(e.module, e.param) for e in entries]
 
 
 def choose(

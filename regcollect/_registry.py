@@ -145,7 +145,7 @@ class Registry:
             module = entry.module
             if entry.kind == WEIGHT and module is not None and entry.param is not None:
                 # First, so that a failure (an L2SP reference of another shape) changes nothing.
-                entry.regularizer.on_attach(module, entry.param)
+                entry.regularizer._on_attach(module, entry.param)
             replaced: list[Entry] = []
             old = self._entries.pop(key, None)
             if old is not None:
@@ -175,7 +175,7 @@ class Registry:
                 # Replaced, not removed: removing the new entry may restore it, so its state
                 # on the module (an L2SP reference buffer) stays.
                 self._release(gone, keep_state=True)
-            for schedule in entry.regularizer.schedules():
+            for schedule in entry.regularizer._schedules():
                 _following.follow(schedule, entry)
                 if tensor is not None:
                     schedule.tensor(tensor.device)  # made here, not inside a compiled trace
@@ -219,8 +219,8 @@ class Registry:
             and module is not None
             and entry.param is not None
         ):
-            entry.regularizer.on_detach(module, entry.param)
-        if entry.regularizer.schedules():
+            entry.regularizer._on_detach(module, entry.param)
+        if entry.regularizer._schedules():
             _following.changed()
 
     def _restore(self, entry: Entry) -> None:

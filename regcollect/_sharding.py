@@ -44,7 +44,7 @@ __all__ = [
 class ShardedGroup(Protocol):
     """What a layout reads of a plan's group."""
 
-    kind: str
+    p: int
     indices: list[int]
     tensors: list[torch.Tensor]
     reduce_over: tuple[Any, ...]
@@ -89,7 +89,7 @@ class Layout:
         for g in groups:
             if g.reduce_over != reduce_over:
                 continue
-            offset = 0 if g.kind == "l1" else 1
+            offset = 0 if g.p == 1 else 1
             positions = [3 * slot[id(x)] + offset for x in g.tensors]
             self.slots[id(g)] = torch.tensor(positions, device=device)
             used.update(zip(positions, g.indices))

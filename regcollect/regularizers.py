@@ -21,18 +21,11 @@ from typing import Any, TypeVar
 
 import torch
 
-from ._beyond import L2SP, GroupLasso, group_lasso, l2sp
+from ._group_lasso import GroupLasso, group_lasso
+from ._l1l2 import L1, L1L2, L2
+from ._l2sp import L2SP, l2sp
 from ._orthogonal import Orthogonal, OrthogonalRegularizer
-from ._penalties import (
-    L1,
-    L1L2,
-    L2,
-    Custom,
-    Regularizer,
-    accumulation_dtype,
-    check_coefficient,
-    fused_terms,
-)
+from ._penalties import Custom, Regularizer, accumulation_dtype, check_coefficient
 from .schedules import Schedule, serialize_schedule
 
 __all__ = [
@@ -47,7 +40,6 @@ __all__ = [
     "L2SP",
     "accumulation_dtype",
     "check_coefficient",
-    "fused_terms",
     "l1",
     "l2",
     "l1_l2",

@@ -15,7 +15,6 @@ import torch
 
 import regcollect as rc
 from regcollect._engine import _STACK_MIN, Plan
-from regcollect._penalties import evaluated
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -62,7 +61,7 @@ def reference_penalties(model, regs):
                 continue
             param = "weight" if attr == "kernel_regularizer" else "bias"
             # Keras's orthogonal modes apply to a Linear weight's transpose (Keras's layout)
-            applied = evaluated(reg, module, param)
+            applied = reg._bind(module, param)
             out[f"{name}.{param}"] = applied(getattr(module, param).detach().double()).item()
     return out
 

@@ -44,7 +44,7 @@ def test_plan_values_and_gradients_equal_per_entry_reference(dtype, device):
 def test_group_penalty_gradcheck(device):
     xs = [torch.randn(3, 2, dtype=torch.float64, device=device) + 0.5 for _ in range(3)]
     xs = [x.detach().requires_grad_(True) for x in xs]
-    for kind in ("l1", "l2"):
+    for kind in (1, 2):
         assert torch.autograd.gradcheck(lambda *t, k=kind: group_penalty(k, 0.7, t)[0], xs)
 
 
@@ -78,20 +78,20 @@ def test_empty_and_zero_coefficient_plans():
     assert zero.total.item() == 0.0
     with pytest.raises(ValueError, match="same length"):
         Plan([torch.ones(1)], [])
-    with pytest.raises(ValueError, match='kind must be "l1" or "l2"'):
-        group_penalty("l3", 1.0, [torch.ones(1)])
+    with pytest.raises(ValueError, match="p must be 1 or 2"):
+        group_penalty(3, 1.0, [torch.ones(1)])
     with pytest.raises(ValueError, match=r"tensors must all have one shape with stack=True.*\[3\]"):
-        group_penalty("l2", 1.0, [torch.ones(2), torch.ones(3)], stack=True)
+        group_penalty(2, 1.0, [torch.ones(2), torch.ones(3)], stack=True)
 
 
 def test_grouping_is_by_kind_and_coefficient():
     tensors = [torch.randn(2, 2, requires_grad=True) for _ in range(6)]
     regs = [rc.l2(0.1)] * 3 + [rc.l2(0.2), rc.l1(0.1), rc.orthogonal()]
     plan = Plan(tensors, regs)
-    assert sorted((g.kind, g.coef, len(g.indices)) for g in plan.groups) == [
-        ("l1", 0.1, 1),
-        ("l2", 0.1, 3),
-        ("l2", 0.2, 1),
+    assert sorted((g.p, g.coef, len(g.indices)) for g in plan.groups) == [
+        (1, 0.1, 1),
+        (2, 0.1, 3),
+        (2, 0.2, 1),
     ]
     assert plan.fallback == [5]
 
@@ -158,7 +158,7 @@ def test_all_zero_coefficients_keep_a_zero_gradient(device):
 
 
 def _stacked_groups(plan):
-    return sorted((g.kind, len(g.indices)) for g in plan.groups if g.stacked)
+    return sorted((g.p, len(g.indices)) for g in plan.groups if g.stacked)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
@@ -170,7 +170,7 @@ def test_stacked_groups_equal_the_per_entry_reference(dtype, shape):
     regs = [rc.l2(0.3)] * (n - 3) + [rc.l1(0.2)] * 2 + [rc.l1_l2(0.2, 0.3)]
     plan = Plan(tensors, regs)
     # l2(0.3): n - 3 plus the L1L2's l2 part, enough to stack; l1(0.2): 2 + 1, too few.
-    assert _stacked_groups(plan) == [("l2", _STACK_MIN)]
+    assert _stacked_groups(plan) == [(2, _STACK_MIN)]
     result = plan()
     expected = reference([t.double() for t in tensors], regs)
     tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
@@ -191,7 +191,7 @@ def test_stacked_groups_equal_the_per_entry_reference(dtype, shape):
 
 def test_stacked_group_gradcheck_and_double_backward():
     xs = [torch.randn(3, 2, dtype=torch.float64, requires_grad=True) for _ in range(5)]
-    for kind in ("l1", "l2"):
+    for kind in (1, 2):
 
         def total(*t, k=kind):
             return group_penalty(k, 0.7, t, stack=True)[0]
@@ -199,7 +199,7 @@ def test_stacked_group_gradcheck_and_double_backward():
         assert torch.autograd.gradcheck(total, xs)
     # Double backward (a Hessian-vector product through the penalty): d/dx (2c x . v) = 2c v.
     v = [torch.randn_like(x) for x in xs]
-    grads = torch.autograd.grad(group_penalty("l2", 0.7, xs, stack=True)[0], xs, create_graph=True)
+    grads = torch.autograd.grad(group_penalty(2, 0.7, xs, stack=True)[0], xs, create_graph=True)
     dot = sum((g * u).sum() for g, u in zip(grads, v))
     for hv, u in zip(torch.autograd.grad(dot, xs), v):
         assert torch.allclose(hv, 1.4 * u)
@@ -207,7 +207,7 @@ def test_stacked_group_gradcheck_and_double_backward():
 
 def test_stacked_group_gradients_accumulate_into_grad_and_survive_retain_graph():
     params = [torch.nn.Parameter(torch.full((5,), float(i + 1))) for i in range(4)]
-    total = group_penalty("l2", 0.5, params, stack=True)[0]
+    total = group_penalty(2, 0.5, params, stack=True)[0]
     total.backward(retain_graph=True)
     total.backward()
     for i, p in enumerate(params):
@@ -221,7 +221,7 @@ def test_stacked_group_gradients_accumulate_into_grad_and_survive_retain_graph()
 def test_stacked_group_detects_in_place_modification_like_the_foreach_node():
     for stack in (False, True):
         xs = [torch.randn(4, requires_grad=True) for _ in range(4)]
-        total = group_penalty("l1", 1.0, xs, stack=stack)[0]
+        total = group_penalty(1, 1.0, xs, stack=stack)[0]
         with torch.no_grad():
             xs[2].mul_(2.0)
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
@@ -253,7 +253,7 @@ def test_stacked_path_is_used_by_loss_and_matches_the_loop(plan_builds):
         for _ in range(_STACK_MIN)
     )
     total = rc.loss()
-    assert _stacked_groups(plan_builds[-1]) == [("l1", _STACK_MIN), ("l2", _STACK_MIN)]
+    assert _stacked_groups(plan_builds[-1]) == [(1, _STACK_MIN), (2, _STACK_MIN)]
     total.backward()
     for layer in layers:
         w, b = layer.weight.detach(), layer.bias.detach()
@@ -277,7 +277,7 @@ def test_loss_reads_nothing_back_to_the_host():
     assert total.device.type == "meta" and total.shape == ()
     (out.sum() + total).backward()
     assert all(p.grad is not None and p.grad.is_meta for p in model.parameters())
-    for kind in ("l1", "l2"):
+    for kind in (1, 2):
         value, values = group_penalty(kind, 0.5, stacked, stack=True)
         assert value.is_meta and values.shape == (_STACK_MIN,)
         value.backward()
@@ -291,8 +291,8 @@ def test_torch_compile_with_a_stacked_group_matches_eager(plan_builds):
     )
     rc.loss()
     assert _stacked_groups(plan_builds[-1]) == [
-        ("l1", _STACK_MIN),
-        ("l2", _STACK_MIN),
+        (1, _STACK_MIN),
+        (2, _STACK_MIN),
     ]
     params = [p for layer in layers for p in layer.parameters()]
 

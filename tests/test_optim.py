@@ -935,3 +935,55 @@ def test_a_parameter_frozen_with_a_zero_gradient_is_decayed_as_weight_decay_deca
     (b0, w0), (b1, w1) = run(False), run(True)
     assert torch.equal(b0, b1) and not torch.equal(w0, b0)
     assert torch.allclose(w0, w1, rtol=0, atol=8 * 1.2e-7)
+
+
+@pytest.mark.parametrize("decoupled", [False, True], ids=["coupled", "decoupled"])
+def test_a_parameter_two_attached_optimizers_hold_gets_its_penalty_once(
+    decoupled, same_to_rounding
+):
+    """A shared trunk stepped by two optimizers (two heads, or a GAN's shared layer). Coupled,
+    each optimizer sees the gradient of the total loss at the weights the backward saw, as
+    with the penalty through autograd, not the penalty twice (it was: the first optimizer's
+    step left it in .grad for the second to add again). Decoupled, each optimizer decays the
+    weight as its own weight_decay would: AdamW twice."""
+    data = batches(4)
+
+    def run(attached):
+        model = mlp()
+        coll = rc.Collection()
+        reg = rc.l2(WD / 2) if decoupled else rc.l1_l2(0.01, WD / 2)
+        if attached or not decoupled:
+            rc.add_regularizer(model[0], "weight", reg, collection=coll)
+        make = (torch.optim.AdamW, torch.optim.AdamW) if decoupled else (SGD_, torch.optim.Adam)
+        trunk = {
+            "params": [model[0].weight],
+            "weight_decay": WD if decoupled and not attached else 0,
+        }
+        first = make[0](
+            [trunk, {"params": [model[0].bias, *model[2].parameters()]}], lr=0.05, weight_decay=0
+        )
+        second = make[1](
+            [dict(trunk), {"params": [model[0].bias, *model[4].parameters()]}],
+            lr=0.01,
+            weight_decay=0,
+        )
+        if attached:
+            for opt in (first, second):
+                rc.attach_optimizer(opt, collection=coll, decoupled=decoupled)
+        for x, y in data:
+            first.zero_grad()
+            second.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            if not attached and not decoupled:
+                loss = loss + coll.loss()
+            loss.backward()
+            first.step()
+            second.step()
+        return model
+
+    want, got = run(attached=False), run(attached=True)
+    same_to_rounding(want.parameters(), got.parameters(), steps=2 * len(data), momentum=MOMENTUM)
+
+
+def SGD_(params, **options):
+    return torch.optim.SGD(params, momentum=0.9, **options)

@@ -42,7 +42,7 @@ def test_user_code_outside_the_project_type_checks_against_the_installed_package
     out = result.stdout + result.stderr
     assert "import-not-found" not in out, out
     assert 'Revealed type is "torch._tensor.Tensor"' in out, out
-    assert 'Revealed type is "regcollect._penalties.L2"' in out, out
+    assert 'Revealed type is "regcollect._l1l2.L2"' in out, out
 
 
 def test_the_public_surface_is_the_api():
@@ -66,17 +66,20 @@ def test_the_public_surface_is_the_api():
 
 def test_checkpoints_pickled_under_the_old_module_paths_still_load():
     """Regularizers pickled when the internal modules were public (``regcollect.penalties``,
-    ``regcollect.beyond``) load, and new pickles name the private modules."""
+    ``regcollect.beyond``), or before each penalty had its module (``regcollect._penalties``,
+    ``regcollect._beyond``), load; new pickles name the penalty's own module."""
     import pickle
 
     import regcollect as rc
 
-    for reg, old, new in (
-        (rc.l2(0.3), b"regcollect.penalties", b"regcollect._penalties"),
-        (rc.L2SP(0.5), b"regcollect.beyond", b"regcollect._beyond"),
-        (rc.orthogonal(0.1), b"regcollect.penalties", b"regcollect._orthogonal"),
+    for reg, new, olds in (
+        (rc.l2(0.3), b"regcollect._l1l2", (b"regcollect.penalties", b"regcollect._penalties")),
+        (rc.L2SP(0.5), b"regcollect._l2sp", (b"regcollect.beyond", b"regcollect._beyond")),
+        (rc.group_lasso(0.2), b"regcollect._group_lasso", (b"regcollect._beyond",)),
+        (rc.orthogonal(0.1), b"regcollect._orthogonal", (b"regcollect.penalties",)),
     ):
         data = pickle.dumps(reg, protocol=2)  # module paths as plain text
         assert new + b"\n" in data
-        restored = pickle.loads(data.replace(new + b"\n", old + b"\n"))
-        assert type(restored) is type(reg) and restored.get_config() == reg.get_config()
+        for old in olds:
+            restored = pickle.loads(data.replace(new + b"\n", old + b"\n"))
+            assert type(restored) is type(reg) and restored.get_config() == reg.get_config()

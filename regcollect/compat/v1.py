@@ -20,8 +20,8 @@ import torch
 
 from .. import _context
 from .._context import active_collection, current_prefix, defaults_scope
-from .._penalties import Coefficient
-from ..regularizers import L1, L1L2, L2, Regularizer, check_coefficient, fused_terms, register
+from .._penalties import Coefficient, Term
+from ..regularizers import L1, L1L2, L2, Regularizer, check_coefficient, register
 from ..regularizers import get as get_regularizer
 from ..schedules import Schedule
 
@@ -242,17 +242,17 @@ class Sum(Regularizer):
         values = [reg(x) for reg in self.regularizers if reg is not None]
         return torch.stack(values).sum() if values else torch.zeros((), device=x.device)
 
-    def terms(self) -> tuple[tuple[str, Coefficient], ...] | None:
-        out: list[tuple[str, Coefficient]] = []
-        for reg in self.regularizers:
-            terms = fused_terms(reg) if reg is not None else ()
-            if terms is None:
-                return None
-            out.extend(terms)
-        return tuple(out)
+    def _terms(self) -> tuple[tuple[Term, Coefficient], ...]:
+        # The members' p-norm parts, computed with every other such part; a member that is
+        # more than those (its own formula, a reference) makes the sum a formula, called.
+        members = [reg for reg in self.regularizers if reg is not None]
+        parts = [part for reg in members for part in reg._terms()]
+        if all(term.p for term, _ in parts) and all(reg._terms() for reg in members):
+            return tuple(parts)
+        return ()
 
-    def schedules(self) -> list[Schedule]:
-        return [s for reg in self.regularizers if reg is not None for s in reg.schedules()]
+    def _schedules(self) -> list[Schedule]:
+        return [s for reg in self.regularizers if reg is not None for s in reg._schedules()]
 
     def get_config(self) -> dict[str, Any]:
         from ..regularizers import serialize

@@ -1,13 +1,10 @@
-"""Penalties no peer offers: L2-SP for fine-tuning and group lasso for structured sparsity.
+"""``L2SP`` (Li, Grandvalet and Davoine, "Explicit inductive bias for transfer learning with
+convolutional networks", ICML 2018): ``l2 * sum((x - x0)**2)``, the distance to the pretrained
+weights ``x0`` rather than to zero, which plain L2 would pull what pretraining learned towards.
 
-- ``L2SP`` (Li, Grandvalet and Davoine, "Explicit inductive bias for transfer learning with
-  convolutional networks", ICML 2018): ``l2 * sum((x - x0)**2)``, the distance to the
-  pretrained weights ``x0`` rather than to zero, which plain L2 would pull what pretraining
-  learned towards.
-- ``GroupLasso`` (Yuan and Lin, "Model selection and estimation in regression with grouped
-  variables", JRSS B 2006; for pruning, Wen et al., "Learning structured sparsity in deep
-  neural networks", NeurIPS 2016): ``factor * sum_g ||x_g||_2`` over slices of ``x``, which
-  drives whole rows or filters to zero so that they can be removed.
+Everything L2-SP needs is here: its value, its kernel (``difference_penalty``), its step math
+(``L2SP_TERM``: coupled ``grad += 2 c (w - w0)``, decoupled ``w += lr * 2 c (w0 - w)`` before
+the update) and its state on the module.
 
 Registered on a module, an ``L2SP`` keeps its reference on that module as a persistent
 buffer ``<parameter>_l2sp_reference``: it moves with ``model.to()``, and it is in the model's
@@ -22,38 +19,42 @@ original reference comes back with the registration.
 
 from __future__ import annotations
 
+import copy
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
-from ._kernels import difference_penalty
+from ._kernels import group_forward
 from ._penalties import (
     Coefficient,
     Regularizer,
+    Term,
     accumulation_dtype,
     check_tensor,
     coefficient,
     scale,
-    zero_like,
 )
 from ._sharding import is_plain
+from ._step import Scalar, add_coupled_, by_device_and_dtype, chunks, scaled
 
 __all__ = [
+    "L2SP",
+    "L2SP_TERM",
     "REFERENCE_SUFFIX",
     "check_reference_shape",
-    "GroupLasso",
-    "L2SP",
-    "group_lasso",
+    "difference_penalty",
     "l2sp",
     "reference_name",
     "reference_of",
 ]
 
 REFERENCE_SUFFIX = "_l2sp_reference"
-# Group lasso stacks tensors of one shape up to this size (one node for many small kernels).
-_STACK_MAX_BYTES = 64 * 1024
+# The names of a module's parameters whose reference was given explicitly (reference=...),
+# kept on the module itself (it travels with deepcopy and pickling, as the buffers do): a load
+# without the buffer keeps such a reference instead of taking the loaded weights.
+_EXPLICIT = "_l2sp_explicit_references"
 
 
 def reference_name(param: str) -> str:
@@ -103,7 +104,7 @@ def _load_reference(
     """Load pre-hook: a checkpoint without a parameter's reference (a plain pretrained one)
     makes the loaded weights the reference; one with it (a saved fine-tuning run) restores
     the original."""
-    explicit = _EXPLICIT.get(module, ())
+    explicit = module.__dict__.get(_EXPLICIT, ())
     for buffer in list(module._buffers):
         if buffer.endswith(REFERENCE_SUFFIX):
             param = buffer[: -len(REFERENCE_SUFFIX)]
@@ -113,11 +114,6 @@ def _load_reference(
                 # A copy: load_state_dict(..., assign=True) (meta-device initialisation)
                 # would otherwise make the reference the weight tensor itself.
                 state_dict[prefix + buffer] = state_dict[prefix + param].detach().clone()
-
-
-# Parameters whose L2SP reference was given explicitly (reference=...), per module: a load
-# without the buffer keeps it instead of taking the loaded weights.
-_EXPLICIT: weakref.WeakKeyDictionary[torch.nn.Module, set[str]] = weakref.WeakKeyDictionary()
 
 
 def _install_load_hook(module: torch.nn.Module) -> None:
@@ -155,8 +151,6 @@ class L2SP(Regularizer):
         >>> float(L2SP(0.5, reference=x0)(torch.tensor([2.0, 0.0])))  # 0.5 * (1 + 4)
         2.5
     """
-
-    applied_in_step = True
 
     def __init__(
         self,
@@ -199,9 +193,9 @@ class L2SP(Regularizer):
         # The reference is data, not configuration: it travels in the model's state_dict.
         return {"l2": self.l2}
 
-    # -- on a module ----------------------------------------------------------------------
+    # -- on a module: the reference buffer -----------------------------------------------
 
-    def on_attach(self, module: torch.nn.Module, name: str) -> None:
+    def _on_attach(self, module: torch.nn.Module, name: str) -> None:
         """Store the reference as the buffer ``<name>_l2sp_reference`` of ``module``.
 
         Args:
@@ -225,7 +219,7 @@ class L2SP(Regularizer):
             if given is not None:
                 check_reference_shape(given, param, name)
                 value = given.detach().to(device=param.device, dtype=param.dtype).clone()
-                _EXPLICIT.setdefault(module, set()).add(name)
+                module.__dict__.setdefault(_EXPLICIT, set()).add(name)
             elif module._buffers.get(buffer) is not None:
                 value = None  # registered again: keep the original reference
             else:
@@ -234,16 +228,21 @@ class L2SP(Regularizer):
             module.register_buffer(buffer, value, persistent=True)
         _install_load_hook(module)
 
-    def on_detach(self, module: torch.nn.Module, name: str) -> None:
+    def _on_detach(self, module: torch.nn.Module, name: str) -> None:
         module._buffers.pop(reference_name(name), None)
-        _EXPLICIT.get(module, set()).discard(name)
+        module.__dict__.get(_EXPLICIT, set()).discard(name)
 
-    def for_parameter(self, module: torch.nn.Module, name: str | None) -> Regularizer:
-        if name is None:
+    def _terms(self) -> tuple[tuple[Term, Coefficient], ...]:
+        return ((L2SP_TERM, self.l2),)
+
+    def _bind(self, module: torch.nn.Module | None, name: str | None) -> Regularizer:
+        if module is None or name is None:
             return self
-        return L2SP(self.l2, reference=reference_of(module, name))
+        bound = copy.copy(self)  # a subclass stays itself
+        bound.reference = reference_of(module, name)
+        return bound
 
-    def batch_key(self, x: torch.Tensor) -> Any:
+    def _batch_key(self, x: torch.Tensor) -> Any:
         reference = self.reference
         if (
             isinstance(reference, torch.Tensor)
@@ -256,7 +255,7 @@ class L2SP(Regularizer):
         return None
 
     @classmethod
-    def batch(
+    def _batch(
         cls, xs: list[torch.Tensor], regularizers: list[Regularizer]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         coef = regularizers[0].l2  # type: ignore[attr-defined]
@@ -264,95 +263,128 @@ class L2SP(Regularizer):
         return difference_penalty(scale(coef, xs[0]), xs, references)
 
 
-class GroupLasso(Regularizer):
-    """``factor * sum_g ||x_g||_2``: the L2 norms of the slices ``x_g`` of ``x`` along
-    ``axis``, summed.
+class _L2SPTerm(Term):
+    """``coef * sum((w - w0)**2)``, ``w0`` the reference buffer on the parameter's module."""
 
-    With ``axis=0`` (the default) the groups are the rows of a ``Linear`` weight (one per
-    output unit) or the filters of a convolution kernel (``(out, in, *k)``): the penalty
-    drives whole units to exactly zero, and in ``attach_optimizer(..., decoupled=True)``
-    its proximal step (block soft-thresholding) sets them to zero exactly. ``axis=1``
-    groups input units or channels. On a vector each element is a group: L1.
+    def locate(self, module: torch.nn.Module | None, name: str | None) -> Any:
+        # Looked up at each step: model.to() replaces the buffer.
+        return (weakref.ref(module) if module is not None else None, name)
 
-    Args:
-        factor: The coefficient (a float >= 0 or a schedule).
-        axis: The dimension whose slices are the groups.
+    def coupled_(
+        self,
+        coef: float,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        where: list[Any],
+        *,
+        sign: float,
+        grad_scale: torch.Tensor | None,
+    ) -> None:
+        for _, (ps, gs, rs) in by_device_and_dtype(params, grads, _references(where)):
+            for part, grad, refs in chunks(ps, gs, rs):
+                add_coupled_(
+                    grad, list(torch._foreach_sub(part, refs)), sign * 2.0 * coef, grad_scale
+                )
 
-    Raises:
-        ValueError: ``axis`` is not an int; a negative, NaN or infinite ``factor``; when
-            called, an ``axis`` out of the tensor's range.
+    def before_(
+        self,
+        coef: float,
+        lr: Scalar,
+        params: list[torch.Tensor],
+        where: list[Any],
+        keep: torch.Tensor | None,
+    ) -> None:
+        """``w += lr * 2 * coef * (w0 - w)``: towards the reference, as AdamW decays towards
+        zero."""
+        for device, (ps, rs) in by_device_and_dtype(params, _references(where)):
+            weight = scaled(lr * 2.0 * coef, keep, device)
+            if isinstance(weight, torch.Tensor):
+                for p, r in zip(ps, rs):
+                    p.lerp_(r, weight.to(p.dtype))
+            else:
+                torch._foreach_lerp_(ps, rs, weight)
 
-    Examples:
-        >>> import torch
-        >>> x = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
-        >>> float(GroupLasso(0.1)(x))  # 0.1 * (5 + 0)
-        0.5
+
+def _references(where: list[Any]) -> list[torch.Tensor]:
+    """The current references of the parameters at ``where`` (their modules' buffers)."""
+    out = []
+    for module_ref, name in where:
+        module = module_ref() if module_ref is not None else None
+        if module is None:
+            raise RuntimeError(f"the module holding {name!r} is gone")
+        out.append(reference_of(module, name))
+    return out
+
+
+L2SP_TERM = _L2SPTerm()
+
+
+def _differences(
+    xs: Sequence[torch.Tensor], refs: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, ...]:
+    if xs[0].dtype in (torch.float16, torch.bfloat16):
+        # Half-precision differences would round: subtract in float32.
+        acc = accumulation_dtype(xs[0].dtype)
+        xs, refs = [x.to(acc) for x in xs], [r.to(acc) for r in refs]
+    return tuple(torch._foreach_sub(list(xs), list(refs)))
+
+
+class _DifferencePenalty(torch.autograd.Function):
+    """``total = coef * sum_i ||x_i - r_i||^2`` with per-tensor values on the side.
+
+    The differences the forward computes are kept and become the gradients in place in the
+    backward (``2 * coef * (x - r)``): the gradient tensors are allocated in the forward
+    rather than in the backward, and each step reads the weights twice, not three times.
+    A second backward (``retain_graph=True``) computes them again from the inputs.
     """
 
-    applied_in_step = True
-
-    def __init__(self, factor: Coefficient = 0.01, axis: int = 0) -> None:
-        self.factor = coefficient("factor", factor)
-        if isinstance(axis, bool) or not isinstance(axis, int):
-            raise ValueError(f"axis must be an int, got {axis!r} of type {type(axis).__name__}")
-        self.axis = axis
-
-    def _axis(self, x: torch.Tensor) -> int:
-        if not -x.dim() <= self.axis < x.dim():
-            raise ValueError(
-                f"GroupLasso axis={self.axis} is out of range for a tensor of shape "
-                f"{tuple(x.shape)} (expected {-max(x.dim(), 1)} <= axis < {max(x.dim(), 1)})"
-            )
-        return self.axis % x.dim()
-
-    def norms(self, x: torch.Tensor) -> torch.Tensor:
-        """The L2 norm of each group (slice along ``axis``), in float32 at least.
-
-        Args:
-            x: The tensor.
-
-        Returns:
-            A 1-D tensor with one norm per group.
-
-        Raises:
-            ValueError: ``axis`` is out of ``x``'s range.
-        """
-        axis = self._axis(x)
-        rows = x.movedim(axis, 0).reshape(x.shape[axis], -1)
-        return torch.linalg.vector_norm(rows, 2, dim=1, dtype=accumulation_dtype(x.dtype))
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = check_tensor(x, "GroupLasso")
-        self._axis(x)
-        if x.numel() == 0:
-            return zero_like(x) + 0.0 * x.sum()
-        return scale(self.factor, x) * self.norms(x).sum()
-
-    def get_config(self) -> dict[str, Any]:
-        return {"factor": self.factor, "axis": self.axis}
-
-    def batch_key(self, x: torch.Tensor) -> Any:
-        if x.numel() == 0 or not -x.dim() <= self.axis < x.dim():
-            return None  # called alone: the empty case, or the error naming the entry
-        return (self.factor, self.axis % x.dim(), x.shape)
-
-    @classmethod
-    def batch(
-        cls, xs: list[torch.Tensor], regularizers: list[Regularizer]
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, coef: Any, n: int, *tensors: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        first = regularizers[0]
-        assert isinstance(first, GroupLasso)
-        axis = first.axis % xs[0].dim()
-        acc = accumulation_dtype(xs[0].dtype)
-        if xs[0].numel() * xs[0].element_size() > _STACK_MAX_BYTES:
-            # Large tensors: one norm each; a stacked copy would cost more than it saves.
-            sums = torch.stack([first.norms(x).sum() for x in xs])
+        diffs = _differences(tensors[:n], tensors[n:])
+        total, values = group_forward(2, coef, diffs)
+        ctx.coef, ctx.n = coef, n
+        ctx.save_for_backward(*tensors)
+        ctx.diffs = diffs if diffs[0].dtype == tensors[0].dtype else None
+        ctx.mark_non_differentiable(values)
+        return total, values
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_total: torch.Tensor, _grad_values: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, ...]:
+        tensors, n = ctx.saved_tensors, ctx.n
+        diffs, ctx.diffs = ctx.diffs, None
+        factor = grad_total * (2.0 * ctx.coef)
+        grads: Sequence[torch.Tensor]
+        if diffs is None or torch.is_grad_enabled():  # a second backward, or create_graph
+            grads = torch._foreach_sub(list(tensors[:n]), list(tensors[n:]))
+            grads = torch._foreach_mul(grads, factor)
         else:
-            stacked = torch.stack(xs) if len(xs) > 1 else xs[0].unsqueeze(0)
-            rows = stacked.movedim(axis + 1, 1).reshape(len(xs), xs[0].shape[axis], -1)
-            sums = torch.linalg.vector_norm(rows, 2, dim=2, dtype=acc).sum(dim=1)
-        values = scale(first.factor, xs[0]) * sums
+            grads = list(diffs)
+            torch._foreach_mul_(grads, factor)
+        return (None, None, *grads, *([None] * n))
+
+
+def difference_penalty(
+    coef: Any, tensors: Sequence[torch.Tensor], references: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(total, per_tensor_values)`` of ``coef * sum((x - r)**2)`` for each pair, tensors and
+    references sharing one device and dtype; only ``total`` carries gradients (to the
+    tensors, not the references)."""
+    if torch._C._are_functorch_transforms_active() or (
+        torch.is_grad_enabled() and any(r.requires_grad for r in references)
+    ):
+        # Plain differentiable operations: torch.func transforms, or references that train.
+        acc = accumulation_dtype(tensors[0].dtype)
+        values = torch.stack(
+            [(x.to(acc) - r.to(acc)).square().sum() for x, r in zip(tensors, references)]
+        )
+        values = coef * values
         return values.sum(), values.detach()
+    total, values = _DifferencePenalty.apply(coef, len(tensors), *tensors, *references)
+    return total, values
 
 
 def l2sp(
@@ -376,21 +408,3 @@ def l2sp(
         >>> handle.remove()
     """
     return L2SP(l2, reference)
-
-
-def group_lasso(factor: Coefficient = 0.01, axis: int = 0) -> GroupLasso:
-    """``GroupLasso(factor, axis)``: ``factor * sum_g ||x_g||_2``.
-
-    Args:
-        factor: The coefficient (a float >= 0 or a schedule).
-        axis: The dimension whose slices are the groups (0: rows, filters).
-
-    Returns:
-        The ``GroupLasso`` regularizer.
-
-    Examples:
-        >>> import torch, regcollect as rc
-        >>> float(rc.group_lasso(0.1)(torch.tensor([[3.0, 4.0], [0.0, 0.0]])))
-        0.5
-    """
-    return GroupLasso(factor, axis)
