@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import uuid
 import warnings
-import weakref
 from collections.abc import Callable, Sequence
 from typing import IO, Any
 
@@ -27,7 +26,7 @@ from ._optim import OptimizerAttachment, held_by
 from ._plans import CachedPlan, applied, choose, mark_constant, traced_tensors
 from ._readout import Last, Readout, Row, as_dict, check_finite
 from ._registry import Registry
-from ._state import OPTIMIZER_STEP
+from ._state import COLLECTIONS, OPTIMIZER_STEP
 from ._summary import check_tablefmt, render, table_extra
 from ._torch_compat import CONSTANT_FUNCTIONS_TAKE_OBJECTS, is_compiling
 
@@ -67,8 +66,8 @@ class Collection(Registry):
             raise TypeError(f"check_finite must be a bool, got {check_finite!r}")
         self.check_finite = check_finite
         self.uid = uuid.uuid4().hex
-        _by_uid[self.uid] = self
-        _live.add(self)
+        COLLECTIONS.by_uid[self.uid] = self
+        COLLECTIONS.live.add(self)
         # Whether loss()/losses() ever ran: if not when an optimizer steps over regularized
         # parameters, the penalties are not part of training and the user is told, once.
         self._consumed = False
@@ -135,7 +134,7 @@ class Collection(Registry):
         return self
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_restore_collection, (self.uid, self is _default))
+        return (_restore_collection, (self.uid, self is COLLECTIONS.default))
 
     def __repr__(self) -> str:
         return f"<regcollect.Collection with {len(self)} entries>"
@@ -391,31 +390,23 @@ def _with_records(
     return total + torch.stack([v.to(device=total.device) for v in values]).sum()
 
 
-_live: weakref.WeakSet[Collection] = weakref.WeakSet()
-
-
 def _after_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     """Warn once per collection whose penalties never reach a loss, and end the step for the
     activity records no backward releases."""
-    forgotten_loss_check(_live, optimizer)
-    for coll in list(_live):
+    forgotten_loss_check(COLLECTIONS.live, optimizer)
+    for coll in list(COLLECTIONS.live):
         if coll.pending:
             coll.pending.end_of_step()
-
-
-_by_uid: weakref.WeakValueDictionary[str, Collection] = weakref.WeakValueDictionary()
-_warned_lost = False
 
 
 def _restore_collection(uid: str, was_default: bool) -> Collection:
     """Unpickling a collection: the same one while it is alive in this process, else the
     default collection (with one warning when the original was a custom one)."""
-    global _warned_lost
-    found = _by_uid.get(uid)
+    found = COLLECTIONS.by_uid.get(uid)
     if found is not None:
         return found
-    if not was_default and not _warned_lost:
-        _warned_lost = True
+    if not was_default and not COLLECTIONS.warned_lost:
+        COLLECTIONS.warned_lost = True
         warnings.warn(
             "an unpickled (or torch.load-ed) layer belonged to a regcollect.Collection that "
             "does not exist in this process; its regularizers are registered in the default "
@@ -424,12 +415,13 @@ def _restore_collection(uid: str, was_default: bool) -> Collection:
             RegcollectWarning,
             stacklevel=2,
         )
-    return _default
+    return default_collection()
 
 
 def default_collection() -> Collection:
     """The default collection, used when no ``collection=`` is given."""
-    return _default
+    default: Collection = COLLECTIONS.default
+    return default
 
 
 def _positions(coll: Collection, scope: Any) -> tuple[int, ...] | str:
@@ -454,4 +446,4 @@ def _positions(coll: Collection, scope: Any) -> tuple[int, ...] | str:
 _scope_positions = mark_constant(_positions) if CONSTANT_FUNCTIONS_TAKE_OBJECTS else _positions
 
 
-_default = Collection()
+COLLECTIONS.default = Collection()

@@ -6,7 +6,6 @@ context variable, so threads and tasks each have their own) and the default coll
 
 from __future__ import annotations
 
-import contextvars
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from ._collection import Collection, default_collection
 from ._handle import Handle
 from ._optim import OptimizerAttachment
 from ._optimizers import stepped
+from ._state import SCOPES
 from ._torch_compat import is_compiling
 from .regularizers import Regularizer
 from .regularizers import get as get_regularizer
@@ -45,11 +45,6 @@ class _ScopeFrame:
     name: str
     defaults: dict[str, Regularizer | None]
     collection: Collection | None
-
-
-_scope_stack: contextvars.ContextVar[tuple[_ScopeFrame, ...]] = contextvars.ContextVar(
-    "regcollect_scope", default=()
-)
 
 
 def _check_collection(collection: object) -> Collection | None:
@@ -114,21 +109,21 @@ def defaults_scope(
         raise ValueError(f"scope name must be a non-empty string, got {name!r}")
     _check_collection(collection)
     frame = _ScopeFrame(name.strip("/"), defaults, collection)
-    token = _scope_stack.set((*_scope_stack.get(), frame))
+    token = SCOPES.set((*SCOPES.get(), frame))
     try:
         yield
     finally:
-        _scope_stack.reset(token)
+        SCOPES.reset(token)
 
 
 def current_prefix() -> str:
     """``"outer/inner/"`` for the active scopes, ``""`` outside any."""
-    return "".join(frame.name + "/" for frame in _scope_stack.get())
+    return "".join(frame.name + "/" for frame in SCOPES.get())
 
 
 def scope_default(argument: str) -> Regularizer | None:
     """The innermost active scope's default for a layer argument such as ``kernel_regularizer``."""
-    for frame in reversed(_scope_stack.get()):
+    for frame in reversed(SCOPES.get()):
         reg = frame.defaults.get(argument)
         if reg is not None:
             return reg
@@ -142,7 +137,7 @@ def active_collection(explicit: Collection | None = None) -> Collection:
         return default_collection()
     if _check_collection(explicit) is not None:
         return explicit  # type: ignore[return-value]
-    for frame in reversed(_scope_stack.get()):
+    for frame in reversed(SCOPES.get()):
         if frame.collection is not None:
             return frame.collection
     return default_collection()

@@ -11,47 +11,41 @@ from typing import Any
 import torch
 
 from ._optimizers import groups_key, inner, skip_flag
-from ._state import OPTIMIZER_STEP
+from ._state import FOLLOWING, OPTIMIZER_STEP
 from .schedules import Schedule
 
 __all__ = ["advance", "changed", "follow"]
 
-
-# Schedules in use, each with what it regularizes: weakly held (entry-like objects whose
-# ``tensors()`` gives the tensors an optimizer must update for the schedule to advance).
-_USERS: weakref.WeakKeyDictionary[Schedule, weakref.WeakSet[Any]] = weakref.WeakKeyDictionary()
-_version = [0]
-# Per optimizer: (cache key, schedules it drives).
-_DRIVEN: weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple[Any, list[Schedule]]] = (
-    weakref.WeakKeyDictionary()
-)
+# FOLLOWING.users: the schedules in use, each with what it regularizes, weakly held
+# (entry-like objects whose ``tensors()`` gives the tensors an optimizer must update for the
+# schedule to advance); FOLLOWING.driven: per optimizer, (cache key, schedules it drives).
 
 
 def follow(schedule: Schedule, user: Any) -> None:
     """Record that ``user`` (an entry; ``user.tensors()`` lists the tensors it regularizes)
     uses ``schedule``: optimizers updating those tensors advance it."""
-    _USERS.setdefault(schedule, weakref.WeakSet()).add(user)
-    _version[0] += 1
+    FOLLOWING.users.setdefault(schedule, weakref.WeakSet()).add(user)
+    FOLLOWING.version += 1
     OPTIMIZER_STEP.add(_after_step)
 
 
 def changed() -> None:
     """Something the schedules follow changed (an entry removed): recompute on next step."""
-    _version[0] += 1
+    FOLLOWING.version += 1
 
 
 def _driven(optimizer: torch.optim.Optimizer) -> list[Schedule]:
-    key = (_version[0], groups_key(optimizer))
-    cached = _DRIVEN.get(optimizer)
+    key = (FOLLOWING.version, groups_key(optimizer))
+    cached = FOLLOWING.driven.get(optimizer)
     if cached is not None and cached[0] == key:
         return cached[1]
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     driven = [
         schedule
-        for schedule, users in list(_USERS.items())
+        for schedule, users in list(FOLLOWING.users.items())
         if any(id(t) in held for user in list(users) for t in user.tensors())
     ]
-    _DRIVEN[optimizer] = (key, driven)
+    FOLLOWING.driven[optimizer] = (key, driven)
     return driven
 
 
@@ -62,7 +56,7 @@ def advance(optimizer: torch.optim.Optimizer) -> None:
     to the inner one's step, and a step ``GradScaler`` skips inside a fused optimizer
     advances nothing (its flag is read on the host here, only when a schedule is driven).
     """
-    if not _USERS or inner(optimizer) is not None:
+    if not FOLLOWING.users or inner(optimizer) is not None:
         return
     found_inf = skip_flag(optimizer)
     if found_inf is not None and bool(found_inf.item()):

@@ -5,22 +5,27 @@ model that holds it, and that model usually comes into existence after the layer
 every ``parent -> child`` registration with PyTorch's global module-registration hook (weakly:
 a record never keeps a module alive) and walk the links upwards when a name is asked for. Links
 are checked against ``parent._modules`` when used, so replaced or removed children never resolve
-to a stale path. Models built before regcollect was imported are recorded by
-``record_tree`` when they are handed to regcollect.
+to a stale path.
+
+The hook is installed on first need (``follow_links``: the first module that holds an entry,
+or a model handed to regcollect), not at import; the links of the modules that exist by then
+are recorded at that moment, in one pass over the live objects, so a model built before is
+named from its root as one built after. The tables are in ``regcollect._state``.
 """
 
 from __future__ import annotations
 
-import itertools
+import gc
 import re
-import threading
 import weakref
-from collections import defaultdict
 
 import torch
 
+from ._state import MODULE_REGISTRATION, NAMING
+
 __all__ = [
     "auto_name",
+    "follow_links",
     "is_wrapper",
     "named_modules",
     "path_to_root",
@@ -29,17 +34,9 @@ __all__ = [
     "version",
 ]
 
-_lock = threading.Lock()
-_parents: weakref.WeakKeyDictionary[torch.nn.Module, list[tuple[weakref.ref[torch.nn.Module], str]]]
-_parents = weakref.WeakKeyDictionary()
-_auto_names: weakref.WeakKeyDictionary[torch.nn.Module, str] = weakref.WeakKeyDictionary()
-_name_counters: defaultdict[str, itertools.count[int]] = defaultdict(itertools.count)
-# Modules that hold entries, and their ancestors: only links that involve one of them can
-# change an entry's name or which model subtree it belongs to. Building unrelated modules
-# (a new optimizer's helper, a metric, a data-loading model) leaves the version alone, so
-# cached names and scoped plans stay valid.
-_tracked: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
-_version = 0
+# Only links that reach a tracked module (one holding an entry, or an ancestor) bump the
+# version: building unrelated modules (a new optimizer's helper, a metric, a data-loading
+# model) leaves it alone, so cached names and scoped plans stay valid.
 
 # Wrappers hold the real model under one attribute, which never appears in names. They are
 # recognised by their type (class name and defining package, so that nothing is imported),
@@ -56,42 +53,54 @@ WRAPPER_PREFIXES = tuple(f"{attribute}." for attribute in _WRAPPERS)
 
 def version() -> int:
     """Bumped whenever a link that reaches a tracked module changes; caches compare against it."""
-    return _version
+    return NAMING.version
+
+
+def follow_links() -> None:
+    """Install the module-registration hook if it is not, recording the links of every
+    module alive now (one pass over the objects the garbage collector tracks)."""
+    if MODULE_REGISTRATION.installed or not MODULE_REGISTRATION.add(_on_module_registration):
+        return
+    module = torch.nn.Module
+    for obj in gc.get_objects():
+        # type(), not isinstance(): that reads __class__, which some proxies (deprecated
+        # torch names) answer with a warning.
+        if issubclass(type(obj), module):
+            _record_children(obj)
 
 
 def track(module: torch.nn.Module) -> None:
     """Follow ``module`` (it holds an entry) and its ancestors: their links matter to names."""
-    global _version
-    with _lock:
+    follow_links()
+    with NAMING.lock:
         pending, seen = [module], set()
         while pending:
             current = pending.pop()
             if id(current) in seen:
                 continue
             seen.add(id(current))
-            if current not in _tracked:
-                _tracked.add(current)
-                _version += 1
-            parents = (r() for r, _ in _parents.get(current, ()))
+            if current not in NAMING.tracked:
+                NAMING.tracked.add(current)
+                NAMING.version += 1
+            parents = (r() for r, _ in NAMING.parents.get(current, ()))
             pending.extend(p for p in parents if p is not None)
 
 
 def _link(parent: torch.nn.Module, name: str, child: torch.nn.Module) -> None:
-    global _version
-    with _lock:
-        links = _parents.get(child)
+    with NAMING.lock:
+        links = NAMING.parents.get(child)
         if links is None:
-            _parents[child] = [(weakref.ref(parent), name)]
+            NAMING.parents[child] = [(weakref.ref(parent), name)]
         else:
             links[:] = [
                 (r, n) for r, n in links if r() is not None and not (r() is parent and n == name)
             ]
             links.append((weakref.ref(parent), name))
-        relevant = child in _tracked
+        relevant = child in NAMING.tracked
     if relevant:
         track(parent)
-        with _lock:
-            _version += 1
+        with NAMING.lock:
+            NAMING.version += 1
 
 
 def _on_module_registration(
@@ -99,29 +108,32 @@ def _on_module_registration(
 ) -> None:
     # Called before the assignment: a tracked child being replaced (or set to None) moves.
     old = parent._modules.get(name)
-    if old is not None and old is not child and old in _tracked:
-        global _version
-        with _lock:
-            _version += 1
+    if old is not None and old is not child and old in NAMING.tracked:
+        with NAMING.lock:
+            NAMING.version += 1
     if isinstance(child, torch.nn.Module):
         _link(parent, name, child)
 
 
-torch.nn.modules.module.register_module_module_registration_hook(_on_module_registration)
+def _record_children(parent: torch.nn.Module) -> None:
+    # From __dict__: a module being unpickled exists before its attributes do.
+    for name, child in parent.__dict__.get("_modules", {}).items():
+        if child is not None:
+            links = NAMING.parents.get(child)
+            if links is None or not any(r() is parent and n == name for r, n in links):
+                _link(parent, name, child)
 
 
 def record_tree(root: torch.nn.Module) -> None:
-    """Record the links of a whole model (one built before regcollect was imported)."""
+    """Record the links of a whole model handed to regcollect (all of them: a model changed
+    while the hook was out)."""
+    follow_links()
     for parent in root.modules():
-        for name, child in parent._modules.items():
-            if child is not None:
-                links = _parents.get(child)
-                if links is None or not any(r() is parent and n == name for r, n in links):
-                    _link(parent, name, child)
+        _record_children(parent)
 
 
 def _parent_of(module: torch.nn.Module) -> tuple[torch.nn.Module, str] | None:
-    for ref, name in _parents.get(module, ()):
+    for ref, name in NAMING.parents.get(module, ()):
         parent = ref()
         if parent is not None and parent._modules.get(name) is module:
             return parent, name
@@ -184,11 +196,11 @@ def _snake(name: str) -> str:
 
 def auto_name(module: torch.nn.Module) -> str:
     """Keras-style unique name for ``module``: ``linear``, ``linear_1``, ``linear_2``, ..."""
-    with _lock:
-        name = _auto_names.get(module)
+    with NAMING.lock:
+        name = NAMING.auto_names.get(module)
         if name is None:
             prefix = _snake(type(module).__name__)
-            uid = next(_name_counters[prefix])
+            uid = next(NAMING.counters[prefix])
             name = prefix if uid == 0 else f"{prefix}_{uid}"
-            _auto_names[module] = name
+            NAMING.auto_names[module] = name
         return name

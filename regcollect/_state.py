@@ -1,24 +1,46 @@
-"""The hooks regcollect puts into torch's process-wide hook tables, in one place.
+"""Everything regcollect keeps for the whole process, in one place.
 
-Each is installed on first need, not at import, and can be removed:
+The hooks it puts into torch's process-wide hook tables, each installed on first need (never
+at import) and removable (``remove()``; the next need installs it again):
 
 - ``OPTIMIZER_STEP``: after every optimizer step, advance the coefficient schedules the step
   drives and warn about penalties that never reach a loss. Installed when the first entry is
-  registered in a collection (``Registry``) or the first schedule is followed.
-- the module-registration hook of ``regcollect._naming`` (parent links for entry names) is
-  still installed at import: a model built before it was installed would be named from its
-  innermost registered module instead of its root.
+  registered in a collection or the first schedule is followed.
+- ``MODULE_REGISTRATION``: parent links between modules, for entry names. Installed when the
+  first module is tracked (it holds an entry) or a model is handed to regcollect; the modules
+  that exist by then are recorded once, in one pass over the live objects.
+
+And the tables: ``NAMING`` (the parent links, Keras-style names), ``FOLLOWING`` (which
+schedules which optimizers drive), ``COLLECTIONS`` (the live collections, the default one),
+``SCOPES`` (the ``rc.scope`` stack of the current context) and ``REGULARIZER_CLASSES`` (the
+names ``serialize``/``deserialize`` resolve). This module imports nothing of regcollect.
 """
 
 from __future__ import annotations
 
+import contextvars
+import itertools
 import threading
+import weakref
+from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-__all__ = ["GlobalHook", "OPTIMIZER_STEP"]
+__all__ = [
+    "COLLECTIONS",
+    "FOLLOWING",
+    "GlobalHook",
+    "MODULE_REGISTRATION",
+    "NAMING",
+    "OPTIMIZER_STEP",
+    "REGULARIZER_CLASSES",
+    "SCOPES",
+    "remove_hooks",
+]
 
 
 class GlobalHook:
@@ -35,14 +57,16 @@ class GlobalHook:
     def installed(self) -> bool:
         return self._handle is not None
 
-    def add(self, fn: Callable[..., None]) -> None:
+    def add(self, fn: Callable[..., None]) -> bool:
         """Call ``fn`` from the hook from now on (once, however often it is added), and
-        install the hook if it is not."""
+        install the hook if it is not. Returns whether this call installed it."""
         with self._lock:
             if fn not in self._functions:
                 self._functions.append(fn)
-            if self._handle is None:
-                self._handle = self._register(self._call)
+            if self._handle is not None:
+                return False
+            self._handle = self._register(self._call)
+            return True
 
     def remove(self) -> None:
         """Take the hook out of torch's table; the next ``add`` installs it again."""
@@ -58,3 +82,66 @@ class GlobalHook:
 
 
 OPTIMIZER_STEP = GlobalHook(register_optimizer_step_post_hook)
+MODULE_REGISTRATION = GlobalHook(torch.nn.modules.module.register_module_module_registration_hook)
+
+
+def remove_hooks() -> None:
+    """Take every hook regcollect installed out of torch's tables."""
+    OPTIMIZER_STEP.remove()
+    MODULE_REGISTRATION.remove()
+
+
+@dataclass
+class _Naming:
+    """Parent links (weak: a record never keeps a module alive) and automatic names."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    parents: weakref.WeakKeyDictionary[torch.nn.Module, list[tuple[Any, str]]] = field(
+        default_factory=weakref.WeakKeyDictionary
+    )
+    auto_names: weakref.WeakKeyDictionary[torch.nn.Module, str] = field(
+        default_factory=weakref.WeakKeyDictionary
+    )
+    counters: defaultdict[str, itertools.count[int]] = field(
+        default_factory=lambda: defaultdict(itertools.count)
+    )
+    # Modules that hold entries, and their ancestors: only links that involve one of them can
+    # change an entry's name or which model subtree it belongs to.
+    tracked: weakref.WeakSet[torch.nn.Module] = field(default_factory=weakref.WeakSet)
+    version: int = 0
+
+
+@dataclass
+class _Following:
+    """Schedules in use, each with the entries that use it (weakly), and per optimizer the
+    schedules its step drives (with the key they were computed for)."""
+
+    users: weakref.WeakKeyDictionary[Any, weakref.WeakSet[Any]] = field(
+        default_factory=weakref.WeakKeyDictionary
+    )
+    driven: weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple[Any, list[Any]]] = field(
+        default_factory=weakref.WeakKeyDictionary
+    )
+    version: int = 0
+
+
+@dataclass
+class _Collections:
+    """The live collections (weakly), by uid for unpickling, and the default one."""
+
+    live: weakref.WeakSet[Any] = field(default_factory=weakref.WeakSet)
+    by_uid: weakref.WeakValueDictionary[str, Any] = field(
+        default_factory=weakref.WeakValueDictionary
+    )
+    default: Any = None
+    warned_lost: bool = False
+
+
+NAMING = _Naming()
+FOLLOWING = _Following()
+COLLECTIONS = _Collections()
+# The rc.scope / compat.v1 name-scope frames of the current context (thread, task).
+SCOPES: contextvars.ContextVar[tuple[Any, ...]] = contextvars.ContextVar(
+    "regcollect_scopes", default=()
+)
+REGULARIZER_CLASSES: dict[str, Any] = {}

@@ -26,6 +26,7 @@ from ._l1l2 import L1, L1L2, L2
 from ._l2sp import L2SP, l2sp
 from ._orthogonal import Orthogonal, OrthogonalRegularizer
 from ._penalties import Custom, Regularizer, accumulation_dtype, check_coefficient
+from ._state import REGULARIZER_CLASSES
 from .schedules import Schedule, serialize_schedule
 
 __all__ = [
@@ -124,7 +125,6 @@ def orthogonal(factor: float = 0.01, mode: str = "rows") -> Orthogonal:
     return Orthogonal(factor=factor, mode=mode)
 
 
-_REGISTRY: dict[str, type[Regularizer]] = {}
 _STRING_ALIASES: dict[str, Callable[[], Regularizer]] = {
     "l1": L1,
     "l2": L2,
@@ -140,7 +140,7 @@ _FACTORIES: tuple[Callable[[], Regularizer], ...] = (l1, l2, l1_l2, orthogonal, 
 
 
 def _by_string(name: str) -> Callable[..., Regularizer] | None:
-    return _STRING_ALIASES.get(name) or _REGISTRY.get(name)
+    return _STRING_ALIASES.get(name) or REGULARIZER_CLASSES.get(name)
 
 
 R = TypeVar("R", bound=type[Regularizer])
@@ -180,10 +180,10 @@ def register(name: str) -> Callable[[R], R]:
     def decorator(cls: R) -> R:
         if not (isinstance(cls, type) and issubclass(cls, Regularizer)):
             raise TypeError(f"register({name!r}) expects a Regularizer subclass, got {cls!r}")
-        existing = _REGISTRY.get(name)
+        existing = REGULARIZER_CLASSES.get(name)
         if existing is not None and existing is not cls:
             raise ValueError(f"a regularizer is already registered as {name!r}: {existing!r}")
-        _REGISTRY[name] = cls
+        REGULARIZER_CLASSES[name] = cls
         cls._registered_name = name  # type: ignore[attr-defined]
         return cls
 
@@ -195,7 +195,7 @@ for _cls in (L1, L2, L1L2, L2SP, GroupLasso):
 # Serialised under Keras's class name, so that keras.regularizers.deserialize reads it;
 # "Orthogonal" (what earlier versions wrote) still loads.
 register("OrthogonalRegularizer")(Orthogonal)
-_REGISTRY["Orthogonal"] = Orthogonal
+REGULARIZER_CLASSES["Orthogonal"] = Orthogonal
 
 
 def _needs_arguments(factory: Callable[..., Any]) -> bool:
@@ -212,7 +212,7 @@ def _needs_arguments(factory: Callable[..., Any]) -> bool:
 
 
 def _accepted() -> str:
-    factories: dict[str, Callable[..., Any]] = {**_REGISTRY, **_STRING_ALIASES}
+    factories: dict[str, Callable[..., Any]] = {**REGULARIZER_CLASSES, **_STRING_ALIASES}
     names = sorted(n for n, factory in factories.items() if not _needs_arguments(factory))
     return (
         "None, a Regularizer, one of the strings "
@@ -242,7 +242,7 @@ def serialize(regularizer: Regularizer) -> dict[str, Any]:
     if not isinstance(regularizer, Regularizer):
         raise TypeError(f"serialize expects a Regularizer, got {type(regularizer).__name__}")
     name = getattr(type(regularizer), "_registered_name", None)
-    if name is None or _REGISTRY.get(name) is not type(regularizer):
+    if name is None or REGULARIZER_CLASSES.get(name) is not type(regularizer):
         raise ValueError(
             f"{type(regularizer).__name__} is not registered; decorate it with "
             "@regcollect.register(name) to serialise it"
@@ -282,10 +282,10 @@ def deserialize(config: dict[str, Any]) -> Regularizer:
             f'deserialize expects {{"class_name": str, "config": dict}}, got keys {sorted(config)}'
         )
     name = config["class_name"]
-    cls = _REGISTRY.get(name) if isinstance(name, str) else None
+    cls = REGULARIZER_CLASSES.get(name) if isinstance(name, str) else None
     if cls is None:
         raise ValueError(
-            f"unknown regularizer class_name {name!r}; registered: {sorted(_REGISTRY)}"
+            f"unknown regularizer class_name {name!r}; registered: {sorted(REGULARIZER_CLASSES)}"
         )
     inner = config.get("config", {})
     if not isinstance(inner, dict) or not all(isinstance(k, str) for k in inner):

@@ -421,28 +421,39 @@ def test_losses_follow_registration_order_with_activity_entries():
     assert losses[1].item() == pytest.approx((model[1].weight ** 2).sum().item(), rel=1e-6)
 
 
-def test_importing_regcollect_hooks_no_optimizer_and_the_hook_comes_with_the_first_entry():
-    """``import regcollect`` leaves torch's optimizer-step hook table alone: the hook (the
-    forgotten-loss warning, the schedules' steps) is installed with the first entry, and it
-    can be taken out again."""
+def test_importing_regcollect_hooks_nothing_into_torch_and_the_hooks_come_with_the_first_entry():
+    """``import regcollect`` leaves every one of torch's process-wide hook tables alone. The
+    first entry installs the optimizer-step hook (the forgotten-loss warning, the schedules'
+    steps) and the module-registration hook (entry names); a model built before that is
+    still named from its root; both hooks can be taken out again."""
     import subprocess
     import sys
 
     code = """
 import torch
+from torch.nn.modules import module as m
 from torch.optim import optimizer as o
-before = len(o._global_optimizer_post_hooks)
+TABLES = [getattr(m, n) for n in dir(m) if n.startswith("_global_") and n.endswith("hooks")]
+TABLES += [o._global_optimizer_pre_hooks, o._global_optimizer_post_hooks]
+sizes = lambda: [len(t) for t in TABLES]
+before = sizes()
 import regcollect as rc
-from regcollect._state import OPTIMIZER_STEP
-assert len(o._global_optimizer_post_hooks) == before, "hooked at import"
-layer = rc.nn.Linear(2, 2, kernel_regularizer=rc.l2(rc.schedules.warmup(0.1, steps=2)))
-assert len(o._global_optimizer_post_hooks) == before + 1, "one hook for both uses"
-opt = torch.optim.SGD(layer.parameters(), lr=0.1)
-(layer(torch.ones(1, 2)).sum() + rc.loss()).backward()
+from regcollect._state import remove_hooks
+assert len(TABLES) >= 9 and sizes() == before, ("hooked at import", before, sizes())
+model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Sequential(torch.nn.Linear(2, 2)))
+assert sizes() == before
+rc.add_regularizer(model[1][0], "weight", rc.l2(rc.schedules.warmup(0.1, steps=2)))
+assert [e.name for e in rc.get_collection().entries()] == ["1.0.weight"]
+added = [a - b for a, b in zip(sizes(), before)]
+assert sum(added) == 2, added  # one optimizer-step hook, one module-registration hook
+wrapped = torch.nn.Sequential(model)  # built after: followed by the hook
+assert [e.name for e in rc.get_collection().entries()] == ["0.1.0.weight"]
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+(model(torch.ones(1, 2)).sum() + rc.loss()).backward()
 opt.step()
-assert layer.kernel_regularizer.l2.step == 1  # the schedule followed the step
-OPTIMIZER_STEP.remove()
-assert len(o._global_optimizer_post_hooks) == before
+assert rc.get_collection().entries()[0].regularizer.l2.step == 1  # the schedule followed
+remove_hooks()
+assert sizes() == before
 print("ok")
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
