@@ -57,6 +57,7 @@ class Entry:
     __slots__ = (
         "__weakref__",
         "_explicit_name",
+        "_handles",
         "_hook",
         "_key",
         "_kind",
@@ -92,9 +93,13 @@ class Entry:
         self._key: tuple[Any, ...] = ()
         self._name = ""
         # What registering this entry replaced (restored by Handle.remove()), and whether its
-        # handle was removed while a later registration had replaced it.
+        # handle was removed while a later registration had replaced it. Kept while a handle
+        # holding the entry is alive (_handles counts them): once none is, nothing can
+        # restore what it replaced, and a registration repeated every step would otherwise
+        # keep every earlier one alive through this list.
         self._replaced: list[Entry] = []
         self._retired = False
+        self._handles = 0
 
     kind = property(lambda self: self._kind, doc='"weight", "activity" or "tensor".')
     regularizer = property(lambda self: self._regularizer, doc="The regularizer applied.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -41,6 +42,11 @@ class Handle:
     ) -> None:
         self._added = list(added)
         self._on_remove = on_remove  # what a call that added no entry undoes (attach_optimizer)
+        entries = [entry for _, entry in self._added]
+        for entry in entries:
+            entry._handles += 1
+        if entries:
+            weakref.finalize(self, _forget, entries)
 
     @classmethod
     def join(cls, handles: Sequence[Handle]) -> Handle:
@@ -85,3 +91,13 @@ class Handle:
 
     def __repr__(self) -> str:
         return f"<regcollect.Handle of {len(self._added)} entries>"
+
+
+def _forget(entries: list[Entry]) -> None:
+    """A handle is gone: an entry no live handle holds can no longer be removed with its
+    replacements restored, so it lets go of them, unless it was retired (its handle removed
+    while replaced): restoring what replaced it passes through it to them."""
+    for entry in entries:
+        entry._handles -= 1
+        if entry._handles == 0 and not entry._retired:
+            entry._replaced = []

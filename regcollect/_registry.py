@@ -163,12 +163,15 @@ class Registry:
                         replaced.append(tied)
                 self._by_tensor[id(tensor)] = (weakref.ref(tensor), key)
             entry._key = key
-            # What removing this entry restores. An equal regularizer registered again is
-            # set-up code run twice, not an override: removing the new handle must not bring
-            # the first registration back, only what that one had replaced.
+            # What removing this entry restores. An equal regularizer registered again over
+            # one whose handle is held is set-up code run twice (a notebook cell), not an
+            # override: removing the new handle must not bring the first registration back,
+            # only what that one had replaced. A layer's own declaration (rc.nn, no handle
+            # held) is always restored.
             restorable: list[Entry] = []
             for r in replaced:
-                restorable.extend(r._replaced if r.regularizer == entry.regularizer else [r])
+                repeated = r._handles > 0 and r.regularizer == entry.regularizer
+                restorable.extend(r._replaced if repeated else [r])
             entry._replaced = restorable
             self._entries[key] = entry
             for gone in replaced:

@@ -221,3 +221,33 @@ def test_weight_parametrized_after_the_layer_is_built(apply, originals):
 class Double(torch.nn.Module):
     def forward(self, w):
         return 2 * w
+
+
+def test_re_registering_every_step_keeps_no_replaced_entries_alive():
+    """A hand-made schedule re-registers with a new coefficient every step and drops the
+    handle: what was replaced can no longer be restored by anyone, so it must not be kept
+    (it was: each entry held the one before it, +25 MiB per 20k steps). A handle that is
+    kept still restores what its registration replaced."""
+    import gc
+
+    from regcollect import Entry
+
+    layer = torch.nn.Linear(4, 4)
+    coll = rc.Collection()
+    kept = rc.add_regularizer(layer, "weight", rc.l1(0.5), collection=coll)
+
+    def live_entries():
+        gc.collect()
+        return sum(type(o) is Entry for o in gc.get_objects())
+
+    before = live_entries()
+    for step in range(500):
+        rc.add_regularizer(layer, "weight", rc.l2(0.01 * (step + 1)), collection=coll)
+    assert live_entries() <= before + 2
+    assert coll.loss().item() == pytest.approx(5.0 * (layer.weight**2).sum().item(), rel=1e-6)
+    # The first registration's handle is alive: removing the newest restores what it replaced.
+    with rc.add_regularizer(layer, "weight", rc.l2(1.0), collection=coll):
+        pass
+    assert [e.regularizer for e in coll.entries()] == [rc.l2(5.0)]
+    kept.remove()  # replaced long ago: removing it changes nothing now
+    assert [e.regularizer for e in coll.entries()] == [rc.l2(5.0)]

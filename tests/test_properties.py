@@ -87,7 +87,9 @@ class RegistrationMachine(RuleBasedStateMachine):
     The model of the world: for each (layer id, param), the registration in force, each one
     remembering the one it replaced. Removing a handle whose registration is in force brings
     back what it replaced (skipping registrations whose handle was removed meanwhile);
-    removing one already replaced retires it. After every step the collection must hold
+    removing one already replaced retires it. A registration equal to the one in force, made
+    through a handle still held, is the same set-up code run again: it takes over what that
+    one replaced (removing it removes both); a layer's own declaration is always restored. After every step the collection must hold
     exactly the registrations in force, once each, and ``loss()`` must equal their sum.
     """
 
@@ -98,8 +100,11 @@ class RegistrationMachine(RuleBasedStateMachine):
         self.handles: list[tuple[tuple[int, str], rc.Handle, dict]] = []
         self.current: dict[tuple[int, str], dict] = {}
 
-    def _register(self, key, reg):
-        record = {"reg": reg, "replaced": self.current.get(key), "retired": False}
+    def _register(self, key, reg, handle=False):
+        replaced = self.current.get(key)
+        if replaced is not None and replaced["handle"] and replaced["reg"] == reg:
+            replaced = replaced["replaced"]
+        record = {"reg": reg, "replaced": replaced, "retired": False, "handle": handle}
         self.current[key] = record
         return record
 
@@ -129,7 +134,7 @@ class RegistrationMachine(RuleBasedStateMachine):
         reg = make(kind, a, a)
         handle = rc.add_regularizer(layer, param, reg, collection=self.coll)
         key = (id(layer), param)
-        self.handles.append((key, handle, self._register(key, reg)))
+        self.handles.append((key, handle, self._register(key, reg, handle=True)))
 
     @precondition(lambda self: self.handles)
     @rule(data=st.data())
