@@ -92,7 +92,9 @@ class GroupLasso(Regularizer):
     output unit) or the filters of a convolution kernel (``(out, in, *k)``): the penalty
     drives whole units to exactly zero, and in ``attach_optimizer(..., decoupled=True)``
     its proximal step (block soft-thresholding) sets them to zero exactly. ``axis=1``
-    groups input units or channels. On a vector each element is a group: L1.
+    groups input units or channels. On a vector each element is a group: L1. A transposed
+    convolution's weight is ``(in, out / groups, *k)``: there ``axis=1`` groups the output
+    channels.
 
     Args:
         factor: The coefficient (a float >= 0 or a schedule).
@@ -125,6 +127,9 @@ class GroupLasso(Regularizer):
 
     def _terms(self) -> tuple[tuple[Term, Coefficient], ...]:
         return ((_GroupTerm(self.axis), self.factor),)
+
+    def _check(self, x: torch.Tensor) -> None:
+        self._axis(x)
 
     def norms(self, x: torch.Tensor) -> torch.Tensor:
         """The L2 norm of each group (slice along ``axis``), in float32 at least.
@@ -179,7 +184,8 @@ def group_lasso(factor: Coefficient = 0.01, axis: int = 0) -> GroupLasso:
 
     Args:
         factor: The coefficient (a float >= 0 or a schedule).
-        axis: The dimension whose slices are the groups (0: rows, filters).
+        axis: The dimension whose slices are the groups (0: rows, filters; 1 for the
+            output channels of a transposed convolution).
 
     Returns:
         The ``GroupLasso`` regularizer.

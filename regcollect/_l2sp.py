@@ -193,6 +193,27 @@ class L2SP(Regularizer):
         # The reference is data, not configuration: it travels in the model's state_dict.
         return {"l2": self.l2}
 
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Regularizer:
+        """Rebuild from ``get_config()``, which holds no reference.
+
+        Args:
+            config: The constructor's keyword arguments but ``reference``.
+
+        Returns:
+            ``cls(**config)``.
+
+        Raises:
+            ValueError: ``config`` has a ``reference``.
+        """
+        if "reference" in config:
+            raise ValueError(
+                "an L2SP reference is not configuration: it is saved in the model's "
+                f"state_dict (buffer <parameter>{REFERENCE_SUFFIX}); got reference="
+                f"{type(config['reference']).__name__}"
+            )
+        return cls(**config)
+
     # -- on a module: the reference buffer -----------------------------------------------
 
     def _on_attach(self, module: torch.nn.Module, name: str) -> None:

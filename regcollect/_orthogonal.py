@@ -1,11 +1,14 @@
 """Keras's ``OrthogonalRegularizer``: its value, and the kernel layout a ported model needs.
 
-Its own module, as each penalty with more than a formula: the mode names, the transpose for
-Keras's ``(in, units)`` kernels (``KerasKernel``) and the autocast guard live together here.
+Its own module, as each penalty with more than a formula: the mode names, the layouts they
+name (the transpose for Keras's ``(in, units)`` kernels, the output filters of transposed
+convolutions: ``Rearranged``) and the autocast guard live together here.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -13,7 +16,7 @@ import torch
 from ._penalties import Regularizer, accumulation_dtype, check_tensor, zero_like
 from .schedules import Coefficient, coefficient, scale
 
-__all__ = ["KerasKernel", "Orthogonal", "OrthogonalRegularizer"]
+__all__ = ["Orthogonal", "OrthogonalRegularizer", "Rearranged", "output_filters"]
 
 
 class Orthogonal(Regularizer):
@@ -60,12 +63,15 @@ class Orthogonal(Regularizer):
             )
         self.mode = mode
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = check_tensor(x, "Orthogonal")
+    def _check(self, x: torch.Tensor) -> None:
         if x.dim() < 2:
             raise ValueError(
                 f"Orthogonal expects a tensor of rank >= 2 (a kernel), got shape {tuple(x.shape)}"
             )
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = check_tensor(x, "Orthogonal")
+        self._check(x)
         if x.numel() == 0:  # no rows or no columns: nothing to make orthogonal
             return zero_like(x) + 0.0 * x.sum()
         x = x.reshape(x.shape[0], -1).to(accumulation_dtype(x.dtype))
@@ -92,35 +98,51 @@ class Orthogonal(Regularizer):
         return {"factor": self.factor, "mode": self.mode}
 
     def _bind(self, module: torch.nn.Module | None, name: str | None) -> Regularizer:
+        if type(self) is not Orthogonal or name is None or not name.startswith("weight"):
+            return self
         # Keras's "rows"/"columns" name the vectors of the kernel as Keras holds it: a
         # Dense or recurrent kernel is (in, units), torch's Linear/RNN weight (units, in).
-        if (
-            type(self) is Orthogonal
-            and self.mode in ("rows", "columns")
-            and name is not None
-            and name.startswith("weight")
-            and isinstance(module, (torch.nn.Linear, torch.nn.RNNBase))
+        if self.mode in ("rows", "columns") and isinstance(
+            module, (torch.nn.Linear, torch.nn.RNNBase)
         ):
-            return KerasKernel(self)
+            return Rearranged(self, torch.t)
+        # "outputs"/"inputs" mean the same on every layer: a transposed convolution's weight
+        # is (in, out / groups, *kernel), its output filters are not its rows.
+        if self.mode in ("outputs", "inputs") and isinstance(
+            module, torch.nn.modules.conv._ConvTransposeNd
+        ):
+            return Rearranged(self, functools.partial(output_filters, groups=module.groups))
         return self
 
 
 OrthogonalRegularizer = Orthogonal
 
 
-class KerasKernel(Regularizer):
-    """``regularizer`` applied to a weight in Keras's kernel layout (its transpose).
+def output_filters(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """A transposed convolution's weight ``(in, out / groups, *kernel)`` as one row per
+    output channel, ``(out, in / groups * prod(kernel))``, as a convolution's weight is."""
+    in_channels, out_per_group = weight.shape[:2]
+    per_group = weight.reshape(groups, in_channels // groups, out_per_group, -1)
+    return per_group.transpose(1, 2).reshape(groups * out_per_group, -1)
 
-    What ``loss()`` evaluates for an ``Orthogonal`` with Keras's mode names on the 2-D
-    weight of a ``Linear`` or recurrent layer; see ``Orthogonal._bind``. Not registered, never
-    stored: entries keep the regularizer the user gave.
+
+class Rearranged(Regularizer):
+    """``regularizer`` applied to a weight laid out as it expects (``arrange(weight)``).
+
+    What ``loss()`` evaluates for an ``Orthogonal`` whose mode names a layout other than the
+    weight's: Keras's kernel layout on a ``Linear`` or recurrent weight (the transpose), the
+    output filters of a transposed convolution; see ``Orthogonal._bind``. Not registered,
+    never stored: entries keep the regularizer the user gave.
     """
 
-    def __init__(self, regularizer: Regularizer) -> None:
+    def __init__(
+        self, regularizer: Regularizer, arrange: Callable[[torch.Tensor], torch.Tensor]
+    ) -> None:
         self.regularizer = regularizer
+        self.arrange = arrange
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.regularizer(x.t())
+        return self.regularizer(self.arrange(x))
 
     def __repr__(self) -> str:
         return repr(self.regularizer)

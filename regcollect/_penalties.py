@@ -18,6 +18,8 @@ and ``from_config``):
   value is not a p-norm power (L2-SP, group lasso).
 - ``_bind(module, name)``: the regularizer ``loss()`` evaluates on that parameter (L2-SP bound
   to its reference, an orthogonal penalty to Keras's kernel layout).
+- ``_check(x)``: whether the penalty applies to ``x`` at all (a group lasso's axis, an
+  orthogonal penalty's rank), asked at registration.
 - ``_on_attach``/``_on_detach``: the penalty's state on the module (L2-SP's reference).
 - ``_schedules()``: the schedules among its coefficients.
 """
@@ -186,6 +188,10 @@ class Regularizer:
     def _terms(self) -> tuple[tuple[Term, Coefficient], ...]:
         """The penalty as ``(Term, coefficient)`` parts; ``()``: a formula only."""
         return ()
+
+    def _check(self, x: torch.Tensor) -> None:
+        """Raise ``ValueError`` if the penalty cannot apply to ``x`` (called at registration,
+        so that the error comes there, naming the entry, not at the first ``loss()``)."""
 
     def _schedules(self) -> list[Schedule]:
         """The ``Schedule`` objects among this regularizer's attributes."""

@@ -192,6 +192,8 @@ def _check_entry(
             )
     try:
         reg = deserialize(raw.get("regularizer"))  # type: ignore[arg-type]
+        if param is not None:
+            reg._check(module._parameters[param])  # type: ignore[arg-type]
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"{where}['regularizer']: {exc}") from None
     return module, param, scope, reg

@@ -143,15 +143,21 @@ class Registry:
         with self._lock:
             self._cleanup()
             module = entry.module
+            # First, so that a failure (an axis out of range, an L2SP reference of another
+            # shape) changes nothing.
+            tensor = entry.resolve()
+            if tensor is not None and entry.kind != ACTIVITY:
+                try:
+                    entry.regularizer._check(tensor)
+                except ValueError as exc:
+                    raise ValueError(f"{entry.base_name()[0]!r}: {exc}") from None
             if entry.kind == WEIGHT and module is not None and entry.param is not None:
-                # First, so that a failure (an L2SP reference of another shape) changes nothing.
                 entry.regularizer._on_attach(module, entry.param)
             replaced: list[Entry] = []
             old = self._entries.pop(key, None)
             if old is not None:
                 self._detach(old)
                 replaced.append(old)
-            tensor = entry.resolve()
             if tensor is not None:
                 # One regularizer per parameter: a tied parameter reached through another
                 # module replaces the earlier entry instead of counting twice.

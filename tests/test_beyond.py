@@ -277,9 +277,10 @@ def test_group_lasso_errors():
         rc.GroupLasso(0.1, axis=2)(torch.ones(3, 4))
     layer = torch.nn.Linear(4, 3)
     coll = rc.Collection()
-    rc.add_regularizer(layer, "bias", rc.GroupLasso(0.1, axis=1), collection=coll)
-    with pytest.raises(ValueError, match=r"entry 'linear.*bias'.*axis=1 is out of range"):
-        coll.loss()
+    # At registration, naming the parameter; nothing is registered.
+    with pytest.raises(ValueError, match=r"'linear.*bias'.*axis=1 is out of range"):
+        rc.add_regularizer(layer, "bias", rc.GroupLasso(0.1, axis=1), collection=coll)
+    assert len(coll) == 0
     assert rc.GroupLasso(0.5)(torch.zeros(0, 3)).item() == 0.0
 
 
@@ -447,3 +448,59 @@ def test_an_explicit_reference_survives_a_parameters_only_load():
     layer.load_state_dict(checkpoint, strict=False)
     want = (checkpoint["weight"] ** 2).sum().item()  # still towards the explicit zeros
     assert rc.loss().item() == pytest.approx(want, rel=1e-6)
+
+
+# -- transposed convolutions: weights laid out (in, out / groups, *kernel) ------------------
+
+
+def _output_filters(weight, groups):
+    """One row per output channel of a ConvTranspose weight, by hand."""
+    in_channels, out_per_group = weight.shape[:2]
+    per_group = weight.reshape(groups, in_channels // groups, out_per_group, -1)
+    return per_group.transpose(1, 2).reshape(groups * out_per_group, -1)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_orthogonal_outputs_and_inputs_on_a_transposed_convolution(groups):
+    """mode="outputs" makes the output filters orthogonal on every layer, ConvTranspose
+    included, whose weight holds input channels first: it was applied to them instead."""
+    torch.manual_seed(0)
+    layer = torch.nn.ConvTranspose2d(4, 6, kernel_size=2, groups=groups)
+    coll = rc.Collection()
+    for mode, matrix in (("outputs", lambda w: w), ("inputs", lambda w: w.t())):
+        rc.add_regularizer(layer, "weight", rc.orthogonal(0.3, mode=mode), collection=coll)
+        filters = matrix(_output_filters(layer.weight, groups))
+        want = rc.orthogonal(0.3, mode="rows")(filters)
+        assert coll.loss().item() == pytest.approx(want.item(), rel=1e-6)
+    # Output filters made orthonormal (one-hot, distinct): no penalty.
+    filters = torch.eye(6, 16 // groups)
+    in_per_group = 4 // groups
+    weight = filters.reshape(groups, 6 // groups, in_per_group, 2, 2).transpose(1, 2)
+    with torch.no_grad():
+        layer.weight.copy_(weight.reshape(4, 6 // groups, 2, 2))
+    assert torch.equal(_output_filters(layer.weight, groups), filters)
+    rc.add_regularizer(layer, "weight", rc.orthogonal(0.3, mode="outputs"), collection=coll)
+    assert coll.loss().item() == 0.0
+
+
+def test_group_lasso_on_a_transposed_convolution_removes_output_channels_with_axis_1():
+    """The docs' mapping: on ConvTranspose, output channels are axis=1 (axis=0 groups the
+    input channels). The proximal step zeroes whole output channels: their outputs are the
+    bias alone."""
+    torch.manual_seed(0)
+    layer = torch.nn.ConvTranspose2d(3, 5, kernel_size=2)
+    with torch.no_grad():
+        layer.weight.mul_(torch.tensor([1.0, 0.01, 1.0, 0.02, 1.0]).view(1, 5, 1, 1))
+    coll = rc.Collection()
+    rc.add_regularizer(layer, "weight", rc.group_lasso(0.5, axis=1), collection=coll)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    rc.attach_optimizer(opt, collection=coll, decoupled=True)
+    x = torch.randn(2, 3, 4, 4)
+    opt.zero_grad()
+    layer(x).pow(2).mean().backward()
+    opt.step()
+    y = layer(x).detach()
+    for channel in (1, 3):
+        assert torch.equal(layer.weight[:, channel], torch.zeros(3, 2, 2))
+        assert torch.equal(y[:, channel], layer.bias[channel].detach().expand(2, 5, 5))
+    assert layer.weight[:, 0].abs().sum() > 0

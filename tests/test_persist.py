@@ -148,6 +148,36 @@ MALICIOUS = [
         r"\['activity'\] must be true or false",
     ),
     (_plan(_good_entry(scope=7)), ValueError, r"\['scope'\] must be"),
+    # Configs that deserialise but cannot be registered: refused before anything is.
+    (
+        _plan(_good_entry(regularizer={"class_name": "L2SP", "config": {"reference": {}}})),
+        ValueError,
+        "L2SP reference is not configuration",
+    ),
+    (
+        _plan(_good_entry(regularizer={"class_name": "GroupLasso", "config": {"axis": 5}})),
+        ValueError,
+        r"\[1\].*axis=5 is out of range for a tensor of shape \(2, 2\)",
+    ),
+    (
+        _plan(
+            _good_entry(
+                regularizer={"class_name": "OrthogonalRegularizer", "config": {}}, param="bias"
+            )
+        ),
+        ValueError,
+        r"\[1\].*rank >= 2",
+    ),
+    # 6 KiB of JSON must not make every step cost a thousand penalties.
+    (
+        _plan(
+            _good_entry(
+                regularizer={"class_name": "Sum", "config": {"regularizers": ["l2"] * 1000}}
+            )
+        ),
+        ValueError,
+        "Sum of 1000 regularizers; at most 64",
+    ),
 ]
 
 
@@ -169,3 +199,28 @@ def test_malicious_plan_is_rejected_and_registers_nothing(plan, error, pattern):
         rc.load_plan(model, good_first, collection=coll)
     assert len(coll) == 0  # all or nothing
     assert set(sys.modules) == modules_before  # nothing was imported
+
+
+def test_a_sum_of_equal_terms_costs_one_term(node_count):
+    """TF1's sum_regularizer of equal penalties is computed as one: its p-norm parts with
+    equal terms are merged (the value and gradient of the sum; the nodes and the tensors
+    kept for the backward of one; it kept the weight 60 times)."""
+    from regcollect.compat import v1
+
+    layer = torch.nn.Linear(64, 64)
+    totals, kept = [], []
+    for reg in (v1.sum_regularizer([rc.l2(0.01)] * 60), rc.l2(0.6)):
+        coll = rc.Collection()
+        rc.add_regularizer(layer, "weight", reg, collection=coll)
+        saved: list[torch.Tensor] = []
+
+        def keep(t, saved=saved):
+            saved.append(t)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            totals.append(coll.loss())
+        kept.append(len(saved))
+    assert totals[0].item() == pytest.approx(totals[1].item(), rel=1e-6)
+    assert node_count(totals[0]) == node_count(totals[1])
+    assert kept[0] == kept[1] == 1

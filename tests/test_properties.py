@@ -89,8 +89,9 @@ class RegistrationMachine(RuleBasedStateMachine):
     back what it replaced (skipping registrations whose handle was removed meanwhile);
     removing one already replaced retires it. A registration equal to the one in force, made
     through a handle still held, is the same set-up code run again: it takes over what that
-    one replaced (removing it removes both); a layer's own declaration is always restored. After every step the collection must hold
-    exactly the registrations in force, once each, and ``loss()`` must equal their sum.
+    one replaced (removing it removes both); a layer's own declaration is always restored.
+    After every step the collection must hold exactly the registrations in force, once each,
+    and ``loss()`` must equal their sum.
     """
 
     def __init__(self) -> None:

@@ -21,7 +21,7 @@ import torch
 from .. import _context
 from .._context import active_collection, current_prefix, defaults_scope
 from .._penalties import Coefficient, Term
-from ..regularizers import L1, L1L2, L2, Regularizer, check_coefficient, register
+from ..regularizers import L1, L1L2, L2, Regularizer, check_coefficient, register, serialize
 from ..regularizers import get as get_regularizer
 from ..schedules import Schedule
 
@@ -231,32 +231,53 @@ def l1_l2_regularizer(scale_l1: float = 1.0, scale_l2: float = 1.0) -> L1L2:
 
 @register("Sum")
 class Sum(Regularizer):
-    """The sum of several regularizers (TF1's ``sum_regularizer``)."""
+    """The sum of several regularizers (TF1's ``sum_regularizer``), at most ``MAX_TERMS``
+    of them counting nested sums: every training step pays for each (a plan loaded from an
+    untrusted file cannot make it pay a thousand times)."""
+
+    MAX_TERMS = 64
 
     def __init__(self, regularizers: Sequence[Any]) -> None:
         if isinstance(regularizers, (str, bytes)) or not isinstance(regularizers, Sequence):
             raise TypeError(f"regularizer_list must be a list, got {type(regularizers).__name__}")
+        if len(regularizers) > self.MAX_TERMS:  # before resolving any
+            raise ValueError(self._too_many(len(regularizers)))
         self.regularizers = [get_regularizer(r) for r in regularizers if r is not None]
+        count = sum(len(r.regularizers) if isinstance(r, Sum) else 1 for r in self.regularizers)
+        if count > self.MAX_TERMS:
+            raise ValueError(self._too_many(count))
+
+    def _too_many(self, count: int) -> str:
+        return (
+            f"a Sum of {count} regularizers; at most {self.MAX_TERMS} (each costs every "
+            "training step: add the coefficients of equal ones)"
+        )
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         values = [reg(x) for reg in self.regularizers if reg is not None]
         return torch.stack(values).sum() if values else torch.zeros((), device=x.device)
 
     def _terms(self) -> tuple[tuple[Term, Coefficient], ...]:
-        # The members' p-norm parts, computed with every other such part; a member that is
-        # more than those (its own formula, a reference) makes the sum a formula, called.
+        # The members' p-norm parts, computed with every other such part, equal terms with
+        # constant coefficients merged into one; a member that is more than those (its own
+        # formula, a reference) makes the sum a formula, called.
         members = [reg for reg in self.regularizers if reg is not None]
         parts = [part for reg in members for part in reg._terms()]
-        if all(term.p for term, _ in parts) and all(reg._terms() for reg in members):
-            return tuple(parts)
-        return ()
+        if not all(term.p for term, _ in parts) or not all(reg._terms() for reg in members):
+            return ()
+        merged: dict[Any, tuple[Term, Coefficient]] = {}
+        for term, coef in parts:
+            if isinstance(coef, Schedule):
+                merged[(term, id(coef))] = (term, coef)
+            else:
+                _, total = merged.get(term, (term, 0.0))
+                merged[term] = (term, total + coef)  # type: ignore[operator]
+        return tuple(merged.values())
 
     def _schedules(self) -> list[Schedule]:
         return [s for reg in self.regularizers if reg is not None for s in reg._schedules()]
 
     def get_config(self) -> dict[str, Any]:
-        from ..regularizers import serialize
-
         return {"regularizers": [serialize(r) for r in self.regularizers if r is not None]}
 
     @classmethod
