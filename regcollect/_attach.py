@@ -84,7 +84,7 @@ def add_regularizer(
     reg = _required(regularizer)
     coll = active_collection(collection)
     _naming.record_tree(module)
-    return coll.add_weight(owner, local, reg, prefix=current_prefix())
+    return coll._registry.add_weight(owner, local, reg, prefix=current_prefix())
 
 
 def add_activity_regularizer(
@@ -119,7 +119,7 @@ def add_activity_regularizer(
     reg = _required(regularizer)
     coll = active_collection(collection)
     _naming.record_tree(module)
-    return coll.add_activity(module, reg, prefix=current_prefix())
+    return coll._registry.add_activity(module, reg, prefix=current_prefix())
 
 
 _NORM_TYPES: tuple[type, ...] = tuple(
@@ -352,11 +352,14 @@ def regularize(
             "a pretrained value (a new head) need a regularizer of their own; leave them "
             "out with exclude=[...] and give them e.g. rc.l2(...) through include=[...]"
         )
-    handles = [coll.add_weight(owner, local, reg, prefix=prefix) for owner, local, reg in targets]
+    registry = coll._registry
+    handles = [
+        registry.add_weight(owner, local, reg, prefix=prefix) for owner, local, reg in targets
+    ]
     if activity_reg is not None:
         outputs = [model]
         if include_p is not None:
             outputs = [m for n, m in _naming.named_modules(model) if n and _matches(n, include_p)]
         for module in outputs:
-            handles.append(coll.add_activity(module, activity_reg, prefix=prefix))
+            handles.append(coll._registry.add_activity(module, activity_reg, prefix=prefix))
     return Handle.join(handles)

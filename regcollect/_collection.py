@@ -1,4 +1,11 @@
-"""The collection: a ``regcollect._registry.Registry`` that computes.
+"""The collection: what the user holds, composed of the parts that do the work.
+
+- ``_registry`` (``regcollect._registry.Registry``): the entries, their registration, names
+  and scopes;
+- ``pending`` (``regcollect._activity.Pending``): the activity penalties recorded since;
+- ``_plans`` (``regcollect._plans.PlanCache``): the cached plan of each scope;
+- ``_readout`` (``regcollect._readout.Readout``): the last values, for the summary;
+- ``_attachments``: the optimizers applying its penalties in their step.
 
 ``loss()`` and ``losses()`` evaluate the cached plan of a scope and take the pending activity
 penalties in that scope; each call leaves its values on the device for ``summary()`` and
@@ -16,14 +23,13 @@ from typing import IO, Any
 import torch
 
 from . import _naming
-from ._activity import Record
+from ._activity import Pending, Record
 from ._checks import RegcollectWarning, ScopeArg, check_scope
 from ._engine import Plan
 from ._entries import ACTIVITY, Entry
 from ._guards import forgotten_loss_check, model_groups, several_models_message
-from ._handle import Handle
 from ._optim import OptimizerAttachment, held_by
-from ._plans import CachedPlan, applied, choose, mark_constant, traced_tensors
+from ._plans import CachedPlan, PlanCache, applied, choose, mark_constant, traced_tensors
 from ._readout import Last, Readout, Row, as_dict, check_finite
 from ._registry import Registry
 from ._state import COLLECTIONS, OPTIMIZER_STEP
@@ -33,7 +39,7 @@ from ._torch_compat import CONSTANT_FUNCTIONS_TAKE_OBJECTS, is_compiling
 __all__ = ["Collection", "default_collection"]
 
 
-class Collection(Registry):
+class Collection:
     """An independent set of penalties. ``rc.get_collection()`` returns the default one.
 
     Args:
@@ -74,19 +80,61 @@ class Collection(Registry):
         self._warned_forgotten = False
         self._warned_models = False
         self._warned_meta = False
-        super().__init__(max_pending, max_pending_bytes)
+        self.pending = Pending(self.describe, max_pending, max_pending_bytes)
+        self._registry = Registry(self.pending, _install_step_hook)
+        self._plans = PlanCache()
+        self._plans_version = 0
         self._readout = Readout()
-        # Optimizers applying this collection's L1/L2 terms in their step (attach_optimizer).
+        # Optimizers applying this collection's penalties in their step (attach_optimizer).
         self._attachments: list[OptimizerAttachment] = []
 
-    def _insert(self, key: tuple[Any, ...], entry: Entry) -> Handle:
-        # The first entry anywhere installs the optimizer-step hook (the forgotten-loss
-        # warning, the end of a step for activity records).
-        OPTIMIZER_STEP.add(_after_optimizer_step)
-        return super()._insert(key, entry)
+    # -- the registry's, for the user --
+
+    def __len__(self) -> int:
+        return len(self._registry)
+
+    def entries(self, scope: ScopeArg = None) -> list[Entry]:
+        """Live entries in registration order, optionally filtered by ``scope``.
+
+        Args:
+            scope: As for ``loss``.
+
+        Returns:
+            The entries.
+        """
+        return self._registry.entries(scope)
+
+    def remove(self, module: torch.nn.Module) -> int:
+        """Remove the entries on ``module`` and its submodules.
+
+        Args:
+            module: The module.
+
+        Returns:
+            How many entries were removed.
+        """
+        return self._registry.remove(module)
+
+    def describe(self, entry: Entry) -> str:
+        """``"entry 'name'"``, for error messages.
+
+        Args:
+            entry: An entry of this collection.
+
+        Returns:
+            The description.
+        """
+        return self._registry.describe(entry)
+
+    @property
+    def _version(self) -> int:
+        """The registry's version: bumped by every registration and removal."""
+        return self._registry.version
+
+    # -- optimizers --
 
     def _attach(self, attachment: OptimizerAttachment) -> None:
-        with self._lock:
+        with self._registry.lock:
             # Attaching an optimizer again (set-up code run twice) replaces its attachment, so
             # the step applies each penalty once; those of collected optimizers are dropped.
             optimizer = attachment.optimizer()
@@ -94,13 +142,11 @@ class Collection(Registry):
                 old.remove()
                 self._attachments.remove(old)
             self._attachments.append(attachment)
-            self._changed()
 
     def _detach_optimizer(self, attachment: OptimizerAttachment) -> None:
-        with self._lock:
+        with self._registry.lock:
             if attachment in self._attachments:
                 self._attachments.remove(attachment)
-            self._changed()
 
     def _held_by_optimizers(self) -> set[int]:
         return held_by(self._attachments)
@@ -141,8 +187,9 @@ class Collection(Registry):
 
     def clear(self) -> None:
         """Remove every entry and every recorded activity penalty; start over as if new."""
-        with self._lock:
-            super().clear()
+        with self._registry.lock:
+            self._registry.clear()
+            self._plans = PlanCache()
             self._readout.clear()
             self._consumed = self._warned_forgotten = self._warned_models = False
             self._warned_meta = False
@@ -158,16 +205,19 @@ class Collection(Registry):
         checked = check_scope(scope)
         key = _key(checked)
         roots: Sequence[torch.nn.Module] = checked if isinstance(checked, tuple) else ()
-        with self._lock:
-            self._cleanup()
+        registry = self._registry
+        with registry.lock:
+            registry._cleanup()
+            if self._plans_version != registry.version:  # plans of what is gone: dropped
+                self._plans, self._plans_version = PlanCache(), registry.version
 
             def build() -> tuple[list[Entry], list[Entry]]:
-                in_scope = self._in_scope(checked)
+                in_scope = registry._in_scope(checked)
                 return in_scope, [e for e in in_scope if e.kind != ACTIVITY]
 
             cached = self._plans.get(
                 key,
-                (self._version, _naming.version(), self._attachment_key()),
+                (registry.version, _naming.version(), self._attachment_key()),
                 roots,
                 build,
                 self._describer,
@@ -186,14 +236,14 @@ class Collection(Registry):
         groups = groups - {-1}
         if len(groups) > 1:
             self._warned_models = True
-            names = self._names()
+            names = self._registry._names()
             message = several_models_message(groups, cached.in_scope, cached.models, names)
             warnings.warn(message, RegcollectWarning, stacklevel=4)
 
     def _warn_meta(self, meta: list[Entry]) -> None:
         """Warn once (until clear()) that entries on meta tensors were left out."""
         self._warned_meta = True
-        names = ", ".join(repr(self._names().get(e, "?")) for e in meta[:3])
+        names = ", ".join(repr(self._registry._names().get(e, "?")) for e in meta[:3])
         warnings.warn(
             f"{len(meta)} entries ({names}) regularize tensors on the meta device (a model "
             "built for its shapes only) beside real ones; they are left out of loss(). Pass "
@@ -242,7 +292,7 @@ class Collection(Registry):
         of the penalty math, so a compiled step has no graph break here. A ``scope`` is
         matched against the names once, when the step is traced (``_scope_positions``).
         """
-        in_scope = list(self._ordered)
+        in_scope = list(self._registry.ordered)
         checked = None if scope is None else check_scope(scope)  # the eager path's errors
         if checked is not None:
             found = _scope_positions(self, scope)
@@ -311,7 +361,7 @@ class Collection(Registry):
     def _rows(
         self, scope: ScopeArg, extra: Sequence[torch.Tensor] = ()
     ) -> tuple[list[Row], float, list[float]]:
-        entries, names = self._view(scope)
+        entries, names = self._registry._view(scope)
         return self._readout.rows(entries, names, extra)
 
     def assert_finite(self, scope: ScopeArg = None) -> None:
@@ -390,6 +440,12 @@ def _with_records(
     return total + torch.stack([v.to(device=total.device) for v in values]).sum()
 
 
+def _install_step_hook() -> None:
+    """The first entry anywhere installs the optimizer-step hook (the forgotten-loss warning,
+    the end of a step for activity records)."""
+    OPTIMIZER_STEP.add(_after_optimizer_step)
+
+
 def _after_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     """Warn once per collection whose penalties never reach a loss, and end the step for the
     activity records no backward releases."""
@@ -438,7 +494,7 @@ def _positions(coll: Collection, scope: Any) -> tuple[int, ...] | str:
         keep = set(map(id, coll.entries(scope)))
     except ValueError as exc:
         return str(exc)
-    return tuple(i for i, e in enumerate(coll._ordered) if id(e) in keep)
+    return tuple(i for i, e in enumerate(coll._registry.ordered) if id(e) in keep)
 
 
 # Where dynamo rejects objects as a constant function's arguments, the function is traced like

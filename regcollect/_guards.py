@@ -76,10 +76,10 @@ def forgotten_loss_check(collections: Iterable[Any], optimizer: torch.optim.Opti
     """After ``optimizer`` stepped: warn once per collection (of ``collections``) whose
     penalties never reach a loss."""
     for coll in list(collections):
-        if coll._consumed or coll._warned_forgotten or not coll._entries or coll._attachments:
+        if coll._consumed or coll._warned_forgotten or not len(coll) or coll._attachments:
             continue  # (an attached optimizer applies the penalties itself)
-        with coll._lock:
-            entries = list(coll._entries.values())
+        with coll._registry.lock:
+            entries = coll._registry.entries()
             tensors = current_tensors([e.locator for e in entries])
             pending = bool(coll.pending)
             # An activity penalty whose pass was backpropagated unread (an activity-only
@@ -90,7 +90,7 @@ def forgotten_loss_check(collections: Iterable[Any], optimizer: torch.optim.Opti
         if not trained and not pending and missed is None:
             continue
         coll._warned_forgotten = True
-        names = coll._names()
+        names = coll._registry._names()
         example = names.get(trained[0] if trained else missed or entries[0], "?")
         warnings.warn(
             f"{len(entries)} regularization penalties (e.g. {example!r}) are registered, but "

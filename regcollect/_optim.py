@@ -43,7 +43,8 @@ class Collection(Protocol):
     """What an attachment reads of its collection (``regcollect.Collection``): the version
     of its registry and its entries. A protocol, so that this layer sits below it."""
 
-    _version: int
+    @property
+    def _version(self) -> int: ...
 
     def entries(self, scope: Any = None) -> list[Entry]: ...
 

@@ -150,9 +150,9 @@ def load_plan(
     by_path = {path: module for path, module in _module_paths(model).values()}
     checked = [_check_entry(i, raw, by_path) for i, raw in enumerate(plan["entries"])]
     handles = [
-        coll.add_activity(module, reg, prefix=scope)
+        coll._registry.add_activity(module, reg, prefix=scope)
         if param is None
-        else coll.add_weight(module, param, reg, prefix=scope)
+        else coll._registry.add_weight(module, param, reg, prefix=scope)
         for module, param, scope, reg in checked
     ]
     return Handle.join(handles)

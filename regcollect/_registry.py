@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -21,7 +22,6 @@ from ._activity import ActivityHook, Pending
 from ._checks import ScopeArg, check_module, check_scope
 from ._entries import ACTIVITY, TENSOR, WEIGHT, Entry, unique_names
 from ._handle import Handle
-from ._plans import PlanCache
 from .regularizers import Regularizer
 
 __all__ = ["Registry", "parametrized_tensors"]
@@ -64,23 +64,30 @@ def _checked(regularizer: object) -> Regularizer:
 
 
 class Registry:
-    """Entries and their registration; ``regcollect._collection.Collection`` computes."""
+    """Entries and their registration; a part of ``regcollect._collection.Collection``.
 
-    def __init__(self, max_pending: int, max_pending_bytes: int) -> None:
-        self._lock = threading.RLock()
+    Args:
+        pending: The collection's activity records (an entry removed drops its records; an
+            activity entry's forward hook records there).
+        on_register: Called at every registration (the collection installs its
+            optimizer-step hook with the first).
+    """
+
+    def __init__(self, pending: Pending, on_register: Callable[[], None]) -> None:
+        self.lock = threading.RLock()
         self._entries: dict[tuple[Any, ...], Entry] = {}
         self._by_tensor: dict[int, tuple[weakref.ref[torch.Tensor], tuple[Any, ...]]] = {}
-        self._version = 0
+        self.version = 0
         # The entries in registration order, as a tuple: what a compiled loss() reads (dynamo
         # before torch 2.13 cannot trace a dict keyed by weak references).
-        self._ordered: tuple[Entry, ...] = ()
+        self.ordered: tuple[Entry, ...] = ()
         self._has_dead = False
-        self._plans = PlanCache()
         self._names_cache: tuple[tuple[int, int], dict[Entry, str]] | None = None
-        self.pending = Pending(self.describe, max_pending, max_pending_bytes)
+        self.pending = pending
+        self._on_register = on_register
 
     def __len__(self) -> int:
-        with self._lock:
+        with self.lock:
             self._cleanup()
             return len(self._entries)
 
@@ -140,7 +147,8 @@ class Registry:
         return self._entries.get((weakref.ref(module), param if param else ":activity"))
 
     def _insert(self, key: tuple[Any, ...], entry: Entry) -> Handle:
-        with self._lock:
+        self._on_register()
+        with self.lock:
             self._cleanup()
             module = entry.module
             # First, so that a failure (an axis out of range, an L2SP reference of another
@@ -196,9 +204,8 @@ class Registry:
             return Handle([(self, entry)])
 
     def _changed(self) -> None:
-        self._version += 1
-        self._plans = PlanCache()
-        self._ordered = tuple(self._entries.values())
+        self.version += 1
+        self.ordered = tuple(self._entries.values())
 
     def _detach(self, entry: Entry) -> None:
         if entry._hook is not None:
@@ -208,7 +215,7 @@ class Registry:
 
     def _discard(self, entry: Entry) -> bool:
         """Remove ``entry`` if it is still registered here (not replaced since)."""
-        with self._lock:
+        with self.lock:
             if self._entries.get(entry._key) is not entry:
                 return False
             del self._entries[entry._key]
@@ -235,7 +242,7 @@ class Registry:
     def _restore(self, entry: Entry) -> None:
         """Register a replaced ``entry`` again, unless its place has been taken since; a
         retired one (its handle removed meanwhile) gives way to what it replaced."""
-        with self._lock:
+        with self.lock:
             if entry._retired:
                 for old in entry._replaced:
                     self._restore(old)
@@ -275,7 +282,7 @@ class Registry:
     def remove(self, module: torch.nn.Module) -> int:
         """Remove the entries on ``module`` and its submodules; return how many."""
         ids = {id(m) for m in check_module(module).modules()}
-        with self._lock:
+        with self.lock:
             doomed = [e for e in self._entries.values() if id(e.module) in ids]
             for entry in doomed:
                 self._discard(entry)
@@ -283,7 +290,7 @@ class Registry:
 
     def clear(self) -> None:
         """Remove every entry and every recorded activity penalty; start over as if new."""
-        with self._lock:
+        with self.lock:
             removed = list(self._entries.values())
             for entry in removed:
                 self._detach(entry)
@@ -297,9 +304,9 @@ class Registry:
     # -- names and scopes --
 
     def _names(self) -> dict[Entry, str]:
-        with self._lock:
+        with self.lock:
             self._cleanup()
-            key = (self._version, _naming.version())
+            key = (self.version, _naming.version())
             if self._names_cache is not None and self._names_cache[0] == key:
                 return self._names_cache[1]
             names = unique_names(self._entries.values())
@@ -332,7 +339,7 @@ class Registry:
         """Entries in ``scope`` and their names: unique among them for a model scope, so the
         model passed keeps its plain names (``0.weight``) whatever other models exist."""
         checked = check_scope(scope)
-        with self._lock:
+        with self.lock:
             entries = self._in_scope(checked)
             if isinstance(checked, tuple):
                 return entries, unique_names(entries)
