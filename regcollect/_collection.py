@@ -23,18 +23,19 @@ from typing import IO, Any
 import torch
 
 from . import _naming
-from ._activity import Pending, Record
+from ._activity import Pending
 from ._checks import RegcollectWarning, ScopeArg, check_scope
 from ._engine import Plan
 from ._entries import ACTIVITY, Entry
-from ._guards import forgotten_loss_check, model_groups, several_models_message
+from ._guards import forgotten_loss_check, model_groups, warn_meta, warn_models
 from ._optim import OptimizerAttachment, held_by
-from ._plans import CachedPlan, PlanCache, applied, choose, mark_constant, traced_tensors
+from ._plans import CachedPlan, PlanCache, applied, ids_in, scope_key, with_records
 from ._readout import Last, Readout, Row, as_dict, check_finite
 from ._registry import Registry
 from ._state import COLLECTIONS, OPTIMIZER_STEP
 from ._summary import check_tablefmt, render, table_extra
-from ._torch_compat import CONSTANT_FUNCTIONS_TAKE_OBJECTS, is_compiling
+from ._torch_compat import is_compiling
+from ._traced import traced_loss
 
 __all__ = ["Collection", "default_collection"]
 
@@ -203,7 +204,7 @@ class Collection:
 
     def _plan(self, scope: ScopeArg) -> tuple[Any, CachedPlan]:
         checked = check_scope(scope)
-        key = _key(checked)
+        key = scope_key(checked)
         roots: Sequence[torch.nn.Module] = checked if isinstance(checked, tuple) else ()
         registry = self._registry
         with registry.lock:
@@ -230,28 +231,6 @@ class Collection:
         """Names ``entries[i]`` in engine error messages (resolved only on error)."""
         return lambda i: self.describe(entries[i])
 
-    def _warn_models(self, cached: CachedPlan, records: list[Record]) -> None:
-        """Warn once (until clear()) when an unscoped loss() sums separate models."""
-        groups = cached.weight_models | {cached.models.get(id(r.entry), -1) for r in records}
-        groups = groups - {-1}
-        if len(groups) > 1:
-            self._warned_models = True
-            names = self._registry._names()
-            message = several_models_message(groups, cached.in_scope, cached.models, names)
-            warnings.warn(message, RegcollectWarning, stacklevel=4)
-
-    def _warn_meta(self, meta: list[Entry]) -> None:
-        """Warn once (until clear()) that entries on meta tensors were left out."""
-        self._warned_meta = True
-        names = ", ".join(repr(self._registry._names().get(e, "?")) for e in meta[:3])
-        warnings.warn(
-            f"{len(meta)} entries ({names}) regularize tensors on the meta device (a model "
-            "built for its shapes only) beside real ones; they are left out of loss(). Pass "
-            "the real model (rc.loss(model)) to silence this.",
-            RegcollectWarning,
-            stacklevel=4,
-        )
-
     def loss(self, scope: ScopeArg = None) -> torch.Tensor:
         """Sum of the penalties in ``scope``: weights, plus the activity penalties recorded since.
 
@@ -265,15 +244,17 @@ class Collection:
             ``tensor(0.)`` when nothing is registered. Reads nothing back to the host.
         """
         if is_compiling():
-            return self._traced_loss(scope)
+            return traced_loss(self, scope)
         key, cached = self._plan(scope)
-        records = self.pending.take(None if key is None else _ids_in(cached.in_scope_ids))
+        records = self.pending.take(None if key is None else ids_in(cached.in_scope_ids))
         if key is None and not self._warned_models:
-            self._warn_models(cached, records)
+            self._warned_models = warn_models(
+                cached.weight_models, cached.models, cached.in_scope, records, self._registry
+            )
         if cached.meta and not self._warned_meta:
-            self._warn_meta(cached.meta)
+            self._warned_meta = warn_meta(cached.meta, self._registry)
         result = cached.plan()
-        total = _with_records(result.total, [r.value for r in records], len(cached.entries) > 0)
+        total = with_records(result.total, [r.value for r in records], len(cached.entries) > 0)
         self._readout.store(
             key,
             Last(
@@ -284,39 +265,6 @@ class Collection:
         if self.check_finite:
             self.assert_finite(scope)
         return total
-
-    def _traced_loss(self, scope: ScopeArg) -> torch.Tensor:
-        """``loss()`` while torch.compile traces: no lock, no cache, no warning.
-
-        Dynamo turns this into guards on the entries and the modules' parameters and a graph
-        of the penalty math, so a compiled step has no graph break here. A ``scope`` is
-        matched against the names once, when the step is traced (``_scope_positions``).
-        """
-        in_scope = list(self._registry.ordered)
-        checked = None if scope is None else check_scope(scope)  # the eager path's errors
-        if checked is not None:
-            found = _scope_positions(self, scope)
-            if isinstance(found, str):  # an invalid regular expression
-                raise ValueError(found)
-            in_scope = [in_scope[i] for i in found]
-        candidates = [e for e in in_scope if e.kind != ACTIVITY]
-        entries, tensors = choose(candidates, traced_tensors(candidates))
-        held: set[int] = held_by(self._attachments) if len(self._attachments) > 0 else set()
-        plan = Plan(tensors, applied(entries), no_grad=held)
-        keep = None if scope is None else frozenset(map(id, in_scope))
-        records = self.pending.take_traced(keep)
-        result = plan()
-        self._readout.store(
-            _key(checked),
-            Last(
-                entries,
-                result.parts,
-                [(r.entry, r.value) for r in records],
-                [e for e in in_scope if e.kind == ACTIVITY],
-            ),
-        )
-        self._consumed = True
-        return _with_records(result.total, [r.value for r in records], len(entries) > 0)
 
     def losses(self, scope: ScopeArg = None) -> list[torch.Tensor]:
         """One differentiable 0-dim tensor per entry that contributes, in registration order.
@@ -331,7 +279,7 @@ class Collection:
             The list of 0-dim tensors.
         """
         key, cached = self._plan(scope)
-        records = self.pending.take(None if key is None else _ids_in(cached.in_scope_ids))
+        records = self.pending.take(None if key is None else ids_in(cached.in_scope_ids))
         by_entry: dict[Entry, list[torch.Tensor]] = {}
         for r in records:
             by_entry.setdefault(r.entry, []).append(r.value)
@@ -421,25 +369,6 @@ class Collection:
         return render(rows, total, loss_value, tablefmt=tablefmt, file=file)
 
 
-def _key(scope: str | tuple[torch.nn.Module, ...] | None) -> Any:
-    """The cache and read-back key of a checked scope: a string, ids of modules, or None."""
-    return tuple(map(id, scope)) if isinstance(scope, tuple) else scope
-
-
-def _ids_in(ids: frozenset[int]) -> Callable[[Entry], bool]:
-    return lambda entry: id(entry) in ids
-
-
-def _with_records(
-    total: torch.Tensor, values: list[torch.Tensor], has_weights: bool
-) -> torch.Tensor:
-    if not values:
-        return total
-    if not has_weights:
-        total = torch.zeros((), dtype=values[0].dtype, device=values[0].device)
-    return total + torch.stack([v.to(device=total.device) for v in values]).sum()
-
-
 def _install_step_hook() -> None:
     """The first entry anywhere installs the optimizer-step hook (the forgotten-loss warning,
     the end of a step for activity records)."""
@@ -478,28 +407,6 @@ def default_collection() -> Collection:
     """The default collection, used when no ``collection=`` is given."""
     default: Collection = COLLECTIONS.default
     return default
-
-
-def _positions(coll: Collection, scope: Any) -> tuple[int, ...] | str:
-    """Positions, among ``coll``'s entries, of those ``scope`` covers.
-
-    While torch.compile traces, this runs once, outside the graph, and its result is a
-    constant of the graph: names and regular expressions are Python work that dynamo would
-    otherwise break the graph for. The entries themselves are guarded, so adding or removing
-    one retraces; a name that changes later without that (a module renamed) is not seen.
-    An invalid regular expression gives the error message, for the caller to raise: raised
-    here, it would reach the user wrapped in a dynamo error.
-    """
-    try:
-        keep = set(map(id, coll.entries(scope)))
-    except ValueError as exc:
-        return str(exc)
-    return tuple(i for i, e in enumerate(coll._registry.ordered) if id(e) in keep)
-
-
-# Where dynamo rejects objects as a constant function's arguments, the function is traced like
-# any other (see _torch_compat).
-_scope_positions = mark_constant(_positions) if CONSTANT_FUNCTIONS_TAKE_OBJECTS else _positions
 
 
 COLLECTIONS.default = Collection()

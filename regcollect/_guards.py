@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -14,7 +14,13 @@ from . import _naming
 from ._checks import RegcollectWarning
 from ._entries import Entry, current_tensors
 
-__all__ = ["forgotten_loss_check", "model_groups", "several_models_message"]
+__all__ = [
+    "forgotten_loss_check",
+    "model_groups",
+    "several_models_message",
+    "warn_meta",
+    "warn_models",
+]
 
 
 def model_groups(entries: Iterable[Entry]) -> dict[int, int]:
@@ -100,3 +106,38 @@ def forgotten_loss_check(collections: Iterable[Any], optimizer: torch.optim.Opti
             RegcollectWarning,
             stacklevel=3,
         )
+
+
+class _Names(Protocol):
+    def _names(self) -> dict[Entry, str]: ...
+
+
+def warn_models(
+    weight_models: frozenset[int] | set[int],
+    models: Mapping[int, int],
+    in_scope: Sequence[Entry],
+    records: Sequence[Any],
+    registry: _Names,
+) -> bool:
+    """Warn when an unscoped ``loss()`` sums separate models (those of its weight entries and
+    of the activity ``records`` it takes); return whether it warned."""
+    groups = weight_models | {models.get(id(r.entry), -1) for r in records}
+    groups = groups - {-1}
+    if len(groups) <= 1:
+        return False
+    message = several_models_message(groups, in_scope, models, registry._names())
+    warnings.warn(message, RegcollectWarning, stacklevel=4)
+    return True
+
+
+def warn_meta(meta: Sequence[Entry], registry: _Names) -> bool:
+    """Warn that entries on meta tensors were left out of ``loss()``; return True."""
+    names = ", ".join(repr(registry._names().get(e, "?")) for e in meta[:3])
+    warnings.warn(
+        f"{len(meta)} entries ({names}) regularize tensors on the meta device (a model "
+        "built for its shapes only) beside real ones; they are left out of loss(). Pass "
+        "the real model (rc.loss(model)) to silence this.",
+        RegcollectWarning,
+        stacklevel=4,
+    )
+    return True

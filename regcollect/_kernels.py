@@ -19,7 +19,7 @@ import torch
 from ._penalties import accumulation_dtype
 from ._torch_compat import is_compiling
 
-__all__ = ["group_forward", "group_penalty", "group_value"]
+__all__ = ["difference_penalty", "group_forward", "group_penalty", "group_value"]
 
 
 def group_forward(
@@ -256,3 +256,71 @@ def group_value(
             values = coef * _row_powers(p, torch.stack(tuple(tensors)), len(tensors))
             return values.sum(), values
         return group_forward(p, coef, tuple(tensors))
+
+
+def _differences(
+    xs: Sequence[torch.Tensor], refs: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, ...]:
+    if xs[0].dtype in (torch.float16, torch.bfloat16):
+        # Half-precision differences would round: subtract in float32.
+        acc = accumulation_dtype(xs[0].dtype)
+        xs, refs = [x.to(acc) for x in xs], [r.to(acc) for r in refs]
+    return tuple(torch._foreach_sub(list(xs), list(refs)))
+
+
+class _DifferencePenalty(torch.autograd.Function):
+    """``total = coef * sum_i ||x_i - r_i||^2`` with per-tensor values on the side.
+
+    The differences the forward computes are kept and become the gradients in place in the
+    backward (``2 * coef * (x - r)``): the gradient tensors are allocated in the forward
+    rather than in the backward, and each step reads the weights twice, not three times.
+    A second backward (``retain_graph=True``) computes them again from the inputs.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, coef: Any, n: int, *tensors: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        diffs = _differences(tensors[:n], tensors[n:])
+        total, values = group_forward(2, coef, diffs)
+        ctx.coef, ctx.n = coef, n
+        ctx.save_for_backward(*tensors)
+        ctx.diffs = diffs if diffs[0].dtype == tensors[0].dtype else None
+        ctx.mark_non_differentiable(values)
+        return total, values
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_total: torch.Tensor, _grad_values: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, ...]:
+        tensors, n = ctx.saved_tensors, ctx.n
+        diffs, ctx.diffs = ctx.diffs, None
+        factor = grad_total * (2.0 * ctx.coef)
+        grads: Sequence[torch.Tensor]
+        if diffs is None or torch.is_grad_enabled():  # a second backward, or create_graph
+            grads = torch._foreach_sub(list(tensors[:n]), list(tensors[n:]))
+            grads = torch._foreach_mul(grads, factor)
+        else:
+            grads = list(diffs)
+            torch._foreach_mul_(grads, factor)
+        return (None, None, *grads, *([None] * n))
+
+
+def difference_penalty(
+    coef: Any, tensors: Sequence[torch.Tensor], references: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(total, per_tensor_values)`` of ``coef * sum((x - r)**2)`` for each pair, tensors and
+    references sharing one device and dtype; only ``total`` carries gradients (to the
+    tensors, not the references)."""
+    if torch._C._are_functorch_transforms_active() or (
+        torch.is_grad_enabled() and any(r.requires_grad for r in references)
+    ):
+        # Plain differentiable operations: torch.func transforms, or references that train.
+        acc = accumulation_dtype(tensors[0].dtype)
+        values = torch.stack(
+            [(x.to(acc) - r.to(acc)).square().sum() for x, r in zip(tensors, references)]
+        )
+        values = coef * values
+        return values.sum(), values.detach()
+    total, values = _DifferencePenalty.apply(coef, len(tensors), *tensors, *references)
+    return total, values

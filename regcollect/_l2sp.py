@@ -2,7 +2,8 @@
 convolutional networks", ICML 2018): ``l2 * sum((x - x0)**2)``, the distance to the pretrained
 weights ``x0`` rather than to zero, which plain L2 would pull what pretraining learned towards.
 
-Everything L2-SP needs is here: its value, its kernel (``difference_penalty``), its step math
+Everything L2-SP needs is here: its value, its batched evaluation (the grouped squared
+distances of ``regcollect._kernels.difference_penalty``), its step math
 (``L2SP_TERM``: coupled ``grad += 2 c (w - w0)``, decoupled ``w += lr * 2 c (w0 - w)`` before
 the update) and its state on the module.
 
@@ -21,12 +22,12 @@ from __future__ import annotations
 
 import copy
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from ._kernels import group_forward
+from ._kernels import difference_penalty
 from ._penalties import (
     Coefficient,
     Regularizer,
@@ -44,7 +45,6 @@ __all__ = [
     "L2SP_TERM",
     "REFERENCE_SUFFIX",
     "check_reference_shape",
-    "difference_penalty",
     "l2sp",
     "reference_name",
     "reference_of",
@@ -338,74 +338,6 @@ def _references(where: list[Any]) -> list[torch.Tensor]:
 
 
 L2SP_TERM = _L2SPTerm()
-
-
-def _differences(
-    xs: Sequence[torch.Tensor], refs: Sequence[torch.Tensor]
-) -> tuple[torch.Tensor, ...]:
-    if xs[0].dtype in (torch.float16, torch.bfloat16):
-        # Half-precision differences would round: subtract in float32.
-        acc = accumulation_dtype(xs[0].dtype)
-        xs, refs = [x.to(acc) for x in xs], [r.to(acc) for r in refs]
-    return tuple(torch._foreach_sub(list(xs), list(refs)))
-
-
-class _DifferencePenalty(torch.autograd.Function):
-    """``total = coef * sum_i ||x_i - r_i||^2`` with per-tensor values on the side.
-
-    The differences the forward computes are kept and become the gradients in place in the
-    backward (``2 * coef * (x - r)``): the gradient tensors are allocated in the forward
-    rather than in the backward, and each step reads the weights twice, not three times.
-    A second backward (``retain_graph=True``) computes them again from the inputs.
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, coef: Any, n: int, *tensors: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        diffs = _differences(tensors[:n], tensors[n:])
-        total, values = group_forward(2, coef, diffs)
-        ctx.coef, ctx.n = coef, n
-        ctx.save_for_backward(*tensors)
-        ctx.diffs = diffs if diffs[0].dtype == tensors[0].dtype else None
-        ctx.mark_non_differentiable(values)
-        return total, values
-
-    @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: Any, grad_total: torch.Tensor, _grad_values: torch.Tensor | None
-    ) -> tuple[torch.Tensor | None, ...]:
-        tensors, n = ctx.saved_tensors, ctx.n
-        diffs, ctx.diffs = ctx.diffs, None
-        factor = grad_total * (2.0 * ctx.coef)
-        grads: Sequence[torch.Tensor]
-        if diffs is None or torch.is_grad_enabled():  # a second backward, or create_graph
-            grads = torch._foreach_sub(list(tensors[:n]), list(tensors[n:]))
-            grads = torch._foreach_mul(grads, factor)
-        else:
-            grads = list(diffs)
-            torch._foreach_mul_(grads, factor)
-        return (None, None, *grads, *([None] * n))
-
-
-def difference_penalty(
-    coef: Any, tensors: Sequence[torch.Tensor], references: Sequence[torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(total, per_tensor_values)`` of ``coef * sum((x - r)**2)`` for each pair, tensors and
-    references sharing one device and dtype; only ``total`` carries gradients (to the
-    tensors, not the references)."""
-    if torch._C._are_functorch_transforms_active() or (
-        torch.is_grad_enabled() and any(r.requires_grad for r in references)
-    ):
-        # Plain differentiable operations: torch.func transforms, or references that train.
-        acc = accumulation_dtype(tensors[0].dtype)
-        values = torch.stack(
-            [(x.to(acc) - r.to(acc)).square().sum() for x, r in zip(tensors, references)]
-        )
-        values = coef * values
-        return values.sum(), values.detach()
-    total, values = _DifferencePenalty.apply(coef, len(tensors), *tensors, *references)
-    return total, values
 
 
 def l2sp(

@@ -31,7 +31,8 @@ from typing import Any
 
 import torch
 
-from .schedules import Coefficient, Schedule, check_coefficient, coefficient, scale
+from ._coefficients import Coefficient, check_coefficient, coefficient, scale
+from .schedules import Schedule
 
 __all__ = [
     "Coefficient",

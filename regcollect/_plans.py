@@ -22,7 +22,16 @@ from ._engine import Plan
 from ._entries import ACTIVITY, TENSOR, Entry, current_tensors
 from ._penalties import Regularizer
 
-__all__ = ["CachedPlan", "PlanCache", "applied", "choose", "traced_tensors"]
+__all__ = [
+    "CachedPlan",
+    "PlanCache",
+    "applied",
+    "choose",
+    "ids_in",
+    "scope_key",
+    "traced_tensors",
+    "with_records",
+]
 
 # What a plan depends on besides identity: module.to(dtype) and .cuda() change a parameter's
 # dtype and device in place, keeping the same object, and structured pruning through .data its
@@ -181,3 +190,25 @@ def mark_constant(fn: Callable[..., Any]) -> Callable[..., Any]:
     sympy) at import time: dynamo reads this attribute when it traces a call of ``fn``."""
     fn._dynamo_marked_constant = True  # type: ignore[attr-defined]
     return fn
+
+
+def scope_key(scope: str | tuple[torch.nn.Module, ...] | None) -> Any:
+    """The cache and read-back key of a checked scope: a string, ids of modules, or None."""
+    return tuple(map(id, scope)) if isinstance(scope, tuple) else scope
+
+
+def ids_in(ids: frozenset[int]) -> Callable[[Entry], bool]:
+    """Whether an entry is one of ``ids`` (a scope's, for the pending records)."""
+    return lambda entry: id(entry) in ids
+
+
+def with_records(
+    total: torch.Tensor, values: list[torch.Tensor], has_weights: bool
+) -> torch.Tensor:
+    """A plan's total plus the activity penalties ``values`` (on their device and in their
+    dtype when the plan has no weight)."""
+    if not values:
+        return total
+    if not has_weights:
+        total = torch.zeros((), dtype=values[0].dtype, device=values[0].device)
+    return total + torch.stack([v.to(device=total.device) for v in values]).sum()

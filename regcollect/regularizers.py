@@ -21,13 +21,14 @@ from typing import Any, TypeVar
 
 import torch
 
+from ._coefficients import serialize_schedule
 from ._group_lasso import GroupLasso, group_lasso
 from ._l1l2 import L1, L1L2, L2
 from ._l2sp import L2SP, l2sp
 from ._orthogonal import Orthogonal, OrthogonalRegularizer
 from ._penalties import Custom, Regularizer, accumulation_dtype, check_coefficient
 from ._state import REGULARIZER_CLASSES
-from .schedules import Schedule, serialize_schedule
+from .schedules import Schedule
 
 __all__ = [
     "Regularizer",
