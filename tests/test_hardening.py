@@ -10,8 +10,10 @@ import torch
 from torch.nn.utils import parametrize
 
 import regcollect as rc
-from regcollect._engine import _STACK_MIN
 from regcollect.compat import v1
+
+# Documented (docs/performance.md): 16 or more small CPU tensors of one shape are stacked.
+STACK_MIN = 16
 
 
 @rc.register("hardening_MeanL2")
@@ -30,7 +32,7 @@ def test_subclass_overriding_call_is_not_fused_as_its_parent():
 
 def test_channels_last_small_conv_kernels_on_the_stacked_path():
     model = torch.nn.Sequential(
-        *[rc.nn.Conv2d(2, 2, 3, kernel_regularizer=rc.l2(0.1)) for _ in range(_STACK_MIN)]
+        *[rc.nn.Conv2d(2, 2, 3, kernel_regularizer=rc.l2(0.1)) for _ in range(STACK_MIN)]
     ).to(memory_format=torch.channels_last)
     total = rc.loss()
     want = sum(0.1 * (m.weight**2).sum() for m in model)
@@ -41,7 +43,7 @@ def test_channels_last_small_conv_kernels_on_the_stacked_path():
 
 def test_shape_changed_through_data_structured_pruning():
     model = torch.nn.ModuleList(
-        rc.nn.Linear(4, 4, bias_regularizer=rc.l1(1.0)) for _ in range(_STACK_MIN)
+        rc.nn.Linear(4, 4, bias_regularizer=rc.l1(1.0)) for _ in range(STACK_MIN)
     )
     rc.loss()
     with torch.no_grad():
