@@ -232,12 +232,15 @@ class OptimizerAttachment:
         optimizer holds too is skipped when its gradient has the penalty already (it has not
         changed since that optimizer added it): the gradient of the total loss at the weights
         the backward saw, as through autograd, whichever optimizer steps first."""
-        live = [
-            (p, where)
-            for p, where in zip(params, places)
-            if p.grad is not None
-            and (self.decoupled or id(p) not in self._shared or not self._penalized(p.grad))
-        ]
+        if self._shared and not self.decoupled:
+            shared, penalized = self._shared, self._penalized
+            live = [
+                (p, where)
+                for p, where in zip(params, places)
+                if p.grad is not None and (id(p) not in shared or not penalized(p.grad))
+            ]
+        else:
+            live = [(p, where) for p, where in zip(params, places) if p.grad is not None]
         return [p for p, _ in live], [where for _, where in live]
 
     def _penalized(self, grad: torch.Tensor) -> bool:

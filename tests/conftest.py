@@ -120,3 +120,133 @@ def autograd_nodes(tensor):
 def node_count():
     """``node_count(tensor)``: the number of autograd nodes behind ``tensor``."""
     return lambda tensor: len(autograd_nodes(tensor))
+
+
+@pytest.fixture
+def tiny_hf_models():
+    """``tiny_hf_models(transformers)``: tiny Hugging Face models built from configs."""
+    return tiny_models
+
+
+def tiny_models(transformers):
+    """``{name: (model, rows)}``: BERT, GPT-2, T5, CLIP, ConvNeXt and Wav2Vec2, each tiny, with
+    16 training rows (Wav2Vec2 without rows: its decay set only)."""
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    text = {"vocab_size": 30}
+    out = {}
+    bert = transformers.BertForSequenceClassification(
+        transformers.BertConfig(
+            hidden_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=16,
+            max_position_embeddings=16,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            num_labels=2,
+            **text,
+        )
+    )
+    out["bert"] = (
+        bert,
+        [
+            {"input_ids": torch.randint(0, 30, (6,), generator=g), "labels": torch.tensor(i % 2)}
+            for i in range(16)
+        ],
+    )
+    gpt2 = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(
+            n_embd=8,
+            n_layer=1,
+            n_head=2,
+            n_positions=16,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            **text,
+        )
+    )
+    ids = [torch.randint(0, 30, (6,), generator=g) for _ in range(16)]
+    out["gpt2"] = (gpt2, [{"input_ids": i, "labels": i.clone()} for i in ids])
+    t5 = transformers.T5ForConditionalGeneration(
+        transformers.T5Config(
+            d_model=8,
+            d_kv=4,
+            d_ff=16,
+            num_layers=1,
+            num_heads=2,
+            dropout_rate=0.0,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            **text,
+        )
+    )
+    out["t5"] = (
+        t5,
+        [
+            {
+                "input_ids": torch.randint(1, 30, (6,), generator=g),
+                "labels": torch.randint(1, 30, (4,), generator=g),
+            }
+            for _ in range(16)
+        ],
+    )
+    clip = transformers.CLIPModel(
+        transformers.CLIPConfig(
+            text_config={
+                "hidden_size": 8,
+                "intermediate_size": 16,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "max_position_embeddings": 16,
+                **text,
+            },
+            vision_config={
+                "hidden_size": 8,
+                "intermediate_size": 16,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "image_size": 8,
+                "patch_size": 4,
+            },
+            projection_dim=8,
+        )
+    )
+    out["clip"] = (
+        clip,
+        [
+            {
+                "input_ids": torch.randint(0, 30, (6,), generator=g),
+                "pixel_values": torch.randn(3, 8, 8, generator=g),
+                "return_loss": True,
+            }
+            for _ in range(16)
+        ],
+    )
+    convnext = transformers.ConvNextForImageClassification(
+        transformers.ConvNextConfig(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=2)
+    )
+    out["convnext"] = (
+        convnext,
+        [
+            {"pixel_values": torch.randn(3, 16, 16, generator=g), "labels": torch.tensor(i % 2)}
+            for i in range(16)
+        ],
+    )
+    wav2vec2 = transformers.Wav2Vec2ForCTC(
+        transformers.Wav2Vec2Config(
+            hidden_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=16,
+            conv_dim=(8, 8),
+            conv_stride=(5, 2),
+            conv_kernel=(10, 3),
+            num_conv_pos_embeddings=4,
+            num_conv_pos_embedding_groups=2,
+            vocab_size=10,
+        )
+    )
+    out["wav2vec2"] = (wav2vec2, None)
+    return out

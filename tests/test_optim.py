@@ -126,6 +126,23 @@ def test_decoupled_equals_adamw(options, same_to_rounding):
     same_to_rounding(plain.parameters(), ours.parameters(), STEPS, MOMENTUM)
 
 
+@pytest.mark.parametrize("make", [torch.optim.NAdam, torch.optim.RAdam], ids=["nadam", "radam"])
+def test_decoupled_equals_nadam_and_radam_with_decoupled_weight_decay(make, same_to_rounding):
+    """The AdamW mapping holds for the other optimizers with a decoupled decay: ``NAdam``/
+    ``RAdam(decoupled_weight_decay=True, weight_decay=wd)`` are the same optimizer without
+    it plus ``rc.l2(wd / 2)`` attached with ``decoupled=True``."""
+    data = batches()
+    plain = mlp()
+    train(plain, make(decay_groups(plain), lr=0.01, decoupled_weight_decay=True), data)
+    ours = mlp()
+    coll = rc.Collection()
+    rc.regularize(ours, kernel=rc.l2(WD / 2), collection=coll)
+    opt = make(ours.parameters(), lr=0.01)
+    rc.attach_optimizer(opt, decoupled=True, collection=coll)
+    train(ours, opt, data, coll.loss)
+    same_to_rounding(plain.parameters(), ours.parameters(), STEPS, MOMENTUM)
+
+
 def test_decoupled_follows_a_learning_rate_schedule(same_to_rounding):
     data = batches()
     plain = mlp()

@@ -207,3 +207,23 @@ def test_no_weight_decay_glob_patterns_are_matched_like_timm():
     }
     assert "pos_embed.token_projection.weight" not in names  # 'pos_embed.*' was matched literally
     assert "cls_token" not in names and "patch_embed.weight" in names
+
+
+def test_the_transformers_decay_set_is_exact_on_every_architecture(tiny_hf_models):
+    """``integrations.transformers.regularize`` registers exactly what
+    ``Trainer.get_decay_parameter_names`` decays; ``kernel=``/``embeddings=`` (timm's rule)
+    differs on T5, CLIP, Wav2Vec2 and ConvNeXt, as the docs say."""
+    transformers = pytest.importorskip("transformers", reason="pip install .[test]")
+    from regcollect.integrations.transformers import regularize
+
+    differs = set()
+    for name, (model, _) in tiny_hf_models(transformers).items():
+        names = transformers.Trainer.get_decay_parameter_names(None, model)
+        want = {id(model.get_parameter(n)) for n in names}  # tied ones under each name
+        coll = rc.Collection()
+        handle = regularize(model, rc.l2(1e-4), collection=coll)
+        assert {id(e.resolve()) for e in handle.entries} == want, name
+        reg = rc.l2(1e-4)
+        if regularized(model, kernel=reg, embeddings=reg) != want:
+            differs.add(name)
+    assert differs == {"t5", "clip", "wav2vec2", "convnext"}

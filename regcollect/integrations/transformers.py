@@ -3,7 +3,15 @@
 ``RegularizedTrainer`` is ``transformers.Trainer`` whose training loss includes the model's
 penalties, added exactly once per optimizer step, and whose logs show each penalty.
 ``RegularizationMixin`` does the same for a ``Trainer`` subclass you already use
-(``class MyTrainer(RegularizationMixin, SFTTrainer)``).
+(``class MyTrainer(RegularizationMixin, SFTTrainer)``). ``regularize`` registers a penalty on
+exactly the parameters the Trainer's ``weight_decay`` decays.
+
+``Trainer(weight_decay=wd)`` itself, exactly (weights equal bit for bit, gradient accumulation
+included):
+
+    args = TrainingArguments(..., weight_decay=0.0)
+    regularize(model, rc.l2(wd / 2))
+    trainer = RegularizedTrainer(model=model, args=args, regularization_in_step="decoupled")
 
 Examples:
     >>> from regcollect.integrations.transformers import RegularizedTrainer  # doctest: +SKIP
@@ -23,10 +31,70 @@ require("transformers", "transformers", __name__)
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
+from .._attach import add_regularizer  # noqa: E402
+from .._checks import check_module  # noqa: E402
 from .._collection import Collection  # noqa: E402
-from .._context import active_collection  # noqa: E402
+from .._context import active_collection, attach_optimizer  # noqa: E402
+from .._handle import Handle  # noqa: E402
 
-__all__ = ["RegularizationMixin", "RegularizedTrainer"]
+__all__ = ["RegularizationMixin", "RegularizedTrainer", "decay_parameter_names", "regularize"]
+
+_IN_STEP = (None, "coupled", "decoupled")
+
+
+def decay_parameter_names(model: torch.nn.Module) -> list[str]:
+    """The names of the parameters ``transformers.Trainer`` gives its ``weight_decay``.
+
+    Transformers' own rule (``Trainer.get_decay_parameter_names``), whatever the architecture:
+    every parameter outside a ``LayerNorm`` whose name says neither bias nor norm, 0-D and 1-D
+    ones included (CLIP's ``logit_scale``, ConvNeXt's layer scales), which ``rc.regularize``'s
+    ``kernel=`` (rank >= 2, timm's rule) leaves out.
+
+    Args:
+        model: The model.
+
+    Returns:
+        Qualified parameter names, as ``model.named_parameters()`` spells them.
+    """
+    # An instance method that reads nothing of the Trainer: called without one.
+    return list(transformers.Trainer.get_decay_parameter_names(None, check_module(model)))
+
+
+def regularize(
+    model: torch.nn.Module, regularizer: object, *, collection: Collection | None = None
+) -> Handle:
+    """Register ``regularizer`` on exactly the parameters ``Trainer(weight_decay=...)`` decays.
+
+    With ``weight_decay=0`` in the ``TrainingArguments``, ``regularize(model, rc.l2(wd / 2))``
+    and ``RegularizedTrainer(..., regularization_in_step="decoupled")`` train exactly as
+    ``Trainer(weight_decay=wd)`` does; with the penalty in the loss (the default) it is the
+    coupled L2 penalty on the same tensors, shown in the logs.
+
+    Args:
+        model: The model.
+        regularizer: The penalty: anything ``rc.regularizers.get`` accepts except None.
+        collection: The collection to register in (default: the active one).
+
+    Returns:
+        A ``Handle`` of what was registered; ``.remove()`` undoes it.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: ``regularizer`` is None or not a regularizer.
+
+    Examples:
+        >>> import transformers, regcollect as rc
+        >>> from regcollect.integrations.transformers import regularize
+        >>> config = transformers.CLIPConfig(  # doctest: +SKIP
+        ...     text_config={"hidden_size": 8, "num_hidden_layers": 1},
+        ...     vision_config={"hidden_size": 8, "num_hidden_layers": 1})
+        >>> handle = regularize(transformers.CLIPModel(config), rc.l2(1e-4))  # doctest: +SKIP
+        >>> "logit_scale" in [e.name for e in handle.entries]  # doctest: +SKIP
+        True
+    """
+    names = decay_parameter_names(model)
+    coll = active_collection(collection)
+    return Handle.join([add_regularizer(model, n, regularizer, collection=coll) for n in names])
 
 
 class RegularizationMixin:
@@ -41,14 +109,23 @@ class RegularizationMixin:
     - **Logs**: every time the Trainer logs the training loss, ``{prefix}{entry}`` and
       ``{prefix}total`` from the last ``loss()`` are added (one device-to-host copy).
 
+    - **In the optimizer step**, with ``regularization_in_step="coupled"`` or
+      ``"decoupled"``: the Trainer's optimizer is attached when it is created
+      (``rc.attach_optimizer``); the penalties it applies stay in the logged loss without a
+      gradient. ``"decoupled"`` with ``rc.l2(wd / 2)`` on ``decay_parameter_names`` is the
+      Trainer's own AdamW ``weight_decay=wd``.
+
     Args:
         *args: The wrapped Trainer's positional arguments.
         regularization_collection: the collection to use (default: the active one).
         regularization_log_prefix: prefix of the logged penalty names (default ``"reg/"``).
+        regularization_in_step: None (the penalty in the loss), ``"coupled"`` or
+            ``"decoupled"`` (applied by the Trainer's optimizer, see ``rc.attach_optimizer``).
         **kwargs: The wrapped Trainer's keyword arguments.
 
     Raises:
         TypeError: ``regularization_log_prefix`` is not a string.
+        ValueError: ``regularization_in_step`` is not None, ``"coupled"`` or ``"decoupled"``.
 
     Examples:
         >>> import transformers
@@ -64,6 +141,7 @@ class RegularizationMixin:
         *args: Any,
         regularization_collection: Collection | None = None,
         regularization_log_prefix: str = "reg/",
+        regularization_in_step: str | None = None,
         **kwargs: Any,
     ) -> None:
         if not isinstance(regularization_log_prefix, str):
@@ -71,9 +149,35 @@ class RegularizationMixin:
                 "regularization_log_prefix must be a string, "
                 f"got {type(regularization_log_prefix).__name__}"
             )
+        if regularization_in_step not in _IN_STEP:
+            raise ValueError(
+                f"regularization_in_step must be None, 'coupled' or 'decoupled', "
+                f"got {regularization_in_step!r}"
+            )
         self.regularization_collection = active_collection(regularization_collection)
         self.regularization_log_prefix = regularization_log_prefix
+        self.regularization_in_step = regularization_in_step
         super().__init__(*args, **kwargs)
+
+    def create_optimizer(self, *args: Any, **kwargs: Any) -> Any:
+        """The Trainer's optimizer, attached to the collection when
+        ``regularization_in_step`` says so.
+
+        Args:
+            *args: Passed on to ``Trainer.create_optimizer``.
+            **kwargs: Passed on to ``Trainer.create_optimizer``.
+
+        Returns:
+            What ``Trainer.create_optimizer`` returns.
+        """
+        optimizer = super().create_optimizer(*args, **kwargs)  # type: ignore[misc]
+        if self.regularization_in_step is not None:
+            attach_optimizer(
+                self.optimizer,  # type: ignore[attr-defined]
+                collection=self.regularization_collection,
+                decoupled=self.regularization_in_step == "decoupled",
+            )
+        return optimizer
 
     def compute_loss(
         self,
@@ -140,10 +244,13 @@ class RegularizedTrainer(RegularizationMixin, transformers.Trainer):
         *args: ``transformers.Trainer``'s positional arguments.
         regularization_collection: the collection to use (default: the active one).
         regularization_log_prefix: prefix of the logged penalty names (default ``"reg/"``).
+        regularization_in_step: None (the penalty in the loss), ``"coupled"`` or
+            ``"decoupled"`` (applied by the Trainer's optimizer).
         **kwargs: ``transformers.Trainer``'s keyword arguments.
 
     Raises:
         TypeError: ``regularization_log_prefix`` is not a string.
+        ValueError: ``regularization_in_step`` is not None, ``"coupled"`` or ``"decoupled"``.
 
     Examples:
         >>> import regcollect as rc
