@@ -57,7 +57,8 @@ def decay_parameter_names(model: torch.nn.Module) -> list[str]:
         Qualified parameter names, as ``model.named_parameters()`` spells them.
     """
     # An instance method that reads nothing of the Trainer: called without one.
-    return list(transformers.Trainer.get_decay_parameter_names(None, check_module(model)))
+    rule = transformers.Trainer.get_decay_parameter_names
+    return list(rule(None, check_module(model)))  # type: ignore[arg-type]
 
 
 def regularize(
