@@ -253,8 +253,9 @@ def regularize(
     again replaces (never double counts); ``.remove()`` on the returned
     handle undoes exactly this call.
 
-    ``kernel`` alone is timm's decay set; Hugging Face's ``Trainer`` also decays embedding
-    tables: ``regularize(model, kernel=reg, embeddings=reg)`` is its set.
+    ``kernel`` alone is timm's decay set. Hugging Face's ``Trainer`` also decays embedding
+    tables and some 0-D/1-D parameters: ``kernel=reg, embeddings=reg`` is its set on BERT and
+    GPT-2; ``regcollect.integrations.transformers.regularize`` is its set on any model.
 
     Args:
         model: The model.

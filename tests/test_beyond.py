@@ -504,3 +504,30 @@ def test_group_lasso_on_a_transposed_convolution_removes_output_channels_with_ax
         assert torch.equal(layer.weight[:, channel], torch.zeros(3, 2, 2))
         assert torch.equal(y[:, channel], layer.bias[channel].detach().expand(2, 5, 5))
     assert layer.weight[:, 0].abs().sum() > 0
+
+
+def test_the_papers_l2sp_objective_is_l2sp_half_alpha_on_every_shared_parameter():
+    """Li et al.'s objective, alpha/2 * ||w_S - w_S0||^2 + beta/2 * ||w_new||^2 with w_S every
+    parameter shared with the pretrained network (biases and normalisation layers included),
+    is ``rc.L2SP(alpha / 2)`` on the shared ones and ``rc.l2(beta / 2)`` on the head, as
+    beyond.md writes it."""
+    torch.manual_seed(0)
+    alpha, beta = 0.1, 0.01
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.Flatten()
+    )
+    model.fc = torch.nn.Linear(4 * 6 * 6, 5)  # the new head
+    pretrained = {k: v.clone() for k, v in model.named_parameters() if not k.startswith("fc.")}
+    coll = rc.Collection()
+    shared = rc.L2SP(alpha / 2)
+    rc.regularize(model, kernel=shared, bias=shared, norm=shared, exclude=["fc.*"], collection=coll)
+    head = rc.l2(beta / 2)
+    rc.regularize(model, kernel=head, bias=head, include=["fc.*"], collection=coll)
+    with torch.no_grad():  # fine-tuning moved everything
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    params = dict(model.named_parameters())
+    want = alpha / 2 * sum(((params[k] - w0) ** 2).sum() for k, w0 in pretrained.items())
+    want = want + beta / 2 * sum((p**2).sum() for k, p in params.items() if k.startswith("fc."))
+    assert len(coll.entries()) == len(params) == 6
+    assert coll.loss().item() == pytest.approx(want.item(), rel=1e-6)

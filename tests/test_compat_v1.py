@@ -16,7 +16,7 @@ def test_tf1_scaling():
     assert v1.l2_regularizer(0.3) == rc.l2(0.15)
 
 
-@pytest.mark.parametrize("bad", [-1.0, float("nan"), "0.1", True])
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), "0.1", True, 1, 0])
 def test_scales_validated(bad):
     with pytest.raises(ValueError, match="scale"):
         v1.l2_regularizer(bad)
@@ -110,3 +110,26 @@ def test_apply_regularization_counts_tensors_that_do_not_train():
     assert total.item() == pytest.approx(7.0)
     assert v1.get_regularization_loss().item() == pytest.approx(7.0)  # was 0.0
     assert [t.item() for t in v1.get_regularization_losses()] == pytest.approx([7.0])
+
+
+def test_the_differences_from_tf1_the_docs_state():
+    """docs/migration/tf1.md: an integer scale is refused, as in TF1; a zero scale still makes
+    entries (of value 0; TF1 makes none); apply_regularization makes one entry per weight
+    (TF1: one summed entry), whose sum is TF1's value."""
+    with pytest.raises(ValueError, match="scale cannot be an integer: 1"):
+        v1.l2_regularizer(1)
+    with pytest.raises(ValueError, match="scale_l2 cannot be an integer"):
+        v1.l1_l2_regularizer(0.5, 2)
+    layer = torch.nn.Linear(2, 2)
+    coll = rc.Collection()
+    with rc.scope("zero", collection=coll):
+        v1.apply_regularization(v1.l2_regularizer(0.0), [layer.weight])
+    assert [t.item() for t in coll.losses()] == [0.0]
+    coll = rc.Collection()
+    with rc.scope("tf1", collection=coll):
+        total = v1.apply_regularization(v1.l1_regularizer(0.5), [layer.weight, layer.bias])
+    entries = coll.losses()
+    assert len(entries) == 2
+    want = 0.5 * (layer.weight.abs().sum() + layer.bias.abs().sum())
+    assert total.item() == pytest.approx(want.item(), rel=1e-6)
+    assert sum(e.item() for e in entries) == pytest.approx(want.item(), rel=1e-6)

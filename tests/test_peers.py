@@ -227,3 +227,102 @@ def test_the_transformers_decay_set_is_exact_on_every_architecture(tiny_hf_model
         if regularized(model, kernel=reg, embeddings=reg) != want:
             differs.add(name)
     assert differs == {"t5", "clip", "wav2vec2", "convnext"}
+
+
+# --- porting checklist (docs/migration/keras.md) -----------------------------------------------
+
+
+def test_a_dense_activity_penalty_is_on_the_output_after_its_activation():
+    """Keras's ``Dense(6, activation="relu", activity_regularizer=R)`` penalises the output
+    after the activation. Ported with the regularizer on ``nn.ReLU`` it gives Keras's number;
+    the literal port on the ``Linear`` penalises the pre-activation and does not."""
+    torch.manual_seed(0)
+    reg = 0.1
+    keras_model = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(
+                6, activation="relu", activity_regularizer=keras.regularizers.L2(reg)
+            ),
+        ]
+    )
+    x = torch.randn(8, 4)
+    keras_model(x)
+    kernel, bias = (torch.as_tensor(v.numpy()) for v in keras_model.layers[0].weights)
+    want = float(sum(keras_model.losses))
+
+    def ported(on_activation):
+        model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU())
+        with torch.no_grad():
+            model[0].weight.copy_(kernel.t())
+            model[0].bias.copy_(bias)
+        coll = rc.Collection()
+        target = model[1] if on_activation else model[0]
+        rc.add_activity_regularizer(target, rc.l2(reg), collection=coll)
+        model(x)
+        return coll.loss().item()
+
+    assert ported(on_activation=True) == pytest.approx(want, rel=1e-6)
+    assert ported(on_activation=False) != pytest.approx(want, rel=1e-2)
+
+
+class LastStep(torch.nn.Module):
+    """``nn.LSTM``'s output sequence to its last step: Keras's ``return_sequences=False``."""
+
+    def forward(self, output):
+        sequence, _ = output
+        return sequence[:, -1]
+
+
+def _keras_lstm_to_torch(layer, units, n_in):
+    """A Keras LSTM's weights in an ``nn.LSTM`` (gates i, f, c/g, o in both). Keras has one
+    bias; torch two, so one of them is zero."""
+    kernel, recurrent, bias = (torch.as_tensor(v.numpy()) for v in layer.weights)
+    lstm = torch.nn.LSTM(n_in, units, batch_first=True)
+    with torch.no_grad():
+        lstm.weight_ih_l0.copy_(kernel.t())
+        lstm.weight_hh_l0.copy_(recurrent.t())
+        lstm.bias_ih_l0.copy_(bias)
+        lstm.bias_hh_l0.zero_()
+    return lstm
+
+
+def test_an_lstm_that_returns_its_last_step_penalises_that_step_only():
+    """Keras's ``LSTM(return_sequences=False, activity_regularizer=R)`` penalises the last
+    step's output; ``rc.nn.LSTM``'s activity regularizer sees the whole sequence. The port is
+    the regularizer on a module that takes the last step. Keras's bias regularizer on its one
+    bias is ``bias_ih`` alone here (the other bias stays zero, or is left unregularized)."""
+    torch.manual_seed(0)
+    units, n_in = 5, 3
+    layer = keras.layers.LSTM(
+        units,
+        activity_regularizer=keras.regularizers.L2(0.2),
+        bias_regularizer=keras.regularizers.L1(0.05),
+    )
+    keras.Sequential([keras.Input((7, n_in)), layer])
+    x = torch.randn(4, 7, n_in)
+    want_output = torch.as_tensor(keras.ops.convert_to_numpy(layer(x)))
+    want = float(sum(layer.losses))
+
+    lstm = _keras_lstm_to_torch(layer, units, n_in)
+    model = torch.nn.Sequential(lstm, LastStep())
+    coll = rc.Collection()
+    rc.add_activity_regularizer(model[1], rc.l2(0.2), collection=coll)
+    rc.add_regularizer(lstm, "bias_ih_l0", rc.l1(0.05), collection=coll)
+    out = model(x)
+    assert torch.allclose(out, want_output, atol=1e-5)
+    assert coll.loss().item() == pytest.approx(want, rel=1e-5)
+
+    # The literal port (the regularizer on the LSTM) takes the whole sequence: every step's
+    # penalty, several times Keras's.
+    keras_activity = want - 0.05 * float(lstm.bias_ih_l0.abs().sum())
+    coll = rc.Collection()
+    rc.add_activity_regularizer(lstm, rc.l2(0.2), collection=coll)
+    sequence, _ = lstm(x)
+    literal = coll.loss().item()
+    assert literal == pytest.approx(0.2 * float((sequence**2).sum()) / 4, rel=1e-5)
+    assert literal > 2 * keras_activity
+    # rc.nn.LSTM's bias_regularizer regularizes both biases (the checklist's third point).
+    coll = rc.Collection()
+    ported = rc.nn.LSTM(n_in, units, bias_regularizer=rc.l1(0.05), collection=coll)
+    assert sorted(e.param for e in coll.entries(ported)) == ["bias_hh_l0", "bias_ih_l0"]

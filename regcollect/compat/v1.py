@@ -12,6 +12,7 @@ Examples:
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -174,6 +175,14 @@ class GraphKeys:
     REGULARIZATION_LOSSES = "regularization_losses"
 
 
+def _scale(name: str, value: object) -> float:
+    """A TF1 scale: a float >= 0; an integer is refused, as ``tf.contrib.layers`` refuses it
+    (``scale=1`` is most often a typo for a much smaller number)."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        raise ValueError(f"{name} cannot be an integer: {value!r} (TF1 refuses it too)")
+    return check_coefficient(name, value)
+
+
 def l1_regularizer(scale: float) -> L1:
     """``scale * sum(abs(w))``.
 
@@ -188,7 +197,7 @@ def l1_regularizer(scale: float) -> L1:
         >>> v1.l1_regularizer(0.1)
         L1(l1=0.1)
     """
-    return L1(check_coefficient("scale", scale))
+    return L1(_scale("scale", scale))
 
 
 def l2_regularizer(scale: float) -> L2:
@@ -205,7 +214,7 @@ def l2_regularizer(scale: float) -> L2:
         >>> v1.l2_regularizer(0.1)
         L2(l2=0.05)
     """
-    return L2(check_coefficient("scale", scale) / 2.0)
+    return L2(_scale("scale", scale) / 2.0)
 
 
 def l1_l2_regularizer(scale_l1: float = 1.0, scale_l2: float = 1.0) -> L1L2:
@@ -224,8 +233,8 @@ def l1_l2_regularizer(scale_l1: float = 1.0, scale_l2: float = 1.0) -> L1L2:
         L1L2(l1=0.1, l2=0.05)
     """
     return L1L2(
-        l1=check_coefficient("scale_l1", scale_l1),
-        l2=check_coefficient("scale_l2", scale_l2) / 2.0,
+        l1=_scale("scale_l1", scale_l1),
+        l2=_scale("scale_l2", scale_l2) / 2.0,
     )
 
 

@@ -6,18 +6,19 @@ penalties, added exactly once per optimizer step, and whose logs show each penal
 (``class MyTrainer(RegularizationMixin, SFTTrainer)``). ``regularize`` registers a penalty on
 exactly the parameters the Trainer's ``weight_decay`` decays.
 
-``Trainer(weight_decay=wd)`` itself, exactly (weights equal bit for bit, gradient accumulation
-included):
-
-    args = TrainingArguments(..., weight_decay=0.0)
-    regularize(model, rc.l2(wd / 2))
-    trainer = RegularizedTrainer(model=model, args=args, regularization_in_step="decoupled")
+The last example is ``Trainer(weight_decay=wd)`` itself, exactly (the weights equal bit for
+bit, gradient accumulation included).
 
 Examples:
-    >>> from regcollect.integrations.transformers import RegularizedTrainer  # doctest: +SKIP
-    >>> rc.regularize(model, kernel=rc.l2(1e-4), embeddings=rc.l2(1e-4))     # doctest: +SKIP
+    >>> from regcollect.integrations.transformers import RegularizedTrainer, regularize
+    >>> regularize(model, rc.l2(1e-4))     # the Trainer's decay set  # doctest: +SKIP
     >>> trainer = RegularizedTrainer(model=model, args=args, train_dataset=ds)  # doctest: +SKIP
     >>> trainer.train()                                                      # doctest: +SKIP
+
+    >>> args = TrainingArguments(..., weight_decay=0.0)                      # doctest: +SKIP
+    >>> regularize(model, rc.l2(wd / 2))                                     # doctest: +SKIP
+    >>> trainer = RegularizedTrainer(  # doctest: +SKIP
+    ...     model=model, args=args, train_dataset=ds, regularization_in_step="decoupled")
 """
 
 from __future__ import annotations
@@ -255,8 +256,8 @@ class RegularizedTrainer(RegularizationMixin, transformers.Trainer):
 
     Examples:
         >>> import regcollect as rc
-        >>> from regcollect.integrations.transformers import RegularizedTrainer
-        >>> rc.regularize(model, kernel=rc.l2(1e-4), embeddings=rc.l2(1e-4))  # doctest: +SKIP
+        >>> from regcollect.integrations.transformers import RegularizedTrainer, regularize
+        >>> regularize(model, rc.l2(1e-4))    # the Trainer's decay set  # doctest: +SKIP
         >>> trainer = RegularizedTrainer(model=model, args=args, train_dataset=ds)  # doctest: +SKIP
         >>> trainer.train()   # logs "reg/total" and each penalty  # doctest: +SKIP
     """
