@@ -13,6 +13,7 @@ from ._collection import Collection
 from ._context import active_collection, current_prefix
 from ._handle import Handle
 from ._l2sp import check_reference_shape
+from ._partitioned import check_zero3, real_shape
 from .regularizers import L2SP, Regularizer
 from .regularizers import get as get_regularizer
 
@@ -314,6 +315,7 @@ def regularize(
             continue
         param = owner._parameters[local]
         assert param is not None
+        check_zero3(name, param)  # before anything is registered
         if isinstance(param, torch.nn.parameter.UninitializedParameter):
             uninitialized.append(name)
             continue
@@ -327,7 +329,7 @@ def regularize(
             kind = "embeddings"
         elif "bias" in last:
             kind = "bias"
-        elif param.dim() >= 2:
+        elif len(real_shape(owner, local, param)) >= 2:  # FSDP1 flattens to 1-D
             kind = "kernel"
         else:
             continue  # other vectors (scales, PReLU slopes): only by explicit add_regularizer

@@ -29,8 +29,10 @@ import torch
 from ._kernels import group_penalty, group_value
 from ._penalties import Coefficient, Regularizer, Term, accumulation_dtype, scale
 from ._sharding import (
+    SHARD_OVER,
     ContiguousGrad,
     all_reduce,
+    flattened_shard_message,
     is_dtensor,
     is_plain,
     layouts,
@@ -112,6 +114,8 @@ class Plan:
             terms = _powers(reg) if x.is_floating_point() else None
             reduce_over = shard_reduction(x) if terms is not None else None
             if terms is None or reduce_over is None:
+                if getattr(x, SHARD_OVER, None):
+                    raise ValueError(f"{self.describe(i)}: {flattened_shard_message(reg)}")
                 # Other penalties that can be evaluated many at once (Regularizer._batch):
                 # plain tensors only; sharded ones are completed and called one by one.
                 key = reg._batch_key(x) if is_plain(x) and x.is_floating_point() else None

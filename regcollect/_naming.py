@@ -24,6 +24,7 @@ import torch
 from ._state import MODULE_REGISTRATION, NAMING
 
 __all__ = [
+    "ancestors",
     "auto_name",
     "follow_links",
     "is_wrapper",
@@ -170,6 +171,20 @@ def named_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
                 step = "" if is_wrapper(module, name) else name
                 children.append((f"{path}.{step}".strip(".") if step else path, child))
         pending.extend(reversed(children))
+    return out
+
+
+def ancestors(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules holding ``module``, nearest first (wrappers included)."""
+    out: list[torch.nn.Module] = []
+    seen = {id(module)}
+    current = module
+    while (link := _parent_of(current)) is not None:
+        current = link[0]
+        if id(current) in seen:
+            break
+        seen.add(id(current))
+        out.append(current)
     return out
 
 

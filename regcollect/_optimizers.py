@@ -43,11 +43,15 @@ def stepped(optimizer: Any) -> torch.optim.Optimizer:
             a known name.
     """
     current = optimizer
+    if type(current).__name__ == "DeepSpeedEngine":  # what it steps is its .optimizer
+        current = current.optimizer
     for _ in range(8):
+        _refuse_engine(current)
         nested = inner(current)
         if nested is None:
             break
         current = nested
+    _refuse_engine(current)
     if not isinstance(current, torch.optim.Optimizer):
         raise TypeError(
             "optimizer must be a torch.optim.Optimizer, or a wrapper that steps one it holds "
@@ -61,6 +65,34 @@ def stepped(optimizer: Any) -> torch.optim.Optimizer:
             "drives instead (rc.attach_optimizer(base_optimizer))"
         )
     return current
+
+
+def _refuse_engine(optimizer: Any) -> None:
+    """Engines whose optimizer holds flat copies of the parameters, not the parameters: the
+    step could not find a regularized parameter in it and would silently apply nothing.
+
+    Raises:
+        ValueError: A DeepSpeed ZeRO optimizer; an optimizer holding FSDP1 flat parameters
+            (``use_orig_params=False``).
+    """
+    cls = type(optimizer)
+    if cls.__module__.startswith("deepspeed.") and "Zero" in cls.__name__:
+        raise ValueError(
+            f"attach_optimizer cannot apply penalties inside DeepSpeed ({cls.__name__}): its "
+            "optimizer updates flat partitions of the parameters, not the parameters "
+            "regcollect regularizes. Add the penalty to the loss instead "
+            "(engine.backward(loss + rc.loss(model))), which is exact under ZeRO stages 1 and 2."
+        )
+    groups = getattr(optimizer, "param_groups", None)
+    if isinstance(groups, list) and any(
+        getattr(p, "_is_flat_param", False) for g in groups for p in g.get("params", ())
+    ):
+        raise ValueError(
+            f"attach_optimizer: {cls.__name__} holds FSDP1 flat parameters "
+            "(FullyShardedDataParallel with use_orig_params=False), not the parameters "
+            "regcollect regularizes. Wrap with use_orig_params=True, where the attached step "
+            "is exact, or use fully_shard (FSDP2)."
+        )
 
 
 def skip_flag(optimizer: torch.optim.Optimizer) -> torch.Tensor | None:

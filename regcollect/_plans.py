@@ -20,6 +20,7 @@ import torch
 
 from ._engine import Plan
 from ._entries import ACTIVITY, TENSOR, Entry, current_tensors
+from ._partitioned import prepare as prepare_partitioned
 from ._penalties import Regularizer
 
 __all__ = [
@@ -135,6 +136,7 @@ class PlanCache:
         in_scope, candidates = build()
         locators = [e.locator for e in candidates]
         tensors = current_tensors(locators)
+        prepare_partitioned(candidates, tensors)
         entries, chosen = choose(candidates, tensors)
         kept = set(map(id, entries))
         meta = [

@@ -22,6 +22,7 @@ from ._activity import ActivityHook, Pending
 from ._checks import ScopeArg, check_module, check_scope
 from ._entries import ACTIVITY, TENSOR, WEIGHT, Entry, unique_names
 from ._handle import Handle
+from ._sharding import flattened_shard_message
 from .regularizers import Regularizer
 
 __all__ = ["Registry", "parametrized_tensors"]
@@ -155,6 +156,12 @@ class Registry:
             # shape) changes nothing.
             tensor = entry.resolve()
             if tensor is not None and entry.kind != ACTIVITY:
+                terms = entry.regularizer._terms()
+                if getattr(tensor, "_fsdp_flattened", False) and not (
+                    terms and all(term.local for term, _ in terms)
+                ):
+                    message = flattened_shard_message(entry.regularizer)
+                    raise ValueError(f"{entry.base_name()[0]!r}: {message}")
                 try:
                     entry.regularizer._check(tensor)
                 except ValueError as exc:

@@ -30,10 +30,12 @@ from ._torch_compat import is_compiling
 
 __all__ = [
     "PLAIN",
+    "SHARD_OVER",
     "is_plain",
     "ContiguousGrad",
     "Layout",
     "ShardedGroup",
+    "flattened_shard_message",
     "all_reduce",
     "is_dtensor",
     "layouts",
@@ -134,7 +136,7 @@ def layouts(
     by_key: dict[tuple[Any, ...], tuple[list[torch.Tensor], list[int]]] = {}
     seen: set[int] = set()
     for i, x in enumerate(registered):
-        if x is None or id(x) in seen or not is_dtensor(x):
+        if x is None or id(x) in seen:
             continue
         seen.add(id(x))
         reduce_over = shard_reduction(x)
@@ -169,10 +171,27 @@ class ContiguousGrad(torch.autograd.Function):
 PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
+# A plain tensor that holds one rank's part of a parameter (an FSDP1 shard view) carries the
+# ((group, 0),) its partial sums are reduced over in this attribute (regcollect._fsdp1).
+SHARD_OVER = "_regcollect_shard_over"
+
+
+def flattened_shard_message(regularizer: object) -> str:
+    """Why ``regularizer`` cannot apply to a parameter FSDP1 flattened into shards."""
+    return (
+        f"FSDP1 holds this parameter as a flattened shard, and {regularizer!r} needs the whole "
+        "tensor. Use fully_shard (FSDP2), where it is gathered, or L1/L2 penalties, which are "
+        "exact under FSDP1"
+    )
+
+
 def is_plain(x: torch.Tensor) -> bool:
     """Whether ``x`` holds all its values as an ordinary tensor does: a ``Tensor``, a
     ``Parameter``, or a subclass of ``Parameter`` that only tags it (no ``__torch_dispatch__``
-    or ``__torch_function__`` of its own, unlike DTensor and other wrapper subclasses)."""
+    or ``__torch_function__`` of its own, unlike DTensor and other wrapper subclasses), and
+    not one rank's part of a parameter (``SHARD_OVER``)."""
+    if getattr(x, SHARD_OVER, None):
+        return False
     cls = type(x)
     return cls in PLAIN or (
         issubclass(cls, torch.nn.Parameter)
@@ -191,10 +210,14 @@ def shard_reduction(x: torch.Tensor) -> tuple[Any, ...] | None:
     """How an elementwise-sum penalty of ``x`` is completed from local values.
 
     ``()`` for plain tensors and replicated DTensors (the local value is the full one);
-    ``((mesh, dim), ...)`` for the mesh dimensions a DTensor is sharded over; None when the
+    ``((mesh, dim), ...)`` for the mesh dimensions a DTensor is sharded over (an FSDP1 shard:
+    its process group, ``SHARD_OVER``); None when the
     local values cannot be summed (a ``Partial`` placement, another tensor subclass), which
     sends the tensor down the per-tensor path.
     """
+    over = getattr(x, SHARD_OVER, None)
+    if over is not None:
+        return tuple(over)
     if is_plain(x):
         return ()
     if not is_dtensor(x):

@@ -1,4 +1,4 @@
-"""DDP and FSDP2 give the single-process penalties and gradients.
+"""DDP, FSDP2 and FSDP1 give the single-process penalties and gradients.
 
 One ``torchrun --nproc_per_node=2`` launch (gloo, CPU) runs every scenario of ``worker.py``;
 each test below checks one scenario of its report against the single-process reference.
@@ -53,6 +53,10 @@ EXACT = [
     "fsdp2_penalty_only_param",
     "fsdp2_regularize_after_shard",
     "hsdp_2d_mesh",
+    # FSDP1 with use_orig_params=True: each parameter is a flat view of this rank's part.
+    "fsdp1",
+    "fsdp1_nested",
+    "fsdp1_regularize_after_wrap",
 ]
 
 
@@ -158,6 +162,9 @@ def test_every_rank_sees_the_same_values(report: dict[str, Any], scenario: str) 
         ("fsdp2_custom", {"c10d": 1, "c10d_functional": 1}, {"c10d": 1, "c10d_functional": 1}),
         ("fsdp2_l2sp", {"c10d": 1, "c10d_functional": 1}, {"c10d": 1, "c10d_functional": 1}),
         ("fsdp2_group_lasso", {"c10d": 1, "c10d_functional": 1}, {"c10d": 1, "c10d_functional": 1}),
+        # FSDP1 (use_orig_params=True): one all-reduce per loss(), whatever the entries.
+        ("fsdp1", {"c10d": 1}, {"c10d": 1}),
+        ("fsdp1_nested", {"c10d": 1}, {"c10d": 1}),
     ],
 )
 def test_collectives_per_loss(
@@ -216,13 +223,39 @@ def test_a_parameter_frozen_on_every_rank_is_left_out(report: dict[str, Any]) ->
 
 @pytest.mark.parametrize(
     "scenario",
-    ["ddp_attached", "ddp_attached_decoupled", "fsdp2_attached", "fsdp2_attached_decoupled"],
+    [
+        "ddp_attached",
+        "ddp_attached_decoupled",
+        "fsdp2_attached",
+        "fsdp2_attached_decoupled",
+        "fsdp1_attached",
+        "fsdp1_attached_decoupled",
+    ],
 )
 def test_attached_optimizer_matches_single_process(report: dict[str, Any], scenario: str) -> None:
     r = report[scenario]
     assert "error" not in r, r.get("error")
     assert r["moved"] > 1e-2
     assert r["param_diff"] < TOL and r["penalty_diff"] < TOL
+
+
+def test_fsdp1_refuses_what_it_cannot_give_exactly_on_every_rank(report: dict[str, Any]) -> None:
+    """FSDP1 with use_orig_params=False leaves no parameter to regularize, and its optimizer
+    holds flat parameters; a whole-tensor penalty cannot be computed on a flattened shard.
+    Each is an error naming the way out, on every rank (it was silently 0 / nothing)."""
+    flat = report["fsdp1_flat_parameters"]
+    assert "error" not in flat, flat.get("error")
+    (loss_error, attach_error), other = flat["errors_by_rank"]
+    assert other == [loss_error, attach_error]
+    assert "'0.weight': FSDP1 (FullyShardedDataParallel) with use_orig_params=False" in loss_error
+    assert "use_orig_params=True" in loss_error and "fully_shard (FSDP2)" in loss_error
+    assert "SGD holds FSDP1 flat parameters" in attach_error
+    orthogonal = report["fsdp1_orthogonal"]
+    assert "error" not in orthogonal, orthogonal.get("error")
+    (loss_error, attach_error), other = orthogonal["errors_by_rank"]
+    assert other == [loss_error, attach_error] and attach_error is None
+    assert "entry '2.weight': FSDP1 holds this parameter as a flattened shard" in loss_error
+    assert "Orthogonal(factor=0.5" in loss_error
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])

@@ -21,7 +21,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.debug import CommDebugMode
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -108,6 +110,12 @@ def train(
 
 
 def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    if isinstance(model, FSDP1):  # its parameters are views of this rank's shard
+        with FSDP1.summon_full_params(model):
+            return {
+                name.replace("_fsdp_wrapped_module.", ""): p.detach().clone()
+                for name, p in model.named_parameters()
+            }
     out = {}
     for name, p in model.named_parameters():
         name = name.removeprefix("module.").removeprefix("model.")
@@ -238,6 +246,34 @@ def fsdp(model: torch.nn.Module, **kwargs: Any) -> torch.nn.Module:
             fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
     return model
+
+
+def fsdp1(model: torch.nn.Module, nested: bool = False, **kwargs: Any) -> torch.nn.Module:
+    """FSDP1 with ``use_orig_params=True`` (unless said otherwise), on the root or on every
+    ``Linear`` too (``nested``)."""
+    kwargs.setdefault("use_orig_params", True)
+    if nested:
+        kwargs["auto_wrap_policy"] = ModuleWrapPolicy({torch.nn.Linear})
+    return FSDP1(model, device_id=torch.device("cpu"), **kwargs)
+
+
+def fsdp1_refused(middle: str = "l1_l2", use_orig_params: bool = True) -> dict[str, Any]:
+    """What FSDP1 cannot give exactly is refused on every rank: a whole-tensor penalty on its
+    flattened shards, parameters flattened away (``use_orig_params=False``), an optimizer
+    holding its flat parameters."""
+    coll = rc.Collection()
+    model = fsdp1(build(coll, middle=middle), use_orig_params=use_orig_params)
+    errors = []
+    for attempt in (
+        coll.loss,
+        lambda: rc.attach_optimizer(torch.optim.SGD(model.parameters(), lr=LR), collection=coll),
+    ):
+        try:
+            attempt()
+            errors.append(None)
+        except ValueError as exc:
+            errors.append(str(exc))
+    return {"errors_by_rank": everyone(errors)}
 
 
 def hsdp(model: torch.nn.Module) -> torch.nn.Module:
@@ -374,6 +410,13 @@ SCENARIOS: dict[str, Callable[[], dict[str, Any]]] = {
     "fsdp2_orthogonal_frozen_on_one_rank": lambda: frozen("one", middle="orthogonal"),
     "fsdp2_frozen_on_every_rank": lambda: frozen("every"),
     "fsdp2_root_only_stacked": lambda: compare(root_only, stacked=True),
+    "fsdp1": lambda: compare(fsdp1),
+    "fsdp1_nested": lambda: compare(lambda m: fsdp1(m, nested=True)),
+    "fsdp1_regularize_after_wrap": lambda: compare(fsdp1, regularize=True),
+    "fsdp1_attached": lambda: attached(fsdp1, decoupled=False),
+    "fsdp1_attached_decoupled": lambda: attached(lambda m: fsdp1(m, nested=True), decoupled=True),
+    "fsdp1_flat_parameters": lambda: fsdp1_refused(use_orig_params=False),
+    "fsdp1_orthogonal": lambda: fsdp1_refused(middle="orthogonal"),
 }
 
 
