@@ -11,9 +11,10 @@ from . import _naming
 from ._checks import check_module
 from ._collection import Collection
 from ._context import active_collection, current_prefix
+from ._fsdp1 import real_shape
 from ._handle import Handle
 from ._l2sp import check_reference_shape
-from ._partitioned import check_zero3, real_shape
+from ._partitioned import check_zero3
 from .regularizers import L2SP, Regularizer
 from .regularizers import get as get_regularizer
 

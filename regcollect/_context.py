@@ -336,7 +336,10 @@ def attach_optimizer(
             ``Optimizer.__init__``) and holds no optimizer under a known name; or
             ``decoupled`` is not a bool.
         ValueError: ``decoupled=True`` on an optimizer with a parameter group whose ``lr``
-            is None (Adafactor's relative step): the decoupled step needs a learning rate.
+            is None (Adafactor's relative step): the decoupled step needs a learning rate;
+            a DeepSpeed ZeRO optimizer (or engine), or an optimizer holding FSDP1 flat
+            parameters (``use_orig_params=False``): they update flat copies, not the
+            regularized parameters.
 
     Examples:
         >>> import torch, regcollect as rc

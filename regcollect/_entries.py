@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from . import _naming
+from ._fsdp1 import real_shape
 from .regularizers import Regularizer
 
 __all__ = ["ACTIVITY", "TENSOR", "WEIGHT", "Entry", "current_tensors", "unique_names"]
@@ -157,6 +158,10 @@ class Entry:
         if tensor is None:
             return None
         full = getattr(tensor, "full_shape", None)  # sharded tensors report their global shape
+        if full is None and self._module_ref is not None and self._param is not None:
+            module = self._module_ref()
+            if module is not None:  # an FSDP1 flat view: the shape it had
+                full = real_shape(module, self._param, tensor)
         return tuple(full if full is not None else tensor.shape)
 
     def base_name(self) -> tuple[str, torch.nn.Module | None]:

@@ -28,11 +28,11 @@ from typing import Any
 
 import torch
 
-from . import _naming
 from ._entries import WEIGHT, Entry
+from ._fsdp1 import inside_fsdp1, owner
 from ._sharding import SHARD_OVER
 
-__all__ = ["GroupAxis", "check_zero3", "prepare", "real_shape"]
+__all__ = ["GroupAxis", "check_zero3", "prepare"]
 
 
 class GroupAxis:
@@ -53,45 +53,6 @@ class GroupAxis:
 
     def __hash__(self) -> int:
         return id(self.group)
-
-
-def _is_fsdp1(module: torch.nn.Module) -> bool:
-    return any(
-        cls.__name__ == "FullyShardedDataParallel"
-        and cls.__module__.startswith("torch.distributed.fsdp")
-        for cls in type(module).__mro__
-    )
-
-
-def _handles(module: torch.nn.Module) -> list[tuple[torch.nn.Module, Any]]:
-    """``(FSDP1 wrapper, its flat-parameter handle)`` around ``module``, nearest first."""
-    out = []
-    for m in [module, *_naming.ancestors(module)]:
-        if _is_fsdp1(m):
-            out.append((m, getattr(m, "_handle", None)))
-    return out
-
-
-def _owner(module: torch.nn.Module, tensor: torch.Tensor) -> tuple[torch.nn.Module, Any] | None:
-    for wrapper, handle in _handles(module):
-        flat = getattr(handle, "flat_param", None)
-        if flat is not None and any(p is tensor for p in getattr(flat, "_params", None) or ()):
-            return wrapper, handle
-    return None
-
-
-def real_shape(module: torch.nn.Module, name: str, param: torch.Tensor) -> torch.Size:
-    """The shape a parameter had before FSDP1 (``use_orig_params=True``) flattened it."""
-    if not getattr(param, "_fsdp_flattened", False):
-        return param.shape
-    found = _owner(module, param)
-    if found is None:
-        return param.shape
-    flat = found[1].flat_param
-    for i, p in enumerate(flat._params):
-        if p is param:
-            return torch.Size(flat._shapes[i])
-    return param.shape
 
 
 def check_zero3(name: str, tensor: torch.Tensor) -> None:
@@ -121,7 +82,7 @@ def prepare(entries: Sequence[Entry], tensors: Sequence[torch.Tensor | None]) ->
     for entry, tensor in zip(entries, tensors):
         module = entry.module
         if tensor is None:
-            if entry.kind == WEIGHT and module is not None and _handles(module):
+            if entry.kind == WEIGHT and module is not None and inside_fsdp1(module):
                 raise ValueError(
                     f"{entry.base_name()[0]!r}: FSDP1 (FullyShardedDataParallel) "
                     "with use_orig_params=False replaced this parameter by a flat parameter, "
@@ -132,12 +93,10 @@ def prepare(entries: Sequence[Entry], tensors: Sequence[torch.Tensor | None]) ->
         check_zero3(entry.base_name()[0], tensor)
         if not getattr(tensor, "_fsdp_flattened", False) or module is None:
             continue
-        found = _owner(module, tensor)
+        found = owner(module, entry.param or "")
         over: tuple[Any, ...] = ()
         if found is not None:
-            # The shape the summary shows: the parameter's, not its flat view's.
-            tensor.full_shape = tuple(real_shape(module, entry.param or "", tensor))  # type: ignore[attr-defined]
-            handle = found[1]
+            handle = found[0]
             if handle.uses_sharded_strategy and handle.is_sharded(handle.flat_param):
                 over = ((GroupAxis(handle.process_group), 0),)
         setattr(tensor, SHARD_OVER, over)

@@ -7,11 +7,7 @@ each test below checks one scenario of its report against the single-process ref
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -56,64 +52,14 @@ EXACT = [
     # FSDP1 with use_orig_params=True: each parameter is a flat view of this rank's part.
     "fsdp1",
     "fsdp1_nested",
+    "fsdp1_shard_grad_op",
+    "fsdp1_no_shard",
     "fsdp1_regularize_after_wrap",
 ]
 
 
-def torchrun(script: Path, *args: str, timeout: float) -> tuple[int | None, str, str]:
-    """Run ``script`` on 2 gloo ranks; ``(returncode or None on timeout, stdout, stderr)``.
-
-    The launcher and its ranks get a session of their own, so a timeout kills them all.
-    """
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(
-        [*cmd, str(script), *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-        return proc.returncode, stdout, stderr
-    except subprocess.TimeoutExpired:
-        # The elastic agent may start its ranks in process groups of their own: collect the
-        # whole tree before killing, or an orphaned rank keeps the pipes open forever.
-        for pid in [proc.pid, *_descendants(proc.pid)]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        try:
-            stdout, stderr = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            stdout, stderr = "", "(output lost: a process kept the pipes open)"
-        return None, stdout, stderr
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (Linux /proc), found before any of them is killed."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    found, pending = [], [pid]
-    while pending:
-        for child in children.get(pending.pop(), []):
-            found.append(child)
-            pending.append(child)
-    return found
-
-
 @pytest.fixture(scope="module")
-def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def report(tmp_path_factory: pytest.TempPathFactory, torchrun: Any) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("distributed") / "report.json"
     returncode, stdout, stderr = torchrun(WORKER, str(out), timeout=600)
     assert returncode == 0 and out.exists(), stdout[-4000:] + stderr[-4000:]
@@ -259,7 +205,7 @@ def test_fsdp1_refuses_what_it_cannot_give_exactly_on_every_rank(report: dict[st
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
-def test_example(mode: str) -> None:
+def test_example(mode: str, torchrun: Any) -> None:
     example = Path(__file__).resolve().parents[2] / "examples" / "distributed.py"
     # The example's last line is printed after all its work. gloo processes sometimes abort
     # ("terminate called without an active exception") or hang while the interpreter shuts

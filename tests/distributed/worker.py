@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import ShardingStrategy, fully_shard
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.debug import CommDebugMode
@@ -412,6 +412,12 @@ SCENARIOS: dict[str, Callable[[], dict[str, Any]]] = {
     "fsdp2_root_only_stacked": lambda: compare(root_only, stacked=True),
     "fsdp1": lambda: compare(fsdp1),
     "fsdp1_nested": lambda: compare(lambda m: fsdp1(m, nested=True)),
+    "fsdp1_shard_grad_op": lambda: compare(
+        lambda m: fsdp1(m, sharding_strategy=ShardingStrategy.SHARD_GRAD_OP)
+    ),
+    "fsdp1_no_shard": lambda: compare(
+        lambda m: fsdp1(m, sharding_strategy=ShardingStrategy.NO_SHARD)
+    ),
     "fsdp1_regularize_after_wrap": lambda: compare(fsdp1, regularize=True),
     "fsdp1_attached": lambda: attached(fsdp1, decoupled=False),
     "fsdp1_attached_decoupled": lambda: attached(lambda m: fsdp1(m, nested=True), decoupled=True),
