@@ -1,6 +1,6 @@
 """Multi-process checks, run by ``test_distributed.py`` as ``torchrun --nproc_per_node=2``.
 
-Every scenario trains a small regularized MLP for 3 SGD steps, each rank on its half of the
+Every scenario trains a small regularized MLP for 4 SGD steps, each rank on its half of the
 batch, and the same model in this process alone on the whole batch (the reference). It writes,
 per scenario, the largest differences to the reference (parameters, per-step penalties,
 ``penalties()`` values), what every rank saw, and which collectives one ``loss()`` ran. The
@@ -32,7 +32,7 @@ import regcollect as rc
 import regcollect._engine
 import regcollect._plans
 
-STEPS, BATCH, LR = 3, 8, 0.1
+STEPS, BATCH, LR = 4, 8, 0.1
 Wrap = Callable[[torch.nn.Module], torch.nn.Module]
 
 
