@@ -232,6 +232,19 @@ def test_the_transformers_decay_set_is_exact_on_every_architecture(tiny_hf_model
 # --- porting checklist (docs/migration/keras.md) -----------------------------------------------
 
 
+def keras_activity_divisor(batch):
+    """What the installed Keras divides an activity penalty by: the batch size from Keras 3.13
+    on (keras-team/keras#22021), nothing before (Keras 3.12 is the newest for Python 3.10)."""
+    layer = keras.layers.Dense(
+        1,
+        use_bias=False,
+        kernel_initializer="ones",
+        activity_regularizer=keras.regularizers.L1(1.0),
+    )
+    layer(torch.ones(batch, 1))  # the penalty is batch before any division
+    return batch / float(sum(layer.losses))
+
+
 def test_a_dense_activity_penalty_is_on_the_output_after_its_activation():
     """Keras's ``Dense(6, activation="relu", activity_regularizer=R)`` penalises the output
     after the activation. Ported with the regularizer on ``nn.ReLU`` it gives Keras's number;
@@ -249,7 +262,8 @@ def test_a_dense_activity_penalty_is_on_the_output_after_its_activation():
     x = torch.randn(8, 4)
     keras_model(x)
     kernel, bias = (torch.as_tensor(v.numpy()) for v in keras_model.layers[0].weights)
-    want = float(sum(keras_model.losses))
+    # Per example, as regcollect divides (and Keras from 3.13 on).
+    want = float(sum(keras_model.losses)) * keras_activity_divisor(8) / 8
 
     def ported(on_activation):
         model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU())
@@ -302,7 +316,10 @@ def test_an_lstm_that_returns_its_last_step_penalises_that_step_only():
     keras.Sequential([keras.Input((7, n_in)), layer])
     x = torch.randn(4, 7, n_in)
     want_output = torch.as_tensor(keras.ops.convert_to_numpy(layer(x)))
-    want = float(sum(layer.losses))
+    bias_part = 0.05 * float(abs(layer.weights[2].numpy()).sum())
+    # The activity part per example, as regcollect divides (and Keras from 3.13 on).
+    keras_activity = (float(sum(layer.losses)) - bias_part) * keras_activity_divisor(4) / 4
+    want = keras_activity + bias_part
 
     lstm = _keras_lstm_to_torch(layer, units, n_in)
     model = torch.nn.Sequential(lstm, LastStep())
@@ -315,7 +332,6 @@ def test_an_lstm_that_returns_its_last_step_penalises_that_step_only():
 
     # The literal port (the regularizer on the LSTM) takes the whole sequence: every step's
     # penalty, several times Keras's.
-    keras_activity = want - 0.05 * float(lstm.bias_ih_l0.abs().sum())
     coll = rc.Collection()
     rc.add_activity_regularizer(lstm, rc.l2(0.2), collection=coll)
     sequence, _ = lstm(x)
