@@ -112,49 +112,6 @@ def test_lightning_callback_logs_the_penalties(tmp_path):
 # --- Hugging Face Trainer ----------------------------------------------------------------------
 
 
-def _tiny_trainer_setup(kind):
-    transformers = pytest.importorskip("transformers", reason="pip install -e .[transformers]")
-    pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
-    torch.manual_seed(0)
-    if kind == "bert":  # its loss is divided by the accumulation steps by the Trainer
-        config = transformers.BertConfig(
-            vocab_size=30,
-            hidden_size=8,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=16,
-            max_position_embeddings=16,
-            hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0,
-            num_labels=2,
-        )
-        model = transformers.BertForSequenceClassification(config)
-        model.uses_num_items_in_batch = False
-        g = torch.Generator().manual_seed(0)
-        rows = [
-            {"input_ids": torch.randint(0, 30, (6,), generator=g), "labels": torch.tensor(i % 2)}
-            for i in range(16)
-        ]
-    else:  # GPT-2 takes num_items_in_batch: the Trainer does not divide its loss
-        config = transformers.GPT2Config(
-            vocab_size=30,
-            n_embd=8,
-            n_layer=1,
-            n_head=2,
-            n_positions=16,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-        )
-        model = transformers.GPT2LMHeadModel(config)
-        g = torch.Generator().manual_seed(0)
-        rows = []
-        for _ in range(16):
-            ids = torch.randint(0, 30, (6,), generator=g)
-            rows.append({"input_ids": ids, "labels": ids.clone()})
-    return transformers, model, rows
-
-
 def _train(transformers, model, rows, trainer_class, tmp_path, batch, accumulation, **kwargs):
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path),
@@ -182,10 +139,16 @@ def _train(transformers, model, rows, trainer_class, tmp_path, batch, accumulati
 
 
 @pytest.mark.parametrize("kind", ["bert", "gpt2"])
-def test_transformers_trainer_adds_the_penalty_once_per_step(kind, tmp_path):
+def test_transformers_trainer_adds_the_penalty_once_per_step(kind, tmp_path, tiny_hf_models):
+    transformers = pytest.importorskip("transformers", reason="pip install -e .[transformers]")
+    pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
     from regcollect.integrations.transformers import RegularizedTrainer
 
-    transformers, model, rows = _tiny_trainer_setup(kind)
+    # BERT's loss is divided by the accumulation steps by the Trainer; GPT-2 takes
+    # num_items_in_batch, so the Trainer does not divide its loss: both of its paths.
+    model, rows = tiny_hf_models(transformers)[kind]
+    if kind == "bert":
+        model.uses_num_items_in_batch = False
     initial = copy.deepcopy(model.state_dict())
     reg = rc.l2(0.05)
 
