@@ -14,7 +14,7 @@ from ._context import active_collection, current_prefix
 from ._fsdp1 import real_shape
 from ._handle import Handle
 from ._l2sp import check_reference_shape
-from ._partitioned import check_zero3
+from ._partitioned import is_zero3_partition, zero3_refusal
 from .regularizers import L2SP, Regularizer
 from .regularizers import get as get_regularizer
 
@@ -316,7 +316,8 @@ def regularize(
             continue
         param = owner._parameters[local]
         assert param is not None
-        check_zero3(name, param)  # before anything is registered
+        if is_zero3_partition(param):  # before anything is registered
+            raise zero3_refusal(name, param)
         if isinstance(param, torch.nn.parameter.UninitializedParameter):
             uninitialized.append(name)
             continue

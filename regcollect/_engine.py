@@ -39,7 +39,7 @@ from ._sharding import (
     shard_reduction,
 )
 
-__all__ = ["Plan", "Result", "group_penalty", "steppable"]
+__all__ = ["Plan", "Result", "group_penalty", "powers", "steppable"]
 
 
 def steppable(x: torch.Tensor, reg: Regularizer) -> bool:
@@ -55,7 +55,7 @@ def steppable(x: torch.Tensor, reg: Regularizer) -> bool:
     return is_plain(x)
 
 
-def _powers(reg: Regularizer) -> tuple[tuple[Term, Coefficient], ...] | None:
+def powers(reg: Regularizer) -> tuple[tuple[Term, Coefficient], ...] | None:
     """The penalty's parts when all are p-norm powers (the grouped kernels'), else None."""
     terms = reg._terms()
     return terms if terms and all(term.p for term, _ in terms) else None
@@ -111,7 +111,7 @@ class Plan:
         self.fallback: list[int] = []
         self.fallback_detached: set[int] = set()
         for i, (x, reg) in enumerate(zip(self.tensors, self.regularizers)):
-            terms = _powers(reg) if x.is_floating_point() else None
+            terms = powers(reg) if x.is_floating_point() else None
             reduce_over = shard_reduction(x) if terms is not None else None
             if terms is None or reduce_over is None:
                 if getattr(x, SHARD_OVER, None):

@@ -174,9 +174,10 @@ def named_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     return out
 
 
-def ancestors(module: torch.nn.Module) -> list[torch.nn.Module]:
-    """The modules holding ``module``, nearest first (wrappers included)."""
-    out: list[torch.nn.Module] = []
+def _chain(module: torch.nn.Module) -> list[tuple[torch.nn.Module, str]]:
+    """``(parent, name of the child in it)`` from ``module`` up to its root, nearest first
+    (a cycle of links ends it)."""
+    out: list[tuple[torch.nn.Module, str]] = []
     seen = {id(module)}
     current = module
     while (link := _parent_of(current)) is not None:
@@ -184,24 +185,20 @@ def ancestors(module: torch.nn.Module) -> list[torch.nn.Module]:
         if id(current) in seen:
             break
         seen.add(id(current))
-        out.append(current)
+        out.append(link)
     return out
+
+
+def ancestors(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules holding ``module``, nearest first (wrappers included)."""
+    return [parent for parent, _ in _chain(module)]
 
 
 def path_to_root(module: torch.nn.Module) -> tuple[torch.nn.Module, str]:
     """``(outermost model holding module, dotted path of module in it)``; ``""`` for a root."""
-    parts: list[str] = []
-    seen = {id(module)}
-    current = module
-    while (link := _parent_of(current)) is not None:
-        parent, name = link
-        if id(parent) in seen:
-            break
-        seen.add(id(parent))
-        if not is_wrapper(parent, name):
-            parts.append(name)
-        current = parent
-    return current, ".".join(reversed(parts))
+    chain = _chain(module)
+    parts = [name for parent, name in chain if not is_wrapper(parent, name)]
+    return (chain[-1][0] if chain else module), ".".join(reversed(parts))
 
 
 def _snake(name: str) -> str:

@@ -51,7 +51,8 @@ def stepped(optimizer: Any) -> torch.optim.Optimizer:
         if nested is None:
             break
         current = nested
-    _refuse_engine(current)
+    else:  # nested deeper than that: the last one is checked too
+        _refuse_engine(current)
     if not isinstance(current, torch.optim.Optimizer):
         raise TypeError(
             "optimizer must be a torch.optim.Optimizer, or a wrapper that steps one it holds "

@@ -32,7 +32,7 @@ from ._entries import WEIGHT, Entry
 from ._fsdp1 import inside_fsdp1, owner
 from ._sharding import SHARD_OVER
 
-__all__ = ["GroupAxis", "check_zero3", "prepare"]
+__all__ = ["GroupAxis", "is_zero3_partition", "prepare", "zero3_refusal"]
 
 
 class GroupAxis:
@@ -55,19 +55,19 @@ class GroupAxis:
         return id(self.group)
 
 
-def check_zero3(name: str, tensor: torch.Tensor) -> None:
-    """Refuse a parameter DeepSpeed ZeRO-3 partitions.
+def is_zero3_partition(tensor: torch.Tensor) -> bool:
+    """Whether DeepSpeed ZeRO-3 partitions ``tensor`` across the ranks."""
+    return hasattr(tensor, "ds_numel") and hasattr(tensor, "ds_status")
 
-    Raises:
-        ValueError: ``tensor`` is partitioned by ZeRO-3.
-    """
-    if hasattr(tensor, "ds_numel") and hasattr(tensor, "ds_status"):
-        raise ValueError(
-            f"{name!r}: DeepSpeed ZeRO stage 3 partitions this parameter across the ranks "
-            f"(shape {tuple(getattr(tensor, 'ds_shape', ()))}, here {tuple(tensor.shape)}); "
-            "regcollect cannot compute its penalty from a partition. Use ZeRO stage 1 or 2, "
-            "where the penalty in the loss is exact, or fully_shard (FSDP2)."
-        )
+
+def zero3_refusal(name: str, tensor: torch.Tensor) -> ValueError:
+    """The error for a parameter ZeRO-3 partitions, naming it and the stages that work."""
+    return ValueError(
+        f"{name!r}: DeepSpeed ZeRO stage 3 partitions this parameter across the ranks "
+        f"(shape {tuple(getattr(tensor, 'ds_shape', ()))}, here {tuple(tensor.shape)}); "
+        "regcollect cannot compute its penalty from a partition. Use ZeRO stage 1 or 2, "
+        "where the penalty in the loss is exact, or fully_shard (FSDP2)."
+    )
 
 
 def prepare(entries: Sequence[Entry], tensors: Sequence[torch.Tensor | None]) -> None:
@@ -90,7 +90,8 @@ def prepare(entries: Sequence[Entry], tensors: Sequence[torch.Tensor | None]) ->
                     "(L1/L2 penalties are exact there), or use fully_shard (FSDP2)."
                 )
             continue
-        check_zero3(entry.base_name()[0], tensor)
+        if is_zero3_partition(tensor):
+            raise zero3_refusal(entry.base_name()[0], tensor)
         if not getattr(tensor, "_fsdp_flattened", False) or module is None:
             continue
         found = owner(module, entry.param or "")

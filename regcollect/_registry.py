@@ -20,6 +20,7 @@ import torch
 from . import _following, _naming
 from ._activity import ActivityHook, Pending
 from ._checks import ScopeArg, check_module, check_scope
+from ._engine import powers
 from ._entries import ACTIVITY, TENSOR, WEIGHT, Entry, unique_names
 from ._handle import Handle
 from ._sharding import flattened_shard_message
@@ -156,10 +157,9 @@ class Registry:
             # shape) changes nothing.
             tensor = entry.resolve()
             if tensor is not None and entry.kind != ACTIVITY:
-                terms = entry.regularizer._terms()
-                if getattr(tensor, "_fsdp_flattened", False) and not (
-                    terms and all(term.local for term, _ in terms)
-                ):
+                # An FSDP1 shard: only sums of p-norm powers are completed across ranks (the
+                # engine's rule; it refuses the rest at loss() when registered before wrapping).
+                if getattr(tensor, "_fsdp_flattened", False) and powers(entry.regularizer) is None:
                     message = flattened_shard_message(entry.regularizer)
                     raise ValueError(f"{entry.base_name()[0]!r}: {message}")
                 try:
