@@ -134,13 +134,17 @@ def tiny_models(transformers):
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     text = {"vocab_size": 30}
+    # One tiny transformer block, as BERT, CLIP's two towers and Wav2Vec2 name its sizes.
+    block = {
+        "hidden_size": 8,
+        "intermediate_size": 16,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+    }
     out = {}
     bert = transformers.BertForSequenceClassification(
         transformers.BertConfig(
-            hidden_size=8,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=16,
+            **block,
             max_position_embeddings=16,
             hidden_dropout_prob=0.0,
             attention_probs_dropout_prob=0.0,
@@ -194,22 +198,8 @@ def tiny_models(transformers):
     )
     clip = transformers.CLIPModel(
         transformers.CLIPConfig(
-            text_config={
-                "hidden_size": 8,
-                "intermediate_size": 16,
-                "num_hidden_layers": 1,
-                "num_attention_heads": 2,
-                "max_position_embeddings": 16,
-                **text,
-            },
-            vision_config={
-                "hidden_size": 8,
-                "intermediate_size": 16,
-                "num_hidden_layers": 1,
-                "num_attention_heads": 2,
-                "image_size": 8,
-                "patch_size": 4,
-            },
+            text_config={**block, "max_position_embeddings": 16, **text},
+            vision_config={**block, "image_size": 8, "patch_size": 4},
             projection_dim=8,
         )
     )
@@ -236,10 +226,7 @@ def tiny_models(transformers):
     )
     wav2vec2 = transformers.Wav2Vec2ForCTC(
         transformers.Wav2Vec2Config(
-            hidden_size=8,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=16,
+            **block,
             conv_dim=(8, 8),
             conv_stride=(5, 2),
             conv_kernel=(10, 3),

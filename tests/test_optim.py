@@ -971,7 +971,11 @@ def test_a_parameter_two_attached_optimizers_hold_gets_its_penalty_once(
         reg = rc.l2(WD / 2) if decoupled else rc.l1_l2(0.01, WD / 2)
         if attached or not decoupled:
             rc.add_regularizer(model[0], "weight", reg, collection=coll)
-        make = (torch.optim.AdamW, torch.optim.AdamW) if decoupled else (SGD_, torch.optim.Adam)
+        make = (
+            (torch.optim.AdamW, torch.optim.AdamW)
+            if decoupled
+            else (sgd_with_momentum, torch.optim.Adam)
+        )
         trunk = {
             "params": [model[0].weight],
             "weight_decay": WD if decoupled and not attached else 0,
@@ -1002,5 +1006,5 @@ def test_a_parameter_two_attached_optimizers_hold_gets_its_penalty_once(
     same_to_rounding(want.parameters(), got.parameters(), steps=2 * len(data), momentum=MOMENTUM)
 
 
-def SGD_(params, **options):
+def sgd_with_momentum(params, **options):
     return torch.optim.SGD(params, momentum=0.9, **options)
