@@ -7,14 +7,13 @@ from collections.abc import Mapping
 
 import torch
 
-from . import _naming
+from . import _fsdp1, _naming
 from ._checks import check_module
 from ._collection import Collection
 from ._context import active_collection, current_prefix
-from ._fsdp1 import real_shape
 from ._handle import Handle
+from ._held import real_shape
 from ._l2sp import check_reference_shape
-from ._partitioned import is_zero3_partition, zero3_refusal
 from .regularizers import L2SP, Regularizer
 from .regularizers import get as get_regularizer
 
@@ -210,7 +209,8 @@ def _walk_parameters(
     """
     seen: set[int] = set()
     out = []
-    for qualified, module in _naming.named_modules(model):
+    modules = _naming.named_modules(model)
+    for qualified, module in modules:
         for local, param in module._parameters.items():
             if param is None or id(param) in seen:
                 continue
@@ -224,6 +224,11 @@ def _walk_parameters(
                 logical = f"{layer_path}.{parts[-1]}" if layer_path else parts[-1]
                 layer = model.get_submodule(layer_path) if layer_path else model
             out.append((name, logical, module, local, layer))
+    # Parameters FSDP1 took into flat parameters (use_orig_params=False), under their names.
+    paths = {id(module): path for path, module in modules}
+    for module, local in _fsdp1.flattened_away(model):
+        name = f"{paths[id(module)]}.{local}".strip(".")
+        out.append((name, name, module, local, module))
     return out
 
 
@@ -314,10 +319,7 @@ def regularize(
             continue
         if exclude_p is not None and (_matches(name, exclude_p) or _matches(logical, exclude_p)):
             continue
-        param = owner._parameters[local]
-        assert param is not None
-        if is_zero3_partition(param):  # before anything is registered
-            raise zero3_refusal(name, param)
+        param = owner._parameters.get(local)  # None: in an FSDP1 flat parameter
         if isinstance(param, torch.nn.parameter.UninitializedParameter):
             uninitialized.append(name)
             continue
@@ -331,7 +333,7 @@ def regularize(
             kind = "embeddings"
         elif "bias" in last:
             kind = "bias"
-        elif len(real_shape(owner, local, param)) >= 2:  # FSDP1 flattens to 1-D
+        elif len(real_shape(owner, local, param) or ()) >= 2:  # FSDP1 flattens, ZeRO-3 empties
             kind = "kernel"
         else:
             continue  # other vectors (scales, PReLU slopes): only by explicit add_regularizer
@@ -341,7 +343,8 @@ def regularize(
             if reference is None:
                 missing.append(name)
                 continue
-            check_reference_shape(reference, param, name)  # named as in the model
+            if param is not None:
+                check_reference_shape(reference, param, name)  # named as in the model
             reg = L2SP(reg.l2, reference=reference)
         if reg is not None:
             targets.append((owner, local, reg))

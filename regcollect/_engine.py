@@ -29,13 +29,14 @@ import torch
 from ._kernels import group_penalty, group_value
 from ._penalties import Coefficient, Regularizer, Term, accumulation_dtype, scale
 from ._sharding import (
+    HELD_PART,
     SHARD_OVER,
     ContiguousGrad,
     all_reduce,
-    flattened_shard_message,
     is_dtensor,
     is_plain,
     layouts,
+    parts_message,
     shard_reduction,
 )
 
@@ -114,8 +115,10 @@ class Plan:
             terms = powers(reg) if x.is_floating_point() else None
             reduce_over = shard_reduction(x) if terms is not None else None
             if terms is None or reduce_over is None:
-                if getattr(x, SHARD_OVER, None):
-                    raise ValueError(f"{self.describe(i)}: {flattened_shard_message(reg)}")
+                part = getattr(x, HELD_PART, None)
+                if part is not None or getattr(x, SHARD_OVER, None):
+                    engine = part.held.engine if part is not None else "FSDP1"
+                    raise ValueError(f"{self.describe(i)}: {parts_message(reg, engine)}")
                 # Other penalties that can be evaluated many at once (Regularizer._batch):
                 # plain tensors only; sharded ones are completed and called one by one.
                 key = reg._batch_key(x) if is_plain(x) and x.is_floating_point() else None
@@ -130,12 +133,14 @@ class Plan:
             # Zero terms are skipped, but a tensor whose terms are all zero (a lambda = 0 run
             # of a sweep) keeps one, so that it stays in the graph with a zero gradient.
             # A replicated DTensor has nothing to reduce but still needs to_local(): it must
-            # not share a group with plain tensors, hence the is-DTensor part of the key.
+            # not share a group with plain tensors, hence the is-DTensor part of the key; the
+            # same for the stand-ins of parts of parameters an engine holds (HELD_PART).
             # Tensors whose L1/L2 terms an optimizer applies (attach_optimizer): their value
             # is computed without autograd, in groups of their own.
             detached = id(x) in no_grad
             shape = _stack_shape(x, _VALUE_STACK_MAX_BYTES if detached else _STACK_MAX_BYTES)
-            key = (x.device, x.dtype, is_dtensor(x), reduce_over, detached, shape)
+            held = hasattr(x, HELD_PART)
+            key = (x.device, x.dtype, is_dtensor(x), held, reduce_over, detached, shape)
             for term, coef in [t for t in terms if t[1]] or terms[:1]:
                 groups.setdefault((term.p, coef, *key), []).append(i)
         # Stacking pays for its extra node only with enough tensors of one shape; fewer go
@@ -152,11 +157,12 @@ class Plan:
                 idx,
                 [self.tensors[i] for i in idx],
                 sharded,
+                held,
                 reduce_over,
                 shape is not None,
                 detached,
             )
-            for (p, coef, _, _, sharded, reduce_over, detached, shape), idx in merged.items()
+            for (p, coef, _, _, sharded, held, reduce_over, detached, shape), idx in merged.items()
         ]
         self.batches = [(k[0], idx, k[-1]) for k, idx in batched.items()]
         self.device = self.tensors[0].device if self.tensors else torch.device("cpu")
@@ -179,6 +185,8 @@ class Plan:
             tensors = group.tensors
             if group.sharded:
                 tensors = [x.to_local() for x in tensors]  # type: ignore[attr-defined]
+            elif group.held:
+                tensors = [getattr(x, HELD_PART).current() for x in tensors]
             coef = scale(group.coef, tensors[0])  # a schedule: its current value, a tensor
             if group.detached:
                 group_total, values = group_value(group.p, coef, tensors, group.stacked)
@@ -245,6 +253,8 @@ class _Group:
     tensors: list[torch.Tensor]
     # DTensors, which contribute their local shard (to_local()) to the kernels.
     sharded: bool
+    # Stand-ins for parts of parameters an engine holds (HELD_PART): their part's values.
+    held: bool
     # () for tensors whose values are all here; else the (mesh, dim) pairs to sum over.
     reduce_over: tuple[Any, ...]
     # Small CPU tensors of one shape, computed from one stacked copy (_StackedPenalty, or

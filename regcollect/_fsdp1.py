@@ -41,12 +41,28 @@ def owner(module: torch.nn.Module, name: str) -> tuple[Any, int] | None:
     return None
 
 
-def real_shape(module: torch.nn.Module, name: str, param: torch.Tensor) -> torch.Size:
-    """The shape a parameter had before FSDP1 (``use_orig_params=True``) flattened it."""
-    if not getattr(param, "_fsdp_flattened", False):
+def real_shape(module: torch.nn.Module, name: str, param: torch.Tensor | None) -> torch.Size | None:
+    """The shape a parameter had before FSDP1 flattened it (``use_orig_params=True``: a flat
+    view; ``param`` None: gone into a flat parameter, ``use_orig_params=False``); None for a
+    missing parameter no flat parameter holds."""
+    if param is not None and not getattr(param, "_fsdp_flattened", False):
         return param.shape
     found = owner(module, name)
     if found is None:
-        return param.shape
+        return None if param is None else param.shape
     handle, i = found
     return torch.Size(handle.flat_param._shapes[i])
+
+
+def flattened_away(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str]]:
+    """``(module, name)`` of the parameters FSDP1 (``use_orig_params=False``) took out of the
+    modules under ``model`` into flat parameters, in the flat parameters' order."""
+    out = []
+    for module in model.modules():
+        if not is_fsdp1(module):
+            continue
+        flat = getattr(getattr(module, "_handle", None), "flat_param", None)
+        for info in getattr(flat, "_param_infos", None) or ():
+            if info.module._parameters.get(info.param_name) is None:
+                out.append((info.module, info.param_name))
+    return out

@@ -81,8 +81,9 @@ def _refuse_engine(optimizer: Any) -> None:
         raise ValueError(
             f"attach_optimizer cannot apply penalties inside DeepSpeed ({cls.__name__}): its "
             "optimizer updates flat partitions of the parameters, not the parameters "
-            "regcollect regularizes. Add the penalty to the loss instead "
-            "(engine.backward(loss + rc.loss(model))), which is exact under ZeRO stages 1 and 2."
+            "regcollect regularizes. Add the penalty to the loss instead, after the forward pass "
+            "(engine.backward(criterion(engine(x), y) + rc.loss())), which is exact under "
+            "every ZeRO stage."
         )
     groups = getattr(optimizer, "param_groups", None)
     if isinstance(groups, list) and any(
@@ -91,8 +92,9 @@ def _refuse_engine(optimizer: Any) -> None:
         raise ValueError(
             f"attach_optimizer: {cls.__name__} holds FSDP1 flat parameters "
             "(FullyShardedDataParallel with use_orig_params=False), not the parameters "
-            "regcollect regularizes. Wrap with use_orig_params=True, where the attached step "
-            "is exact, or use fully_shard (FSDP2)."
+            "regcollect regularizes. Add the penalty to the loss instead, after the forward "
+            "pass (criterion(model(x), y) + rc.loss()), which is exact with flat parameters, "
+            "or wrap with use_orig_params=True, where the attached step is exact too."
         )
 
 

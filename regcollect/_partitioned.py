@@ -1,24 +1,19 @@
-"""Parameters an engine partitions in place (FSDP1, DeepSpeed ZeRO-3): what that does to the
-parameters a collection regularizes.
+"""Parameters an engine partitions in place (FSDP1, DeepSpeed ZeRO-3): what a plan evaluates
+for the parameters a collection regularizes.
 
-- ``use_orig_params=True``: each original parameter stays the same object, but outside the
-  forward pass its data is a flat 1-D view of the part of it in this rank's shard (empty on the
-  ranks holding none of it). Its L1/L2 penalties are sums over elements, so each rank computes
-  them on its part and ``loss()`` completes the value with the all-reduce FSDP2's sharded
-  tensors use (``regcollect._sharding``): the tensor is stamped with the FSDP process group
-  while its flat parameter is sharded. Its gradient is already right (each rank's part).
-  Penalties that need the whole tensor (orthogonal, custom, L2-SP, group lasso) are refused
-  there, clearly, rather than computed on a shard.
-- ``use_orig_params=False``: the original parameters are gone from their modules (FSDP1 keeps
-  one flat parameter): nothing is left to regularize, which is refused with the way out.
+- FSDP1, ``use_orig_params=True``: each original parameter stays the same object, but outside
+  the forward pass its data is a flat 1-D view of the part of it in this rank's shard (empty
+  on the ranks holding none of it). Its L1/L2 penalties are sums over elements, so each rank
+  computes them on its part and ``loss()`` completes the value with the all-reduce FSDP2's
+  sharded tensors use (``regcollect._sharding``): the tensor is stamped with the FSDP process
+  group while its flat parameter is sharded. Its gradient is already right (each rank's part).
+- FSDP1, ``use_orig_params=False``, and DeepSpeed ZeRO-3: the parameter is gone from its
+  module into a flat parameter, or holds none of its elements outside the forward pass. The
+  plan evaluates a stand-in for this rank's part of it instead (``regcollect._held``), whose
+  gradient goes through the engine's own reduction.
 
-- DeepSpeed ZeRO-3 partitions every parameter across the ranks (``ds_numel`` elements, none
-  of them here outside the forward pass): its penalties cannot be computed on what a rank
-  holds, which is refused, naming the parameter and the stages that work (ZeRO-1/2 keep whole
-  parameters, and the penalty in the loss is exact there).
-
-Engines are recognised by their classes' names and packages and by the attributes they put on
-parameters, so nothing is imported here.
+Penalties that need the whole tensor (orthogonal, custom, L2-SP, group lasso) are refused on
+such parameters, clearly, rather than computed on a part (``regcollect._engine``).
 """
 
 from __future__ import annotations
@@ -30,68 +25,46 @@ import torch
 
 from ._entries import WEIGHT, Entry
 from ._fsdp1 import inside_fsdp1, owner
-from ._sharding import SHARD_OVER
+from ._held import Part, flat_shard, is_zero3_partition, zero3_partition
+from ._sharding import HELD_PART, SHARD_OVER, GroupAxis
 
-__all__ = ["GroupAxis", "is_zero3_partition", "prepare", "zero3_refusal"]
-
-
-class GroupAxis:
-    """A process group in the shape of one dimension of a device mesh (what the sharded-sum
-    layouts read: ``size(dim)``, ``get_group(dim)``), equal for the same group."""
-
-    def __init__(self, group: Any) -> None:
-        self.group = group
-
-    def size(self, dim: int = 0) -> int:
-        return int(self.group.size())
-
-    def get_group(self, dim: int = 0) -> Any:
-        return self.group
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, GroupAxis) and other.group is self.group
-
-    def __hash__(self) -> int:
-        return id(self.group)
+__all__ = ["prepare"]
 
 
-def is_zero3_partition(tensor: torch.Tensor) -> bool:
-    """Whether DeepSpeed ZeRO-3 partitions ``tensor`` across the ranks."""
-    return hasattr(tensor, "ds_numel") and hasattr(tensor, "ds_status")
+def prepare(
+    entries: Sequence[Entry], tensors: Sequence[torch.Tensor | None]
+) -> list[torch.Tensor | None]:
+    """Before a plan is built: the tensors the plan evaluates for ``entries``, whose current
+    tensors are ``tensors``.
 
-
-def zero3_refusal(name: str, tensor: torch.Tensor) -> ValueError:
-    """The error for a parameter ZeRO-3 partitions, naming it and the stages that work."""
-    return ValueError(
-        f"{name!r}: DeepSpeed ZeRO stage 3 partitions this parameter across the ranks "
-        f"(shape {tuple(getattr(tensor, 'ds_shape', ()))}, here {tuple(tensor.shape)}); "
-        "regcollect cannot compute its penalty from a partition. Use ZeRO stage 1 or 2, "
-        "where the penalty in the loss is exact, or fully_shard (FSDP2)."
-    )
-
-
-def prepare(entries: Sequence[Entry], tensors: Sequence[torch.Tensor | None]) -> None:
-    """Before a plan is built: stamp the FSDP1 shards among ``tensors`` with the group their
-    partial sums reduce over (or nothing while unsharded), and refuse weight entries whose
-    parameter FSDP1 flattened away.
+    FSDP1 shards (``use_orig_params=True``) are stamped with the group their partial sums
+    reduce over (or nothing while unsharded). A parameter ZeRO-3 partitions, or FSDP1 flattened
+    away (``use_orig_params=False``), is replaced by a stand-in for this rank's part of it.
 
     Raises:
-        ValueError: A weight entry's parameter is gone into an FSDP1 flat parameter
-            (``use_orig_params=False``), or DeepSpeed ZeRO-3 partitions it.
+        ValueError: A weight entry's parameter is gone from an FSDP1-wrapped module, and no
+            flat parameter holds it.
     """
-    for entry, tensor in zip(entries, tensors):
+    out = list(tensors)
+    for i, (entry, tensor) in enumerate(zip(entries, tensors)):
         module = entry.module
         if tensor is None:
-            if entry.kind == WEIGHT and module is not None and inside_fsdp1(module):
+            if entry.kind != WEIGHT or module is None or not inside_fsdp1(module):
+                continue
+            name = entry.base_name()[0]
+            found = owner(module, entry.param or "")
+            if found is None:
                 raise ValueError(
-                    f"{entry.base_name()[0]!r}: FSDP1 (FullyShardedDataParallel) "
-                    "with use_orig_params=False replaced this parameter by a flat parameter, "
-                    "so there is nothing left to regularize. Wrap with use_orig_params=True "
-                    "(L1/L2 penalties are exact there), or use fully_shard (FSDP2)."
+                    f"{name!r}: FSDP1 (FullyShardedDataParallel) removed this parameter from "
+                    "its module, and no FSDP1 flat parameter holds it."
                 )
+            if found[0].flat_param.requires_grad:
+                out[i] = _stand_in(flat_shard(*found, name))
             continue
         if is_zero3_partition(tensor):
-            raise zero3_refusal(entry.base_name()[0], tensor)
+            if tensor.requires_grad:
+                out[i] = _stand_in(zero3_partition(tensor, entry.base_name()[0]))
+            continue
         if not getattr(tensor, "_fsdp_flattened", False) or module is None:
             continue
         found = owner(module, entry.param or "")
@@ -101,3 +74,12 @@ def prepare(entries: Sequence[Entry], tensors: Sequence[torch.Tensor | None]) ->
             if handle.uses_sharded_strategy and handle.is_sharded(handle.flat_param):
                 over = ((GroupAxis(handle.process_group), 0),)
         setattr(tensor, SHARD_OVER, over)
+    return out
+
+
+def _stand_in(part: Part) -> torch.Tensor:
+    """A tensor with the dtype, device and size of ``part``, standing for it in a plan."""
+    x = part.held.local()[part.start : part.stop].requires_grad_()
+    setattr(x, SHARD_OVER, part.held.over)
+    setattr(x, HELD_PART, part)
+    return x

@@ -136,8 +136,8 @@ class PlanCache:
         in_scope, candidates = build()
         locators = [e.locator for e in candidates]
         tensors = current_tensors(locators)
-        prepare_partitioned(candidates, tensors)
-        entries, chosen = choose(candidates, tensors)
+        evaluated = prepare_partitioned(candidates, tensors)
+        entries, chosen = choose(candidates, evaluated)
         kept = set(map(id, entries))
         meta = [
             e
@@ -157,7 +157,7 @@ class PlanCache:
                 applied(entries),
                 describe(entries),
                 # Every rank lays out the same sharded tensors, trained here or not.
-                registered=tensors,
+                registered=evaluated,
                 describe_registered=describe(candidates),
                 no_grad=no_grad() if no_grad is not None else frozenset(),
             ),

@@ -17,13 +17,14 @@ from typing import Any
 
 import torch
 
-from . import _following, _naming
+from . import _following, _fsdp1, _naming
 from ._activity import ActivityHook, Pending
 from ._checks import ScopeArg, check_module, check_scope
 from ._engine import powers
 from ._entries import ACTIVITY, TENSOR, WEIGHT, Entry, unique_names
 from ._handle import Handle
-from ._sharding import flattened_shard_message
+from ._held import is_zero3_partition
+from ._sharding import parts_message
 from .regularizers import Regularizer
 
 __all__ = ["Registry", "parametrized_tensors"]
@@ -105,7 +106,7 @@ class Registry:
     ) -> Handle:
         """Register ``regularizer`` on ``module._parameters[param]``, replacing any previous one."""
         check_module(module)
-        if module._parameters.get(param) is None:
+        if module._parameters.get(param) is None and _fsdp1.owner(module, param) is None:
             available = [n for n, p in module._parameters.items() if p is not None]
             raise ValueError(
                 f"{type(module).__name__} has no parameter {param!r}; its parameters are "
@@ -157,10 +158,15 @@ class Registry:
             # shape) changes nothing.
             tensor = entry.resolve()
             if tensor is not None and entry.kind != ACTIVITY:
-                # An FSDP1 shard: only sums of p-norm powers are completed across ranks (the
-                # engine's rule; it refuses the rest at loss() when registered before wrapping).
-                if getattr(tensor, "_fsdp_flattened", False) and powers(entry.regularizer) is None:
-                    message = flattened_shard_message(entry.regularizer)
+                # An FSDP1 shard, a ZeRO-3 partition: only sums of p-norm powers are completed
+                # across ranks (the engine's rule; it refuses the rest at loss() when
+                # registered before wrapping).
+                zero3 = is_zero3_partition(tensor)
+                if powers(entry.regularizer) is None and (
+                    zero3 or getattr(tensor, "_fsdp_flattened", False)
+                ):
+                    engine = "DeepSpeed ZeRO-3" if zero3 else "FSDP1"
+                    message = parts_message(entry.regularizer, engine)
                     raise ValueError(f"{entry.base_name()[0]!r}: {message}")
                 try:
                     entry.regularizer._check(tensor)

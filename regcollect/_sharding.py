@@ -33,9 +33,11 @@ __all__ = [
     "SHARD_OVER",
     "is_plain",
     "ContiguousGrad",
+    "GroupAxis",
+    "HELD_PART",
     "Layout",
     "ShardedGroup",
-    "flattened_shard_message",
+    "parts_message",
     "all_reduce",
     "is_dtensor",
     "layouts",
@@ -167,21 +169,47 @@ class ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+class GroupAxis:
+    """A process group in the shape of one dimension of a device mesh (what the sharded-sum
+    layouts read: ``size(dim)``, ``get_group(dim)``), equal for the same group."""
+
+    def __init__(self, group: Any) -> None:
+        self.group = group
+
+    def size(self, dim: int = 0) -> int:
+        return int(self.group.size())
+
+    def get_group(self, dim: int = 0) -> Any:
+        return self.group
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, GroupAxis) and other.group is self.group
+
+    def __hash__(self) -> int:
+        return id(self.group)
+
+
 # Tensors that are not subclasses: their values are all here, and they can be stacked.
 PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 # A plain tensor that holds one rank's part of a parameter (an FSDP1 shard view) carries the
-# ((group, 0),) its partial sums are reduced over in this attribute (regcollect._fsdp1).
+# ((group, 0),) its partial sums are reduced over in this attribute (regcollect._partitioned).
 SHARD_OVER = "_regcollect_shard_over"
+# A tensor that stands in a plan for one rank's part of a parameter an engine holds in parts
+# (ZeRO-3, FSDP1 with use_orig_params=False) carries its ``regcollect._held.Part`` here: the
+# plan takes the part's values at every call (``current()``), as it takes a DTensor's local
+# shard, and never the stand-in's own.
+HELD_PART = "_regcollect_held_part"
 
 
-def flattened_shard_message(regularizer: object) -> str:
-    """Why ``regularizer`` cannot apply to a parameter FSDP1 flattened into shards."""
+def parts_message(regularizer: object, engine: str = "FSDP1") -> str:
+    """Why ``regularizer`` cannot apply to a parameter ``engine`` holds in parts across the
+    ranks (an FSDP1 shard, a ZeRO-3 partition)."""
     return (
-        f"FSDP1 holds this parameter as a flattened shard, and {regularizer!r} needs the whole "
-        "tensor. Use fully_shard (FSDP2), where it is gathered, or L1/L2 penalties, which are "
-        "exact under FSDP1"
+        f"{engine} holds this parameter in parts across the ranks, and {regularizer!r} needs the "
+        "whole tensor. Use fully_shard (FSDP2), where it is gathered, or L1/L2 penalties, which "
+        f"are exact under {engine}"
     )
 
 
@@ -189,8 +217,8 @@ def is_plain(x: torch.Tensor) -> bool:
     """Whether ``x`` holds all its values as an ordinary tensor does: a ``Tensor``, a
     ``Parameter``, or a subclass of ``Parameter`` that only tags it (no ``__torch_dispatch__``
     or ``__torch_function__`` of its own, unlike DTensor and other wrapper subclasses), and
-    not one rank's part of a parameter (``SHARD_OVER``)."""
-    if getattr(x, SHARD_OVER, None):
+    not one rank's part of a parameter (``SHARD_OVER``, ``HELD_PART``)."""
+    if getattr(x, SHARD_OVER, None) or hasattr(x, HELD_PART):
         return False
     cls = type(x)
     return cls in PLAIN or (

@@ -1,6 +1,8 @@
 """DeepSpeed ZeRO on 2 gloo ranks (CPU): the penalty in the loss gives one process's weights
-under ZeRO-1 and 2; the attached step under any stage and any penalty under ZeRO-3 are refused
-on every rank, naming DeepSpeed (before, they applied nothing or crashed silently).
+under ZeRO-1, 2 and 3, with the same values on every rank; the attached step under any stage,
+a whole-tensor penalty on ZeRO-3's partitions and a ZeRO-3 penalty computed before the forward
+pass are errors on every rank, naming DeepSpeed (before, they applied nothing, gave 0.0 or
+crashed the backward).
 
 One ``torchrun`` launch runs every scenario of ``deepspeed_worker.py``. DeepSpeed is the
 ``deepspeed`` extra (``pip install -e ".[deepspeed]"``), which ``.ci/run`` installs.
@@ -28,6 +30,7 @@ WORKER = Path(__file__).with_name("deepspeed_worker.py")
 # 4 SGD steps; ranks sum gradients in another order than one process: 8 float32 ulps of
 # weights below 1 a step (tests/conftest.py's rounding_bound).
 TOL = 4 * 8 * torch.finfo(torch.float32).eps
+SHAPES = {"0.weight": [12, 6], "0.bias": [12], "2.weight": [1, 12], "2.bias": [1]}
 
 
 @pytest.fixture(scope="module")
@@ -41,17 +44,53 @@ def report(tmp_path_factory: pytest.TempPathFactory, torchrun: Any) -> list[dict
     return result
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_the_penalty_in_the_loss_equals_one_process(report: Any, stage: int) -> None:
+@pytest.mark.parametrize(
+    "scenario",
+    [
+        "zero1",
+        "zero2",
+        # ZeRO-3 keeps these small parameters whole on every rank (persistence threshold)...
+        "zero3",
+        # ... and here partitions them, as a large model's: no rank holds a whole parameter.
+        "zero3_partitioned",
+        "zero3_regularize",  # rc.regularize on the engine's module: rules see ds_shape
+        "zero3_init",  # built under deepspeed.zero.Init, rc.nn layers
+    ],
+)
+def test_the_penalty_in_the_loss_equals_one_process(report: Any, scenario: str) -> None:
     for rank in report:
-        r = rank[f"zero{stage}"]
+        r = rank[scenario]
         assert "error" not in r, r.get("error")
         assert r["moved"] > 1e-2
         assert r["param_diff"] < TOL and r["penalty_diff"] < TOL
+        assert r["penalties_diff"] < TOL and r["names"] == r["reference_names"]
+        assert r["shapes"] == SHAPES  # the model's, not the partitions' (0,)
+    first, *others = [(rank[scenario]["seen"], rank[scenario]["penalties"]) for rank in report]
+    assert all(other == first for other in others)  # bit-identical values on every rank
+
+
+def test_zero3_loss_before_the_forward_pass_is_an_error_from_the_backward(report: Any) -> None:
+    """Its gradient would arrive after DeepSpeed reduced the parameters' gradients: said so,
+    on every rank, instead of a step without the penalty."""
+    for rank in report:
+        message = rank["zero3_loss_first"]["error_message"]
+        assert message is not None
+        assert "arrived after DeepSpeed ZeRO-3 had reduced the parameter's gradient" in message
+        assert "compute rc.loss() after the model's forward pass" in message
+
+
+def test_zero3_refuses_whole_tensor_penalties(report: Any) -> None:
+    first, *others = [rank["zero3_whole_tensor"] for rank in report]
+    assert "error" not in first, first.get("error")
+    assert all(other == first for other in others)
+    for attempt, name in [("loss", "entry '2.weight'"), ("add_regularizer", "'0.weight'")]:
+        message = first["errors"][attempt]
+        assert f"{name}: DeepSpeed ZeRO-3 holds this parameter in parts across the ranks" in message
+        assert "Orthogonal(factor=0.1, mode='rows') needs the whole tensor" in message
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_what_cannot_be_exact_is_refused_naming_deepspeed(report: Any, stage: int) -> None:
+def test_the_attached_step_is_refused_naming_deepspeed(report: Any, stage: int) -> None:
     first, *others = [rank[f"zero{stage}_refused"] for rank in report]
     assert "error" not in first, first.get("error")
     assert all(other == first for other in others)  # the same on every rank
@@ -59,11 +98,5 @@ def test_what_cannot_be_exact_is_refused_naming_deepspeed(report: Any, stage: in
     optimizer = "DeepSpeedZeroOptimizer_Stage3" if stage == 3 else "DeepSpeedZeroOptimizer"
     for attempt in ("attach_optimizer", "attach_engine"):
         assert f"cannot apply penalties inside DeepSpeed ({optimizer})" in errors[attempt]
-        assert "engine.backward(loss + rc.loss(model))" in errors[attempt]
-    if stage < 3:
-        assert errors["loss"] is None and errors["regularize"] is None
-        return
-    for attempt in ("loss", "regularize"):
-        assert "'0.weight': DeepSpeed ZeRO stage 3 partitions this parameter" in errors[attempt]
-        assert "(shape (12, 6), here (0,))" in errors[attempt]
-        assert "Use ZeRO stage 1 or 2" in errors[attempt]
+        assert "engine.backward(criterion(engine(x), y) + rc.loss())" in errors[attempt]
+        assert "exact under every ZeRO stage" in errors[attempt]

@@ -55,6 +55,13 @@ EXACT = [
     "fsdp1_shard_grad_op",
     "fsdp1_no_shard",
     "fsdp1_regularize_after_wrap",
+    # FSDP1 with use_orig_params=False: the parameters are gone into one flat parameter per
+    # wrapped module; each rank computes the penalty on its shard of it.
+    "fsdp1_flat",
+    "fsdp1_flat_nested",
+    "fsdp1_flat_shard_grad_op",
+    "fsdp1_flat_no_shard",
+    "fsdp1_flat_regularize_after_wrap",
 ]
 
 
@@ -111,6 +118,10 @@ def test_every_rank_sees_the_same_values(report: dict[str, Any], scenario: str) 
         # FSDP1 (use_orig_params=True): one all-reduce per loss(), whatever the entries.
         ("fsdp1", {"c10d": 1}, {"c10d": 1}),
         ("fsdp1_nested", {"c10d": 1}, {"c10d": 1}),
+        ("fsdp1_flat", {"c10d": 1}, {"c10d": 1}),
+        ("fsdp1_flat_nested", {"c10d": 1}, {"c10d": 1}),
+        # NO_SHARD: every rank holds every element, nothing to reduce.
+        ("fsdp1_flat_no_shard", {}, {}),
     ],
 )
 def test_collectives_per_loss(
@@ -186,22 +197,48 @@ def test_attached_optimizer_matches_single_process(report: dict[str, Any], scena
 
 
 def test_fsdp1_refuses_what_it_cannot_give_exactly_on_every_rank(report: dict[str, Any]) -> None:
-    """FSDP1 with use_orig_params=False leaves no parameter to regularize, and its optimizer
-    holds flat parameters; a whole-tensor penalty cannot be computed on a flattened shard.
-    Each is an error naming the way out, on every rank (it was silently 0 / nothing)."""
+    """With use_orig_params=False the optimizer holds flat parameters, so the attached step
+    is refused; a whole-tensor penalty cannot be computed on a shard, with either setting.
+    Each is an error naming the way out, on every rank (they were silently 0 / nothing)."""
     flat = report["fsdp1_flat_parameters"]
     assert "error" not in flat, flat.get("error")
     (loss_error, attach_error), other = flat["errors_by_rank"]
-    assert other == [loss_error, attach_error]
-    assert "'0.weight': FSDP1 (FullyShardedDataParallel) with use_orig_params=False" in loss_error
-    assert "use_orig_params=True" in loss_error and "fully_shard (FSDP2)" in loss_error
+    assert other == [loss_error, attach_error] and loss_error is None
     assert "SGD holds FSDP1 flat parameters" in attach_error
-    orthogonal = report["fsdp1_orthogonal"]
-    assert "error" not in orthogonal, orthogonal.get("error")
-    (loss_error, attach_error), other = orthogonal["errors_by_rank"]
-    assert other == [loss_error, attach_error] and attach_error is None
-    assert "entry '2.weight': FSDP1 holds this parameter as a flattened shard" in loss_error
-    assert "Orthogonal(factor=0.5" in loss_error
+    assert "Add the penalty to the loss instead, after the forward pass" in attach_error
+    for scenario, engine in [
+        ("fsdp1_orthogonal", "FSDP1"),
+        ("fsdp1_flat_orthogonal", "FSDP1 (use_orig_params=False)"),
+    ]:
+        orthogonal = report[scenario]
+        assert "error" not in orthogonal, orthogonal.get("error")
+        (loss_error, attach_error), other = orthogonal["errors_by_rank"]
+        assert other == [loss_error, attach_error]
+        assert (attach_error is None) == (engine == "FSDP1")
+        assert (
+            f"entry '2.weight': {engine} holds this parameter in parts across the ranks, "
+            "and Orthogonal(factor=0.5, mode='rows') needs the whole tensor" in loss_error
+        )
+        assert "fully_shard (FSDP2)" in loss_error
+
+
+def test_fsdp1_flat_loss_before_the_forward_pass_is_an_error_not_a_lost_gradient(
+    report: dict[str, Any],
+) -> None:
+    """With flat parameters, the penalty's gradient must reach FSDP1 before it reduces the
+    flat parameter's: rc.loss() before the forward pass is an error from that backward, on
+    every rank, and the next step in the right order is exact (nothing carried over)."""
+    r = report["fsdp1_flat_loss_first"]
+    assert "error" not in r, r.get("error")
+    first, *others = r["errors_by_rank"]
+    assert first is not None and all(e == first for e in others)
+    assert (
+        "the penalty's gradient for the FSDP1 flat parameter holding '0.weight' arrived after "
+        "FSDP1 (use_orig_params=False) had reduced the parameter's gradient" in first
+    )
+    assert "compute rc.loss() after the model's forward pass" in first
+    # One step's gradient of the shard: the mean over ranks of float32 gradients.
+    assert r["next_step_grad_diff"] < 8 * torch.finfo(torch.float32).eps
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])

@@ -259,8 +259,8 @@ def fsdp1(model: torch.nn.Module, nested: bool = False, **kwargs: Any) -> torch.
 
 def fsdp1_refused(middle: str = "l1_l2", use_orig_params: bool = True) -> dict[str, Any]:
     """What FSDP1 cannot give exactly is refused on every rank: a whole-tensor penalty on its
-    flattened shards, parameters flattened away (``use_orig_params=False``), an optimizer
-    holding its flat parameters."""
+    flattened shards or flat parameters, an optimizer holding its flat parameters
+    (``use_orig_params=False``)."""
     coll = rc.Collection()
     model = fsdp1(build(coll, middle=middle), use_orig_params=use_orig_params)
     errors = []
@@ -274,6 +274,44 @@ def fsdp1_refused(middle: str = "l1_l2", use_orig_params: bool = True) -> dict[s
         except ValueError as exc:
             errors.append(str(exc))
     return {"errors_by_rank": everyone(errors)}
+
+
+def fsdp1_loss_first() -> dict[str, Any]:
+    """``loss()`` before the forward pass with FSDP1 flat parameters: the penalty's gradient
+    would come after FSDP1 reduced the flat parameter's, which must be an error from the
+    backward, on every rank."""
+    coll = rc.Collection()
+    model = fsdp1(build(coll), use_orig_params=False)
+    x, y = data()
+    rank = dist.get_rank()
+    penalty = coll.loss()
+    error = None
+    try:
+        (torch.nn.functional.mse_loss(model(x[rank::2]), y[rank::2]) + penalty).backward()
+    except RuntimeError as exc:
+        error = str(exc)
+    # The next step, in the right order, is exact again: nothing was carried over.
+    for p in model.parameters():
+        p.grad = None
+    out = model(x[rank::2])
+    (torch.nn.functional.mse_loss(out, y[rank::2]) + coll.loss()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    reference_coll = rc.Collection()
+    reference = build(reference_coll)
+    reference_grads = []
+    for r in range(dist.get_world_size()):
+        reference.zero_grad()
+        loss = torch.nn.functional.mse_loss(reference(x[r::2]), y[r::2])
+        (loss + reference_coll.loss()).backward()
+        reference_grads.append(torch.cat([p.grad.flatten() for p in reference.parameters()]))
+    want = torch.stack(reference_grads).mean(0)
+    flat = next(iter(grads.values()))
+    shard = flat.numel()
+    mine = want[rank * shard : (rank + 1) * shard]
+    return {
+        "errors_by_rank": everyone(error),
+        "next_step_grad_diff": float((flat[: mine.numel()] - mine).abs().max()),
+    }
 
 
 def hsdp(model: torch.nn.Module) -> torch.nn.Module:
@@ -421,7 +459,21 @@ SCENARIOS: dict[str, Callable[[], dict[str, Any]]] = {
     "fsdp1_regularize_after_wrap": lambda: compare(fsdp1, regularize=True),
     "fsdp1_attached": lambda: attached(fsdp1, decoupled=False),
     "fsdp1_attached_decoupled": lambda: attached(lambda m: fsdp1(m, nested=True), decoupled=True),
+    # use_orig_params=False: one flat parameter per wrapped module.
+    "fsdp1_flat": lambda: compare(lambda m: fsdp1(m, use_orig_params=False)),
+    "fsdp1_flat_nested": lambda: compare(lambda m: fsdp1(m, nested=True, use_orig_params=False)),
+    "fsdp1_flat_shard_grad_op": lambda: compare(
+        lambda m: fsdp1(m, sharding_strategy=ShardingStrategy.SHARD_GRAD_OP, use_orig_params=False)
+    ),
+    "fsdp1_flat_no_shard": lambda: compare(
+        lambda m: fsdp1(m, sharding_strategy=ShardingStrategy.NO_SHARD, use_orig_params=False)
+    ),
+    "fsdp1_flat_regularize_after_wrap": lambda: compare(
+        lambda m: fsdp1(m, use_orig_params=False), regularize=True
+    ),
     "fsdp1_flat_parameters": lambda: fsdp1_refused(use_orig_params=False),
+    "fsdp1_flat_orthogonal": lambda: fsdp1_refused(middle="orthogonal", use_orig_params=False),
+    "fsdp1_flat_loss_first": fsdp1_loss_first,
     "fsdp1_orthogonal": lambda: fsdp1_refused(middle="orthogonal"),
 }
 
