@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,7 @@ pytestmark = [
 ]
 
 WORKER = Path(__file__).with_name("deepspeed_worker.py")
+TRAINER_WORKER = Path(__file__).with_name("trainer_worker.py")
 # 4 SGD steps; ranks sum gradients in another order than one process: 8 float32 ulps of
 # weights below 1 a step (tests/conftest.py's rounding_bound).
 TOL = 4 * 8 * torch.finfo(torch.float32).eps
@@ -100,3 +104,43 @@ def test_the_attached_step_is_refused_naming_deepspeed(report: Any, stage: int) 
         assert f"cannot apply penalties inside DeepSpeed ({optimizer})" in errors[attempt]
         assert "engine.backward(criterion(engine(x), y) + rc.loss())" in errors[attempt]
         assert "exact under every ZeRO stage" in errors[attempt]
+
+
+@pytest.fixture(scope="module")
+def trainer_runs(tmp_path_factory: pytest.TempPathFactory, torchrun: Any) -> Path:
+    pytest.importorskip("transformers", reason='pip install -e ".[transformers]"')
+    pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
+    out = tmp_path_factory.mktemp("trainer")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    done = subprocess.run(
+        [sys.executable, str(TRAINER_WORKER), "reference", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    returncode, stdout, stderr = torchrun(
+        TRAINER_WORKER, "zero2,zero3", str(out), timeout=600, env={"DS_ACCELERATOR": "cpu"}
+    )
+    assert returncode == 0, stdout[-4000:] + stderr[-4000:]
+    return out
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_regularized_trainer_under_deepspeed_equals_one_process(
+    trainer_runs: Path, stage: int
+) -> None:
+    """RegularizedTrainer with a DeepSpeed config (the usual way to DeepSpeed): the weights
+    and the logged penalties of one process, on every rank."""
+    reference = torch.load(trainer_runs / "reference.rank0.pt")
+    initial = torch.load(trainer_runs / "initial.pt")
+    logged = json.loads((trainer_runs / "reference.rank0.json").read_text())
+    assert len(logged) == 4 and logged[0] > 0
+    assert max(float((reference[k] - initial[k]).abs().max()) for k in reference) > 1e-3
+    for rank in (0, 1):
+        got = torch.load(trainer_runs / f"zero{stage}.rank{rank}.pt")
+        assert got.keys() == reference.keys()
+        assert max(float((got[k] - reference[k]).abs().max()) for k in reference) < TOL
+        seen = json.loads((trainer_runs / f"zero{stage}.rank{rank}.json").read_text())
+        assert max(abs(a - b) for a, b in zip(seen, logged, strict=True)) < TOL
