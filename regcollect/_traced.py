@@ -12,7 +12,9 @@ import torch
 
 from ._checks import ScopeArg, check_scope
 from ._engine import Plan
-from ._entries import ACTIVITY
+from ._entries import ACTIVITY, WEIGHT
+from ._fsdp1 import inside_fsdp1
+from ._held import is_zero3_partition
 from ._optim import held_by
 from ._plans import applied, choose, mark_constant, scope_key, traced_tensors, with_records
 from ._readout import Last
@@ -28,6 +30,9 @@ def traced_loss(coll: Any, scope: ScopeArg) -> torch.Tensor:
     of the penalty math, so a compiled step has no graph break here. A ``scope`` is
     matched against the names once, when the step is traced (``_scope_positions``).
     """
+    if _held_parameter(coll):
+        # Completed across the ranks, its gradient handed to the engine: the eager path only.
+        return torch.compiler.disable(coll._eager_loss)(scope)  # type: ignore[no-any-return]
     in_scope = list(coll._registry.ordered)
     checked = None if scope is None else check_scope(scope)  # the eager path's errors
     if checked is not None:
@@ -72,6 +77,26 @@ def _positions(coll: Any, scope: Any) -> tuple[int, ...] | str:
     return tuple(i for i, e in enumerate(coll._registry.ordered) if id(e) in keep)
 
 
+def _held(coll: Any) -> bool:
+    """Whether a parameter of ``coll``'s entries is held in parts across the ranks by FSDP1 or
+    DeepSpeed ZeRO-3: only the eager path completes its penalty and hands its gradient to the
+    engine (``regcollect._partitioned``), so ``loss()`` runs eagerly then, outside the graph.
+
+    Like ``_positions``, this runs once, outside the graph, when torch.compile traces.
+    """
+    for entry in coll._registry.ordered:
+        if entry.kind != WEIGHT:
+            continue
+        tensor, module = entry.resolve(), entry.module
+        if tensor is None:
+            if module is not None and inside_fsdp1(module):
+                return True
+        elif is_zero3_partition(tensor) or getattr(tensor, "_fsdp_flattened", False):
+            return True
+    return False
+
+
 # Where dynamo rejects objects as a constant function's arguments, the function is traced like
 # any other (see _torch_compat).
 _scope_positions = mark_constant(_positions) if CONSTANT_FUNCTIONS_TAKE_OBJECTS else _positions
+_held_parameter = mark_constant(_held) if CONSTANT_FUNCTIONS_TAKE_OBJECTS else _held

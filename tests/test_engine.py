@@ -445,3 +445,33 @@ def test_a_compiled_training_step_with_loss_compiles_once():
             opt.step()
             opt.zero_grad()
     assert values[-1] < values[0]  # trained, and the summary followed every step
+
+
+def test_compiled_loss_runs_eagerly_for_parameters_an_engine_holds_in_parts(monkeypatch):
+    """Only the eager loss() completes such a parameter's penalty across the ranks and hands
+    its gradient to the engine; traced, it was this rank's part alone (FSDP1), or nothing
+    (flat parameters). The compiled loss() runs the eager one for them (tests/distributed
+    checks the weights under FSDP1 compiled)."""
+    import regcollect._plans
+
+    coll = rc.Collection()
+    layer = rc.nn.Linear(4, 4, kernel_regularizer=rc.l2(0.1), collection=coll)
+    prepared = []
+    real = regcollect._plans.prepare_partitioned
+
+    def recording(entries, tensors):
+        prepared.append(len(entries))
+        return real(entries, tensors)
+
+    monkeypatch.setattr(regcollect._plans, "prepare_partitioned", recording)
+    compiled = torch.compile(lambda: coll.loss(), backend="eager")
+    want = 0.1 * (layer.weight.detach() ** 2).sum()
+    assert compiled().item() == pytest.approx(want.item(), rel=1e-6)
+    assert prepared == []  # a plain parameter: traced, no eager plan
+    layer.weight._fsdp_flattened = True  # what FSDP1 puts on the flat views it makes
+    torch._dynamo.reset()
+    got = compiled()
+    assert prepared == [1]  # the eager plan (the traced path builds none)
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    (grad,) = torch.autograd.grad(got, [layer.weight])
+    assert torch.allclose(grad, 0.2 * layer.weight.detach())

@@ -79,11 +79,12 @@ def gathered(engine: Any) -> dict[str, torch.Tensor]:
 
 
 def in_the_loss(
-    stage: int, regularize: bool = False, init: bool = False, **zero: Any
+    stage: int, regularize: bool = False, init: bool = False, compiled: bool = False, **zero: Any
 ) -> dict[str, Any]:
     """The penalty in the loss, computed after the forward pass, against one process on the
     whole batch. ``regularize``: plain layers, ``rc.regularize`` on the engine's module;
-    ``init``: the model built under ``deepspeed.zero.Init`` (partitioned as it is built)."""
+    ``init``: the model built under ``deepspeed.zero.Init`` (partitioned as it is built);
+    ``compiled``: ``coll.loss`` under ``torch.compile``."""
     x, y = data()
     rules = {"kernel": rc.l2(0.05), "bias": rc.l1(0.01)}
     ref_coll = rc.Collection()
@@ -107,10 +108,11 @@ def in_the_loss(
         rc.regularize(engine.module, collection=coll, **rules)
     rank, world = dist.get_rank(), dist.get_world_size()
     half = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+    loss = torch.compile(coll.loss, backend="eager") if compiled else coll.loss
     seen = []
     for _ in range(STEPS):
         out = engine(x[half])
-        penalty = coll.loss()
+        penalty = loss()
         engine.backward(torch.nn.functional.mse_loss(out, y[half]) + penalty)
         engine.step()
         seen.append(penalty.item())
@@ -194,6 +196,7 @@ SCENARIOS = {
     "zero3_partitioned": lambda: in_the_loss(3, **PARTITIONED),
     "zero3_regularize": lambda: in_the_loss(3, regularize=True, **PARTITIONED),
     "zero3_init": lambda: in_the_loss(3, init=True, **PARTITIONED),
+    "zero3_compiled": lambda: in_the_loss(3, compiled=True, **PARTITIONED),
     "zero3_loss_first": zero3_loss_first,
     "zero3_whole_tensor": zero3_whole_tensor,
     "zero1_refused": lambda: refused(1),

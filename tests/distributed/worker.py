@@ -95,14 +95,19 @@ def data() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def train(
-    model: torch.nn.Module, coll: rc.Collection, x: torch.Tensor, y: torch.Tensor
+    model: torch.nn.Module,
+    coll: rc.Collection,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    compiled: bool = False,
 ) -> list[float]:
     opt = torch.optim.SGD(model.parameters(), lr=LR)
+    loss = torch.compile(coll.loss, backend="eager") if compiled else coll.loss
     seen = []
     for _ in range(STEPS):
         opt.zero_grad()
         out = model(x)
-        out, penalty = out if isinstance(out, tuple) else (out, coll.loss())
+        out, penalty = out if isinstance(out, tuple) else (out, loss())
         (torch.nn.functional.mse_loss(out, y) + penalty).backward()
         opt.step()
         seen.append(penalty.item())
@@ -141,6 +146,7 @@ def compare(
     regularize: bool = False,
     in_forward: bool = False,
     stacked: bool = False,
+    compiled: bool = False,
     **build_kwargs: Any,
 ) -> dict[str, Any]:
     """Train the wrapped model on this rank's half batch and the reference on the whole batch.
@@ -149,18 +155,19 @@ def compare(
     ``in_forward``: compute the penalty inside the wrapped forward (:class:`PenaltyInForward`).
     ``stacked``: the wrapped model's plain CPU tensors go through the engine's stacked path
     (every group stacks, however few its tensors); the reference keeps the foreach path.
+    ``compiled``: ``coll.loss`` under ``torch.compile`` in the wrapped model's training.
     """
     default_min = regcollect._engine._STACK_MIN
     try:
         if stacked:
             regcollect._engine._STACK_MIN = 1
-        return _compare(wrap, regularize, in_forward, build_kwargs)
+        return _compare(wrap, regularize, in_forward, compiled, build_kwargs)
     finally:
         regcollect._engine._STACK_MIN = default_min
 
 
 def _compare(
-    wrap: Wrap, regularize: bool, in_forward: bool, build_kwargs: dict[str, Any]
+    wrap: Wrap, regularize: bool, in_forward: bool, compiled: bool, build_kwargs: dict[str, Any]
 ) -> dict[str, Any]:
     rank, world = dist.get_rank(), dist.get_world_size()
     x, y = data()
@@ -192,11 +199,11 @@ def _compare(
 
     regcollect._plans.Plan = Recording
     try:
-        seen = train(model, coll, x[half], y[half])
+        seen = train(model, coll, x[half], y[half], compiled)
     finally:
         regcollect._plans.Plan = original
     # The plan the last loss() used, right after a forward pass.
-    stacked_groups = sum(g.stacked for g in used[-1].groups)
+    stacked_groups = sum(g.stacked for g in used[-1].groups) if used else 0
     # PenaltyInForward adds "model." to the names; nothing else may change them.
     pen = {k.removeprefix("model."): v for k, v in coll.penalties().items()}
     summary = io.StringIO()
@@ -474,6 +481,11 @@ SCENARIOS: dict[str, Callable[[], dict[str, Any]]] = {
     "fsdp1_flat_parameters": lambda: fsdp1_refused(use_orig_params=False),
     "fsdp1_flat_orthogonal": lambda: fsdp1_refused(middle="orthogonal", use_orig_params=False),
     "fsdp1_flat_loss_first": fsdp1_loss_first,
+    # loss() under torch.compile: the eager loss() runs for parameters held in parts.
+    "fsdp1_compiled": lambda: compare(fsdp1, compiled=True),
+    "fsdp1_flat_compiled": lambda: compare(
+        lambda m: fsdp1(m, use_orig_params=False), compiled=True
+    ),
     "fsdp1_orthogonal": lambda: fsdp1_refused(middle="orthogonal"),
 }
 
