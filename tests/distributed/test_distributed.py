@@ -85,8 +85,10 @@ def test_matches_single_process(report: dict[str, Any], scenario: str) -> None:
     assert r["param_diff"] < TOL
     assert r["penalty_diff"] < TOL
     assert r["penalties_diff"] < TOL
-    # Same entry names as the unwrapped model: no "module." or FSDP prefixes.
+    # Same entry names and shapes as the unwrapped model: no "module." or FSDP prefixes, no
+    # flat views or shards.
     assert r["names"] == r["reference_names"]
+    assert r["shapes"] == r["reference_shapes"]
 
 
 @pytest.mark.parametrize("scenario", EXACT)

@@ -226,6 +226,9 @@ def _compare(
         "penalties_diff": max(abs(pen[k] - ref_pen[k]) for k in ref_pen),
         "names": sorted(pen),
         "reference_names": sorted(ref_pen),
+        # Entry shapes: the model's, whatever the engine made of the parameters.
+        "shapes": {e.name.removeprefix("model."): e.shape for e in coll.entries()},
+        "reference_shapes": {e.name: e.shape for e in ref_coll.entries()},
         "collectives": counts,
         "stacked_groups": stacked_groups,
         "seen_by_rank": everyone(seen),
