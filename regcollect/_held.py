@@ -40,6 +40,7 @@ import torch.distributed as dist
 
 from . import _fsdp1
 from ._sharding import GroupAxis
+from ._state import STASHED
 
 __all__ = ["Held", "Part", "flat_shard", "is_zero3_partition", "real_shape", "zero3_partition"]
 
@@ -93,7 +94,9 @@ class Held:
     def _stash(self, start: int, stop: int, grad: torch.Tensor) -> None:
         if self.pending is None:
             self.pending = torch.zeros(self.numel, dtype=grad.dtype, device=grad.device)
-            torch.autograd.Variable._execution_engine.queue_callback(self._check)
+            if not STASHED:  # the first in this backward pass: one check at its end
+                torch.autograd.Variable._execution_engine.queue_callback(_check)
+            STASHED.append(self)
         self.pending[start:stop] += grad
 
     def _deliver(self, grad: torch.Tensor) -> torch.Tensor | None:
@@ -104,17 +107,27 @@ class Held:
         out.view(-1)[self.start : self.start + self.numel].add_(pending, alpha=self.factor)
         return out
 
-    def _check(self) -> None:
-        if self.pending is None:
-            return
-        self.pending = None
+
+def _check() -> None:
+    """At the end of a backward pass: every stashed gradient must have been handed to its
+    engine; any left is an error (all are cleared first, so nothing reaches the next step)."""
+    late = [held for held in STASHED if held.pending is not None]
+    _clear()
+    if late:
+        names = ", ".join(sorted({held.name for held in late}))
         raise RuntimeError(
-            f"regcollect: the penalty's gradient for {self.name} arrived after {self.engine} "
+            f"regcollect: the penalty's gradient for {names} arrived after {late[0].engine} "
             "had reduced the parameter's gradient, so it was not applied. With the parameter "
             "held in parts across the ranks, compute rc.loss() after the model's forward pass "
             "(loss = criterion(model(x), y) + rc.loss()), and regularize only parameters the "
             "forward pass uses."
         )
+
+
+def _clear() -> None:
+    for held in STASHED:
+        held.pending = None
+    STASHED.clear()
 
 
 class Part:
@@ -126,6 +139,10 @@ class Part:
 
     def current(self) -> torch.Tensor:
         x = self.held.local()[self.start : self.stop]
+        if STASHED and torch._C._current_autograd_node() is None:
+            # Outside a backward pass, gradients still stashed are from one that failed before
+            # its end (its check never ran): dropped, not added to this step's.
+            _clear()
         if torch.is_grad_enabled() and self.held.requires_grad:
             x.requires_grad_()
             x.register_hook(partial(self.held._stash, self.start, self.stop))

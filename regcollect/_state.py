@@ -12,8 +12,9 @@ at import) and removable (``remove()``; the next need installs it again):
 
 And the tables: ``NAMING`` (the parent links, Keras-style names), ``FOLLOWING`` (which
 schedules which optimizers drive), ``COLLECTIONS`` (the live collections, the default one),
-``SCOPES`` (the ``rc.scope`` stack of the current context) and ``REGULARIZER_CLASSES`` (the
-names ``serialize``/``deserialize`` resolve). This module imports nothing of regcollect.
+``SCOPES`` (the ``rc.scope`` stack of the current context), ``REGULARIZER_CLASSES`` (the
+names ``serialize``/``deserialize`` resolve) and ``STASHED`` (penalty gradients waiting for an
+engine in the backward pass under way). This module imports nothing of regcollect.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ __all__ = [
     "OPTIMIZER_STEP",
     "REGULARIZER_CLASSES",
     "SCOPES",
+    "STASHED",
     "remove_hooks",
 ]
 
@@ -145,3 +147,6 @@ SCOPES: contextvars.ContextVar[tuple[Any, ...]] = contextvars.ContextVar(
     "regcollect_scopes", default=()
 )
 REGULARIZER_CLASSES: dict[str, Any] = {}
+# Parameters held in parts across ranks whose penalty gradient waits, in the backward pass
+# under way, for the engine to take it (regcollect._held).
+STASHED: list[Any] = []
