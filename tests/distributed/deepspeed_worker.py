@@ -54,18 +54,18 @@ def data() -> tuple[torch.Tensor, torch.Tensor]:
 PARTITIONED = {"stage3_param_persistence_threshold": 0, "stage3_max_reuse_distance": 0}
 
 
-def config_for(stage: int, **zero: Any) -> dict[str, Any]:
+def config_for(stage: int, accumulation: int = 1, **zero: Any) -> dict[str, Any]:
     return {
-        "train_micro_batch_size_per_gpu": BATCH // dist.get_world_size(),
-        "gradient_accumulation_steps": 1,
+        "train_micro_batch_size_per_gpu": BATCH // dist.get_world_size() // accumulation,
+        "gradient_accumulation_steps": accumulation,
         "zero_optimization": {"stage": stage, **zero},
         "zero_allow_untested_optimizer": True,
         "gradient_clipping": 0.0,  # its default clips at 1.0, which one plain process does not
     }
 
 
-def engine_for(model: torch.nn.Module, stage: int, **zero: Any) -> Any:
-    config = config_for(stage, **zero)
+def engine_for(model: torch.nn.Module, stage: int, accumulation: int = 1, **zero: Any) -> Any:
+    config = config_for(stage, accumulation, **zero)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     return engine
@@ -79,12 +79,19 @@ def gathered(engine: Any) -> dict[str, torch.Tensor]:
 
 
 def in_the_loss(
-    stage: int, regularize: bool = False, init: bool = False, compiled: bool = False, **zero: Any
+    stage: int,
+    regularize: bool = False,
+    init: bool = False,
+    compiled: bool = False,
+    accumulation: int = 1,
+    **zero: Any,
 ) -> dict[str, Any]:
     """The penalty in the loss, computed after the forward pass, against one process on the
     whole batch. ``regularize``: plain layers, ``rc.regularize`` on the engine's module;
     ``init``: the model built under ``deepspeed.zero.Init`` (partitioned as it is built);
-    ``compiled``: ``coll.loss`` under ``torch.compile``."""
+    ``compiled``: ``coll.loss`` under ``torch.compile``; ``accumulation``: DeepSpeed's
+    gradient accumulation over that many micro-batches a step (the penalty in each, which
+    DeepSpeed scales by 1 / ``accumulation``: once a step in all)."""
     x, y = data()
     rules = {"kernel": rc.l2(0.05), "bias": rc.l1(0.01)}
     ref_coll = rc.Collection()
@@ -103,7 +110,7 @@ def in_the_loss(
     # The config gives float32 (Init's dtype argument falls back to a half type on a CPU).
     with deepspeed.zero.Init(enabled=init, config_dict_or_path=config_for(stage, **zero)):
         model = build(None if regularize else coll)
-    engine = engine_for(model, stage, **zero)
+    engine = engine_for(model, stage, accumulation, **zero)
     if regularize:
         rc.regularize(engine.module, collection=coll, **rules)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -111,10 +118,11 @@ def in_the_loss(
     loss = torch.compile(coll.loss, backend="eager") if compiled else coll.loss
     seen = []
     for _ in range(STEPS):
-        out = engine(x[half])
-        penalty = loss()
-        engine.backward(torch.nn.functional.mse_loss(out, y[half]) + penalty)
-        engine.step()
+        for micro in torch.arange(half.start, half.stop).chunk(accumulation):
+            out = engine(x[micro])
+            penalty = loss()
+            engine.backward(torch.nn.functional.mse_loss(out, y[micro]) + penalty)
+            engine.step()  # an optimizer step at the last micro-batch only
         seen.append(penalty.item())
     got = gathered(engine)
     pen, ref_pen = coll.penalties(), ref_coll.penalties()
@@ -197,6 +205,7 @@ SCENARIOS = {
     "zero3_regularize": lambda: in_the_loss(3, regularize=True, **PARTITIONED),
     "zero3_init": lambda: in_the_loss(3, init=True, **PARTITIONED),
     "zero3_compiled": lambda: in_the_loss(3, compiled=True, **PARTITIONED),
+    "zero3_accumulation": lambda: in_the_loss(3, accumulation=2, **PARTITIONED),
     "zero3_loss_first": zero3_loss_first,
     "zero3_whole_tensor": zero3_whole_tensor,
     "zero1_refused": lambda: refused(1),

@@ -60,6 +60,7 @@ def report(tmp_path_factory: pytest.TempPathFactory, torchrun: Any) -> list[dict
         "zero3_regularize",  # rc.regularize on the engine's module: rules see ds_shape
         "zero3_init",  # built under deepspeed.zero.Init, rc.nn layers
         "zero3_compiled",  # loss() under torch.compile: the eager loss() runs
+        "zero3_accumulation",  # 2 micro-batches a step: the penalty's gradient in each
     ],
 )
 def test_the_penalty_in_the_loss_equals_one_process(report: Any, scenario: str) -> None:
