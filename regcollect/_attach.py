@@ -30,7 +30,8 @@ def _required(regularizer: object) -> Regularizer:
 
 
 def resolve_parameter(module: torch.nn.Module, param_name: object) -> tuple[torch.nn.Module, str]:
-    """``(owning submodule, local name)`` for a dotted parameter name, or a clear error."""
+    """``(owning submodule, local name)`` for a dotted parameter name (also one FSDP1 moved
+    into a flat parameter, ``use_orig_params=False``), or a clear error."""
     if not isinstance(param_name, str) or not param_name:
         raise TypeError(f"param_name must be a non-empty string, got {param_name!r}")
     path, _, local = param_name.rpartition(".")
@@ -38,8 +39,10 @@ def resolve_parameter(module: torch.nn.Module, param_name: object) -> tuple[torc
         owner = module.get_submodule(path) if path else module
     except AttributeError:
         owner = None
-    if owner is None or owner._parameters.get(local) is None:
-        # Listed only on error: building the list on every call made registering each of a
+    if owner is None or (
+        owner._parameters.get(local) is None and _fsdp1.owner(owner, local) is None
+    ):
+        # (A parameter FSDP1 moved into a flat parameter is found there.) Listed only on error: building the list on every call made registering each of a
         # module's N parameters cost O(N^2).
         available = [name for name, _ in module.named_parameters()]
         raise ValueError(

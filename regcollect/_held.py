@@ -104,7 +104,8 @@ class Held:
         if pending is None:
             return None
         out = grad.clone(memory_format=torch.contiguous_format)
-        out.view(-1)[self.start : self.start + self.numel].add_(pending, alpha=self.factor)
+        region = out.view(-1)[self.start : self.start + self.numel]
+        region.add_(pending.to(device=out.device), alpha=self.factor)
         return out
 
 

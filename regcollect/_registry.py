@@ -57,6 +57,18 @@ def _compile_scope(pattern: str) -> Any:
         ) from None
 
 
+def _held_by(entry: Entry, tensor: torch.Tensor | None) -> str | None:
+    """The engine holding a weight entry's parameter (``tensor``) in parts across ranks, if
+    one does."""
+    if tensor is None:
+        module = entry.module
+        gone = module is not None and _fsdp1.owner(module, entry.param or "") is not None
+        return "FSDP1 (use_orig_params=False)" if gone else None
+    if is_zero3_partition(tensor):
+        return "DeepSpeed ZeRO-3"
+    return "FSDP1" if getattr(tensor, "_fsdp_flattened", False) else None
+
+
 def _checked(regularizer: object) -> Regularizer:
     if not isinstance(regularizer, Regularizer):
         raise TypeError(
@@ -157,17 +169,15 @@ class Registry:
             # First, so that a failure (an axis out of range, an L2SP reference of another
             # shape) changes nothing.
             tensor = entry.resolve()
-            if tensor is not None and entry.kind != ACTIVITY:
-                # An FSDP1 shard, a ZeRO-3 partition: only sums of p-norm powers are completed
-                # across ranks (the engine's rule; it refuses the rest at loss() when
-                # registered before wrapping).
-                zero3 = is_zero3_partition(tensor)
-                if powers(entry.regularizer) is None and (
-                    zero3 or getattr(tensor, "_fsdp_flattened", False)
-                ):
-                    engine = "DeepSpeed ZeRO-3" if zero3 else "FSDP1"
+            if entry.kind == WEIGHT and powers(entry.regularizer) is None:
+                # An FSDP1 shard or flat parameter, a ZeRO-3 partition: only sums of p-norm
+                # powers are completed across ranks (the engine's rule; it refuses the rest at
+                # loss() when registered before wrapping).
+                engine = _held_by(entry, tensor)
+                if engine is not None:
                     message = parts_message(entry.regularizer, engine)
                     raise ValueError(f"{entry.base_name()[0]!r}: {message}")
+            if tensor is not None and entry.kind != ACTIVITY:
                 try:
                     entry.regularizer._check(tensor)
                 except ValueError as exc:

@@ -207,8 +207,8 @@ def test_fsdp1_refuses_what_it_cannot_give_exactly_on_every_rank(report: dict[st
     Each is an error naming the way out, on every rank (they were silently 0 / nothing)."""
     flat = report["fsdp1_flat_parameters"]
     assert "error" not in flat, flat.get("error")
-    (loss_error, attach_error), other = flat["errors_by_rank"]
-    assert other == [loss_error, attach_error] and loss_error is None
+    (loss_error, attach_error, _), other = flat["errors_by_rank"]
+    assert other == flat["errors_by_rank"][0] and loss_error is None
     assert "SGD holds FSDP1 flat parameters" in attach_error
     assert "Add the penalty to the loss instead, after the forward pass" in attach_error
     for scenario, engine in [
@@ -217,9 +217,13 @@ def test_fsdp1_refuses_what_it_cannot_give_exactly_on_every_rank(report: dict[st
     ]:
         orthogonal = report[scenario]
         assert "error" not in orthogonal, orthogonal.get("error")
-        (loss_error, attach_error), other = orthogonal["errors_by_rank"]
-        assert other == [loss_error, attach_error]
+        (loss_error, attach_error, added_error), other = orthogonal["errors_by_rank"]
+        assert other == orthogonal["errors_by_rank"][0]
         assert (attach_error is None) == (engine == "FSDP1")
+        assert (
+            f"'0.weight': {engine} holds this parameter in parts across the ranks, and "
+            "Orthogonal(factor=0.1, mode='rows') needs the whole tensor" in added_error
+        )
         assert (
             f"entry '2.weight': {engine} holds this parameter in parts across the ranks, "
             "and Orthogonal(factor=0.5, mode='rows') needs the whole tensor" in loss_error

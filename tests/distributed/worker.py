@@ -272,11 +272,14 @@ def fsdp1_refused(middle: str = "l1_l2", use_orig_params: bool = True) -> dict[s
     flattened shards or flat parameters, an optimizer holding its flat parameters
     (``use_orig_params=False``)."""
     coll = rc.Collection()
-    model = fsdp1(build(coll, middle=middle), use_orig_params=use_orig_params)
+    inner = build(coll, middle=middle)
+    model = fsdp1(inner, use_orig_params=use_orig_params)
     errors = []
     for attempt in (
         coll.loss,
         lambda: rc.attach_optimizer(torch.optim.SGD(model.parameters(), lr=LR), collection=coll),
+        # A whole-tensor penalty registered after wrapping: refused at once.
+        lambda: rc.add_regularizer(inner[0], "weight", rc.orthogonal(0.1), collection=coll),
     ):
         try:
             attempt()
