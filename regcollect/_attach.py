@@ -39,10 +39,11 @@ def resolve_parameter(module: torch.nn.Module, param_name: object) -> tuple[torc
         owner = module.get_submodule(path) if path else module
     except AttributeError:
         owner = None
+    # A parameter FSDP1 moved into a flat parameter (use_orig_params=False) is found there.
     if owner is None or (
         owner._parameters.get(local) is None and _fsdp1.owner(owner, local) is None
     ):
-        # (A parameter FSDP1 moved into a flat parameter is found there.) Listed only on error: building the list on every call made registering each of a
+        # Listed only on error: building the list on every call made registering each of a
         # module's N parameters cost O(N^2).
         available = [name for name, _ in module.named_parameters()]
         raise ValueError(
