@@ -80,7 +80,7 @@ class Held:
         self.over: tuple[Any, ...] = ((GroupAxis(group), 0),) if factor > 1 else ()
         self.name = name  # for errors: "'0.weight'", "the FSDP1 flat parameter holding ..."
         self.pending: torch.Tensor | None = None
-        param.register_hook(self._deliver)
+        self._hooked = False  # the hook on the parameter, registered once it trains
 
     def local(self) -> torch.Tensor:
         """This rank's part, detached and flat (``numel`` elements)."""
@@ -90,6 +90,12 @@ class Held:
     def requires_grad(self) -> bool:
         param = self._param()
         return param is not None and param.requires_grad
+
+    def _hook(self) -> None:
+        param = self._param()
+        if not self._hooked and param is not None:
+            param.register_hook(self._deliver)
+            self._hooked = True
 
     def _stash(self, start: int, stop: int, grad: torch.Tensor) -> None:
         if self.pending is None:
@@ -145,6 +151,7 @@ class Part:
             # its end (its check never ran): dropped, not added to this step's.
             _clear()
         if torch.is_grad_enabled() and self.held.requires_grad:
+            self.held._hook()
             x.requires_grad_()
             x.register_hook(partial(self.held._stash, self.start, self.stop))
         return x

@@ -33,9 +33,10 @@ __all__ = ["prepare"]
 
 def prepare(
     entries: Sequence[Entry], tensors: Sequence[torch.Tensor | None]
-) -> list[torch.Tensor | None]:
+) -> tuple[list[torch.Tensor | None], list[torch.Tensor]]:
     """Before a plan is built: the tensors the plan evaluates for ``entries``, whose current
-    tensors are ``tensors``.
+    tensors are ``tensors``, and the FSDP1 flat parameters holding those gone from their
+    modules (whose ``requires_grad`` the plan depends on).
 
     FSDP1 shards (``use_orig_params=True``) are stamped with the group their partial sums
     reduce over (or nothing while unsharded). A parameter ZeRO-3 partitions, or FSDP1 flattened
@@ -46,6 +47,7 @@ def prepare(
             flat parameter holds it.
     """
     out = list(tensors)
+    flat: dict[int, torch.Tensor] = {}
     for i, (entry, tensor) in enumerate(zip(entries, tensors)):
         module = entry.module
         if tensor is None:
@@ -58,12 +60,11 @@ def prepare(
                     f"{name!r}: FSDP1 (FullyShardedDataParallel) removed this parameter from "
                     "its module, and no FSDP1 flat parameter holds it."
                 )
-            if found[0].flat_param.requires_grad:
-                out[i] = _stand_in(flat_shard(*found, name))
+            flat[id(found[0].flat_param)] = found[0].flat_param
+            out[i] = _stand_in(flat_shard(*found, name))
             continue
         if is_zero3_partition(tensor):
-            if tensor.requires_grad:
-                out[i] = _stand_in(zero3_partition(tensor, entry.base_name()[0]))
+            out[i] = _stand_in(zero3_partition(tensor, entry.base_name()[0]))
             continue
         if not getattr(tensor, "_fsdp_flattened", False) or module is None:
             continue
@@ -74,12 +75,14 @@ def prepare(
             if handle.uses_sharded_strategy and handle.is_sharded(handle.flat_param):
                 over = ((GroupAxis(handle.process_group), 0),)
         setattr(tensor, SHARD_OVER, over)
-    return out
+    return out, list(flat.values())
 
 
 def _stand_in(part: Part) -> torch.Tensor:
-    """A tensor with the dtype, device and size of ``part``, standing for it in a plan."""
-    x = part.held.local()[part.start : part.stop].requires_grad_()
+    """A tensor with the dtype, device and size of ``part``, standing for it in a plan, which
+    trains when the engine's parameter does (a frozen one is left out, as any frozen tensor,
+    but keeps its place in the all-reduce layout every rank shares)."""
+    x = part.held.local()[part.start : part.stop].requires_grad_(part.held.requires_grad)
     setattr(x, SHARD_OVER, part.held.over)
     setattr(x, HELD_PART, part)
     return x

@@ -96,6 +96,10 @@ class CachedPlan:
     in_scope_ids: frozenset[int] = frozenset()
     # Entries on meta tensors left out because real tensors are in the plan too.
     meta: list[Entry] = field(default_factory=list)
+    # FSDP1 flat parameters holding parameters gone from their modules, and whether each
+    # trained: freezing one changes no module attribute the other checks see.
+    flat: list[torch.Tensor] = field(default_factory=list)
+    flat_trains: list[bool] = field(default_factory=list)
 
     def valid(self, version: tuple[Any, ...], roots: Sequence[torch.nn.Module]) -> bool:
         if self.version != version or len(self.roots) != len(roots):
@@ -104,6 +108,8 @@ class CachedPlan:
             return False
         # The hot path: one identity and flags check per tensor, no names.
         tensors = current_tensors(self.locators)
+        if self.flat and [t.requires_grad for t in self.flat] != self.flat_trains:
+            return False
         return all(map(operator.is_, tensors, self.tensors)) and self.flags == _flags(tensors)
 
 
@@ -136,7 +142,7 @@ class PlanCache:
         in_scope, candidates = build()
         locators = [e.locator for e in candidates]
         tensors = current_tensors(locators)
-        evaluated = prepare_partitioned(candidates, tensors)
+        evaluated, flat = prepare_partitioned(candidates, tensors)
         entries, chosen = choose(candidates, evaluated)
         kept = set(map(id, entries))
         meta = [
@@ -168,6 +174,8 @@ class PlanCache:
             frozenset(model_of[id(e)] for e in entries if id(e) in model_of),
             frozenset(map(id, in_scope)),
             meta,
+            flat,
+            [t.requires_grad for t in flat],
         )
         if key not in self._plans and len(self._plans) >= self.size:
             del self._plans[next(iter(self._plans))]

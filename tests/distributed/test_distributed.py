@@ -272,3 +272,19 @@ def test_stacked_path_was_taken(report: dict[str, Any], scenario: str) -> None:
     # the stacked path under DDP and FSDP2; this checks that the stacked path was used.
     assert report[scenario]["stacked_groups"] >= 3
     assert report["ddp"]["stacked_groups"] == 0
+
+
+def test_fsdp1_flat_parameter_frozen_after_the_first_loss_leaves_the_value(
+    report: dict[str, Any],
+) -> None:
+    """Freezing changes no module attribute there (the parameters are inside the flat one),
+    yet the next loss() must drop the frozen layer's penalty, as one process does, and
+    freezing on one rank only is the clear error FSDP2 gives."""
+    r = report["fsdp1_flat_frozen_later"]
+    assert "error" not in r, r.get("error")
+    assert r["want"][1] < r["want"][0] - 1e-3  # freezing layer 2 changes the penalty
+    first, *others = r["errors_by_rank"]  # frozen on one rank only: said on every rank
+    assert first is not None and all(e == first for e in others)
+    assert "entry '2.weight' is trained on 1 of 2 ranks" in first
+    for got, want in zip(r["values"], r["want"], strict=True):
+        assert abs(got - want) < 8 * torch.finfo(torch.float32).eps * want

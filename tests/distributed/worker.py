@@ -327,6 +327,34 @@ def fsdp1_loss_first() -> dict[str, Any]:
     }
 
 
+def fsdp1_flat_frozen_later() -> dict[str, Any]:
+    """A wrapped layer frozen after the first loss() (FSDP1 with use_orig_params=False freezes a
+    whole flat parameter): its penalty leaves the value, as in one process, and comes back
+    when it is unfrozen."""
+    coll = rc.Collection()
+    model = fsdp1(build(coll), nested=True, use_orig_params=False)
+    reference_coll = rc.Collection()
+    reference = build(reference_coll)
+    values = [coll.loss().item()]
+    want = [reference_coll.loss().item()]
+    # On one rank only: an error on every rank, not a hang.
+    for p in model.module[2].parameters():
+        p.requires_grad_(dist.get_rank() != 1)
+    error = None
+    try:
+        coll.loss()
+    except RuntimeError as exc:
+        error = str(exc)
+    for frozen in (True, False):
+        for p in model.module[2].parameters():  # the FSDP1 unit of layer 2: its flat parameter
+            p.requires_grad_(not frozen)
+        for p in reference[2].parameters():
+            p.requires_grad_(not frozen)
+        values.append(coll.loss().item())
+        want.append(reference_coll.loss().item())
+    return {"values": values, "want": want, "errors_by_rank": everyone(error)}
+
+
 def hsdp(model: torch.nn.Module) -> torch.nn.Module:
     mesh = init_device_mesh("cpu", (1, dist.get_world_size()), mesh_dim_names=("rep", "shard"))
     return fsdp(model, mesh=mesh)
@@ -487,6 +515,7 @@ SCENARIOS: dict[str, Callable[[], dict[str, Any]]] = {
     "fsdp1_flat_parameters": lambda: fsdp1_refused(use_orig_params=False),
     "fsdp1_flat_orthogonal": lambda: fsdp1_refused(middle="orthogonal", use_orig_params=False),
     "fsdp1_flat_loss_first": fsdp1_loss_first,
+    "fsdp1_flat_frozen_later": fsdp1_flat_frozen_later,
     # loss() under torch.compile: the eager loss() runs for parameters held in parts.
     "fsdp1_compiled": lambda: compare(fsdp1, compiled=True),
     "fsdp1_flat_compiled": lambda: compare(
