@@ -62,6 +62,7 @@ EXACT = [
     "fsdp1_flat_shard_grad_op",
     "fsdp1_flat_no_shard",
     "fsdp1_flat_regularize_after_wrap",
+    "fsdp1_flat_hybrid",
     # loss() under torch.compile runs the eager loss() for them (it was each rank's part).
     "fsdp1_compiled",
     "fsdp1_flat_compiled",
