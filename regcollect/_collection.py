@@ -245,9 +245,6 @@ class Collection:
         """
         if is_compiling():
             return traced_loss(self, scope)
-        return self._eager_loss(scope)
-
-    def _eager_loss(self, scope: ScopeArg) -> torch.Tensor:
         key, cached = self._plan(scope)
         records = self.pending.take(None if key is None else ids_in(cached.in_scope_ids))
         if key is None and not self._warned_models:

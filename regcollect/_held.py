@@ -42,7 +42,15 @@ from . import _fsdp1
 from ._sharding import GroupAxis
 from ._state import STASHED
 
-__all__ = ["Held", "Part", "flat_shard", "is_zero3_partition", "real_shape", "zero3_partition"]
+__all__ = [
+    "Held",
+    "Part",
+    "flat_shard",
+    "holding_engine",
+    "is_zero3_partition",
+    "real_shape",
+    "zero3_partition",
+]
 
 # The Held of an engine's parameter, kept on the parameter (which the hook closes over weakly).
 _HELD = "_regcollect_held"
@@ -51,6 +59,20 @@ _HELD = "_regcollect_held"
 def is_zero3_partition(tensor: torch.Tensor) -> bool:
     """Whether DeepSpeed ZeRO-3 partitions ``tensor`` across the ranks."""
     return hasattr(tensor, "ds_numel") and hasattr(tensor, "ds_status")
+
+
+def holding_engine(
+    module: torch.nn.Module | None, name: str, tensor: torch.Tensor | None
+) -> str | None:
+    """The engine that holds ``module``'s parameter ``name`` (now ``tensor``) in parts across
+    the ranks, for messages; None when none does. ``tensor`` None inside FSDP1: gone into a
+    flat parameter (``use_orig_params=False``)."""
+    if tensor is None:
+        inside = module is not None and _fsdp1.inside_fsdp1(module)
+        return _FlatShard.engine if inside else None
+    if is_zero3_partition(tensor):
+        return _Zero3.engine
+    return "FSDP1" if getattr(tensor, "_fsdp_flattened", False) else None
 
 
 def real_shape(module: torch.nn.Module, name: str, param: torch.Tensor | None) -> torch.Size | None:

@@ -23,7 +23,7 @@ from ._checks import ScopeArg, check_module, check_scope
 from ._engine import powers
 from ._entries import ACTIVITY, TENSOR, WEIGHT, Entry, unique_names
 from ._handle import Handle
-from ._held import is_zero3_partition
+from ._held import holding_engine
 from ._sharding import parts_message
 from .regularizers import Regularizer
 
@@ -55,18 +55,6 @@ def _compile_scope(pattern: str) -> Any:
         raise ValueError(
             f"scope must be a valid regular expression, got {pattern!r}: {exc}"
         ) from None
-
-
-def _held_by(entry: Entry, tensor: torch.Tensor | None) -> str | None:
-    """The engine holding a weight entry's parameter (``tensor``) in parts across ranks, if
-    one does."""
-    if tensor is None:
-        module = entry.module
-        gone = module is not None and _fsdp1.owner(module, entry.param or "") is not None
-        return "FSDP1 (use_orig_params=False)" if gone else None
-    if is_zero3_partition(tensor):
-        return "DeepSpeed ZeRO-3"
-    return "FSDP1" if getattr(tensor, "_fsdp_flattened", False) else None
 
 
 def _checked(regularizer: object) -> Regularizer:
@@ -173,7 +161,7 @@ class Registry:
                 # An FSDP1 shard or flat parameter, a ZeRO-3 partition: only sums of p-norm
                 # powers are completed across ranks (the engine's rule; it refuses the rest at
                 # loss() when registered before wrapping).
-                engine = _held_by(entry, tensor)
+                engine = holding_engine(entry.module, entry.param or "", tensor)
                 if engine is not None:
                     message = parts_message(entry.regularizer, engine)
                     raise ValueError(f"{entry.base_name()[0]!r}: {message}")

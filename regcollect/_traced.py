@@ -13,8 +13,7 @@ import torch
 from ._checks import ScopeArg, check_scope
 from ._engine import Plan
 from ._entries import ACTIVITY, WEIGHT
-from ._fsdp1 import inside_fsdp1
-from ._held import is_zero3_partition
+from ._held import holding_engine
 from ._optim import held_by
 from ._plans import applied, choose, mark_constant, scope_key, traced_tensors, with_records
 from ._readout import Last
@@ -31,8 +30,9 @@ def traced_loss(coll: Any, scope: ScopeArg) -> torch.Tensor:
     matched against the names once, when the step is traced (``_scope_positions``).
     """
     if _held_parameter(coll):
-        # Completed across the ranks, its gradient handed to the engine: the eager path only.
-        return torch.compiler.disable(coll._eager_loss)(scope)  # type: ignore[no-any-return]
+        # Completed across the ranks, its gradient handed to the engine: the eager path only
+        # (outside the graph, loss() is not compiling, so it takes that path).
+        return torch.compiler.disable(coll.loss)(scope)  # type: ignore[no-any-return]
     in_scope = list(coll._registry.ordered)
     checked = None if scope is None else check_scope(scope)  # the eager path's errors
     if checked is not None:
@@ -84,16 +84,11 @@ def _held(coll: Any) -> bool:
 
     Like ``_positions``, this runs once, outside the graph, when torch.compile traces.
     """
-    for entry in coll._registry.ordered:
-        if entry.kind != WEIGHT:
-            continue
-        tensor, module = entry.resolve(), entry.module
-        if tensor is None:
-            if module is not None and inside_fsdp1(module):
-                return True
-        elif is_zero3_partition(tensor) or getattr(tensor, "_fsdp_flattened", False):
-            return True
-    return False
+    return any(
+        holding_engine(entry.module, entry.param or "", entry.resolve()) is not None
+        for entry in coll._registry.ordered
+        if entry.kind == WEIGHT
+    )
 
 
 # Where dynamo rejects objects as a constant function's arguments, the function is traced like
