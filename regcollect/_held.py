@@ -200,22 +200,25 @@ class _FlatShard(Held):
         return shard.detach().view(-1)[: self.numel]
 
 
-def zero3_partition(param: torch.Tensor, name: str) -> Part:
-    """The ``Part`` of a parameter ZeRO-3 partitions: all of this rank's partition."""
+def zero3_partition(param: torch.Tensor, entry: Any) -> Part:
+    """The ``Part`` of a parameter ZeRO-3 partitions (``entry``'s): all of this rank's
+    partition. The entry is named (for errors) only when the parameter is first seen."""
     held = getattr(param, _HELD, None)
     if held is None:
         group = param.ds_process_group  # type: ignore[attr-defined]
         size = param.ds_tensor.numel()  # type: ignore[attr-defined]
         start = dist.get_rank(group) * size
         numel = max(0, min(size, param.ds_numel - start))  # type: ignore[attr-defined]
-        held = _Zero3(param, start, numel, dist.get_world_size(group), group, repr(name))
+        name = repr(entry.base_name()[0])
+        held = _Zero3(param, start, numel, dist.get_world_size(group), group, name)
         setattr(param, _HELD, held)
     return Part(held, 0, held.numel)
 
 
-def flat_shard(handle: Any, index: int, name: str) -> Part:
+def flat_shard(handle: Any, index: int, entry: Any) -> Part:
     """The ``Part`` of the ``index``-th original parameter of an FSDP1 handle's flat parameter
-    (``use_orig_params=False``): the elements of it in this rank's shard, maybe none."""
+    (``use_orig_params=False``, ``entry``'s): the elements of it in this rank's shard, maybe
+    none. The entry is named (for errors) only when the flat parameter is first seen."""
     flat = handle.flat_param
     held = getattr(flat, _HELD, None)
     if held is None:
@@ -224,7 +227,7 @@ def flat_shard(handle: Any, index: int, name: str) -> Part:
         numel = size - (flat._shard_numel_padded if sharded else 0)
         start = handle.rank * size if sharded else 0
         factor = handle.world_size if sharded else 1
-        what = f"the FSDP1 flat parameter holding {name!r}"
+        what = f"the FSDP1 flat parameter holding {entry.base_name()[0]!r}"
         held = _FlatShard(flat, start, numel, factor, handle.process_group, what)
         setattr(flat, _HELD, held)
     info = flat._shard_param_infos[index]

@@ -53,18 +53,17 @@ def prepare(
         if tensor is None:
             if entry.kind != WEIGHT or module is None or not inside_fsdp1(module):
                 continue
-            name = entry.base_name()[0]
             found = owner(module, entry.param or "")
             if found is None:
                 raise ValueError(
-                    f"{name!r}: FSDP1 (FullyShardedDataParallel) removed this parameter from "
-                    "its module, and no FSDP1 flat parameter holds it."
+                    f"{entry.base_name()[0]!r}: FSDP1 (FullyShardedDataParallel) removed this "
+                    "parameter from its module, and no FSDP1 flat parameter holds it."
                 )
             flat[id(found[0].flat_param)] = found[0].flat_param
-            out[i] = _stand_in(flat_shard(*found, name))
+            out[i] = _stand_in(flat_shard(*found, entry))
             continue
         if is_zero3_partition(tensor):
-            out[i] = _stand_in(zero3_partition(tensor, entry.base_name()[0]))
+            out[i] = _stand_in(zero3_partition(tensor, entry))
             continue
         if not getattr(tensor, "_fsdp_flattened", False) or module is None:
             continue
