@@ -1,45 +1,48 @@
-"""Activity penalties: the forward hook, Keras's ``/ batch_size`` rule, and pending records.
+"""Activity penalties: an activity penalty belongs to the forward pass that made it.
 
-A forward pass made with gradients enabled records ``regularizer(output) / batch_size``. The
-record is part of every read of the collection (``loss()``, ``losses()``,
-``get_regularization_losses()``) whose scope covers its entry, until its pass is done; reading
-has no side effect, as Keras's ``model.losses``. The rules follow the training loop:
+The rule, as Keras's ``layer.losses``: ``loss()`` holds, for each layer with an activity
+regularizer, ``regularizer(output) / batch_size`` of each of its calls in the most recent
+forward pass made with gradients on, and reading it changes nothing. A forward pass starts
+with an *outermost* call: a call of a module holding such layers (the layer itself included)
+while no module holding it is running. It drops what its layers recorded before, so a layer
+called k times in one pass contributes k penalties and the next pass replaces them (Keras
+resets ``layer.losses`` at the start of each outermost call).
 
-* the pass is done when it is backpropagated (its output's gradient was computed): the
-  record leaves then, counted by the ``loss()`` that reached the weights. If no read took it
-  before, the penalty never reached the weights: it is dropped, freeing its graph, and the
-  next ``loss()`` warns, naming the entry;
-* a record already read gives way to the next pass of the same layer (a validation loop run
-  with gradients on prints each pass once, never a growing sum);
-* a record whose output carries no gradient (a frozen layer fed constants) or that a
-  compiled step made has no backward to tell its end: it leaves at the next optimizer step
-  after a read (or with the next pass of its layer);
-* a pass made while its layer was in eval mode is dropped by a ``loss()`` taken after the
-  layer is back in training mode (a validation pass never leaks into a training step);
-* what pending records hold is bounded in count and in bytes of the outputs whose graphs
-  they keep alive; past either bound the oldest are dropped, with one warning;
-* a forward pass run inside a backward pass (non-reentrant activation checkpointing
-  recomputing) records nothing: its pass was recorded when it first ran; reentrant
-  checkpointing runs the first forward without gradients, so it records only inside the
-  backward, where no loss can take it: that raises an error naming the entry.
+What records nothing and starts no pass: calls under ``torch.no_grad()`` or
+``torch.inference_mode()``, ``torch.jit.trace`` and ``torch.export`` (they only look at the
+model), and forward passes run inside a backward pass (activation checkpointing recomputing
+what its forward pass already recorded). A penalty that carries no gradient (a frozen layer
+fed constants) trains nothing and is left out, as a frozen weight is. Penalties recorded in
+eval mode are read only while the layer is still in eval mode (a validation loss counts them,
+a training loss taken before the next forward pass does not).
+
+``checkpoint(..., use_reentrant=True)`` runs its forward pass without gradients and again
+inside the backward pass, where no loss can take a penalty: that recomputation raises an error
+naming the entry.
+
+How outermost calls are known: a forward pre-hook and an ``always_call`` forward hook on each
+regularized layer and on every module holding one (the parent links of
+``regcollect._naming``) keep, per module, a stack of its calls under way; a call is outermost
+when no holder's stack has a call with gradients on. The hooks live as long as the entries;
+each is a callable object that pickles and deep-copies to a no-op, so a copied model carries
+no reference to a collection.
 """
 
 from __future__ import annotations
 
 import threading
-import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 import torch
 
-from ._checks import RegcollectWarning
+from . import _naming
 from ._entries import Entry
-from ._torch_compat import is_compiling
+from ._torch_compat import in_backward, is_compiling, is_tracing
 from .regularizers import Regularizer, accumulation_dtype
 
-__all__ = ["ActivityHook", "Pending", "Record", "activity_penalty", "inert_hook"]
+__all__ = ["Activity", "activity_penalty", "drop_inert_hooks", "inert_hook"]
 
 
 def _watched_output(module: torch.nn.Module, output: Any) -> tuple[torch.Tensor, int]:
@@ -81,226 +84,310 @@ def activity_penalty(regularizer: Regularizer, tensor: torch.Tensor, batch: int)
     return regularizer(tensor) / batch
 
 
-class Record:
-    """One forward pass's activity penalty, pending until its pass is done."""
+class _Slot:
+    """What one activity entry's layer recorded in the current pass: ``(penalty, made in
+    training mode)`` per call, and whether the layer ran without gradients inside a pass with
+    gradients on (the first half of a reentrant checkpoint)."""
 
-    __slots__ = ("__weakref__", "entry", "hooked", "nbytes", "read", "training", "value")
+    __slots__ = ("entry", "skipped", "values")
 
-    def __init__(
-        self, entry: Entry, value: torch.Tensor, training: bool, nbytes: int, hooked: bool
-    ) -> None:
-        self.entry, self.value, self.training, self.nbytes = entry, value, training, nbytes
-        self.hooked = hooked  # its output's backward releases it
-        self.read = False
-
-
-class _BackpropHook:
-    """Tensor hook on a recorded output: its gradient was computed, so the pass was
-    backpropagated. Holds only weak references: the output must not keep its record alive."""
-
-    __slots__ = ("pending", "record")
-
-    def __init__(self, pending: Pending, record: Record) -> None:
-        self.pending, self.record = weakref.ref(pending), weakref.ref(record)
-
-    def __call__(self, grad: torch.Tensor) -> None:
-        pending, record = self.pending(), self.record()
-        if pending is not None and record is not None:
-            pending.backpropagated(record)
+    def __init__(self, entry: Entry) -> None:
+        self.entry = entry
+        self.values: list[tuple[torch.Tensor, bool]] = []
+        self.skipped = False
 
 
-class Pending:
-    """The recorded activity penalties of one collection, and their lifecycle."""
+class _Mark:
+    """A hooked module: its calls under way (True for a call with gradients on), the marks of
+    the modules holding it, and the slots and marks below it (itself included for slots)."""
 
-    def __init__(self, describe: Callable[[Entry], str], max_count: int, max_bytes: int) -> None:
-        self.describe = describe
-        self.max_count, self.max_bytes = max_count, max_bytes
-        self._lock = threading.RLock()
-        self._records: list[Record] = []
-        self._bytes = 0
-        self._warned_bound = False
-        # Entries whose pass was backpropagated before any loss() took its penalty; the next
-        # loss() warns once about the first of them.
-        self._missed: Entry | None = None
-        self._warned_missed = False
+    __slots__ = ("below", "handles", "holders", "module", "slots", "stack")
 
-    def __len__(self) -> int:
-        return len(self._records)
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = weakref.ref(module)
+        self.stack: list[bool] = []
+        self.holders: tuple[_Mark, ...] = ()
+        self.slots: tuple[_Slot, ...] = ()
+        self.below: tuple[_Mark, ...] = ()
+        self.handles: list[Any] = []
 
-    def __bool__(self) -> bool:
-        return bool(self._records)
+    def nested(self) -> bool:
+        """Whether a module holding this one is running with gradients on."""
+        return any(True in holder.stack for holder in self.holders)
 
-    @property
-    def missed(self) -> Entry | None:
-        """An entry whose pass was backpropagated before any read took its penalty (until
-        the next read warns about it)."""
-        return self._missed
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the outputs whose graphs the pending records keep alive."""
-        return self._bytes
-
-    def add(self, entry: Entry, value: torch.Tensor, training: bool, output: torch.Tensor) -> None:
-        if is_compiling():
-            # Traced into the graph: no lock, no tensor hook (a compiled step cannot tell
-            # when its pass is backpropagated); the bounds are checked by the next eager call.
-            # An earlier pass of this layer that a read already counted gives way, as below.
-            self._records = [r for r in self._records if not (r.read and r.entry is entry)]
-            self._records.append(Record(entry, value, training, 0, hooked=False))
-            return
-        hooked = output.requires_grad
-        record = Record(entry, value, training, output.nbytes if hooked else 0, hooked)
-        if hooked:
-            output.register_hook(_BackpropHook(self, record))
-        with self._lock:
-            # An earlier pass of this layer that a read already counted gives way.
-            if any(r.read and r.entry is entry for r in self._records):
-                self.discard(lambda r: not (r.read and r.entry is entry))
-            self._records.append(record)
-            self._bytes += record.nbytes
-            if len(self._records) <= self.max_count and self._bytes <= self.max_bytes:
-                return
-            while self._records and (
-                len(self._records) > self.max_count or self._bytes > self.max_bytes
-            ):
-                self._bytes -= self._records.pop(0).nbytes
-            warn, self._warned_bound = not self._warned_bound, True
-        if warn:
-            warnings.warn(
-                f"activity penalties of more than {self.max_count} forward passes or "
-                f"{self.max_bytes / 2**20:.0f} MiB of outputs were recorded but never consumed "
-                f"by rc.loss() (last: {self.describe(entry)}); the oldest are being dropped. "
-                "Add rc.loss() to the training loss, or run forward passes that need no "
-                "penalty under torch.no_grad().",
-                RegcollectWarning,
-                stacklevel=5,
-            )
-
-    def backpropagated(self, record: Record) -> None:
-        with self._lock:
-            for i, r in enumerate(self._records):
-                if r is record:
-                    del self._records[i]
-                    self._bytes -= r.nbytes
-                    if not r.read and self._missed is None:
-                        self._missed = r.entry
-                    return
-
-    def take(self, keep: Callable[[Entry], bool] | None) -> list[Record]:
-        """The records ``keep`` selects (all when None), oldest first, marked as read; they
-        stay pending until their pass is backpropagated (see the module's rules).
-
-        Records made in eval mode whose layer is back in training mode are dropped instead.
-        """
-        with self._lock:
-            missed, self._missed = self._missed, None
-            taken: list[Record] = []
-            left: list[Record] = []
-            for r in self._records:
-                if keep is not None and not keep(r.entry):
-                    left.append(r)
-                    continue
-                module = r.entry.module
-                if module is None or not (r.training or not module.training):
-                    self._bytes -= r.nbytes  # a dead layer's, or a validation pass's
-                    continue
-                r.read = True
-                taken.append(r)
-                left.append(r)
-            self._records = left
-        if missed is not None and not self._warned_missed:
-            self._warned_missed = True
-            warnings.warn(
-                f"the activity penalty of {self.describe(missed)} was recorded in a forward "
-                "pass that was backpropagated before any rc.loss() took it, so it never "
-                "reached the weights and was dropped. With gradient accumulation, add "
-                "rc.loss() to each micro-batch's loss.",
-                RegcollectWarning,
-                stacklevel=5,
-            )
-        return taken
-
-    def take_traced(self, keep: frozenset[int] | None) -> list[Record]:
-        """``take`` while torch.compile traces: no lock, no mode check, no warning."""
-        taken = [r for r in self._records if keep is None or id(r.entry) in keep]
-        for r in taken:
-            r.read = True
-        return taken
-
-    def end_of_step(self) -> None:
-        """An optimizer step ran: the records no backward releases (no gradient, or made in
-        a compiled step) that a read counted are done."""
-        with self._lock:
-            if any(r.read and not r.hooked for r in self._records):
-                self.discard(lambda r: r.hooked or not r.read)
-
-    def discard(self, keep: Callable[[Record], bool]) -> None:
-        """Drop the records ``keep`` rejects (a removed entry's, a dead module's, a pass that
-        is done)."""
-        with self._lock:
-            kept = [r for r in self._records if keep(r)]
-            self._bytes = sum(r.nbytes for r in kept)
-            self._records = kept
-
-    def clear(self) -> None:
-        with self._lock:
-            self._records, self._bytes = [], 0
-            self._missed, self._warned_missed, self._warned_bound = None, False, False
+    def start_pass(self) -> None:
+        """An outermost call: its layers' earlier penalties go. No module below it can be
+        running now, so their call stacks are emptied too (a call an interrupt or a compiled
+        frame's exception left open, which no hook closed)."""
+        for slot in self.slots:
+            slot.values = []
+            slot.skipped = False
+        for mark in self.below:
+            mark.stack.clear()
 
 
-class Recorder(Protocol):
-    """What an activity hook reports to: a collection."""
+def _recording() -> bool:
+    """Whether a forward pass now records penalties and delimits passes."""
+    if not torch.is_grad_enabled() or is_tracing():
+        return False
+    return is_compiling() or not in_backward()
 
-    pending: Pending
 
-    def describe(self, entry: Entry) -> str: ...
+class _Hook:
+    """Base of the hooks: a weak reference to the tracker (a collection dropped leaves its
+    hooks inert), and no-ops once pickled or copied."""
 
-
-class ActivityHook:
-    """Forward hook recording ``regularizer(output) / batch_size`` while gradients are on.
-
-    Pickled or deep-copied, it becomes inert: a copy re-registers through its layer (see
-    ``regcollect.nn``), never by smuggling a reference to a collection along.
-    """
-
-    def __init__(self, owner: Recorder, entry: Entry) -> None:
-        self.owner = weakref.ref(owner)
-        self.entry = weakref.ref(entry)
-
-    def __call__(self, module: torch.nn.Module, args: Any, output: Any) -> None:
-        if not torch.is_grad_enabled():
-            return
-        owner, entry = self.owner(), self.entry()
-        if owner is None or entry is None:
-            return
-        node = None if is_compiling() else torch._C._current_autograd_node()
-        if node is not None and type(node).__name__ == "CheckpointFunctionBackward":
-            raise RuntimeError(
-                f"activity regularizer on {owner.describe(entry)} inside "
-                "torch.utils.checkpoint(..., use_reentrant=True): the forward pass runs "
-                "without gradients and again inside backward, where no loss can take its "
-                "penalty. Use checkpoint(..., use_reentrant=False)."
-            )
-        try:
-            tensor, batch = _watched_output(module, output)
-            value = activity_penalty(entry.regularizer, tensor, batch)
-        except (TypeError, ValueError) as exc:
-            raise type(exc)(f"{owner.describe(entry)}: {exc}") from exc
-        if node is not None:
-            # A forward pass inside a backward: non-reentrant checkpointing recomputing. The
-            # penalty is computed (the recomputation must save what the forward saved) but
-            # not recorded: the pass was recorded when it first ran.
-            return
-        owner.pending.add(entry, value, module.training, tensor)
+    def __init__(self, tracker: Activity, mark: _Mark) -> None:
+        self.tracker = weakref.ref(tracker)
+        self.mark = mark
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_inert_hook_factory, ())
 
 
-def inert_hook(module: torch.nn.Module, args: Any, output: Any) -> None:
-    """What an activity hook becomes in a pickled or copied model: nothing."""
+class _Enter(_Hook):
+    """Forward pre-hook: delimit passes (an outermost call starts one), push the call."""
+
+    def __call__(self, module: torch.nn.Module, args: Any) -> None:
+        tracker = self.tracker()
+        if tracker is None:
+            return
+        if not _recording():
+            self.mark.stack.append(False)
+            return
+        if not is_compiling():
+            tracker.refresh()  # the module tree changed since the hooks were placed
+        mark = self.mark
+        if not mark.nested():
+            mark.start_pass()
+        mark.stack.append(True)
+
+
+class _Exit(_Hook):
+    """Forward hook (``always_call``): the call is over. A hook placed while the module was
+    already running finds no call of its own to close, and closes none."""
+
+    def __call__(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        stack = self.mark.stack
+        if stack and self.tracker() is not None:
+            stack.pop()
+
+
+class _Record(_Hook):
+    """Forward hook on a regularized layer: record ``regularizer(output) / batch_size``."""
+
+    def __init__(self, tracker: Activity, mark: _Mark, slot: _Slot) -> None:
+        super().__init__(tracker, mark)
+        self.slot = slot
+
+    def __call__(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        tracker = self.tracker()
+        if tracker is None:
+            return
+        slot = self.slot
+        if not torch.is_grad_enabled() or is_tracing():
+            if not is_tracing() and self.mark.nested():
+                slot.skipped = True  # inside a pass with gradients on: remembered
+            return
+        backward = not is_compiling() and in_backward()
+        if backward and slot.skipped and not slot.values:
+            raise RuntimeError(
+                f"activity regularizer on {tracker.describe(slot.entry)} inside "
+                "torch.utils.checkpoint(..., use_reentrant=True): its forward pass ran without "
+                "gradients and runs again inside the backward pass, where no loss can take its "
+                "penalty. Use checkpoint(..., use_reentrant=False)."
+            )
+        try:
+            tensor, batch = _watched_output(module, output)
+            # Computed inside a backward pass too: a non-reentrant checkpoint's recomputation
+            # must save what its forward pass saved. Recorded only in the forward pass.
+            value = activity_penalty(slot.entry.regularizer, tensor, batch)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{tracker.describe(slot.entry)}: {exc}") from exc
+        if not backward and value.requires_grad:
+            slot.values.append((value, module.training))
+
+
+def inert_hook(*args: Any) -> None:
+    """What a regcollect hook becomes in a pickled or copied model: nothing."""
 
 
 def _inert_hook_factory() -> Any:
     return inert_hook
+
+
+def drop_inert_hooks(module: torch.nn.Module) -> None:
+    """Remove the no-ops a pickled or copied module's regcollect hooks became."""
+    for hooks, extra in (
+        (module._forward_hooks, (module._forward_hooks_with_kwargs,)),
+        (module._forward_pre_hooks, (module._forward_pre_hooks_with_kwargs,)),
+    ):
+        for key in [k for k, hook in hooks.items() if hook is inert_hook]:
+            del hooks[key]
+            for table in (*extra, module._forward_hooks_always_called):
+                table.pop(key, None)
+
+
+class Describer(Protocol):
+    """What names entries in errors: the registry."""
+
+    def describe(self, entry: Entry) -> str: ...
+
+
+class Activity:
+    """The activity entries of one collection: their slots and the hooks that fill them.
+
+    Args:
+        describer: Names entries in error messages.
+    """
+
+    def __init__(self, describer: Describer) -> None:
+        self._describer = weakref.ref(describer)
+        self._lock = threading.RLock()
+        self._slots: dict[Entry, _Slot] = {}
+        # Registration order, as a tuple: what a compiled loss() reads.
+        self.ordered: tuple[_Slot, ...] = ()
+        self._marks: dict[int, _Mark] = {}
+        self._version = 0
+        self._built: tuple[int, int] | None = None
+        self._records: dict[Entry, Any] = {}
+        _naming.listen(self)
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def describe(self, entry: Entry) -> str:
+        describer = self._describer()
+        return describer.describe(entry) if describer is not None else repr(entry.name)
+
+    # -- entries ---------------------------------------------------------------------------
+
+    def add(self, entry: Entry) -> None:
+        """Record ``entry``'s layer output from now on (its hooks go in now)."""
+        with self._lock:
+            self._slots[entry] = _Slot(entry)
+            self._version += 1
+            self.refresh()
+
+    def remove(self, entries: Iterable[Entry]) -> None:
+        """Stop recording ``entries`` (their hooks come out, their penalties go)."""
+        with self._lock:
+            changed = False
+            for entry in entries:
+                changed |= self._slots.pop(entry, None) is not None
+            if changed:
+                self._version += 1
+                self.refresh()
+
+    def clear(self) -> None:
+        self.remove(list(self._slots))
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def read(self, keep: frozenset[int] | None) -> list[tuple[Entry, torch.Tensor]]:
+        """``(entry, penalty of its layer's calls in the current pass)`` for the entries in
+        ``keep`` (ids; all when None) that have one, in registration order. Pure: nothing is
+        taken away."""
+        out: list[tuple[Entry, torch.Tensor]] = []
+        for slot in self.ordered:
+            if not slot.values or (keep is not None and id(slot.entry) not in keep):
+                continue
+            module = slot.entry.module
+            if module is None:
+                continue
+            training = module.training
+            counted = [v for v, made_training in slot.values if made_training or not training]
+            if counted:
+                out.append((slot.entry, counted[0] if len(counted) == 1 else sum_of(counted)))
+        return out
+
+    def has_values(self) -> bool:
+        """Whether some layer recorded a penalty in its current pass."""
+        return any(slot.values for slot in self.ordered)
+
+    # -- the hooks -------------------------------------------------------------------------
+
+    def linked(self, parent: torch.nn.Module, child: torch.nn.Module) -> None:
+        """``child`` is being registered in ``parent`` (called by ``regcollect._naming``
+        before the assignment): place the hooks the new holder needs now, before its first
+        call. Not while torch.compile traces (a model scope records its tree then): hooks
+        placed inside a trace would change the modules dynamo is looking at; the next eager
+        call places them."""
+        if id(child) in self._marks and not is_compiling():
+            with self._lock:
+                self.refresh(link=(parent, child))
+
+    def refresh(self, link: tuple[torch.nn.Module, torch.nn.Module] | None = None) -> None:
+        """Place the hooks on the regularized layers and the modules holding them, if the
+        entries or the module tree changed since they were placed."""
+        key = (self._version, _naming.version())
+        if key == self._built and link is None:
+            return
+        with self._lock:
+            if key == self._built and link is None:
+                return
+            self._rebuild(link)
+            self._built = key
+
+    def _rebuild(self, link: tuple[torch.nn.Module, torch.nn.Module] | None) -> None:
+        slots = {e: s for e, s in self._slots.items() if e.module is not None}
+        holders: dict[int, list[torch.nn.Module]] = {}
+        modules: dict[int, torch.nn.Module] = {}
+        for entry in slots:
+            layer = entry.module
+            assert layer is not None
+            for module in (layer, *_naming.holders(layer, link)):
+                if id(module) not in modules:
+                    modules[id(module)] = module
+                    holders[id(module)] = _naming.holders(module, link)
+        marks: dict[int, _Mark] = {}
+        for key, module in modules.items():
+            mark = self._marks.get(key)
+            if mark is None or mark.module() is not module:
+                mark = _Mark(module)
+                drop_inert_hooks(module)
+                mark.handles = [
+                    module.register_forward_pre_hook(_Enter(self, mark)),
+                    module.register_forward_hook(_Exit(self, mark), always_call=True),
+                ]
+            marks[key] = mark
+        for key, mark in self._marks.items():
+            if marks.get(key) is not mark:
+                for handle in mark.handles:
+                    handle.remove()
+        below: dict[int, list[_Mark]] = {key: [] for key in marks}
+        inside: dict[int, list[_Slot]] = {key: [] for key in marks}
+        for key, mark in marks.items():
+            mark.holders = tuple(marks[id(h)] for h in holders[key] if id(h) in marks)
+            for holder in holders[key]:
+                below[id(holder)].append(mark)
+        for entry, slot in slots.items():
+            layer = entry.module
+            assert layer is not None
+            for key in (id(layer), *map(id, holders[id(layer)])):
+                inside[key].append(slot)
+        for key, mark in marks.items():
+            mark.below, mark.slots = tuple(below[key]), tuple(inside[key])
+        self._marks = marks
+        records = {}
+        for entry, slot in slots.items():
+            layer = entry.module
+            assert layer is not None
+            old = self._records.get(entry)
+            if old is not None and old[0].mark is marks[id(layer)] and old[0].slot is slot:
+                records[entry] = old
+                continue
+            if old is not None:
+                old[1].remove()
+            hook = _Record(self, marks[id(layer)], slot)
+            records[entry] = (hook, layer.register_forward_hook(hook))
+        for entry, (_, handle) in self._records.items():
+            if entry not in records:
+                handle.remove()
+        self._records = records
+        self.ordered = tuple(slots.values())
+
+
+def sum_of(values: list[torch.Tensor]) -> torch.Tensor:
+    """The sum of a layer's penalties in one pass (one device and dtype: one layer's)."""
+    return torch.stack(values).sum()

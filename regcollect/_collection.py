@@ -2,15 +2,16 @@
 
 - ``_registry`` (``regcollect._registry.Registry``): the entries, their registration, names
   and scopes;
-- ``pending`` (``regcollect._activity.Pending``): the activity penalties recorded since;
+- ``_registry.activity`` (``regcollect._activity.Activity``): the activity penalties of the
+  current forward pass;
 - ``_plans`` (``regcollect._plans.PlanCache``): the cached plan of each scope;
 - ``_readout`` (``regcollect._readout.Readout``): the last values, for the summary;
 - ``_attachments``: the optimizers applying its penalties in their step.
 
-``loss()`` and ``losses()`` evaluate the cached plan of a scope and take the pending activity
-penalties in that scope; each call leaves its values on the device for ``summary()`` and
-``penalties()``. A collection pickles as a reference: unpickled in the same process it is the
-same collection, elsewhere the default one.
+``loss()`` and ``losses()`` evaluate the cached plan of a scope and read the activity penalties
+of the current forward pass in that scope (a pure read); each call leaves its values on the
+device for ``summary()`` and ``penalties()``. A collection pickles as a reference: unpickled
+in the same process it is the same collection, elsewhere the default one.
 """
 
 from __future__ import annotations
@@ -23,13 +24,12 @@ from typing import IO, Any
 import torch
 
 from . import _naming
-from ._activity import Pending
 from ._checks import RegcollectWarning, ScopeArg, check_scope
 from ._engine import Plan
 from ._entries import ACTIVITY, Entry
 from ._guards import forgotten_loss_check, model_groups, warn_meta, warn_models
 from ._optim import OptimizerAttachment, held_by
-from ._plans import CachedPlan, PlanCache, applied, ids_in, scope_key, with_records
+from ._plans import CachedPlan, PlanCache, applied, scope_key, with_records
 from ._readout import Last, Readout, Row, as_dict, check_finite
 from ._registry import Registry
 from ._state import COLLECTIONS, OPTIMIZER_STEP
@@ -44,15 +44,10 @@ class Collection:
     """An independent set of penalties. ``rc.get_collection()`` returns the default one.
 
     Args:
-        max_pending: at most this many activity penalties wait for a ``loss()``; past it the
-            oldest are dropped, with one warning.
-        max_pending_bytes: at most this many bytes of layer outputs are kept alive by waiting
-            activity penalties (their autograd graphs); the same rule.
         check_finite: read every ``loss()``'s values back (one host synchronisation) and raise
             ``FloatingPointError`` naming the entries whose penalty is NaN or infinite.
 
     Raises:
-        ValueError: ``max_pending`` or ``max_pending_bytes`` is not a positive int.
         TypeError: ``check_finite`` is not a bool.
 
     Examples:
@@ -63,12 +58,7 @@ class Collection:
         True
     """
 
-    def __init__(
-        self, *, max_pending: int = 256, max_pending_bytes: int = 2**30, check_finite: bool = False
-    ) -> None:
-        for name, value in (("max_pending", max_pending), ("max_pending_bytes", max_pending_bytes)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+    def __init__(self, *, check_finite: bool = False) -> None:
         if not isinstance(check_finite, bool):
             raise TypeError(f"check_finite must be a bool, got {check_finite!r}")
         self.check_finite = check_finite
@@ -81,8 +71,7 @@ class Collection:
         self._warned_forgotten = False
         self._warned_models = False
         self._warned_meta = False
-        self.pending = Pending(self.describe, max_pending, max_pending_bytes)
-        self._registry = Registry(self.pending, _install_step_hook)
+        self._registry = Registry(_install_step_hook)
         self._plans = PlanCache()
         self._plans_version = 0
         self._readout = Readout()
@@ -164,14 +153,6 @@ class Collection:
             self._attachments = [a for a in self._attachments if a.optimizer() is not None]
         return keys
 
-    @property
-    def max_pending(self) -> int:
-        return self.pending.max_count
-
-    @property
-    def max_pending_bytes(self) -> int:
-        return self.pending.max_bytes
-
     # Collections are registries, not data: copying a model must not copy its collection, and
     # unpickling in the same process finds the same one (see _restore_collection).
     def __deepcopy__(self, memo: dict[int, Any]) -> Collection:
@@ -246,7 +227,7 @@ class Collection:
         if is_compiling():
             return traced_loss(self, scope)
         key, cached = self._plan(scope)
-        records = self.pending.take(None if key is None else ids_in(cached.in_scope_ids))
+        records = self._registry.activity.read(None if key is None else cached.in_scope_ids)
         if key is None and not self._warned_models:
             self._warned_models = warn_models(
                 cached.weight_models, cached.models, cached.in_scope, records, self._registry
@@ -254,13 +235,8 @@ class Collection:
         if cached.meta and not self._warned_meta:
             self._warned_meta = warn_meta(cached.meta, self._registry)
         result = cached.plan()
-        total = with_records(result.total, [r.value for r in records], len(cached.entries) > 0)
-        self._readout.store(
-            key,
-            Last(
-                cached.entries, result.parts, [(r.entry, r.value) for r in records], cached.activity
-            ),
-        )
+        total = with_records(result.total, [v for _, v in records], len(cached.entries) > 0)
+        self._readout.store(key, Last(cached.entries, result.parts, records, cached.activity))
         self._consumed = True
         if self.check_finite:
             self.assert_finite(scope)
@@ -279,10 +255,8 @@ class Collection:
             The list of 0-dim tensors.
         """
         key, cached = self._plan(scope)
-        records = self.pending.take(None if key is None else ids_in(cached.in_scope_ids))
-        by_entry: dict[Entry, list[torch.Tensor]] = {}
-        for r in records:
-            by_entry.setdefault(r.entry, []).append(r.value)
+        records = self._registry.activity.read(None if key is None else cached.in_scope_ids)
+        by_entry = dict(records)
         position = {id(e): i for i, e in enumerate(cached.entries)}
         out: list[torch.Tensor] = []
         parts: list[tuple[torch.Tensor, list[int]]] = []
@@ -295,10 +269,8 @@ class Collection:
                 out.append(value)
                 parts.append((value.detach().reshape(1), [i]))
             elif entry in by_entry:
-                out.append(torch.stack(by_entry[entry]).sum())
-        self._readout.store(
-            key, Last(cached.entries, parts, [(r.entry, r.value) for r in records], cached.activity)
-        )
+                out.append(by_entry[entry])
+        self._readout.store(key, Last(cached.entries, parts, records, cached.activity))
         self._consumed = True
         if self.check_finite:
             self.assert_finite(scope)
@@ -370,18 +342,14 @@ class Collection:
 
 
 def _install_step_hook() -> None:
-    """The first entry anywhere installs the optimizer-step hook (the forgotten-loss warning,
-    the end of a step for activity records)."""
+    """The first entry anywhere installs the optimizer-step hook (the forgotten-loss
+    warning)."""
     OPTIMIZER_STEP.add(_after_optimizer_step)
 
 
 def _after_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    """Warn once per collection whose penalties never reach a loss, and end the step for the
-    activity records no backward releases."""
+    """Warn once per collection whose penalties never reach a loss."""
     forgotten_loss_check(COLLECTIONS.live, optimizer)
-    for coll in list(COLLECTIONS.live):
-        if coll.pending:
-            coll.pending.end_of_step()
 
 
 def _restore_collection(uid: str, was_default: bool) -> Collection:

@@ -59,7 +59,6 @@ class Entry:
         "__weakref__",
         "_explicit_name",
         "_handles",
-        "_hook",
         "_key",
         "_kind",
         "_module_ref",
@@ -90,7 +89,6 @@ class Entry:
         self._tensor_ref = tensor_ref
         self._prefix = prefix
         self._explicit_name = explicit_name
-        self._hook: Any = None  # the forward hook handle of an activity entry
         self._key: tuple[Any, ...] = ()
         self._name = ""
         # What registering this entry replaced (restored by Handle.remove()), and whether its

@@ -87,17 +87,14 @@ def forgotten_loss_check(collections: Iterable[Any], optimizer: torch.optim.Opti
         with coll._registry.lock:
             entries = coll._registry.entries()
             tensors = current_tensors([e.locator for e in entries])
-            pending = bool(coll.pending)
-            # An activity penalty whose pass was backpropagated unread (an activity-only
-            # model's pending list is empty again by the time the optimizer steps).
-            missed = coll.pending.missed
+            recorded = [e for e, _ in coll._registry.activity.read(None)]
         ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
         trained = [e for e, t in zip(entries, tensors) if t is not None and id(t) in ids]
-        if not trained and not pending and missed is None:
+        if not trained and not recorded:
             continue
         coll._warned_forgotten = True
         names = coll._registry._names()
-        example = names.get(trained[0] if trained else missed or entries[0], "?")
+        example = names.get((trained or recorded)[0], "?")
         warnings.warn(
             f"{len(entries)} regularization penalties (e.g. {example!r}) are registered, but "
             f"{type(optimizer).__name__}.step() ran before rc.loss() was ever called: the "
@@ -116,12 +113,12 @@ def warn_models(
     weight_models: frozenset[int] | set[int],
     models: Mapping[int, int],
     in_scope: Sequence[Entry],
-    records: Sequence[Any],
+    records: Sequence[tuple[Entry, Any]],
     registry: _Names,
 ) -> bool:
     """Warn when an unscoped ``loss()`` sums separate models (those of its weight entries and
-    of the activity ``records`` it takes); return whether it warned."""
-    groups = weight_models | {models.get(id(r.entry), -1) for r in records}
+    of the activity penalties ``records`` it reads); return whether it warned."""
+    groups = weight_models | {models.get(id(entry), -1) for entry, _ in records}
     groups = groups - {-1}
     if len(groups) <= 1:
         return False

@@ -18,6 +18,7 @@ from __future__ import annotations
 import gc
 import re
 import weakref
+from typing import Any
 
 import torch
 
@@ -27,7 +28,9 @@ __all__ = [
     "ancestors",
     "auto_name",
     "follow_links",
+    "holders",
     "is_wrapper",
+    "listen",
     "named_modules",
     "path_to_root",
     "record_tree",
@@ -102,6 +105,8 @@ def _link(parent: torch.nn.Module, name: str, child: torch.nn.Module) -> None:
         track(parent)
         with NAMING.lock:
             NAMING.version += 1
+        for listener in list(NAMING.listeners):
+            listener.linked(parent, child)
 
 
 def _on_module_registration(
@@ -186,6 +191,39 @@ def _chain(module: torch.nn.Module) -> list[tuple[torch.nn.Module, str]]:
             break
         seen.add(id(current))
         out.append(link)
+    return out
+
+
+def listen(listener: Any) -> None:
+    """Call ``listener.linked(parent, child)`` (held weakly) whenever a module that holds an
+    entry, or holds one that does, is registered in a parent: before the assignment, so that
+    what must be in place before the parent's first call (activity hooks) can be."""
+    NAMING.listeners.add(listener)
+
+
+def holders(
+    module: torch.nn.Module, link: tuple[torch.nn.Module, torch.nn.Module] | None = None
+) -> list[torch.nn.Module]:
+    """Every module holding ``module``, through every parent link that holds now (a module
+    shared by two models is held by both), nearest first; ``link`` is a ``(parent, child)``
+    registration under way, counted before its assignment is made."""
+    out: list[torch.nn.Module] = []
+    seen = {id(module)}
+    frontier = [module]
+    while frontier:
+        current = frontier.pop(0)
+        parents = [
+            r()
+            for r, name in NAMING.parents.get(current, ())
+            if (p := r()) is not None and p._modules.get(name) is current
+        ]
+        if link is not None and link[1] is current:
+            parents.append(link[0])
+        for parent in parents:
+            if parent is not None and id(parent) not in seen:
+                seen.add(id(parent))
+                out.append(parent)
+                frontier.append(parent)
     return out
 
 

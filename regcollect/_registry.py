@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from . import _following, _fsdp1, _naming
-from ._activity import ActivityHook, Pending
+from ._activity import Activity
 from ._checks import ScopeArg, check_module, check_scope
 from ._engine import powers
 from ._entries import ACTIVITY, TENSOR, WEIGHT, Entry, unique_names
@@ -70,13 +70,11 @@ class Registry:
     """Entries and their registration; a part of ``regcollect._collection.Collection``.
 
     Args:
-        pending: The collection's activity records (an entry removed drops its records; an
-            activity entry's forward hook records there).
         on_register: Called at every registration (the collection installs its
             optimizer-step hook with the first).
     """
 
-    def __init__(self, pending: Pending, on_register: Callable[[], None]) -> None:
+    def __init__(self, on_register: Callable[[], None]) -> None:
         self.lock = threading.RLock()
         self._entries: dict[tuple[Any, ...], Entry] = {}
         self._by_tensor: dict[int, tuple[weakref.ref[torch.Tensor], tuple[Any, ...]]] = {}
@@ -86,7 +84,8 @@ class Registry:
         self.ordered: tuple[Entry, ...] = ()
         self._has_dead = False
         self._names_cache: tuple[tuple[int, int], dict[Entry, str]] | None = None
-        self.pending = pending
+        # The activity entries' penalties of the current forward pass, and their hooks.
+        self.activity = Activity(self)
         self._on_register = on_register
 
     def __len__(self) -> int:
@@ -210,7 +209,7 @@ class Registry:
             if module is not None:
                 _naming.track(module)
                 if entry.kind == ACTIVITY:
-                    entry._hook = module.register_forward_hook(ActivityHook(self, entry))
+                    self.activity.add(entry)
             self._changed()
             return Handle([(self, entry)])
 
@@ -219,10 +218,8 @@ class Registry:
         self.ordered = tuple(self._entries.values())
 
     def _detach(self, entry: Entry) -> None:
-        if entry._hook is not None:
-            entry._hook.remove()
-            entry._hook = None
-            self.pending.discard(lambda r: r.entry is not entry)
+        if entry.kind == ACTIVITY:
+            self.activity.remove([entry])
 
     def _discard(self, entry: Entry) -> bool:
         """Remove ``entry`` if it is still registered here (not replaced since)."""
@@ -270,7 +267,6 @@ class Registry:
         for key in dead:
             self._detach(self._entries.pop(key))
         self._by_tensor = {k: v for k, v in self._by_tensor.items() if v[0]() is not None}
-        self.pending.discard(lambda r: r.entry.alive)
         if dead:
             self._changed()
 
@@ -309,7 +305,7 @@ class Registry:
             for entry in removed:
                 self._release(entry, keep_state=True)
             self._by_tensor.clear()
-            self.pending.clear()
+            self.activity.clear()
             self._changed()
 
     # -- names and scopes --

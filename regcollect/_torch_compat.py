@@ -15,7 +15,9 @@ __all__ = [
     "COMPILED_LOSS_WITHOUT_GRAPH_BREAKS",
     "CONSTANT_FUNCTIONS_TAKE_OBJECTS",
     "TORCH_VERSION",
+    "in_backward",
     "is_compiling",
+    "is_tracing",
     "parse_version",
 ]
 
@@ -48,3 +50,21 @@ COMPILED_LOSS_WITHOUT_GRAPH_BREAKS = TORCH_VERSION >= (2, 13)
 # torch.compiler.is_compiling is public from torch 2.3 on (dynamo's own flag is older). It is
 # bound here, not wrapped, so dynamo sees the function it folds to a constant while tracing.
 is_compiling = torch.compiler.is_compiling
+
+
+# torch.compiler.is_exporting is public from torch 2.5 on; before, export went through dynamo,
+# whose flag is_compiling already is.
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+
+
+def is_tracing() -> bool:
+    """Whether ``torch.jit.trace`` or ``torch.export`` is running the model to look at it
+    (not to train it): forward hooks then record nothing."""
+    return bool(torch.jit.is_tracing() or _is_exporting())
+
+
+def in_backward() -> bool:
+    """Whether this thread is inside a backward pass (a forward pass run now is activation
+    checkpointing recomputing). Eager only: torch has no public flag for it, so this reads
+    the autograd engine's current node, as ``torch.utils.checkpoint`` itself does."""
+    return torch._C._current_autograd_node() is not None

@@ -45,19 +45,14 @@ def traced_loss(coll: Any, scope: ScopeArg) -> torch.Tensor:
     held: set[int] = held_by(coll._attachments) if len(coll._attachments) > 0 else set()
     plan = Plan(tensors, applied(entries), no_grad=held)
     keep = None if scope is None else frozenset(map(id, in_scope))
-    records = coll.pending.take_traced(keep)
+    records = coll._registry.activity.read(keep)
     result = plan()
     coll._readout.store(
         scope_key(checked),
-        Last(
-            entries,
-            result.parts,
-            [(r.entry, r.value) for r in records],
-            [e for e in in_scope if e.kind == ACTIVITY],
-        ),
+        Last(entries, result.parts, records, [e for e in in_scope if e.kind == ACTIVITY]),
     )
     coll._consumed = True
-    return with_records(result.total, [r.value for r in records], len(entries) > 0)
+    return with_records(result.total, [v for _, v in records], len(entries) > 0)
 
 
 def _positions(coll: Any, scope: Any) -> tuple[int, ...] | str:

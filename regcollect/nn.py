@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ._activity import inert_hook
+from ._activity import drop_inert_hooks
 from ._collection import Collection
 from ._context import active_collection, current_prefix, scope_default
 from ._registry import parametrized_tensors
@@ -205,10 +205,7 @@ class RegularizedLayer(torch.nn.Module):
         snapshot = state.pop(_SNAPSHOT, {})
         super().__setstate__(state)
         # Unpickled or deep-copied: activity hooks came back inert; register this copy afresh.
-        for key in [k for k, hook in self._forward_hooks.items() if hook is inert_hook]:
-            del self._forward_hooks[key]
-            self._forward_hooks_with_kwargs.pop(key, None)
-            self._forward_hooks_always_called.pop(key, None)
+        drop_inert_hooks(self)
         if "_rc_collection" in self.__dict__:
             for name, reg in snapshot.items():
                 self._rc_add(self, name, reg)

@@ -164,10 +164,13 @@ def test_activity_penalty_semantics():
     out = layer(x)
     expected = 0.5 * (out**2).sum() / 4
     assert rc.loss().item() == pytest.approx(expected.item(), rel=1e-6)
-    # Reading has no side effect: until the pass is backpropagated, reads agree.
+    # Reading has no side effect: reads agree until the next forward pass.
     assert rc.loss().item() == pytest.approx(expected.item(), rel=1e-6)
-    layer(x)  # the next pass: the one read above is done
-    layer(x)  # called twice: two penalties
+    out2 = layer(2 * x)  # the next pass replaces the one read above
+    assert rc.loss().item() == pytest.approx((0.5 * (out2**2).sum() / 4).item(), rel=1e-6)
+    twice = torch.nn.ModuleList([layer])
+    twice.forward = lambda x: layer(layer(x) @ torch.zeros(2, 3) + x)  # type: ignore[method-assign]
+    twice(x)  # one pass calling the layer twice: two penalties
     assert rc.loss().item() == pytest.approx(2 * expected.item(), rel=1e-6)
 
 

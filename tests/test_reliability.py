@@ -96,7 +96,6 @@ BAD_INPUT = [
         TypeError,
         "collection must be a regcollect.Collection, got str",
     ),
-    (lambda: rc.Collection(max_pending=0), ValueError, "max_pending must be a positive int, got 0"),
     (
         lambda: rc.Collection(check_finite="yes"),
         TypeError,

@@ -1,0 +1,435 @@
+"""The training loops people write (issue 35), each as the user writes it, compared with the
+penalty written by hand on plain ``torch.nn`` layers.
+
+The rule under test (docs/concepts.md, "Activity penalties"): ``rc.loss()`` holds, for each
+layer with an activity regularizer, ``regularizer(output) / batch_size`` of each of its calls
+in the most recent forward pass made with gradients on, and reading it changes nothing. A
+forward pass starts with a call of a module that holds such layers while none of the modules
+holding it is running (Keras resets ``layer.losses`` at the outermost call).
+
+Tolerances: each comparison is between two float32 computations of the same sums in a
+different order (the grouped engine against a hand-written loop), a few additions of values
+of magnitude <= 10, so a relative 1e-6 (8 ulps) covers them; weights after ``n`` SGD steps
+drift by at most that per step: ``n * 1e-6`` relative.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch.utils.checkpoint import checkpoint
+
+import regcollect as rc
+
+C = 0.05  # the activity coefficient
+
+
+def relu_mlp(activity: bool = True) -> torch.nn.Sequential:
+    """Linear(4, 8) -> ReLU -> Linear(8, 1); the first layer's output carries ``l2(C)``."""
+    reg = rc.l2(C) if activity else None
+    return torch.nn.Sequential(
+        rc.nn.Linear(4, 8, activity_regularizer=reg), torch.nn.ReLU(), torch.nn.Linear(8, 1)
+    )
+
+
+def plain_twin(model: torch.nn.Sequential) -> torch.nn.Sequential:
+    """The same weights in plain torch.nn layers (no regcollect anywhere)."""
+    twin = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    twin.load_state_dict(model.state_dict())
+    return twin
+
+
+def by_hand(twin: torch.nn.Sequential, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(output, activity penalty)`` of one pass of the plain twin: Keras's
+    ``C * sum(h**2) / batch``."""
+    hidden = twin[0](x)
+    return twin[2](twin[1](hidden)), C * (hidden**2).sum() / x.shape[0]
+
+
+def grads(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def close(a: list[torch.Tensor], b: list[torch.Tensor], rtol: float = 1e-6) -> bool:
+    return all(torch.allclose(x, y, rtol=rtol, atol=rtol * 1e-2) for x, y in zip(a, b))
+
+
+@pytest.fixture(autouse=True)
+def _strict_warnings():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", rc.RegcollectWarning)
+        yield
+
+
+# -- reads never change training ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("read", ["loss", "penalties", "summary", "losses"])
+def test_a_logging_read_between_micro_batches_of_one_graph_changes_nothing(read, capsys):
+    """Two micro-batches, one graph, one backward; the user adds rc.loss() per micro-batch
+    (as Keras's model.losses is read after each call). A logging read after the first one
+    must leave the penalty and the gradients as they are without it."""
+    torch.manual_seed(0)
+    x1, x2 = torch.randn(6, 4), torch.randn(6, 4)
+    model = relu_mlp()
+    twin = plain_twin(model)
+
+    def run(log: bool) -> tuple[float, list[torch.Tensor]]:
+        model.zero_grad()
+        out1 = model(x1)
+        pen1 = rc.loss(model)
+        if log:
+            {
+                "loss": lambda: rc.loss().item(),
+                "penalties": rc.penalties,
+                "summary": rc.summary,
+                "losses": rc.get_regularization_losses,
+            }[read]()
+        out2 = model(x2)
+        pen2 = rc.loss(model)
+        total = (out1.pow(2).mean() + pen1 + out2.pow(2).mean() + pen2) / 2
+        total.backward()
+        return (pen1 + pen2).item(), grads(model)
+
+    quiet, quiet_grads = run(log=False)
+    logged, logged_grads = run(log=True)
+    assert logged == quiet
+    assert all(torch.equal(a, b) for a, b in zip(logged_grads, quiet_grads))
+    # And both are the hand-written penalty of the two passes.
+    o1, p1 = by_hand(twin, x1)
+    o2, p2 = by_hand(twin, x2)
+    ((o1.pow(2).mean() + p1 + o2.pow(2).mean() + p2) / 2).backward()
+    assert quiet == pytest.approx((p1 + p2).item(), rel=1e-6)
+    assert close(quiet_grads, grads(twin))
+
+
+def test_reading_twice_returns_the_same_activity_penalty():
+    model = relu_mlp()
+    model(torch.ones(3, 4))
+    first = [t.item() for t in rc.get_regularization_losses(model)]
+    assert [t.item() for t in rc.get_regularization_losses(model)] == first
+    assert rc.loss(model).item() == rc.loss(model).item() == pytest.approx(sum(first))
+
+
+# -- validation never leaks into training ------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_validation_with_gradients_on_never_leaks_into_the_next_training_step(mode):
+    """20 validation batches with gradients on (torch.no_grad() forgotten) and no rc.loss(),
+    then a training step: its penalty and its gradient are those of the training pass."""
+    torch.manual_seed(0)
+    model = relu_mlp()
+    twin = plain_twin(model)
+    x = torch.randn(8, 4)
+    getattr(model, mode)()
+    for _ in range(20):
+        model(100 * torch.randn(8, 4))  # large inputs: a leak would show
+    model.train()
+    out = model(x)
+    penalty = rc.loss(model)
+    (out.pow(2).mean() + penalty).backward()
+    twin_out, want = by_hand(twin, x)
+    (twin_out.pow(2).mean() + want).backward()
+    assert penalty.item() == pytest.approx(want.item(), rel=1e-6)
+    assert close(grads(model), grads(twin))
+
+
+def test_validation_under_no_grad_between_forward_and_loss_keeps_the_training_pass():
+    torch.manual_seed(0)
+    model = relu_mlp()
+    twin = plain_twin(model)
+    x = torch.randn(8, 4)
+    out = model(x)
+    with torch.no_grad():
+        model(100 * torch.randn(8, 4))  # e.g. an EMA or metric pass: records nothing
+    assert rc.loss(model).item() == pytest.approx(by_hand(twin, x)[1].item(), rel=1e-6)
+    out.sum()  # (the training graph is still there)
+
+
+def test_a_validation_loss_taken_in_eval_mode_counts_the_validation_pass():
+    torch.manual_seed(0)
+    model = relu_mlp()
+    twin = plain_twin(model)
+    model.eval()
+    x_val = torch.randn(5, 4)
+    model(x_val)
+    assert rc.loss(model).item() == pytest.approx(by_hand(twin, x_val)[1].item(), rel=1e-6)
+
+
+# -- activation checkpointing ------------------------------------------------------------------
+
+
+class Checkpointed(torch.nn.Module):
+    """A model whose first block runs under torch.utils.checkpoint."""
+
+    def __init__(self, reentrant: bool | None) -> None:
+        super().__init__()
+        self.block = torch.nn.Sequential(
+            rc.nn.Linear(4, 8, activity_regularizer=rc.l2(C)), torch.nn.Tanh()
+        )
+        self.head = torch.nn.Linear(8, 1)
+        self.reentrant = reentrant
+
+    def forward(self, x):
+        if self.reentrant is None:
+            return self.head(self.block(x))
+        return self.head(checkpoint(self.block, x, use_reentrant=self.reentrant))
+
+
+@pytest.mark.parametrize("input_grad", [False, True])
+def test_a_checkpointed_block_counts_once_with_its_gradient(input_grad):
+    torch.manual_seed(0)
+    plain = Checkpointed(None)
+    ckpt = Checkpointed(False)
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.randn(6, 4, requires_grad=input_grad)
+    values = []
+    for model in (plain, ckpt):
+        out = model(x)
+        penalty = rc.loss(model)
+        (out.pow(2).mean() + penalty).backward()
+        values.append(penalty.item())
+    hidden = plain.block[0](x)
+    assert values[0] == values[1] == pytest.approx((C * (hidden**2).sum() / 6).item(), rel=1e-6)
+    assert close(grads(plain), grads(ckpt))
+    # The recomputation inside the backward recorded nothing: the pass is still one penalty.
+    assert rc.loss(ckpt).item() == pytest.approx(values[1], rel=1e-6)
+
+
+def test_reentrant_checkpointing_is_refused_by_name():
+    model = Checkpointed(True)
+    out = model(torch.randn(6, 4, requires_grad=True))
+    total = out.sum() + rc.loss(model)
+    with pytest.raises(RuntimeError, match=r"'block\.0:activity'.*use_reentrant=False"):
+        total.backward()
+
+
+# -- WGAN-GP -----------------------------------------------------------------------------------
+
+
+def critic() -> torch.nn.Sequential:
+    return torch.nn.Sequential(
+        rc.nn.Linear(2, 8, kernel_regularizer=rc.l2(0.01), activity_regularizer=rc.l2(C)),
+        torch.nn.Tanh(),
+        torch.nn.Linear(8, 1),
+    )
+
+
+def test_wgan_gp_counts_the_pass_the_user_adds_the_penalty_after():
+    """The critic runs on real and fake samples (one pass of both, as GAN code usually
+    batches them), then on the interpolates whose input gradient is the gradient penalty
+    (autograd.grad with create_graph=True). rc.loss(D) taken after the real/fake pass adds that
+    pass's activity penalty with its gradient; the gradient-penalty pass changes nothing of
+    it, and nothing warns. A read after the interpolates' pass is that pass's penalty."""
+    torch.manual_seed(0)
+    disc = critic()
+    twin = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    twin.load_state_dict(disc.state_dict())
+    real, fake, eps = torch.randn(16, 2), torch.randn(16, 2), torch.rand(16, 1)
+    x_hat = eps * real + (1 - eps) * fake
+
+    def gradient_penalty(net, x):
+        x = x.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(net(x).sum(), x, create_graph=True)
+        return ((g.norm(2, dim=1) - 1) ** 2).mean()
+
+    scores = disc(torch.cat([real, fake]))
+    penalty = rc.loss(disc)
+    gp = gradient_penalty(disc, x_hat)
+    d_loss = scores[16:].mean() - scores[:16].mean() + 10 * gp + penalty
+    d_loss.backward()
+    after_gp = rc.loss(disc).item()
+
+    def act(x):
+        h = twin[0](x)
+        return C * (h**2).sum() / x.shape[0]
+
+    weights = 0.01 * (twin[0].weight ** 2).sum()
+    t_scores = twin(torch.cat([real, fake]))
+    want_penalty = weights + act(torch.cat([real, fake]))
+    want = t_scores[16:].mean() - t_scores[:16].mean() + 10 * gradient_penalty(twin, x_hat)
+    (want + want_penalty).backward()
+    assert penalty.item() == pytest.approx(want_penalty.item(), rel=1e-6)
+    assert d_loss.item() == pytest.approx((want + want_penalty).item(), rel=1e-6)
+    assert close(grads(disc), grads(twin), rtol=1e-5)
+    assert after_gp == pytest.approx((weights + act(x_hat)).item(), rel=1e-6)
+
+
+def test_a_gan_loop_with_one_penalty_per_model_counts_each_models_latest_pass():
+    """The tutorial order: G forward, D step (D runs twice), G step (D runs again). rc.loss(G)
+    is G's pass, rc.loss(D) D's latest, whatever ran in between; nothing warns."""
+    torch.manual_seed(0)
+    gen = torch.nn.Sequential(rc.nn.Linear(3, 2, activity_regularizer=rc.l1(0.1)))
+    disc = critic()
+    opt_g = torch.optim.SGD(gen.parameters(), lr=0.1)
+    opt_d = torch.optim.SGD(disc.parameters(), lr=0.1)
+    for _ in range(3):
+        z, real = torch.randn(8, 3), torch.randn(8, 2)
+        fake = gen(z)
+        want_g = 0.1 * fake.detach().abs().sum().item() / 8
+        opt_d.zero_grad()
+        d_fake = disc(fake.detach())
+        d_real = disc(real)
+        hidden = disc[0](real).detach()
+        want_d = 0.01 * (disc[0].weight ** 2).sum().item() + C * (hidden**2).sum().item() / 8
+        d_pen = rc.loss(disc)
+        assert d_pen.item() == pytest.approx(want_d, rel=1e-6)
+        (d_fake.mean() - d_real.mean() + d_pen).backward()
+        opt_d.step()
+        opt_g.zero_grad()
+        g_pen = rc.loss(gen)
+        assert g_pen.item() == pytest.approx(want_g, rel=1e-6)
+        (-disc(fake).mean() + g_pen).backward()
+        opt_g.step()
+
+
+# -- gradient accumulation ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backward", ["per_micro_batch", "once"])
+def test_gradient_accumulation_gives_the_single_batch_numbers(backward):
+    """Two micro-batches of 4 against one batch of 8: the accumulated gradient of
+    (loss + rc.loss()) / 2 per micro-batch equals the single batch's loss + rc.loss()."""
+    torch.manual_seed(0)
+    model = relu_mlp()
+    full = copy.deepcopy(model)
+    x = torch.randn(8, 4)
+    out = full(x)
+    (out.pow(2).mean() + rc.loss(full)).backward()
+    total = 0.0
+    for xb in x.chunk(2):
+        part = (model(xb).pow(2).mean() + rc.loss(model)) / 2
+        if backward == "per_micro_batch":
+            part.backward()
+        total = total + part
+    if backward == "once":
+        total.backward()
+    assert close(grads(model), grads(full))
+
+
+# -- torch.compile, export and trace -----------------------------------------------------------
+
+
+def test_a_compiled_step_gives_the_eager_numbers_with_an_eval_pass_in_between():
+    """Five steps, each followed by an eager validation pass in eval mode with gradients on;
+    the compiled step's losses and weights equal the eager step's."""
+    torch.manual_seed(0)
+    eager = relu_mlp()
+    compiled = copy.deepcopy(eager)
+    data = [(torch.randn(8, 4), torch.randn(8, 1)) for _ in range(5)]
+    x_val = 10 * torch.randn(8, 4)
+
+    def make_step(model):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+        def step(x, y):
+            opt.zero_grad()
+            loss = (model(x) - y).pow(2).mean() + rc.loss(model)
+            loss.backward()
+            return loss
+
+        return opt, step
+
+    results = {}
+    for name, model in (("eager", eager), ("compiled", compiled)):
+        opt, step = make_step(model)
+        run = torch.compile(step) if name == "compiled" else step
+        losses = []
+        for x, y in data:
+            model.train()
+            losses.append(run(x, y).item())
+            opt.step()
+            model.eval()
+            model(x_val)  # validation, no_grad forgotten
+        results[name] = (losses, [p.detach().clone() for p in model.parameters()])
+    assert results["compiled"][0] == pytest.approx(results["eager"][0], rel=5e-6)
+    assert close(results["compiled"][1], results["eager"][1], rtol=5e-6)
+
+
+def test_export_and_trace_leave_nothing_behind():
+    torch.manual_seed(0)
+    model = relu_mlp()
+    twin = plain_twin(model)
+    x = torch.randn(5, 4)
+    model(x)
+    before = rc.loss(model).item()
+    torch.jit.trace(model, torch.randn(3, 4))
+    torch.export.export(model, (torch.randn(3, 4),))
+    assert rc.loss(model).item() == before  # what the last real pass recorded
+    out = model(x)
+    penalty = rc.loss(model)
+    (out.sum() + penalty).backward()
+    assert penalty.item() == pytest.approx(by_hand(twin, x)[1].item(), rel=1e-6)
+
+
+# -- loops without an optimizer, frozen layers ------------------------------------------------
+
+
+def test_a_frozen_layer_fed_constants_adds_nothing_in_a_manual_update_loop():
+    """Features from a frozen regularized layer, computed once; a head trained by hand.
+    The frozen layer's activity penalty carries no gradient and trains nothing: like a frozen
+    weight, it is not part of rc.loss()."""
+    torch.manual_seed(0)
+    frozen = rc.nn.Linear(4, 8, activity_regularizer=rc.l2(C)).requires_grad_(False)
+    head = rc.nn.Linear(8, 1, kernel_regularizer=rc.l2(0.1))
+    feats = frozen(torch.randn(6, 4))
+    for _ in range(3):
+        penalty = rc.loss()
+        assert penalty.item() == pytest.approx(0.1 * (head.weight**2).sum().item(), rel=1e-6)
+        (head(feats).pow(2).mean() + penalty).backward()
+        with torch.no_grad():
+            for p in head.parameters():
+                p -= 0.1 * p.grad
+                p.grad = None
+
+
+def test_a_layer_called_several_times_in_one_pass_counts_every_call():
+    """A shared block applied three times in one forward (weight sharing, ALBERT-style):
+    three penalties, and the next pass replaces all three."""
+
+    class Shared(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cell = rc.nn.Linear(4, 4, activity_regularizer=rc.l1(C))
+
+        def forward(self, x):
+            for _ in range(3):
+                x = torch.tanh(self.cell(x))
+            return x
+
+    torch.manual_seed(0)
+    model = Shared()
+    plain = torch.nn.Linear(4, 4)
+    plain.load_state_dict(model.cell.state_dict())
+    for _ in range(2):
+        x = torch.randn(5, 4)
+        model(x)
+        want, h = 0.0, x
+        for _ in range(3):
+            pre = plain(h)
+            want += C * pre.abs().sum().item() / 5
+            h = torch.tanh(pre)
+        assert rc.loss(model).item() == pytest.approx(want, rel=1e-6)
+
+
+def test_calling_a_submodule_alone_replaces_only_its_layers():
+    """Keras's rule: an outermost call resets the layers of the module called."""
+    torch.manual_seed(0)
+    enc = rc.nn.Linear(4, 4, activity_regularizer=rc.l2(C))
+    dec = rc.nn.Linear(4, 2, activity_regularizer=rc.l2(C))
+    model = torch.nn.Sequential(enc, dec)
+    x = torch.randn(3, 4)
+    h = model[0](x)
+    out = model(x)
+    assert rc.loss(model).item() == pytest.approx(
+        (C * (h**2).sum() / 3 + C * (out**2).sum() / 3).item(), rel=1e-6
+    )
+    x2 = torch.randn(3, 4)
+    h2 = enc(x2)  # the encoder alone: its penalty is replaced, the decoder's stays
+    assert rc.loss(model).item() == pytest.approx(
+        (C * (h2**2).sum() / 3 + C * (out**2).sum() / 3).item(), rel=1e-6
+    )
