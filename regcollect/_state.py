@@ -3,9 +3,10 @@
 The hooks it puts into torch's process-wide hook tables, each installed on first need (never
 at import) and removable (``remove()``; the next need installs it again):
 
-- ``OPTIMIZER_STEP``: after every optimizer step, advance the coefficient schedules the step
-  drives and warn about penalties that never reach a loss. Installed when the first entry is
-  registered in a collection or the first schedule is followed.
+- ``OPTIMIZER_STEP_PRE`` and ``OPTIMIZER_STEP``: around every optimizer step, tell the steps
+  that another step runs (nested) from real updates, advance the coefficient schedules a real
+  update drives, and (after) warn about penalties that never reach a loss. Installed when the
+  first entry is registered in a collection or the first schedule is followed.
 - ``MODULE_REGISTRATION``: parent links between modules, for entry names. Installed when the
   first module is tracked (it holds an entry) or a model is handed to regcollect; the modules
   that exist by then are recorded once, in one pass over the live objects.
@@ -29,7 +30,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
 
 __all__ = [
     "COLLECTIONS",
@@ -38,6 +42,7 @@ __all__ = [
     "MODULE_REGISTRATION",
     "NAMING",
     "OPTIMIZER_STEP",
+    "OPTIMIZER_STEP_PRE",
     "REGULARIZER_CLASSES",
     "SCOPES",
     "STASHED",
@@ -84,12 +89,14 @@ class GlobalHook:
 
 
 OPTIMIZER_STEP = GlobalHook(register_optimizer_step_post_hook)
+OPTIMIZER_STEP_PRE = GlobalHook(register_optimizer_step_pre_hook)
 MODULE_REGISTRATION = GlobalHook(torch.nn.modules.module.register_module_module_registration_hook)
 
 
 def remove_hooks() -> None:
     """Take every hook regcollect installed out of torch's tables."""
     OPTIMIZER_STEP.remove()
+    OPTIMIZER_STEP_PRE.remove()
     MODULE_REGISTRATION.remove()
 
 
@@ -128,6 +135,12 @@ class _Following:
         default_factory=weakref.WeakKeyDictionary
     )
     version: int = 0
+    # Per schedule, which optimizer advanced it last and where each driving one left it.
+    rounds: weakref.WeakKeyDictionary[Any, Any] = field(default_factory=weakref.WeakKeyDictionary)
+    # The optimizers whose loads restore schedules (a load post-hook is on them).
+    known: weakref.WeakSet[torch.optim.Optimizer] = field(default_factory=weakref.WeakSet)
+    # Per thread, the optimizer steps running now (outermost first).
+    steps: threading.local = field(default_factory=threading.local)
 
 
 @dataclass

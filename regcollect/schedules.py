@@ -1,16 +1,17 @@
 """Coefficient schedules: a regularizer coefficient that follows the optimizer steps.
 
 Pass a schedule wherever a coefficient goes (``rc.l2(rc.schedules.warmup(1e-4, steps=1000))``).
-Its step is the number of ``optimizer.step()`` calls made by the optimizers that update the
-tensors it regularizes (counted once per call, however many tensors it covers), so a GAN's two
-optimizers each drive their own penalties. The value at step ``t`` is what ``loss()`` uses
-before the ``t``-th step (0-based) and what ``attach_optimizer`` applies in it.
+Its step is the number of real updates of the tensors it regularizes: once per outermost
+``optimizer.step()`` (a wrapper's step that steps the optimizer it holds is one update), however
+many tensors it covers. A schedule several optimizers drive (a GAN's G and D, a Muon + AdamW
+split) follows the one that has updated its tensors most. The value at step ``t`` is what
+``loss()`` uses before the ``t``-th step (0-based) and what ``attach_optimizer`` applies in it.
 
 The current value lives in a 0-dim tensor per device, updated in place when the step
 changes: ``loss()`` reads it like any other tensor, so plans are not rebuilt, nothing is read
 back to the host, and ``torch.compile`` neither breaks its graph nor recompiles as the value
-moves. A schedule's step is state to checkpoint, like a learning-rate scheduler's:
-``schedule.state_dict()`` / ``schedule.load_state_dict(...)``.
+moves. A schedule's step is saved with the optimizers that drive it (in their
+``state_dict()``) and restored by their ``load_state_dict()``; see ``resume``.
 
 Every coefficient a regularizer takes is a number (``check_coefficient``) or a schedule, one
 rule for both (``regcollect._coefficients``).
@@ -40,6 +41,7 @@ __all__ = [
     "check_coefficient",
     "cosine",
     "linear",
+    "resume",
     "warmup",
 ]
 
@@ -290,6 +292,45 @@ class FunctionSchedule(Schedule):
         except Exception:  # a repr must not fail; the value's own error comes where it is used
             now = "?"
         return f"FunctionSchedule({name}) [step {self._step}: {now}]"
+
+
+def resume(optimizer: Any) -> None:
+    """Restore the schedules ``optimizer`` drives from its state, now and at each later load.
+
+    Every optimizer that updates scheduled tensors keeps their steps in its ``state_dict()``;
+    its ``load_state_dict()`` restores them once regcollect knows the optimizer (it stepped
+    in this process, or was attached with ``rc.attach_optimizer``). An optimizer built afresh
+    to resume a run is not known yet: call this after loading its state and before the first
+    ``rc.loss()``. ``RegularizedTrainer`` and Lightning's ``RegularizationLogger`` call it for
+    their optimizers.
+
+    Args:
+        optimizer: The optimizer, or a wrapper that steps one (accelerate, Lightning).
+
+    Raises:
+        TypeError: ``optimizer`` is not an optimizer.
+
+    Examples:
+        >>> import torch, regcollect as rc
+        >>> def build():
+        ...     schedule, coll = rc.schedules.warmup(0.1, steps=10), rc.Collection()
+        ...     layer = rc.nn.Linear(2, 2, kernel_regularizer=rc.l2(schedule), collection=coll)
+        ...     model = torch.nn.Sequential(layer)
+        ...     return model, torch.optim.SGD(model.parameters(), lr=0.1), schedule, coll
+        >>> model, opt, schedule, coll = build()
+        >>> for _ in range(3):
+        ...     (model(torch.ones(1, 2)).sum() + coll.loss()).backward()
+        ...     opt.step()
+        >>> state = opt.state_dict()            # a checkpoint
+        >>> model, opt, schedule, coll = build()   # resuming: built afresh
+        >>> opt.load_state_dict(state)
+        >>> rc.schedules.resume(opt)
+        >>> schedule.step
+        3
+    """
+    from ._following import resume as _resume
+
+    _resume(optimizer)
 
 
 def linear(start: float, end: float, steps: int, delay: int = 0) -> LinearSchedule:

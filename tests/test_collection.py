@@ -426,8 +426,8 @@ def test_losses_follow_registration_order_with_activity_entries():
 
 def test_importing_regcollect_hooks_nothing_into_torch_and_the_hooks_come_with_the_first_entry():
     """``import regcollect`` leaves every one of torch's process-wide hook tables alone. The
-    first entry installs the optimizer-step hook (the forgotten-loss warning, the schedules'
-    steps) and the module-registration hook (entry names); a model built before that is
+    first entry installs the optimizer-step hooks (the forgotten-loss warning, the schedules'
+    real updates) and the module-registration hook (entry names); a model built before that is
     still named from its root; both hooks can be taken out again."""
     import subprocess
     import sys
@@ -448,7 +448,9 @@ assert sizes() == before
 rc.add_regularizer(model[1][0], "weight", rc.l2(rc.schedules.warmup(0.1, steps=2)))
 assert [e.name for e in rc.get_collection().entries()] == ["1.0.weight"]
 added = [a - b for a, b in zip(sizes(), before)]
-assert sum(added) == 2, added  # one optimizer-step hook, one module-registration hook
+# the optimizer-step hooks (before: nesting; after: schedules and the forgotten loss()) and
+# one module-registration hook
+assert sum(added) == 3, added
 wrapped = torch.nn.Sequential(model)  # built after: followed by the hook
 assert [e.name for e in rc.get_collection().entries()] == ["0.1.0.weight"]
 opt = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -246,3 +246,118 @@ def test_trainer_weight_decay_is_reproduced_exactly(accumulation, tmp_path, tiny
         assert moved > 1e-3, name
         for k in want:
             assert torch.equal(got[k], want[k]), (name, k, float((got[k] - want[k]).abs().max()))
+
+
+def test_regularized_trainer_resumed_from_a_checkpoint_resumes_the_schedules(
+    tmp_path, tiny_hf_models
+):
+    """4 steps straight against 2 steps, a checkpoint, and ``train(resume_from_checkpoint=)``
+    with a model and Trainer built afresh: the schedule is at step 4 and the weights equal."""
+    transformers = pytest.importorskip("transformers", reason="pip install -e .[transformers]")
+    pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
+    from regcollect.integrations.transformers import RegularizedTrainer
+
+    model, rows = tiny_hf_models(transformers)["bert"]
+    initial = copy.deepcopy(model.state_dict())
+
+    def run(out, max_steps, resume=None):
+        model.load_state_dict(initial)
+        coll = rc.Collection()
+        schedule = rc.schedules.warmup(0.5, steps=4)
+        rc.regularize(model, kernel=rc.l2(schedule), collection=coll)
+        args = transformers.TrainingArguments(
+            output_dir=str(out),
+            per_device_train_batch_size=4,
+            learning_rate=0.05,
+            max_steps=4,
+            report_to=[],
+            save_strategy="steps",
+            save_steps=2,
+            use_cpu=True,
+            seed=0,
+            data_seed=0,
+            lr_scheduler_type="constant",
+            optim="sgd",
+        )
+        trainer = RegularizedTrainer(
+            model=model, args=args, train_dataset=rows, regularization_collection=coll
+        )
+        if max_steps < 4:
+            trainer.add_callback(_StopAt(max_steps, transformers))
+        trainer.train(resume_from_checkpoint=resume)
+        return schedule, {k: v.detach().clone() for k, v in model.named_parameters()}
+
+    straight_schedule, straight = run(tmp_path / "straight", 4)
+    run(tmp_path / "interrupted", 2)
+    schedule, resumed = run(
+        tmp_path / "interrupted", 4, resume=str(tmp_path / "interrupted" / "checkpoint-2")
+    )
+    assert schedule.step == straight_schedule.step == 4
+    moved = max(float((straight[k] - initial[k]).abs().max()) for k in straight)
+    assert moved > 1e-3
+    for name in straight:
+        assert torch.allclose(resumed[name], straight[name], atol=1e-6), name
+
+
+class _StopAt:
+    """A Trainer callback ending training after ``steps`` steps (an interrupted run)."""
+
+    def __new__(cls, steps, transformers):
+        class Stop(transformers.TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step >= steps:
+                    control.should_training_stop = True
+
+        return Stop()
+
+
+def test_lightning_resumed_from_a_checkpoint_resumes_the_schedules(tmp_path):
+    """2 epochs of 2 steps straight, against 1 epoch, ``trainer.save_checkpoint`` and
+    ``fit(ckpt_path=...)`` with a module and Trainer built afresh."""
+    pytest.importorskip("lightning", reason="pip install -e .[lightning]")
+    import lightning as L
+
+    from regcollect.integrations.lightning import RegularizationLogger
+
+    torch.manual_seed(0)
+    initial = model().state_dict()
+    data = torch.utils.data.TensorDataset(torch.randn(16, 4), torch.randn(16, 1))
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = model()
+            self.net.load_state_dict(initial)
+            self.schedule = rc.schedules.warmup(0.5, steps=4)
+            rc.regularize(self.net, kernel=rc.l2(self.schedule))
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return torch.nn.functional.mse_loss(self.net(x), y) + rc.loss(self.net)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+    def fit(max_epochs, ckpt_path=None):
+        module = Module()
+        trainer = L.Trainer(
+            max_epochs=max_epochs,
+            logger=False,
+            callbacks=[RegularizationLogger()],
+            accelerator="cpu",
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        loader = torch.utils.data.DataLoader(data, batch_size=8)
+        trainer.fit(module, loader, ckpt_path=ckpt_path)
+        rc.get_collection().remove(module)
+        return trainer, module
+
+    _, straight = fit(2)
+    trainer, _ = fit(1)
+    trainer.save_checkpoint(tmp_path / "epoch1.ckpt")
+    _, resumed = fit(2, ckpt_path=tmp_path / "epoch1.ckpt")
+    assert resumed.schedule.step == straight.schedule.step == 4
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.allclose(a, b, rtol=4e-6, atol=1e-7)

@@ -433,3 +433,139 @@ def test_calling_a_submodule_alone_replaces_only_its_layers():
     assert rc.loss(model).item() == pytest.approx(
         (C * (h2**2).sum() / 3 + C * (out**2).sum() / 3).item(), rel=1e-6
     )
+
+
+# -- schedules count real updates ---------------------------------------------------------------
+
+
+class Wrapping(torch.optim.Optimizer):
+    """A wrapper written as ZeroRedundancyOptimizer is: an optimizer over the parameters whose
+    step() steps an inner one it keeps under a name of its own."""
+
+    def __init__(self, params, lr):
+        params = list(params)
+        super().__init__(params, {"lr": lr})
+        self.local_optimizer = torch.optim.SGD(params, lr=lr)
+
+    def step(self, closure=None):
+        return self.local_optimizer.step(closure)
+
+
+class Combined(torch.optim.Optimizer):
+    """One step() over several optimizers (a Muon + AdamW split), with a placeholder group of
+    its own, as containers of optimizers are often written."""
+
+    def __init__(self, *optimizers):
+        super().__init__([torch.nn.Parameter(torch.zeros(1))], {})
+        self.parts = optimizers
+
+    def step(self, closure=None):
+        for part in self.parts:
+            part.step()
+
+
+def warmup_model(schedule):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1))
+    rc.regularize(model, kernel=rc.l2(schedule), bias=rc.l2(schedule))
+    return model
+
+
+def train(model, optimizers, steps, x=None):
+    x = torch.randn(4, 3) if x is None else x
+    for _ in range(steps):
+        for opt in optimizers:
+            opt.zero_grad()
+        (model(x).pow(2).mean() + rc.loss(model)).backward()
+        for opt in optimizers:
+            opt.step()
+
+
+@pytest.mark.parametrize("wrapper", ["Wrapping", "Combined"])
+def test_a_schedule_advances_once_per_real_update_whatever_wraps_the_optimizer(wrapper):
+    schedule = rc.schedules.warmup(0.1, steps=10)
+    model = warmup_model(schedule)
+    if wrapper == "Wrapping":
+        opt = Wrapping(model.parameters(), lr=0.1)
+    else:
+        kernels = [model[0].weight, model[2].weight]
+        biases = [model[0].bias, model[2].bias]
+        opt = Combined(torch.optim.SGD(kernels, lr=0.1), torch.optim.Adam(biases, lr=0.1))
+    train(model, [opt], 6)
+    assert schedule.step == 6
+    assert float(schedule) == pytest.approx(0.06)
+
+
+def test_one_schedule_shared_by_a_gans_two_optimizers_advances_once_per_training_step():
+    schedule = rc.schedules.warmup(0.1, steps=10)
+    gen, disc = torch.nn.Linear(2, 2), torch.nn.Linear(2, 1)
+    rc.add_regularizer(gen, "weight", rc.l2(schedule))
+    rc.add_regularizer(disc, "weight", rc.l2(schedule))
+    opt_g = torch.optim.SGD(gen.parameters(), lr=0.01)
+    opt_d = torch.optim.SGD(disc.parameters(), lr=0.01)
+    for _ in range(10):
+        z = torch.randn(4, 2)
+        opt_d.zero_grad()
+        (disc(gen(z).detach()).mean() + rc.loss(disc)).backward()
+        opt_d.step()
+        opt_g.zero_grad()
+        (-disc(gen(z)).mean() + rc.loss(gen)).backward()
+        opt_g.step()
+    assert schedule.step == 10  # a 10-step warm-up ends after 10 training steps, not 5
+
+
+# -- resume --------------------------------------------------------------------------------------
+
+
+def run_with_checkpoint(tmp_path, resume_call: bool):
+    """4 steps straight, against 2 steps, a torch.save of model and optimizer, and 2 more steps
+    in a model and an optimizer built afresh (what a new process does)."""
+    x = torch.randn(4, 3)
+    torch.manual_seed(0)
+    straight_schedule = rc.schedules.warmup(0.5, steps=4)
+    straight = warmup_model(straight_schedule)
+    init = copy.deepcopy(straight.state_dict())
+    opt = torch.optim.SGD(straight.parameters(), lr=0.1, momentum=0.9)
+    train(straight, [opt], 4, x)
+
+    first = warmup_model(rc.schedules.warmup(0.5, steps=4))
+    first.load_state_dict(init)
+    opt = torch.optim.SGD(first.parameters(), lr=0.1, momentum=0.9)
+    train(first, [opt], 2, x)
+    torch.save({"model": first.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
+    rc.get_collection().remove(first)
+
+    resumed_schedule = rc.schedules.warmup(0.5, steps=4)
+    resumed = warmup_model(resumed_schedule)
+    ckpt = torch.load(tmp_path / "ckpt.pt")
+    resumed.load_state_dict(ckpt["model"])
+    opt = torch.optim.SGD(resumed.parameters(), lr=0.1, momentum=0.9)
+    opt.load_state_dict(ckpt["opt"])
+    if resume_call:
+        rc.schedules.resume(opt)
+    train(resumed, [opt], 2, x)
+    return straight, straight_schedule, resumed, resumed_schedule
+
+
+def test_schedules_resume_with_the_optimizer_state(tmp_path):
+    straight, s1, resumed, s2 = run_with_checkpoint(tmp_path, resume_call=True)
+    assert s2.step == s1.step == 4
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.allclose(a, b, rtol=4e-6, atol=1e-7)
+
+
+def test_an_optimizer_first_seen_at_its_step_restores_its_schedules_and_says_so(tmp_path):
+    with pytest.warns(rc.RegcollectWarning, match=r"schedules\.resume\(optimizer\)"):
+        _, s1, _, s2 = run_with_checkpoint(tmp_path, resume_call=False)
+    assert s2.step == s1.step == 4  # restored at the first step: the rest of the run is right
+
+
+def test_loading_an_earlier_optimizer_state_rolls_the_schedules_back():
+    schedule = rc.schedules.warmup(0.5, steps=10)
+    model = warmup_model(schedule)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    train(model, [opt], 2)
+    saved = copy.deepcopy(opt.state_dict())
+    train(model, [opt], 3)
+    assert schedule.step == 5
+    opt.load_state_dict(saved)
+    assert schedule.step == 2

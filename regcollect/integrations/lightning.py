@@ -1,4 +1,5 @@
-"""A Lightning callback that logs every penalty of the last ``rc.loss()``.
+"""A Lightning callback that logs every penalty of the last ``rc.loss()``, and restores the
+coefficient schedules' steps when Lightning resumes from a checkpoint.
 
 Add the penalty yourself in ``training_step`` (Lightning backpropagates what you return), and
 let the callback report it:
@@ -24,12 +25,14 @@ import lightning.pytorch as pl  # noqa: E402
 
 from .._collection import Collection  # noqa: E402
 from .._context import active_collection  # noqa: E402
+from ..schedules import resume as resume_schedules  # noqa: E402
 
 __all__ = ["RegularizationLogger"]
 
 
 class RegularizationLogger(pl.Callback):
-    """Logs ``{prefix}{entry name}`` and ``{prefix}total`` with ``log_dict`` while training.
+    """Logs ``{prefix}{entry name}`` and ``{prefix}total`` with ``log_dict`` while training;
+    resumes the coefficient schedules with the optimizers' state (``fit(ckpt_path=...)``).
 
     Values are those of the last ``rc.loss()``: one device-to-host copy, no recomputation and
     no collective under DDP/FSDP (every rank holds the same values). The callback reads them
@@ -70,6 +73,17 @@ class RegularizationLogger(pl.Callback):
             )
         self.prefix, self.scope, self.prog_bar = prefix, scope, prog_bar
         self.collection = collection
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        """Restore the coefficient schedules' steps from the optimizers' state, which Lightning
+        has loaded by now when it resumes (``fit(ckpt_path=...)``).
+
+        Args:
+            trainer: The Lightning ``Trainer``; its ``optimizers`` are resumed.
+            pl_module: Unused.
+        """
+        for optimizer in getattr(trainer, "optimizers", ()):
+            resume_schedules(optimizer)
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int

@@ -37,6 +37,7 @@ from .._checks import check_module  # noqa: E402
 from .._collection import Collection  # noqa: E402
 from .._context import active_collection, attach_optimizer  # noqa: E402
 from .._handle import Handle  # noqa: E402
+from ..schedules import resume as resume_schedules  # noqa: E402
 
 __all__ = ["RegularizationMixin", "RegularizedTrainer", "decay_parameter_names", "regularize"]
 
@@ -163,7 +164,8 @@ class RegularizationMixin:
 
     def create_optimizer(self, *args: Any, **kwargs: Any) -> Any:
         """The Trainer's optimizer, attached to the collection when
-        ``regularization_in_step`` says so.
+        ``regularization_in_step`` says so; loading a checkpoint's optimizer state into it
+        (``train(resume_from_checkpoint=...)``) restores the coefficient schedules' steps.
 
         Args:
             *args: Passed on to ``Trainer.create_optimizer``.
@@ -173,6 +175,9 @@ class RegularizationMixin:
             What ``Trainer.create_optimizer`` returns.
         """
         optimizer = super().create_optimizer(*args, **kwargs)  # type: ignore[misc]
+        # Before the Trainer loads a checkpoint's optimizer state: that load restores the
+        # coefficient schedules' steps (resume_from_checkpoint).
+        resume_schedules(self.optimizer)  # type: ignore[attr-defined]
         if self.regularization_in_step is not None:
             attach_optimizer(
                 self.optimizer,  # type: ignore[attr-defined]
