@@ -28,6 +28,7 @@ import torch
 
 from ._kernels import group_penalty, group_value
 from ._penalties import Coefficient, Regularizer, Term, accumulation_dtype, scale
+from ._routed import ROUTE, routed
 from ._sharding import (
     HELD_PART,
     SHARD_OVER,
@@ -140,7 +141,9 @@ class Plan:
             detached = id(x) in no_grad
             shape = _stack_shape(x, _VALUE_STACK_MAX_BYTES if detached else _STACK_MAX_BYTES)
             held = hasattr(x, HELD_PART)
-            key = (x.device, x.dtype, is_dtensor(x), held, reduce_over, detached, shape)
+            # DDP's parameters: under Join their gradient goes around DDP's average.
+            ddp = hasattr(x, ROUTE) and not detached
+            key = (x.device, x.dtype, is_dtensor(x), held, ddp, reduce_over, detached, shape)
             for term, coef in [t for t in terms if t[1]] or terms[:1]:
                 groups.setdefault((term.p, coef, *key), []).append(i)
         # Stacking pays for its extra node only with enough tensors of one shape; fewer go
@@ -161,8 +164,12 @@ class Plan:
                 reduce_over,
                 shape is not None,
                 detached,
+                ddp,
             )
-            for (p, coef, _, _, sharded, held, reduce_over, detached, shape), idx in merged.items()
+            for (
+                (p, coef, _, _, sharded, held, ddp, reduce_over, detached, shape),
+                idx,
+            ) in merged.items()
         ]
         self.batches = [(k[0], idx, k[-1]) for k, idx in batched.items()]
         self.device = self.tensors[0].device if self.tensors else torch.device("cpu")
@@ -187,6 +194,8 @@ class Plan:
                 tensors = [x.to_local() for x in tensors]  # type: ignore[attr-defined]
             elif group.held:
                 tensors = [getattr(x, HELD_PART).current() for x in tensors]
+            elif group.ddp:
+                tensors = [routed(x) for x in tensors]
             coef = scale(group.coef, tensors[0])  # a schedule: its current value, a tensor
             if group.detached:
                 group_total, values = group_value(group.p, coef, tensors, group.stacked)
@@ -223,14 +232,15 @@ class Plan:
             try:
                 with torch.no_grad() if detached else contextlib.nullcontext():
                     batch_total, values = cls._batch(
-                        [self.tensors[i] for i in idx], [self.regularizers[i] for i in idx]
+                        [routed(self.tensors[i]) for i in idx],
+                        [self.regularizers[i] for i in idx],
                     )
             except (TypeError, ValueError) as exc:
                 raise type(exc)(f"{self.describe(idx[0])}: {exc}") from exc
             parts.append((values, idx))
             total = _add(total, batch_total, self.device, self.dtype)
         for i in self.fallback:
-            x = self.tensors[i]
+            x = routed(self.tensors[i])
             if is_dtensor(x):
                 x = ContiguousGrad.apply(x.full_tensor())  # type: ignore[attr-defined]
             try:
@@ -262,6 +272,8 @@ class _Group:
     stacked: bool
     # Applied by an optimizer (attach_optimizer): the value only, no autograd node.
     detached: bool = False
+    # Parameters a DDP module reduces (regcollect._routed).
+    ddp: bool = False
 
 
 # Stacking small CPU tensors: at most this many bytes each, at least this many of one shape.

@@ -7,6 +7,8 @@ for the parameters a collection regularizes.
   computes them on its part and ``loss()`` completes the value with the all-reduce FSDP2's
   sharded tensors use (``regcollect._sharding``): the tensor is stamped with the FSDP process
   group while its flat parameter is sharded. Its gradient is already right (each rank's part).
+- DDP: each rank holds the whole parameter; under ``Join`` the penalty's gradient goes around
+  DDP's average (``regcollect._routed``), so the parameter is marked with its DDP.
 - FSDP1, ``use_orig_params=False``, and DeepSpeed ZeRO-3: the parameter is gone from its
   module into a flat parameter, or holds none of its elements outside the forward pass. The
   plan evaluates a stand-in for this rank's part of it instead (``regcollect._held``), whose
@@ -18,14 +20,18 @@ such parameters, clearly, rather than computed on a part (``regcollect._engine``
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
+from . import _naming
 from ._entries import WEIGHT, Entry
 from ._fsdp1 import inside_fsdp1, owner
 from ._held import Part, flat_shard, is_zero3_partition, zero3_partition
+from ._routed import ROUTE
 from ._sharding import HELD_PART, SHARD_OVER, GroupAxis
 
 __all__ = ["prepare"]
@@ -65,6 +71,8 @@ def prepare(
         if is_zero3_partition(tensor):
             out[i] = _stand_in(zero3_partition(tensor, entry))
             continue
+        if module is not None and entry.kind == WEIGHT:
+            _mark_ddp(module, tensor)
         if not getattr(tensor, "_fsdp_flattened", False) or module is None:
             continue
         found = owner(module, entry.param or "")
@@ -75,6 +83,18 @@ def prepare(
                 over = ((GroupAxis(handle.process_group), 0),)
         setattr(tensor, SHARD_OVER, over)
     return out, list(flat.values())
+
+
+def _mark_ddp(module: torch.nn.Module, tensor: torch.Tensor) -> None:
+    """A parameter DDP reduces carries a weak reference to that DDP (``regcollect._routed``:
+    under ``Join`` its penalty's gradient goes around DDP's average)."""
+    ddp = next(
+        (m for m in _naming.ancestors(module) if isinstance(m, DistributedDataParallel)), None
+    )
+    if ddp is not None:
+        setattr(tensor, ROUTE, weakref.ref(ddp))
+    elif hasattr(tensor, ROUTE):
+        delattr(tensor, ROUTE)
 
 
 def _stand_in(part: Part) -> torch.Tensor:

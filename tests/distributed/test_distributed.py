@@ -289,3 +289,20 @@ def test_fsdp1_flat_parameter_frozen_after_the_first_loss_leaves_the_value(
     assert "entry '2.weight' is trained on 1 of 2 ranks" in first
     for got, want in zip(r["values"], r["want"], strict=True):
         assert abs(got - want) < 8 * torch.finfo(torch.float32).eps * want
+
+
+def test_zero_redundancy_optimizer_advances_a_schedule_once_per_step(
+    report: dict[str, Any],
+) -> None:
+    r = report["zero_redundancy_schedule"]
+    assert "error" not in r, r.get("error")
+    assert r["steps_by_rank"] == [r["reference_step"]] * 2 == [4, 4]  # not 8: ZeRO steps .optim
+    assert r["param_diff"] < TOL
+
+
+def test_ddp_join_with_uneven_inputs_equals_weight_decay(report: dict[str, Any]) -> None:
+    """On the step where one rank has run out of inputs, DDP averages gradients with its
+    zeros; the penalty's gradient goes around that average, as SGD(weight_decay) does."""
+    r = report["ddp_join"]
+    assert "error" not in r, r.get("error")
+    assert r["param_diff"] < TOL

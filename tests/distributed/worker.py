@@ -466,8 +466,83 @@ def frozen(where: str, middle: str = "l1_l2") -> dict[str, Any]:
     }
 
 
+def zero_redundancy_schedule() -> dict[str, Any]:
+    """``ZeroRedundancyOptimizer`` over SGD (it steps the SGD it keeps as ``.optim``) with a
+    warm-up coefficient: the schedule advances once per step, and the weights equal one
+    process's plain SGD with the same schedule."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    def run(model: torch.nn.Module, opt: Any, coll: rc.Collection, x: Any, y: Any) -> Any:
+        for _ in range(STEPS):
+            opt.zero_grad()
+            (torch.nn.functional.mse_loss(model(x), y) + coll.loss()).backward()
+            opt.step()
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    x, y = data()
+    half = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+    results = {}
+    for name in ("reference", "zero"):
+        coll, schedule = rc.Collection(), rc.schedules.warmup(0.2, steps=STEPS)
+        model = build(None)
+        rc.regularize(model, kernel=rc.l2(schedule), bias=rc.l1(schedule), collection=coll)
+        if name == "reference":
+            run(model, torch.optim.SGD(model.parameters(), lr=LR), coll, x, y)
+        else:
+            model = DDP(model)
+            opt = ZeroRedundancyOptimizer(model.parameters(), torch.optim.SGD, lr=LR)
+            run(model, opt, coll, x[half], y[half])
+        results[name] = (schedule.step, full_state(model))
+    (ref_step, want), (step, got) = results["reference"], results["zero"]
+    return {
+        "steps_by_rank": everyone(step),
+        "reference_step": ref_step,
+        "param_diff": max(float((got[k] - want[k]).abs().max()) for k in want),
+    }
+
+
+def ddp_join(regcollect_penalty: bool) -> dict[str, Any]:
+    """DDP under ``Join`` with uneven inputs (rank 0: 3 batches, rank 1: 2): the rank that ran
+    out shadows the last step's all-reduce with zeros. ``rc.l2(wd / 2)`` in the loss against
+    ``SGD(weight_decay=wd)`` (applied in each rank's step, never averaged)."""
+    from torch.distributed.algorithms.join import Join
+
+    wd = 0.5
+    rank = dist.get_rank()
+    g = torch.Generator().manual_seed(2 + rank)
+    batches = [
+        (torch.randn(4, 6, generator=g), torch.randn(4, 1, generator=g))
+        for _ in range(3 if rank == 0 else 2)
+    ]
+    coll = rc.Collection()
+    model = build(None)
+    if regcollect_penalty:
+        rc.regularize(model, kernel=rc.l2(wd / 2), bias=rc.l2(wd / 2), collection=coll)
+    ddp = DDP(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=LR, weight_decay=0.0 if regcollect_penalty else wd)
+    with Join([ddp]):
+        for x, y in batches:
+            opt.zero_grad()
+            out = ddp(x)
+            loss = torch.nn.functional.mse_loss(out, y)
+            if regcollect_penalty:
+                loss = loss + coll.loss()
+            loss.backward()
+            opt.step()
+    return {"params": {k: v.tolist() for k, v in full_state(ddp).items()}}
+
+
+def ddp_join_against_weight_decay() -> dict[str, Any]:
+    ours = ddp_join(True)["params"]
+    want = ddp_join(False)["params"]
+    diff = max(float((torch.tensor(ours[k]) - torch.tensor(want[k])).abs().max()) for k in want)
+    return {"param_diff": diff}
+
+
 SCENARIOS: dict[str, Callable[[], dict[str, Any]]] = {
     "replicated_beside_plain": replicated_beside_plain,
+    "zero_redundancy_schedule": zero_redundancy_schedule,
+    "ddp_join": ddp_join_against_weight_decay,
     "ddp": lambda: compare(DDP),
     "ddp_find_unused": lambda: compare(ddp_find_unused),
     "ddp_penalty_only_param": lambda: compare(DDP, side=True),
