@@ -186,16 +186,49 @@ class Entry:
         return f"Entry({self.name!r}, {self._regularizer!r})"
 
 
+def tied_name(message_names: tuple[str, str], regularizers: tuple[Regularizer, Regularizer]) -> str:
+    """The error for one tensor (tied weights) given two different regularizers."""
+    (a, b), (ra, rb) = message_names, regularizers
+    return (
+        f"{a!r} and {b!r} are one tensor (tied weights), and a tensor gets one regularizer: "
+        f"{a!r} has {ra!r}, {b!r} has {rb!r}. Give both the same regularizer, or register "
+        f"one of them only (rc.regularize(..., exclude=[{b!r}]))."
+    )
+
+
+def _first_paths(root: torch.nn.Module) -> dict[int, str]:
+    """``id(tensor) -> name`` of the parameters of ``root``, each named as
+    ``root.named_parameters()`` names it: by its first path (a tied weight by the module that
+    comes first), wrapper attributes left out."""
+    out: dict[int, str] = {}
+    for path, module in _naming.named_modules(root):
+        for name, p in module._parameters.items():
+            if p is not None and id(p) not in out:
+                out[id(p)] = f"{path}.{name}" if path else name
+    return out
+
+
 def unique_names(entries: Iterable[Entry]) -> dict[Entry, str]:
     """Names for ``entries``, unique among them, in their order.
 
-    A name taken by an earlier entry of another model is prefixed with that model's automatic
-    name (``"sequential_1/0.weight"``); any remaining clash gets ``_1``, ``_2``, ...
+    A parameter in a model is named as ``named_parameters()`` names it (a tied weight by its
+    first path, ``shared.weight`` rather than ``lm_head.weight``). A name taken by an earlier
+    entry of another model is prefixed with that model's automatic name
+    (``"sequential_1/0.weight"``); any remaining clash gets ``_1``, ``_2``, ...
     """
     names: dict[Entry, str] = {}
     used: set[str] = set()
+    paths: dict[int, dict[int, str]] = {}
     for entry in entries:
         base, root = entry.base_name()
+        if entry.kind == WEIGHT and root is not None and root._modules:
+            tensor = entry.resolve()
+            table = paths.get(id(root))
+            if table is None:
+                table = paths[id(root)] = _first_paths(root)
+            first = table.get(id(tensor)) if tensor is not None else None
+            if first is not None and entry._explicit_name is None:
+                base = entry.prefix + first
         name = base
         if name in used and root is not None:
             name = entry.prefix + _naming.auto_name(root) + "/" + base[len(entry.prefix) :]

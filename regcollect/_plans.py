@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ._engine import Plan
-from ._entries import ACTIVITY, TENSOR, Entry, current_tensors
+from ._entries import ACTIVITY, TENSOR, Entry, current_tensors, tied_name
 from ._partitioned import prepare as prepare_partitioned
 from ._penalties import Regularizer
 
@@ -58,14 +58,27 @@ def choose(
     """The entries whose tensor exists and trains (bare tensors: exists), in registration
     order, each tensor once.
 
-    A parameter reached through two entries (tied after registration) counts once: the later
-    registration wins, as re-registering does.
+    A parameter reached through two entries (tied after registration) counts once when they
+    agree on its regularizer.
+
+    Raises:
+        ValueError: Two entries reach one tensor with different regularizers.
     """
     chosen: dict[int, tuple[int, torch.Tensor]] = {}
     for i, t in enumerate(tensors):
         # A bare tensor given to compat.v1.apply_regularization counts trained or not, as in
         # TF1's collection; a frozen parameter does not.
         if t is not None and (t.requires_grad or candidates[i].kind == TENSOR):
+            earlier = chosen.get(id(t))
+            if earlier is not None:
+                first, second = candidates[earlier[0]], candidates[i]
+                if first.regularizer != second.regularizer:
+                    raise ValueError(
+                        tied_name(
+                            (first.base_name()[0], second.base_name()[0]),
+                            (first.regularizer, second.regularizer),
+                        )
+                    )
             chosen[id(t)] = (i, t)
     picked = sorted(chosen.values(), key=operator.itemgetter(0))
     if any(t.is_meta for _, t in picked) and not all(t.is_meta for _, t in picked):

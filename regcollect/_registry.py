@@ -21,7 +21,7 @@ from . import _following, _fsdp1, _naming
 from ._activity import Activity
 from ._checks import ScopeArg, check_module, check_scope
 from ._engine import powers
-from ._entries import ACTIVITY, TENSOR, WEIGHT, Entry, unique_names
+from ._entries import ACTIVITY, TENSOR, WEIGHT, Entry, tied_name, unique_names
 from ._handle import Handle
 from ._held import holding_engine
 from ._sharding import parts_message
@@ -169,6 +169,7 @@ class Registry:
                     entry.regularizer._check(tensor)
                 except ValueError as exc:
                     raise ValueError(f"{entry.base_name()[0]!r}: {exc}") from None
+                self._check_tied(key, entry, tensor)
             if entry.kind == WEIGHT and module is not None and entry.param is not None:
                 entry.regularizer._on_attach(module, entry.param)
             replaced: list[Entry] = []
@@ -178,7 +179,8 @@ class Registry:
                 replaced.append(old)
             if tensor is not None:
                 # One regularizer per parameter: a tied parameter reached through another
-                # module replaces the earlier entry instead of counting twice.
+                # module with an equal regularizer replaces the earlier entry instead of
+                # counting twice (_check_tied refused a different one).
                 previous = self._by_tensor.get(id(tensor))
                 if previous is not None and previous[0]() is tensor:
                     tied = self._entries.pop(previous[1], None)
@@ -212,6 +214,17 @@ class Registry:
                     self.activity.add(entry)
             self._changed()
             return Handle([(self, entry)])
+
+    def _check_tied(self, key: tuple[Any, ...], entry: Entry, tensor: torch.Tensor) -> None:
+        """A tensor another module already holds (tied weights) gets one regularizer: an equal
+        one replaces the other entry, a different one is refused, naming both."""
+        previous = self._by_tensor.get(id(tensor))
+        if previous is None or previous[0]() is not tensor or previous[1] == key:
+            return
+        other = self._entries.get(previous[1])
+        if other is not None and other.regularizer != entry.regularizer:
+            names = (self._names().get(other, other.base_name()[0]), entry.base_name()[0])
+            raise ValueError(tied_name(names, (other.regularizer, entry.regularizer)))
 
     def _changed(self) -> None:
         self.version += 1

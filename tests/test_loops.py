@@ -569,3 +569,61 @@ def test_loading_an_earlier_optimizer_state_rolls_the_schedules_back():
     assert schedule.step == 5
     opt.load_state_dict(saved)
     assert schedule.step == 2
+
+
+# -- tied weights: one entry per tensor ---------------------------------------------------------
+
+
+class TiedLM(torch.nn.Module):
+    """An embedding and an output head sharing one weight (T5, GPT-2, BERT's MLM head)."""
+
+    def __init__(self, emb_reg=None, head_reg=None):
+        super().__init__()
+        self.shared = rc.nn.Embedding(10, 4, embeddings_regularizer=emb_reg)
+        self.body = torch.nn.Linear(4, 4)
+        self.lm_head = rc.nn.Linear(4, 10, bias=False, kernel_regularizer=head_reg)
+        self.lm_head.weight = self.shared.weight
+
+    def forward(self, tokens):
+        return self.lm_head(self.body(self.shared(tokens)))
+
+
+def test_a_tied_weight_with_two_different_regularizers_is_refused_naming_both_layers():
+    model = TiedLM(emb_reg=rc.l2(0.1), head_reg=rc.l1(0.2))  # declared, then tied
+    with pytest.raises(ValueError, match=r"'shared\.weight' and 'lm_head\.weight' are one tensor"):
+        rc.loss(model)
+    plain = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10, bias=False))
+    plain[1].weight = plain[0].weight
+    rc.add_regularizer(plain, "0.weight", rc.l2(0.1))
+    with pytest.raises(
+        ValueError,
+        match=r"'0\.weight' and '1\.weight' are one tensor.*L2\(l2=0\.1\).*L1\(l1=0\.2\)",
+    ):
+        rc.add_regularizer(plain, "1.weight", rc.l1(0.2))
+    # rc.regularize sees each tensor once, by its first path (as named_parameters()): the
+    # tied weight is the embedding's, and takes the embeddings rule, replacing L2(0.1).
+    handle = rc.regularize(plain, kernel=rc.l2(1e-4), embeddings=rc.l2(1e-5))
+    assert [(e.name, e.regularizer) for e in handle.entries] == [("0.weight", rc.l2(1e-5))]
+
+
+def test_a_tied_weight_is_named_as_named_parameters_names_it():
+    model = TiedLM()
+    handle = rc.regularize(model, kernel=rc.l2(0.1), embeddings=rc.l2(0.1))
+    names = {e.name for e in handle.entries}
+    assert names == {"shared.weight", "body.weight"}  # not lm_head.weight
+    assert names <= set(dict(model.named_parameters()))
+    want = 0.1 * ((model.shared.weight**2).sum() + (model.body.weight**2).sum())
+    assert rc.loss(model).item() == pytest.approx(want.item(), rel=1e-6)
+    assert set(rc.penalties(model)) == names | {"total"}
+
+
+def test_hf_t5_tied_weights_are_named_as_its_trainer_names_them(tiny_hf_models):
+    transformers = pytest.importorskip("transformers", reason="pip install -e .[transformers]")
+    from regcollect.integrations.transformers import regularize
+
+    model, _ = tiny_hf_models(transformers)["t5"]
+    coll = rc.Collection()
+    handle = regularize(model, rc.l2(0.1), collection=coll)
+    names = {e.name for e in handle.entries}
+    assert names <= set(dict(model.named_parameters()))
+    assert "lm_head.weight" not in names
