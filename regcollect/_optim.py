@@ -227,8 +227,10 @@ class OptimizerAttachment:
     def _live(
         self, params: list[torch.Tensor], places: list[Any]
     ) -> tuple[list[torch.Tensor], list[Any]]:
-        """The parameters with a gradient this step, and where their state lives: the others
-        are skipped, as ``weight_decay`` skips them. Coupled, a parameter another attached
+        """The parameters that train and have a gradient this step, and where their state
+        lives: the others are skipped, as ``weight_decay`` skips those without a gradient. A
+        frozen parameter keeps a zero gradient through ``zero_grad(set_to_none=False)``; it
+        is skipped too, as ``loss()`` leaves it out (frozen parameters contribute nothing). Coupled, a parameter another attached
         optimizer holds too is skipped when its gradient has the penalty already (it has not
         changed since that optimizer added it): the gradient of the total loss at the weights
         the backward saw, as through autograd, whichever optimizer steps first."""
@@ -237,10 +239,16 @@ class OptimizerAttachment:
             live = [
                 (p, where)
                 for p, where in zip(params, places)
-                if p.grad is not None and (id(p) not in shared or not penalized(p.grad))
+                if p.grad is not None
+                and p.requires_grad
+                and (id(p) not in shared or not penalized(p.grad))
             ]
         else:
-            live = [(p, where) for p, where in zip(params, places) if p.grad is not None]
+            live = [
+                (p, where)
+                for p, where in zip(params, places)
+                if p.grad is not None and p.requires_grad
+            ]
         return [p for p, _ in live], [where for _, where in live]
 
     def _penalized(self, grad: torch.Tensor) -> bool:

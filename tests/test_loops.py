@@ -627,3 +627,29 @@ def test_hf_t5_tied_weights_are_named_as_its_trainer_names_them(tiny_hf_models):
     names = {e.name for e in handle.entries}
     assert names <= set(dict(model.named_parameters()))
     assert "lm_head.weight" not in names
+
+
+# -- frozen parameters in the attached step -----------------------------------------------------
+
+
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_a_frozen_weight_is_not_moved_by_the_attached_step(decoupled):
+    """Fine-tuning that freezes a layer after some steps, with zero_grad(set_to_none=False):
+    the frozen weight keeps a zero .grad, and the attached step must leave it alone, as
+    rc.loss() and the summary do (frozen parameters contribute nothing)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        rc.nn.Linear(3, 3, kernel_regularizer=rc.l2(0.5)), rc.nn.Linear(3, 1)
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rc.attach_optimizer(opt, decoupled=decoupled)
+    x = torch.randn(4, 3)
+    for step in range(4):
+        if step == 2:
+            model[0].weight.requires_grad_(False)
+            frozen = model[0].weight.detach().clone()
+        opt.zero_grad(set_to_none=False)
+        (model(x).pow(2).mean() + rc.loss()).backward()
+        opt.step()
+    assert torch.equal(model[0].weight, frozen)
+    assert "0.weight" not in {k for k, v in rc.penalties().items() if v}
