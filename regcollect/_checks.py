@@ -5,11 +5,31 @@ Every error says which argument was wrong, what was expected and what was receiv
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Sequence
 
 import torch
 
-__all__ = ["RegcollectWarning", "ScopeArg", "check_module", "check_scope"]
+__all__ = ["RegcollectWarning", "ScopeArg", "check_module", "check_scope", "shown"]
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = _SHORT.maxlong = 80
+_SHORT.maxlevel, _SHORT.maxdict, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxset = 3, 8, 8, 8, 8
+
+
+def shown(value: object) -> str:
+    """``repr(value)`` for an error message, bounded: what a user or an untrusted file gave is
+    never echoed whole (a long string shows its start and its length).
+
+    Examples:
+        >>> shown("x" * 1000)
+        "'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx'... (1000 characters)"
+        >>> shown({"l2": 0.1})
+        "{'l2': 0.1}"
+    """
+    if isinstance(value, str) and len(value) > 80:
+        return f"{value[:40]!r}... ({len(value)} characters)"
+    return _SHORT.repr(value)
 
 
 class RegcollectWarning(UserWarning):

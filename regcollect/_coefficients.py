@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ._checks import shown
 from .schedules import (
     CosineSchedule,
     FunctionSchedule,
@@ -50,12 +51,12 @@ def deserialize_schedule(config: dict[str, Any]) -> Schedule:
     if cls is None or not isinstance(inner, dict) or set(config) - {"class_name", "config"}:
         raise ValueError(
             f'a schedule must be {{"class_name": one of {sorted(_BUILT_IN)}, "config": '
-            f"{{...}}}}, got {config!r}"
+            f"{{...}}}}, got {shown(config)}"
         )
     try:
         return cls(**inner)
     except TypeError as exc:
-        raise ValueError(f"bad config for schedule {name!r}: {inner!r} ({exc})") from None
+        raise ValueError(f"bad config for schedule {name!r}: {shown(inner)} ({exc})") from None
 
 
 Coefficient = float | Schedule

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from . import _naming
-from ._checks import check_module
+from ._checks import check_module, shown
 from ._collection import Collection
 from ._context import active_collection
 from ._entries import ACTIVITY, WEIGHT
@@ -137,12 +137,14 @@ def load_plan(
         raise TypeError(f"plan must be a dict from export_plan(), got {type(plan).__name__}")
     if set(plan) != {"format", "version", "entries"}:
         raise ValueError(
-            f'plan must have exactly the keys ["entries", "format", "version"], got {sorted(plan)}'
+            'plan must have exactly the keys ["entries", "format", "version"], got '
+            f"{shown(sorted(map(str, plan)))}"
         )
-    if plan["format"] != FORMAT or plan["version"] != VERSION:
+    # The version is the integer 1: True == 1 and 1.0 == 1 in Python, but not in the format.
+    if plan["format"] != FORMAT or type(plan["version"]) is not int or plan["version"] != VERSION:
         raise ValueError(
             f"plan must be format {FORMAT!r} version {VERSION}, "
-            f"got format {plan['format']!r} version {plan['version']!r}"
+            f"got format {shown(plan['format'])} version {shown(plan['version'])}"
         )
     if not isinstance(plan["entries"], list):
         raise TypeError(f"plan['entries'] must be a list, got {type(plan['entries']).__name__}")
@@ -167,28 +169,32 @@ def _check_entry(
     unknown = set(raw) - _ENTRY_KEYS
     if unknown:
         raise ValueError(
-            f"{where} has unknown keys {sorted(unknown)}; allowed: {sorted(_ENTRY_KEYS)}"
+            f"{where} has unknown keys {shown(sorted(map(str, unknown)))}; allowed: "
+            f"{sorted(_ENTRY_KEYS)}"
         )
     path, scope = raw.get("module"), raw.get("scope", "")
     if not isinstance(path, str):
-        raise TypeError(f"{where}['module'] must be a string path such as '0', got {path!r}")
+        raise TypeError(f"{where}['module'] must be a string path such as '0', got {shown(path)}")
     if not isinstance(scope, str) or (scope and not scope.endswith("/")):
-        raise ValueError(f"{where}['scope'] must be '' or a prefix ending in '/', got {scope!r}")
+        raise ValueError(
+            f"{where}['scope'] must be '' or a prefix ending in '/', got {shown(scope)}"
+        )
     module = by_path.get(path)
     if module is None:
         raise ValueError(
-            f"{where}: the model has no module {path!r}; its modules are {sorted(by_path)[:20]}"
+            f"{where}: the model has no module {shown(path)}; its modules are "
+            f"{sorted(by_path)[:20]}"
         )
     param, activity = raw.get("param"), raw.get("activity", False)
     if activity is not True and activity is not False:
-        raise TypeError(f"{where}['activity'] must be true or false, got {activity!r}")
+        raise TypeError(f"{where}['activity'] must be true or false, got {shown(activity)}")
     if (param is None) == (not activity):
         raise ValueError(f"{where} must have either 'param' or 'activity': true, not both")
     if param is not None:
         if not isinstance(param, str) or module._parameters.get(param) is None:
             available = [n for n, p in module._parameters.items() if p is not None]
             raise ValueError(
-                f"{where}: module {path!r} has no parameter {param!r}; it has {available}"
+                f"{where}: module {path!r} has no parameter {shown(param)}; it has {available}"
             )
     try:
         reg = deserialize(raw.get("regularizer"))  # type: ignore[arg-type]

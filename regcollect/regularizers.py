@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from ._checks import shown
 from ._coefficients import serialize_schedule
 from ._group_lasso import GroupLasso, group_lasso
 from ._l1l2 import L1, L1L2, L2
@@ -276,25 +277,29 @@ def deserialize(config: dict[str, Any]) -> Regularizer:
         L1L2(l1=0.0, l2=0.5)
     """
     if not isinstance(config, dict):
-        raise TypeError(f"deserialize expects a dict, got {type(config).__name__}")
+        raise TypeError(f"deserialize expects a dict, got {type(config).__name__} {shown(config)}")
     unknown = set(config) - {"class_name", "config", "module", "registered_name"}
     if "class_name" not in config or unknown:
         raise ValueError(
-            f'deserialize expects {{"class_name": str, "config": dict}}, got keys {sorted(config)}'
+            'deserialize expects {"class_name": str, "config": dict}, got keys '
+            f"{shown(sorted(map(str, config)))}"
         )
     name = config["class_name"]
     cls = REGULARIZER_CLASSES.get(name) if isinstance(name, str) else None
     if cls is None:
         raise ValueError(
-            f"unknown regularizer class_name {name!r}; registered: {sorted(REGULARIZER_CLASSES)}"
+            f"unknown regularizer class_name {shown(name)}; registered: "
+            f"{sorted(REGULARIZER_CLASSES)}"
         )
     inner = config.get("config", {})
     if not isinstance(inner, dict) or not all(isinstance(k, str) for k in inner):
-        raise ValueError(f"the config of {name!r} must be a dict with string keys, got {inner!r}")
+        raise ValueError(
+            f"the config of {name!r} must be a dict with string keys, got {shown(inner)}"
+        )
     try:
         return cls.from_config(inner)
     except TypeError as exc:
-        raise ValueError(f"bad config for regularizer {name!r}: {inner!r} ({exc})") from None
+        raise ValueError(f"bad config for regularizer {name!r}: {shown(inner)} ({exc})") from None
     except RecursionError:
         raise ValueError(
             f"the config of regularizer {name!r} is nested too deeply to be a real plan"
@@ -329,7 +334,7 @@ def get(identifier: object) -> Regularizer | None:
     if isinstance(identifier, str):
         factory = _by_string(identifier)
         if factory is None:
-            raise ValueError(f"unknown regularizer {identifier!r}; expected {_accepted()}")
+            raise ValueError(f"unknown regularizer {shown(identifier)}; expected {_accepted()}")
         if _needs_arguments(factory):
             raise ValueError(
                 f"regularizer {identifier!r} needs arguments and cannot be named by a string; "
@@ -349,6 +354,7 @@ def get(identifier: object) -> Regularizer | None:
     if callable(identifier) and not isinstance(identifier, torch.nn.Module):
         return Custom(identifier)
     raise ValueError(
-        f"cannot interpret {identifier!r} (type {type(identifier).__name__}) as a regularizer; "
+        f"cannot interpret {shown(identifier)} (type {type(identifier).__name__}) as a "
+        "regularizer; "
         f"expected {_accepted()}"
     )

@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from ._checks import shown
+
 __all__ = [
     "CosineSchedule",
     "FunctionSchedule",
@@ -54,20 +56,20 @@ def check_coefficient(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(
             f"{name} must be a non-negative finite real number (int or float), "
-            f"got {value!r} of type {type(value).__name__}"
+            f"got {shown(value)} of type {type(value).__name__}"
         )
     try:
         result = float(value)
     except OverflowError:  # an int beyond float's range, e.g. 10**400
         result = math.inf
     if not math.isfinite(result) or result < 0:
-        raise ValueError(f"{name} must be a non-negative finite real number, got {value!r}")
+        raise ValueError(f"{name} must be a non-negative finite real number, got {shown(value)}")
     return result
 
 
 def _count(name: str, value: object, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {shown(value)}")
     return int(value)
 
 
@@ -192,7 +194,7 @@ class Schedule:
             ValueError: ``state`` is not such a dict.
         """
         if not isinstance(state, dict) or "step" not in state:
-            raise ValueError(f'load_state_dict expects {{"step": int}}, got {state!r}')
+            raise ValueError(f'load_state_dict expects {{"step": int}}, got {shown(state)}')
         self.set_step(state["step"])
 
     def __repr__(self) -> str:

@@ -653,3 +653,61 @@ def test_a_frozen_weight_is_not_moved_by_the_attached_step(decoupled):
         opt.step()
     assert torch.equal(model[0].weight, frozen)
     assert "0.weight" not in {k for k, v in rc.penalties().items() if v}
+
+
+# -- untrusted plans: strict and bounded --------------------------------------------------------
+
+
+def plan_of(**changes):
+    plan = {
+        "format": "regcollect.plan",
+        "version": 1,
+        "entries": [
+            {
+                "module": "0",
+                "param": "weight",
+                "scope": "",
+                "regularizer": {"class_name": "L2", "config": {"l2": 0.1}},
+            }
+        ],
+    }
+    plan.update(changes)
+    return plan
+
+
+@pytest.mark.parametrize("version", [True, 1.0, "1"])
+def test_a_plan_version_must_be_the_integer_1(version):
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="version 1"):
+        rc.load_plan(model, plan_of(version=version), collection=rc.Collection())
+
+
+@pytest.mark.parametrize(
+    "where",
+    ["class_name", "config", "module", "param", "scope", "format", "regularizer", "identifier"],
+)
+def test_an_error_about_a_huge_value_shows_a_bounded_part_of_it(where):
+    """A 50 MB string in an untrusted plan (or given to regularizers.get) is never echoed
+    whole into the error: the message says how long it was."""
+    huge = "A" * 50_000_000
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    plan = plan_of()
+    entry = plan["entries"][0]
+    if where == "class_name":
+        entry["regularizer"]["class_name"] = huge
+    elif where == "config":
+        entry["regularizer"]["config"] = {"l2": huge}
+    elif where == "regularizer":
+        entry["regularizer"] = huge
+    elif where == "format":
+        plan["format"] = huge
+    elif where in ("module", "param", "scope"):
+        entry[where] = huge
+    with pytest.raises((TypeError, ValueError)) as info:
+        if where == "identifier":
+            rc.regularizers.get(huge)
+        else:
+            rc.load_plan(model, plan, collection=rc.Collection())
+    message = str(info.value)
+    assert len(message) < 2_000, len(message)
+    assert "50000000 characters" in message
