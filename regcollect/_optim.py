@@ -231,9 +231,10 @@ class OptimizerAttachment:
         lives: the others are skipped, as ``weight_decay`` skips those without a gradient. A
         frozen parameter keeps a zero gradient through ``zero_grad(set_to_none=False)``; it
         is skipped too, as ``loss()`` leaves it out (frozen parameters contribute nothing).
-        Coupled, a parameter another attached optimizer holds too is skipped when its gradient has the penalty already (it has not
-        changed since that optimizer added it): the gradient of the total loss at the weights
-        the backward saw, as through autograd, whichever optimizer steps first."""
+        Coupled, a parameter another attached optimizer holds too is skipped when its gradient
+        has the penalty already (it has not changed since that optimizer added it): the
+        gradient of the total loss at the weights the backward saw, as through autograd,
+        whichever optimizer steps first."""
         if self._shared and not self.decoupled:
             shared, penalized = self._shared, self._penalized
             live = [
