@@ -256,6 +256,10 @@ class Activity:
     def __len__(self) -> int:
         return len(self._slots)
 
+    def after_fork(self) -> None:
+        """In a forked child: a new lock."""
+        self._lock = threading.RLock()
+
     def describe(self, entry: Entry) -> str:
         describer = self._describer()
         return describer.describe(entry) if describer is not None else repr(entry.name)

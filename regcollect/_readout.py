@@ -55,6 +55,10 @@ class Readout:
         # The latest view a compiled step stored, folded into _lasts by the next eager call.
         self._traced: tuple[Any, Last] | None = None
 
+    def after_fork(self) -> None:
+        """In a forked child: a new lock."""
+        self._lock = threading.Lock()
+
     def store(self, key: Any, last: Last) -> None:
         if is_compiling():
             # Traced: one attribute set, no lock (dynamo cannot enter one; a compiled step

@@ -88,6 +88,11 @@ class Registry:
         self.activity = Activity(self)
         self._on_register = on_register
 
+    def after_fork(self) -> None:
+        """In a forked child: new locks, the activity hooks' too."""
+        self.lock = threading.RLock()
+        self.activity.after_fork()
+
     def __len__(self) -> int:
         with self.lock:
             self._cleanup()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextvars
 import itertools
+import os
 import threading
 import weakref
 from collections import defaultdict
@@ -86,6 +87,10 @@ class GlobalHook:
     def _call(self, *args: Any) -> None:
         for fn in list(self._functions):
             fn(*args)
+
+    def after_fork(self) -> None:
+        """In a forked child: a new lock."""
+        self._lock = threading.Lock()
 
 
 OPTIMIZER_STEP = GlobalHook(register_optimizer_step_post_hook)
@@ -166,3 +171,21 @@ REGULARIZER_CLASSES: dict[str, Any] = {}
 # Parameters held in parts across ranks whose penalty gradient waits, in the backward pass
 # under way, for the engine to take it (regcollect._held).
 STASHED: list[Any] = []
+
+
+def _after_fork_in_child() -> None:
+    """In a process just forked (a DataLoader worker), every lock regcollect holds is new: one
+    that another thread of the parent held at the fork (inside ``rc.loss()`` or a registration)
+    would stay held forever in the child, whose only thread is the one that forked."""
+    NAMING.lock = threading.Lock()
+    for hook in (OPTIMIZER_STEP, OPTIMIZER_STEP_PRE, MODULE_REGISTRATION):
+        hook.after_fork()
+    for collection in list(COLLECTIONS.live):
+        collection._after_fork()
+    for schedule in list(FOLLOWING.users):
+        schedule._after_fork()
+    FOLLOWING.steps = threading.local()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_after_fork_in_child)

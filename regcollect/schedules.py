@@ -204,6 +204,11 @@ class Schedule:
             args = ""
         return f"{type(self).__name__}({args}) [step {self._step}: {self.value(self._step):.4g}]"
 
+    def _after_fork(self) -> None:
+        """In a forked child (a DataLoader worker): a new lock, which another thread of the
+        parent may have held at the fork."""
+        self._lock = threading.Lock()
+
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_tensors"], state["_lock"] = {}, None

@@ -711,3 +711,72 @@ def test_an_error_about_a_huge_value_shows_a_bounded_part_of_it(where):
     message = str(info.value)
     assert len(message) < 2_000, len(message)
     assert "50000000 characters" in message
+
+
+# -- fork safety ----------------------------------------------------------------------------------
+
+_FORK_SCRIPT = r"""
+import sys, threading
+import torch
+import regcollect as rc
+from regcollect import _registry
+
+where = sys.argv[1]
+inside, release = threading.Event(), threading.Event()
+blocked = _registry.Registry._in_scope if where == "loss" else _registry.Registry._changed
+
+def hold(self, *args):
+    # Another thread caught inside rc.loss() (a plan build) or a registration, holding its
+    # collection's lock, at the moment the DataLoader forks its workers.
+    if threading.current_thread().name == "busy":
+        inside.set()
+        release.wait()
+    return blocked(self, *args)
+
+setattr(_registry.Registry, "_in_scope" if where == "loss" else "_changed", hold)
+model = torch.nn.Sequential(rc.nn.Linear(4, 4, kernel_regularizer=rc.l2(0.1)))
+
+def busy():
+    if where == "loss":
+        rc.loss(model)
+    else:
+        rc.nn.Linear(4, 4, kernel_regularizer=rc.l2(0.1))
+
+thread = threading.Thread(target=busy, name="busy", daemon=True)
+thread.start()
+inside.wait()
+
+class Data(torch.utils.data.Dataset):
+    # Each item builds a regularized layer and reads its penalty: a worker touching
+    # regcollect (any nn.Module built there runs regcollect's module-registration hook too).
+    def __len__(self):
+        return 4
+    def __getitem__(self, i):
+        layer = torch.nn.Sequential(rc.nn.Linear(2, 2, kernel_regularizer=rc.l2(1.0)))
+        return rc.loss(layer).detach() - (layer[0].weight ** 2).sum().detach()
+
+loader = torch.utils.data.DataLoader(
+    Data(), batch_size=2, num_workers=2, multiprocessing_context="fork", timeout=20
+)
+try:
+    values = torch.cat(list(loader))  # a worker stuck on a lock: RuntimeError after 20 s
+finally:
+    release.set()
+thread.join()
+assert values.abs().max().item() < 1e-6, values
+print("ok", flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["loss", "registration"])
+def test_dataloader_workers_forked_while_another_thread_is_inside_regcollect(where, tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "fork_case.py"
+    script.write_text(_FORK_SCRIPT)
+    result = subprocess.run(
+        [sys.executable, str(script), where], capture_output=True, text=True, timeout=90
+    )
+    assert "ok" in result.stdout, result.stderr[-3000:]
