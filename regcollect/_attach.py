@@ -13,7 +13,7 @@ from ._collection import Collection
 from ._context import active_collection, current_prefix
 from ._handle import Handle
 from ._held import real_shape
-from ._l2sp import check_reference_shape
+from ._l2sp import check_reference_shape, reference_name
 from .regularizers import L2SP, Regularizer
 from .regularizers import get as get_regularizer
 
@@ -343,7 +343,11 @@ def regularize(
             continue  # other vectors (scales, PReLU slopes): only by explicit add_regularizer
         reg = regs[kind]
         if isinstance(reg, L2SP) and isinstance(reg.reference, Mapping):
-            reference = _lookup(reg.reference, name, logical)
+            # A fine-tuning checkpoint keeps the original reference beside the weights it
+            # moved: that one first; a pretrained state dict has the parameter itself.
+            reference = _lookup(reg.reference, reference_name(name), reference_name(logical))
+            if reference is None:
+                reference = _lookup(reg.reference, name, logical)
             if reference is None:
                 missing.append(name)
                 continue

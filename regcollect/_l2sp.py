@@ -127,8 +127,10 @@ class L2SP(Regularizer):
     """``l2 * sum((x - x0)**2)``: L2 towards a reference ``x0`` (L2-SP, Li et al. 2018).
 
     ``x0`` is ``reference`` when given (a tensor of ``x``'s shape; through
-    ``regcollect.regularize``, a state dict mapping parameter names to tensors), else the
-    parameter's value when the regularizer is registered on it. The reference is kept on the
+    ``regcollect.regularize``, a state dict: a parameter's ``<name>_l2sp_reference`` entry,
+    which a fine-tuning checkpoint holds, else its ``<name>`` entry, which a pretrained one
+    holds), else the parameter's value when the regularizer is registered on it, unless its
+    module already holds a reference buffer (a restored fine-tuning model): that one wins. The reference is kept on the
     module as the persistent buffer ``<parameter>_l2sp_reference`` (see the module
     docstring); registering again keeps it unless a new ``reference`` is given, and
     removing the registration (``handle.remove()``) deletes it, leaving the model's

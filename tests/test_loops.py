@@ -780,3 +780,65 @@ def test_dataloader_workers_forked_while_another_thread_is_inside_regcollect(whe
         [sys.executable, str(script), where], capture_output=True, text=True, timeout=90
     )
     assert "ok" in result.stdout, result.stderr[-3000:]
+
+
+# -- L2-SP on resume ------------------------------------------------------------------------------
+
+
+def finetune_run(tmp_path):
+    """A fine-tuning run with L2-SP: pretrained weights, 3 steps, a checkpoint. Returns the
+    pretrained state, the checkpoint's path and the penalty at the end."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    pretrained = copy.deepcopy(net.state_dict())
+    coll = rc.Collection()
+    rc.regularize(net, kernel=rc.l2sp(1.0), collection=coll)
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    x = torch.randn(8, 4)
+    for _ in range(3):
+        opt.zero_grad()
+        (net(x).pow(2).mean() + coll.loss()).backward()
+        opt.step()
+    torch.save(net.state_dict(), tmp_path / "finetune.pt")
+    torch.save(net, tmp_path / "finetune_model.pt")
+    return pretrained, coll.loss().item()
+
+
+def fresh_net(pretrained):
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    net.load_state_dict(pretrained)
+    return net
+
+
+def test_l2sp_resumed_by_loading_after_regularize_keeps_the_pretrained_reference(tmp_path):
+    pretrained, want = finetune_run(tmp_path)
+    assert want > 1e-3
+    net = fresh_net(pretrained)  # the pretrained model, as the run started
+    coll = rc.Collection()
+    rc.regularize(net, kernel=rc.l2sp(1.0), collection=coll)
+    net.load_state_dict(torch.load(tmp_path / "finetune.pt"))  # reference buffers included
+    assert coll.loss().item() == pytest.approx(want, rel=1e-6)
+
+
+def test_l2sp_a_reference_buffer_present_in_the_module_wins(tmp_path):
+    pretrained, want = finetune_run(tmp_path)
+    net = torch.load(tmp_path / "finetune_model.pt", weights_only=False)  # a whole model
+    coll = rc.Collection()
+    rc.regularize(net, kernel=rc.l2sp(1.0), collection=coll)
+    assert coll.loss().item() == pytest.approx(want, rel=1e-6)
+
+
+def test_l2sp_resumed_with_strict_false_before_regularize_takes_the_checkpoint_as_reference(
+    tmp_path,
+):
+    """torch's load_state_dict(strict=False) drops the checkpoint's reference buffers when the
+    model has none yet (regularize comes after): pass the checkpoint as the reference, and
+    regularize takes each parameter's saved reference from it."""
+    pretrained, want = finetune_run(tmp_path)
+    net = fresh_net(pretrained)
+    ckpt = torch.load(tmp_path / "finetune.pt")
+    dropped = net.load_state_dict(ckpt, strict=False).unexpected_keys
+    assert dropped == ["0.weight_l2sp_reference", "2.weight_l2sp_reference"]
+    coll = rc.Collection()
+    rc.regularize(net, kernel=rc.l2sp(1.0, reference=ckpt), collection=coll)
+    assert coll.loss().item() == pytest.approx(want, rel=1e-6)
