@@ -821,7 +821,7 @@ def test_l2sp_resumed_by_loading_after_regularize_keeps_the_pretrained_reference
 
 
 def test_l2sp_a_reference_buffer_present_in_the_module_wins(tmp_path):
-    pretrained, want = finetune_run(tmp_path)
+    _, want = finetune_run(tmp_path)
     net = torch.load(tmp_path / "finetune_model.pt", weights_only=False)  # a whole model
     coll = rc.Collection()
     rc.regularize(net, kernel=rc.l2sp(1.0), collection=coll)
