@@ -131,8 +131,9 @@ class L2SP(Regularizer):
     which a fine-tuning checkpoint holds, else its ``<name>`` entry, which a pretrained one
     holds), else the parameter's value when the regularizer is registered on it, unless its
     module already holds a reference buffer (a restored fine-tuning model): that one wins.
-    The reference is kept on the module as the persistent buffer ``<parameter>_l2sp_reference`` (see the module
-    docstring); registering again keeps it unless a new ``reference`` is given, and
+    The reference is kept on the module as the persistent buffer
+    ``<parameter>_l2sp_reference`` (see the module docstring); registering again keeps it
+    unless a new ``reference`` is given, and
     removing the registration (``handle.remove()``) deletes it, leaving the model's
     ``state_dict`` as it was.
 
