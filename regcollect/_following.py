@@ -44,10 +44,10 @@ __all__ = ["STATE_KEY", "changed", "follow", "resume"]
 # FOLLOWING.users: the schedules in use, each with what it regularizes, weakly held
 # (entry-like objects whose ``tensors()`` gives the tensors an optimizer must update for the
 # schedule to advance, and ``name`` names it); FOLLOWING.driven: per optimizer, (cache key,
-# schedules it drives); FOLLOWING.rounds: per schedule, the optimizer that advanced it last and
-# the step each driving optimizer left it at;
-# FOLLOWING.known: the optimizers with a load hook; FOLLOWING.steps: per thread, the steps
-# running now.
+# schedules it drives); FOLLOWING.steps: per thread, the steps running now. Each schedule keeps
+# its own rounds (_Round: the optimizer that advanced it last, the step each driving
+# optimizer left it at); an optimizer whose loads restore schedules has _after_load among its
+# load post-hooks.
 
 STATE_KEY = "regcollect_schedules"
 
@@ -111,7 +111,7 @@ def _before_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> No
     if stack:
         stack[0][1].append(optimizer)
     stack.append((optimizer, []))
-    if optimizer not in FOLLOWING.known and FOLLOWING.users:
+    if FOLLOWING.users and not _known(optimizer):
         _meet(optimizer, at_step=True)
 
 
@@ -174,9 +174,10 @@ class _Round:
 
 
 def _round(schedule: Schedule) -> _Round:
-    found: _Round | None = FOLLOWING.rounds.get(schedule)
+    """The schedule's own record of its rounds (state kept by the object it belongs to)."""
+    found: _Round | None = schedule.__dict__.get("_round")
     if found is None:
-        found = FOLLOWING.rounds[schedule] = _Round()
+        found = schedule.__dict__["_round"] = _Round()
     return found
 
 
@@ -216,12 +217,16 @@ def _after_load(optimizer: torch.optim.Optimizer) -> None:
     _restore(optimizer)
 
 
+def _known(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether a load into ``optimizer`` restores the schedules (its load post-hooks say)."""
+    hooks = getattr(optimizer, "_optimizer_load_state_dict_post_hooks", None)
+    return hooks is None or any(h is _after_load for h in hooks.values())
+
+
 def _meet(optimizer: torch.optim.Optimizer, at_step: bool) -> None:
     """Know ``optimizer`` from now on: a load restores its schedules; restore them now."""
-    FOLLOWING.known.add(optimizer)
-    register = getattr(optimizer, "register_load_state_dict_post_hook", None)
-    if callable(register) and hasattr(optimizer, "_optimizer_load_state_dict_post_hooks"):
-        register(_after_load)
+    if not _known(optimizer):
+        optimizer.register_load_state_dict_post_hook(_after_load)
     moved = _restore(optimizer)
     if moved and at_step:
         key, before, now = moved[0]
@@ -244,7 +249,4 @@ def resume(optimizer: Any) -> None:
     inner = stepped(optimizer)
     OPTIMIZER_STEP_PRE.add(_before_step)
     OPTIMIZER_STEP.add(_after_step)
-    if inner in FOLLOWING.known:
-        _restore(inner)
-    else:
-        _meet(inner, at_step=False)
+    _meet(inner, at_step=False)

@@ -140,10 +140,6 @@ class _Following:
         default_factory=weakref.WeakKeyDictionary
     )
     version: int = 0
-    # Per schedule, which optimizer advanced it last and where each driving one left it.
-    rounds: weakref.WeakKeyDictionary[Any, Any] = field(default_factory=weakref.WeakKeyDictionary)
-    # The optimizers whose loads restore schedules (a load post-hook is on them).
-    known: weakref.WeakSet[torch.optim.Optimizer] = field(default_factory=weakref.WeakSet)
     # Per thread, the optimizer steps running now (outermost first).
     steps: threading.local = field(default_factory=threading.local)
 

@@ -212,6 +212,7 @@ class Schedule:
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_tensors"], state["_lock"] = {}, None
+        state.pop("_round", None)  # which optimizers drive it: this process's
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
