@@ -236,8 +236,13 @@ class Registry:
         self.ordered = tuple(self._entries.values())
 
     def _detach(self, entry: Entry) -> None:
-        if entry.kind == ACTIVITY:
-            self.activity.remove([entry])
+        self._detach_all([entry])
+
+    def _detach_all(self, entries: list[Entry]) -> None:
+        """Activity entries among ``entries`` stop recording (one rebuild of the hooks)."""
+        activity = [e for e in entries if e.kind == ACTIVITY]
+        if activity:
+            self.activity.remove(activity)
 
     def _discard(self, entry: Entry) -> bool:
         """Remove ``entry`` if it is still registered here (not replaced since)."""
@@ -282,8 +287,7 @@ class Registry:
             return
         self._has_dead = False
         dead = [key for key, entry in self._entries.items() if not entry.alive]
-        for key in dead:
-            self._detach(self._entries.pop(key))
+        self._detach_all([self._entries.pop(key) for key in dead])
         self._by_tensor = {k: v for k, v in self._by_tensor.items() if v[0]() is not None}
         if dead:
             self._changed()
@@ -309,6 +313,7 @@ class Registry:
         ids = {id(m) for m in check_module(module).modules()}
         with self.lock:
             doomed = [e for e in self._entries.values() if id(e.module) in ids]
+            self._detach_all(doomed)  # the activity hooks: one rebuild for all
             for entry in doomed:
                 self._discard(entry)
             return len(doomed)
@@ -317,8 +322,7 @@ class Registry:
         """Remove every entry and every recorded activity penalty; start over as if new."""
         with self.lock:
             removed = list(self._entries.values())
-            for entry in removed:
-                self._detach(entry)
+            self._detach_all(removed)
             self._entries.clear()
             for entry in removed:
                 self._release(entry, keep_state=True)
