@@ -293,6 +293,7 @@ class Activity:
         ``keep`` (ids; all when None) that have one, in registration order. Pure: nothing is
         taken away."""
         out: list[tuple[Entry, torch.Tensor]] = []
+        eager = not is_compiling()
         for slot in self.ordered:
             if not slot.values or (keep is not None and id(slot.entry) not in keep):
                 continue
@@ -301,6 +302,8 @@ class Activity:
                 continue
             training = module.training
             counted = [v for v, made_training in slot.values if made_training or not training]
+            if eager and any(type(v) is not torch.Tensor for v in counted):
+                counted = [v for v in counted if not _traced_value(v)]
             if counted:
                 out.append((slot.entry, counted[0] if len(counted) == 1 else sum_of(counted)))
         return out
@@ -390,6 +393,15 @@ class Activity:
                 handle.remove()
         self._records = records
         self.ordered = tuple(slots.values())
+
+
+def _traced_value(value: torch.Tensor) -> bool:
+    """Whether ``value`` is a fake tensor a trace left behind: torch.export on torch 2.6, which
+    has no ``is_exporting`` flag to tell it from torch.compile, applies the hooks' writes with
+    the values it traced."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return bool(is_fake(value))
 
 
 def sum_of(values: list[torch.Tensor]) -> torch.Tensor:

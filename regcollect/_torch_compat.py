@@ -14,6 +14,7 @@ import torch
 __all__ = [
     "COMPILED_LOSS_WITHOUT_GRAPH_BREAKS",
     "CONSTANT_FUNCTIONS_TAKE_OBJECTS",
+    "EXPORT_IS_SEEN",
     "TORCH_VERSION",
     "in_backward",
     "is_compiling",
@@ -52,8 +53,10 @@ COMPILED_LOSS_WITHOUT_GRAPH_BREAKS = TORCH_VERSION >= (2, 13)
 is_compiling = torch.compiler.is_compiling
 
 
-# torch.compiler.is_exporting is public from torch 2.5 on; before, export went through dynamo,
-# whose flag is_compiling already is.
+# torch.compiler.is_exporting is public from torch 2.7 on. On 2.6 a strict torch.export looks
+# like torch.compile from inside the model (is_compiling() only): forward hooks then run as
+# in a compiled step, and the fake values they leave are dropped when read (_activity).
+EXPORT_IS_SEEN = hasattr(torch.compiler, "is_exporting")
 _is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
 
 
