@@ -13,6 +13,10 @@ Scenarios (CPU, float32):
    penalty written by hand.
 3. the hooks alone: forward passes (no gradient computed) of scenario 1's model against the
    plain MLP's, under ``torch.no_grad()`` (nothing recorded) and with gradients on.
+4. registering: n blocks of ``Sequential(rc.nn.Linear(4, 4, activity_regularizer=...), ReLU)``
+   built into one Sequential, the first forward pass (which places the holders' hooks) and
+   ``handle.remove()`` of an ``rc.regularize(activity=...)`` over them, for n = 250 to 2000:
+   the seconds should grow like n.
 """
 
 from __future__ import annotations
@@ -132,6 +136,36 @@ def hooks_alone(repeats: int) -> dict[str, float]:
     return medians
 
 
+def registering() -> None:
+    print("\n## 4. registering n activity regularizers (seconds; should grow like n)")
+    for n in (250, 500, 1000, 2000):
+        start = time.perf_counter()
+        blocks = torch.nn.Sequential(
+            *[
+                torch.nn.Sequential(
+                    rc.nn.Linear(4, 4, activity_regularizer=rc.l2(C)), torch.nn.ReLU()
+                )
+                for _ in range(n)
+            ]
+        )
+        built = time.perf_counter()
+        blocks(torch.randn(2, 4))
+        forward = time.perf_counter()
+        plain = torch.nn.Sequential(
+            *[torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()) for _ in range(n)]
+        )
+        handle = rc.regularize(plain, activity=rc.l2(C), include=["*.0"])
+        plain(torch.randn(2, 4))
+        before_remove = time.perf_counter()
+        handle.remove()
+        removed = time.perf_counter()
+        print(
+            f"n={n:5d}: build {built - start:6.2f}   first forward {forward - built:6.2f}   "
+            f"remove {removed - before_remove:6.2f}"
+        )
+        rc.get_collection().remove(blocks)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=30)
@@ -142,6 +176,7 @@ def main() -> None:
     every = scenario(set(range(DEPTH)), 0, args.repeats, "1. an activity penalty on every layer")
     deep = scenario({DEPTH // 2}, 4, args.repeats, "2. one activity penalty, 4 containers deep")
     hooks_alone(args.repeats)
+    registering()
     print(
         f"\nsummary: every layer {every['regcollect'] / every['hand-written']:.2f}x, "
         f"one deep layer {deep['regcollect'] / deep['hand-written']:.2f}x of the hand-written step"

@@ -9,12 +9,12 @@ called k times in one pass contributes k penalties and the next pass replaces th
 resets ``layer.losses`` at the start of each outermost call).
 
 What records nothing and starts no pass: calls under ``torch.no_grad()`` or
-``torch.inference_mode()``, ``torch.jit.trace`` and ``torch.export`` (they only look at the
-model), and forward passes run inside a backward pass (activation checkpointing recomputing
-what its forward pass already recorded). A penalty that carries no gradient (a frozen layer
-fed constants) trains nothing and is left out, as a frozen weight is. Penalties recorded in
-eval mode are read only while the layer is still in eval mode (a validation loss counts them,
-a training loss taken before the next forward pass does not).
+``torch.inference_mode()``, ``torch.jit.trace``, ``torch.export`` and ``torch.fx`` tracing
+(they only look at the model), and forward passes run inside a backward pass (activation
+checkpointing recomputing what its forward pass already recorded). A penalty that carries no
+gradient (a frozen layer fed constants) trains nothing and is left out, as a frozen weight is.
+A penalty is read only while its layer is in the mode it was recorded in (a validation loss in
+eval mode never reads the training pass's, a training loss never a validation pass's).
 
 ``checkpoint(..., use_reentrant=True)`` runs its forward pass without gradients and again
 inside the backward pass, where no loss can take a penalty: that recomputation raises an error
@@ -23,16 +23,23 @@ naming the entry.
 How outermost calls are known: a forward pre-hook and an ``always_call`` forward hook on each
 regularized layer and on every module holding one (the parent links of
 ``regcollect._naming``) keep, per module, a stack of its calls under way; a call is outermost
-when no holder's stack has a call with gradients on. The hooks live as long as the entries;
-each is a callable object that pickles and deep-copies to a no-op, so a copied model carries
-no reference to a collection.
+when no holder's stack has a call with gradients on (and no call of the module itself is under
+way: a module calling itself). The hooks on the holders are placed at the first call after the
+entries or the module tree changed, for all of them at once; a call that finds them out of date
+looks up which modules are running in this thread (their ``Module.__call__`` frames), learns
+their tree (a deep-copied or unpickled model, whose links nobody recorded) and counts their
+calls from there. The hooks live as long as the entries; each is a callable object that
+pickles and deep-copies to a no-op, so a copied model carries no reference to a collection.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
+import types
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from functools import partial
 from typing import Any, Protocol
 
 import torch
@@ -48,11 +55,14 @@ __all__ = ["Activity", "activity_penalty", "drop_inert_hooks", "inert_hook"]
 def _watched_output(module: torch.nn.Module, output: Any) -> tuple[torch.Tensor, int]:
     """The tensor an activity regularizer sees and its batch size.
 
-    The first tensor of a tuple (RNNs return ``(output, state)``); a packed sequence
-    contributes its data. Batch-first unless the module (or, for transformer layers and
-    encoders, its first submodule that says) has ``batch_first=False``.
+    The first tensor of a tuple (RNNs return ``(output, state)``) or of a mapping (a Hugging
+    Face ``ModelOutput``: its first field); a packed sequence contributes its data.
+    Batch-first unless the module (or, for transformer layers and encoders, its first
+    submodule that says) has ``batch_first=False``.
     """
-    if isinstance(output, (tuple, list)) and output:
+    if isinstance(output, Mapping):  # a dict, or a Hugging Face ModelOutput
+        output = next((v for v in output.values() if isinstance(v, torch.Tensor)), output)
+    elif isinstance(output, (tuple, list)) and output:
         output = output[0]
     if isinstance(output, torch.nn.utils.rnn.PackedSequence):
         batch = int(output.batch_sizes[0]) if output.batch_sizes.numel() else 0
@@ -84,17 +94,37 @@ def activity_penalty(regularizer: Regularizer, tensor: torch.Tensor, batch: int)
     return regularizer(tensor) / batch
 
 
+class _Value:
+    """One call's penalty: the value, whether the layer was in training mode, and whether the
+    value's graph has been backpropagated (its step is over)."""
+
+    __slots__ = ("__weakref__", "done", "training", "value")
+
+    def __init__(self, value: torch.Tensor, training: bool) -> None:
+        self.value, self.training, self.done = value, training, False
+
+
+def _mark_done(ref: weakref.ref[_Value], grad: torch.Tensor) -> None:
+    value = ref()
+    if value is not None:
+        value.done = True
+
+
 class _Slot:
-    """What one activity entry's layer recorded in the current pass: ``(penalty, made in
-    training mode)`` per call, and whether the layer ran without gradients inside a pass with
-    gradients on (the first half of a reentrant checkpoint)."""
+    """What one activity entry's layer recorded in the current pass (a ``_Value`` per call),
+    and whether the layer has run without gradients since, in a way a reentrant checkpoint
+    does (inside a pass with gradients on, or on its own after the last step was over)."""
 
     __slots__ = ("entry", "skipped", "values")
 
     def __init__(self, entry: Entry) -> None:
         self.entry = entry
-        self.values: list[tuple[torch.Tensor, bool]] = []
+        self.values: list[_Value] = []
         self.skipped = False
+
+
+# On a call stack, a call already under way when its module's hooks were placed.
+CAUGHT = object()
 
 
 class _Mark:
@@ -105,15 +135,44 @@ class _Mark:
 
     def __init__(self, module: torch.nn.Module) -> None:
         self.module = weakref.ref(module)
-        self.stack: list[bool] = []
+        self.stack: list[object] = []
         self.holders: tuple[_Mark, ...] = ()
         self.slots: tuple[_Slot, ...] = ()
         self.below: tuple[_Mark, ...] = ()
         self.handles: list[Any] = []
 
-    def nested(self) -> bool:
-        """Whether a module holding this one is running with gradients on."""
-        return any(True in holder.stack for holder in self.holders)
+    def nested(self, module: torch.nn.Module | None = None) -> bool:
+        """Whether a module holding this one is running with gradients on, or (``module``
+        given, eager) this module itself: it calls itself. A call of its own left open by an
+        interrupt (no hook closes a call a ``KeyboardInterrupt`` leaves) is dropped."""
+        if self.held_running(verify=module is not None):
+            return True
+        if module is None or not any(e is True or e is CAUGHT for e in self.stack):
+            return False
+        if sum(m is module for m in running_modules()) > 1:
+            return True
+        self.stack.clear()
+        return False
+
+    def held_running(self, verify: bool) -> bool:
+        """Whether a module holding this one is running with gradients on (``verify``:
+        looking up whether a call counted by a catch-up is still under way)."""
+        for holder in self.holders:
+            if True in holder.stack:
+                return True
+            if CAUGHT in holder.stack and (not verify or holder.running()):
+                return True
+        return False
+
+    def running(self) -> bool:
+        """Whether this module's call that a catch-up counted (``CAUGHT``) is still under way:
+        one that started before its hooks were placed may have taken torch's path that runs
+        no forward hook, so nothing else would close it."""
+        module = self.module()
+        if module is not None and any(m is module for m in running_modules()):
+            return True
+        self.stack[:] = [e for e in self.stack if e is not CAUGHT]
+        return False
 
     def start_pass(self) -> None:
         """An outermost call: its layers' earlier penalties go. No module below it can be
@@ -131,6 +190,23 @@ def _recording() -> bool:
     if not torch.is_grad_enabled() or is_tracing():
         return False
     return is_compiling() or not in_backward()
+
+
+_CALL = torch.nn.Module._call_impl.__code__
+
+
+def running_modules() -> list[torch.nn.Module]:
+    """The modules whose call is under way in this thread, innermost first (their
+    ``Module.__call__`` frames)."""
+    out = []
+    frame: types.FrameType | None = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is _CALL:
+            module = frame.f_locals.get("self")
+            if isinstance(module, torch.nn.Module):
+                out.append(module)
+        frame = frame.f_back
+    return out
 
 
 class _Hook:
@@ -155,10 +231,11 @@ class _Enter(_Hook):
         if not _recording():
             self.mark.stack.append(False)
             return
-        if not is_compiling():
-            tracker.refresh()  # the module tree changed since the hooks were placed
+        eager = not is_compiling()
+        if eager and tracker.stale():
+            tracker.catch_up(module)  # entries or the module tree changed: place the hooks
         mark = self.mark
-        if not mark.nested():
+        if not mark.nested(module if eager else None):
             mark.start_pass()
         mark.stack.append(True)
 
@@ -185,9 +262,16 @@ class _Record(_Hook):
         if tracker is None:
             return
         slot = self.slot
+        if not is_compiling() and module is not slot.entry.module:
+            raise RuntimeError(
+                f"a copy of the layer of {tracker.describe(slot.entry)} made without "
+                "copy.deepcopy (as nn.DataParallel makes its replicas) shares its hooks: its "
+                "activity penalty would be counted as the original's. Train with "
+                "DistributedDataParallel, or copy the model with copy.deepcopy."
+            )
         if not torch.is_grad_enabled() or is_tracing():
-            if not is_tracing() and self.mark.nested():
-                slot.skipped = True  # inside a pass with gradients on: remembered
+            if not is_tracing():
+                self._without_gradients(slot)
             return
         backward = not is_compiling() and in_backward()
         if backward and slot.skipped and not slot.values:
@@ -205,7 +289,18 @@ class _Record(_Hook):
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"{tracker.describe(slot.entry)}: {exc}") from exc
         if not backward and value.requires_grad:
-            slot.values.append((value, module.training))
+            record = _Value(value, module.training)
+            if not is_compiling():
+                value.register_hook(partial(_mark_done, weakref.ref(record)))
+            slot.values.append(record)
+
+    def _without_gradients(self, slot: _Slot) -> None:
+        """The layer runs without gradients: inside a pass with gradients on (a reentrant
+        checkpoint's first half, or a no_grad block), or on its own; then the penalties of a
+        step that is over (backpropagated) go, so that none is read as this call's."""
+        if not self.mark.held_running(verify=not is_compiling()):
+            slot.values = [v for v in slot.values if not v.done]
+        slot.skipped = True
 
 
 def inert_hook(*args: Any) -> None:
@@ -237,6 +332,10 @@ class Describer(Protocol):
 class Activity:
     """The activity entries of one collection: their slots and the hooks that fill them.
 
+    Registering an entry places the hooks on its layer at once; those on the modules holding
+    it are placed for all entries together at the next call of a hooked module, or when asked
+    (``refresh``), so that registering n layers costs n, not n squared.
+
     Args:
         describer: Names entries in error messages.
     """
@@ -248,10 +347,9 @@ class Activity:
         # Registration order, as a tuple: what a compiled loss() reads.
         self.ordered: tuple[_Slot, ...] = ()
         self._marks: dict[int, _Mark] = {}
+        self._records: dict[Entry, tuple[_Record, Any]] = {}
         self._version = 0
         self._built: tuple[int, int] | None = None
-        self._records: dict[Entry, Any] = {}
-        _naming.listen(self)
 
     def __len__(self) -> int:
         return len(self._slots)
@@ -267,24 +365,44 @@ class Activity:
     # -- entries ---------------------------------------------------------------------------
 
     def add(self, entry: Entry) -> None:
-        """Record ``entry``'s layer output from now on (its hooks go in now)."""
+        """Record ``entry``'s layer output from now on: the layer's own hooks go in now, its
+        holders' at the next call."""
+        layer = entry.module
+        assert layer is not None
         with self._lock:
-            self._slots[entry] = _Slot(entry)
+            slot = _Slot(entry)
+            self._slots[entry] = slot
+            self.ordered = tuple(self._slots.values())
+            mark = self._mark(layer)
+            mark.slots = (*mark.slots, slot)
+            hook = _Record(self, mark, slot)
+            self._records[entry] = (hook, layer.register_forward_hook(hook))
             self._version += 1
-            self.refresh()
 
     def remove(self, entries: Iterable[Entry]) -> None:
         """Stop recording ``entries`` (their hooks come out, their penalties go)."""
         with self._lock:
             changed = False
             for entry in entries:
-                changed |= self._slots.pop(entry, None) is not None
+                slot = self._slots.pop(entry, None)
+                if slot is None:
+                    continue
+                changed = True
+                hook, handle = self._records.pop(entry)
+                handle.remove()
+                mark = hook.mark
+                mark.slots = tuple(s for s in mark.slots if s is not slot)
+                if not mark.slots:  # the layer holds no other entry: its hooks go now too
+                    for h in mark.handles:
+                        h.remove()
+                    self._marks.pop(id(mark.module()), None)
             if changed:
+                self.ordered = tuple(self._slots.values())
                 self._version += 1
-                self.refresh()
 
     def clear(self) -> None:
         self.remove(list(self._slots))
+        self.refresh()
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -301,98 +419,94 @@ class Activity:
             if module is None:
                 continue
             training = module.training
-            counted = [v for v, made_training in slot.values if made_training or not training]
+            counted = [v.value for v in slot.values if v.training == training]
             if eager and any(type(v) is not torch.Tensor for v in counted):
                 counted = [v for v in counted if not _traced_value(v)]
             if counted:
                 out.append((slot.entry, counted[0] if len(counted) == 1 else sum_of(counted)))
         return out
 
-    def has_values(self) -> bool:
-        """Whether some layer recorded a penalty in its current pass."""
-        return any(slot.values for slot in self.ordered)
-
     # -- the hooks -------------------------------------------------------------------------
 
-    def linked(self, parent: torch.nn.Module, child: torch.nn.Module) -> None:
-        """``child`` is being registered in ``parent`` (called by ``regcollect._naming``
-        before the assignment): place the hooks the new holder needs now, before its first
-        call. Not while torch.compile traces (a model scope records its tree then): hooks
-        placed inside a trace would change the modules dynamo is looking at; the next eager
-        call places them."""
-        if id(child) in self._marks and not is_compiling():
-            with self._lock:
-                self.refresh(link=(parent, child))
+    def stale(self) -> bool:
+        """Whether the entries or the module tree changed since the hooks were placed."""
+        return (self._version, _naming.version()) != self._built
 
-    def refresh(self, link: tuple[torch.nn.Module, torch.nn.Module] | None = None) -> None:
-        """Place the hooks on the regularized layers and the modules holding them, if the
-        entries or the module tree changed since they were placed."""
-        key = (self._version, _naming.version())
-        if key == self._built and link is None:
+    def catch_up(self, module: torch.nn.Module) -> None:
+        """Called from the pre-hook of ``module`` when the hooks are out of date: learn the
+        tree of the modules running now (a copied model's links were never recorded), place
+        the hooks, and count the calls under way of the modules that were not hooked when
+        they started (their forward hooks, placed now, will close them)."""
+        running = running_modules()
+        if running:
+            _naming.record_tree(running[-1])
+        self.refresh()
+        seen = {id(module)}
+        for m in reversed(running):  # outermost first: it starts the pass its hook missed
+            mark = self._marks.get(id(m))
+            if mark is not None and id(m) not in seen and not mark.stack:
+                if not mark.nested():
+                    mark.start_pass()
+                mark.stack.append(CAUGHT)
+            seen.add(id(m))
+
+    def refresh(self) -> None:
+        """Place the hooks on the modules holding the regularized layers, if the entries or
+        the module tree changed since they were placed."""
+        if not self.stale():
             return
         with self._lock:
-            if key == self._built and link is None:
-                return
-            self._rebuild(link)
-            self._built = key
+            key = (self._version, _naming.version())
+            if key != self._built:
+                self._rebuild()
+                self._built = key
 
-    def _rebuild(self, link: tuple[torch.nn.Module, torch.nn.Module] | None) -> None:
-        slots = {e: s for e, s in self._slots.items() if e.module is not None}
+    def _mark(self, module: torch.nn.Module) -> _Mark:
+        mark = self._marks.get(id(module))
+        if mark is None or mark.module() is not module:
+            mark = _Mark(module)
+            drop_inert_hooks(module)
+            mark.handles = [
+                module.register_forward_pre_hook(_Enter(self, mark)),
+                module.register_forward_hook(_Exit(self, mark), always_call=True),
+            ]
+            self._marks[id(module)] = mark
+        return mark
+
+    def _rebuild(self) -> None:
+        layers = {e: e.module for e in self._slots if e.module is not None}
         holders: dict[int, list[torch.nn.Module]] = {}
         modules: dict[int, torch.nn.Module] = {}
-        for entry in slots:
-            layer = entry.module
+        for layer in layers.values():
             assert layer is not None
-            for module in (layer, *_naming.holders(layer, link)):
+            for module in (layer, *_naming.holders(layer)):
                 if id(module) not in modules:
                     modules[id(module)] = module
-                    holders[id(module)] = _naming.holders(module, link)
-        marks: dict[int, _Mark] = {}
-        for key, module in modules.items():
-            mark = self._marks.get(key)
-            if mark is None or mark.module() is not module:
-                mark = _Mark(module)
-                drop_inert_hooks(module)
-                mark.handles = [
-                    module.register_forward_pre_hook(_Enter(self, mark)),
-                    module.register_forward_hook(_Exit(self, mark), always_call=True),
-                ]
-            marks[key] = mark
-        for key, mark in self._marks.items():
-            if marks.get(key) is not mark:
+                    holders[id(module)] = _naming.holders(module)
+        old = self._marks
+        self._marks = {k: m for k, m in old.items() if k in modules and m.module() is modules[k]}
+        for module in modules.values():
+            self._mark(module)
+        for key, mark in old.items():
+            if self._marks.get(key) is not mark:
                 for handle in mark.handles:
                     handle.remove()
+        marks = self._marks
         below: dict[int, list[_Mark]] = {key: [] for key in marks}
         inside: dict[int, list[_Slot]] = {key: [] for key in marks}
         for key, mark in marks.items():
             mark.holders = tuple(marks[id(h)] for h in holders[key] if id(h) in marks)
             for holder in holders[key]:
                 below[id(holder)].append(mark)
-        for entry, slot in slots.items():
-            layer = entry.module
+        for entry, layer in layers.items():
             assert layer is not None
             for key in (id(layer), *map(id, holders[id(layer)])):
-                inside[key].append(slot)
+                inside[key].append(self._slots[entry])
         for key, mark in marks.items():
             mark.below, mark.slots = tuple(below[key]), tuple(inside[key])
-        self._marks = marks
-        records = {}
-        for entry, slot in slots.items():
-            layer = entry.module
-            assert layer is not None
-            old = self._records.get(entry)
-            if old is not None and old[0].mark is marks[id(layer)] and old[0].slot is slot:
-                records[entry] = old
-                continue
-            if old is not None:
-                old[1].remove()
-            hook = _Record(self, marks[id(layer)], slot)
-            records[entry] = (hook, layer.register_forward_hook(hook))
-        for entry, (_, handle) in self._records.items():
-            if entry not in records:
-                handle.remove()
-        self._records = records
-        self.ordered = tuple(slots.values())
+        for entry, layer in layers.items():
+            hook = self._records[entry][0]
+            hook.mark = marks[id(layer)]
 
 
 def _traced_value(value: torch.Tensor) -> bool:

@@ -27,7 +27,9 @@ with the first schedule in use.
 
 from __future__ import annotations
 
+import sys
 import threading
+import types
 import warnings
 import weakref
 from typing import Any
@@ -102,12 +104,34 @@ def _stack() -> list[tuple[torch.optim.Optimizer, list[torch.optim.Optimizer]]]:
     return stack
 
 
+# The code of the wrapper torch.optim puts around every optimizer class's step(), which runs
+# the step hooks: a frame of it is a step under way.
+_STEP = torch.optim.Optimizer.profile_hook_step(lambda *args, **kwargs: None).__code__
+
+
+def _stepping() -> list[Any]:
+    """The optimizers whose ``step()`` is under way in this thread (their wrapper frames)."""
+    out = []
+    frame: types.FrameType | None = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is _STEP:
+            args = frame.f_locals.get("args")
+            if args:
+                out.append(args[0])
+        frame = frame.f_back
+    return out
+
+
 def _before_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     stack = _stack()
-    for i, (running, _) in enumerate(stack):
-        if running is optimizer:  # a step of it that raised left its frame: close it
-            del stack[i:]
-            break
+    if stack:
+        # A step that raised never ran its post-hooks: its frame is gone from this thread's
+        # stack; so is everything it was running. Only steps still under way stay.
+        live = _stepping()
+        for i, (running, _) in enumerate(stack):
+            if running is optimizer or not any(s is running for s in live):
+                del stack[i:]
+                break
     if stack:
         stack[0][1].append(optimizer)
     stack.append((optimizer, []))

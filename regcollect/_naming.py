@@ -18,7 +18,6 @@ from __future__ import annotations
 import gc
 import re
 import weakref
-from typing import Any
 
 import torch
 
@@ -30,7 +29,6 @@ __all__ = [
     "follow_links",
     "holders",
     "is_wrapper",
-    "listen",
     "named_modules",
     "path_to_root",
     "record_tree",
@@ -105,8 +103,6 @@ def _link(parent: torch.nn.Module, name: str, child: torch.nn.Module) -> None:
         track(parent)
         with NAMING.lock:
             NAMING.version += 1
-        for listener in list(NAMING.listeners):
-            listener.linked(parent, child)
 
 
 def _on_module_registration(
@@ -194,19 +190,9 @@ def _chain(module: torch.nn.Module) -> list[tuple[torch.nn.Module, str]]:
     return out
 
 
-def listen(listener: Any) -> None:
-    """Call ``listener.linked(parent, child)`` (held weakly) whenever a module that holds an
-    entry, or holds one that does, is registered in a parent: before the assignment, so that
-    what must be in place before the parent's first call (activity hooks) can be."""
-    NAMING.listeners.add(listener)
-
-
-def holders(
-    module: torch.nn.Module, link: tuple[torch.nn.Module, torch.nn.Module] | None = None
-) -> list[torch.nn.Module]:
+def holders(module: torch.nn.Module) -> list[torch.nn.Module]:
     """Every module holding ``module``, through every parent link that holds now (a module
-    shared by two models is held by both), nearest first; ``link`` is a ``(parent, child)``
-    registration under way, counted before its assignment is made."""
+    shared by two models is held by both), nearest first."""
     out: list[torch.nn.Module] = []
     seen = {id(module)}
     frontier = [module]
@@ -217,8 +203,6 @@ def holders(
             for r, name in NAMING.parents.get(current, ())
             if (p := r()) is not None and p._modules.get(name) is current
         ]
-        if link is not None and link[1] is current:
-            parents.append(link[0])
         for parent in parents:
             if parent is not None and id(parent) not in seen:
                 seen.add(id(parent))

@@ -123,9 +123,6 @@ class _Naming:
     # change an entry's name or which model subtree it belongs to.
     tracked: weakref.WeakSet[torch.nn.Module] = field(default_factory=weakref.WeakSet)
     version: int = 0
-    # What must hear of a tracked module's new parent before the parent's first call (each
-    # collection's activity hooks), weakly.
-    listeners: weakref.WeakSet[Any] = field(default_factory=weakref.WeakSet)
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 
 import torch
+import torch.fx
 
 __all__ = [
     "COMPILED_LOSS_WITHOUT_GRAPH_BREAKS",
@@ -61,9 +62,16 @@ _is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
 
 
 def is_tracing() -> bool:
-    """Whether ``torch.jit.trace`` or ``torch.export`` is running the model to look at it
-    (not to train it): forward hooks then record nothing."""
-    return bool(torch.jit.is_tracing() or _is_exporting())
+    """Whether ``torch.jit.trace``, ``torch.export`` or ``torch.fx.symbolic_trace`` is running
+    the model to look at it (not to train it): forward hooks then record nothing."""
+    return bool(torch.jit.is_tracing() or _is_exporting() or _is_fx_tracing())
+
+
+# The flag torch.fx.symbolic_trace sets (there is no public one); newer torch warns on the
+# older name, which also answers for torch.export.
+_is_fx_tracing = getattr(
+    torch.fx._symbolic_trace, "is_fx_symbolic_tracing", torch.fx._symbolic_trace.is_fx_tracing
+)
 
 
 def in_backward() -> bool:

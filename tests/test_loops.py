@@ -847,3 +847,178 @@ def test_l2sp_resumed_with_strict_false_before_regularize_takes_the_checkpoint_a
     coll = rc.Collection()
     rc.regularize(net, kernel=rc.l2sp(1.0, reference=ckpt), collection=coll)
     assert coll.loss().item() == pytest.approx(want, rel=1e-6)
+
+
+# -- found by trying it as users do (review) ------------------------------------------------------
+
+
+class Recurrent(torch.nn.Module):
+    """A cell applied at every time step: one layer, k calls per pass."""
+
+    def __init__(self):
+        super().__init__()
+        self.cell = rc.nn.Linear(4, 4, activity_regularizer=rc.l2(C))
+
+    def forward(self, xs):
+        h = torch.zeros(xs.shape[1], 4)
+        for x in xs:
+            h = torch.tanh(self.cell(x + h))
+        return h
+
+
+def recurrent_penalty(model, xs):
+    plain = torch.nn.Linear(4, 4)
+    plain.load_state_dict(model.cell.state_dict())
+    h, want = torch.zeros(xs.shape[1], 4), 0.0
+    for x in xs:
+        pre = plain(x + h)
+        want += C * (pre**2).sum().item() / xs.shape[1]
+        h = torch.tanh(pre)
+    return want
+
+
+@pytest.mark.parametrize("copy_with", ["deepcopy", "torch.load"])
+def test_a_copied_model_counts_every_call_of_its_layers_from_its_first_pass(copy_with, tmp_path):
+    torch.manual_seed(0)
+    model = Recurrent()
+    if copy_with == "deepcopy":
+        copied = copy.deepcopy(model)
+    else:
+        torch.save(model, tmp_path / "model.pt")
+        copied = torch.load(tmp_path / "model.pt", weights_only=False)
+    xs = torch.randn(5, 3, 4)
+    copied(xs)
+    assert rc.loss(copied).item() == pytest.approx(recurrent_penalty(copied, xs), rel=1e-6)
+
+
+def test_a_module_calling_itself_counts_every_call():
+    class Repeat(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = rc.nn.Linear(3, 3, activity_regularizer=rc.l2(C))
+
+        def forward(self, x, depth=2):
+            x = self.lin(x)
+            return self(x, depth - 1) if depth > 0 else x
+
+    torch.manual_seed(0)
+    model = Repeat()
+    plain = torch.nn.Linear(3, 3)
+    plain.load_state_dict(model.lin.state_dict())
+    x = torch.randn(4, 3)
+    model(x)
+    want, h = 0.0, x
+    for _ in range(3):
+        h = plain(h)
+        want += C * (h**2).sum().item() / 4
+    assert rc.loss(model).item() == pytest.approx(want, rel=1e-6)
+
+
+def test_a_validation_loss_under_no_grad_has_no_stale_training_penalty():
+    """model.eval(); with torch.no_grad(): val = crit(model(x)) + rc.loss(model): nothing
+    is recorded under no_grad, and the training pass's penalty is not the validation's."""
+    torch.manual_seed(0)
+    model = relu_mlp()
+    out = model(10 * torch.randn(8, 4))
+    (out.pow(2).mean() + rc.loss(model)).backward()
+    model.eval()
+    with torch.no_grad():
+        model(torch.randn(8, 4))
+        val_penalty = rc.loss(model).item()
+    assert val_penalty == 0.0  # no weight penalty on this model, no activity recorded
+
+
+def test_reentrant_checkpointing_of_segments_is_refused_by_name():
+    """checkpoint_sequential(..., use_reentrant=True) calls the segments itself, outside the
+    model's own call, after a normal step: still the clear error, never last step's penalty."""
+    from torch.utils.checkpoint import checkpoint_sequential
+
+    torch.manual_seed(0)
+    model = relu_mlp()
+    x = torch.randn(6, 4, requires_grad=True)
+    (model(x).pow(2).mean() + rc.loss(model)).backward()  # a normal step first
+    out = checkpoint_sequential(model, 2, x, use_reentrant=True)
+    with pytest.raises(RuntimeError, match=r"'0:activity'.*use_reentrant=False"):
+        (out.pow(2).mean() + rc.loss(model)).backward()
+
+
+def test_many_activity_regularizers_in_nested_containers_each_count_once():
+    """300 layers with activity regularizers, each in a Sequential of its own (the hooks are
+    placed once for all at the first forward pass; benchmarks/bench_activity.py times it)."""
+    torch.manual_seed(0)
+    blocks = torch.nn.Sequential(
+        *[
+            torch.nn.Sequential(rc.nn.Linear(2, 2, activity_regularizer=rc.l2(C)))
+            for _ in range(300)
+        ]
+    )
+    x = torch.randn(1, 2)
+    blocks(x)
+    want, h = 0.0, x
+    for block in blocks:
+        plain = torch.nn.Linear(2, 2)
+        plain.load_state_dict(block[0].state_dict())
+        h = plain(h)
+        want += C * (h**2).sum().item()
+    assert rc.loss(blocks).item() == pytest.approx(want, rel=1e-5)
+    assert len(rc.get_regularization_losses(blocks)) == 300
+
+
+def test_an_optimizer_step_that_raised_does_not_freeze_another_optimizers_schedule():
+    schedule = rc.schedules.warmup(0.1, steps=100)
+    gen = rc.nn.Linear(3, 3, kernel_regularizer=rc.l2(schedule))
+    disc = torch.nn.Linear(3, 1)
+    opt_g = torch.optim.SGD(gen.parameters(), lr=0.01)
+    opt_d = torch.optim.SGD(disc.parameters(), lr=0.01)
+    x = torch.randn(4, 3)
+
+    def g_step():
+        opt_g.zero_grad()
+        (disc(gen(x)).mean() + rc.loss(gen)).backward()
+        opt_g.step()
+
+    for _ in range(3):
+        g_step()
+
+    def failing_closure():
+        raise RuntimeError("out of memory (simulated)")
+
+    with pytest.raises(RuntimeError, match="simulated"):
+        opt_d.step(failing_closure)
+    for _ in range(5):
+        g_step()
+    assert schedule.step == 8
+
+
+def test_fx_symbolic_trace_records_nothing():
+    torch.manual_seed(0)
+    model = relu_mlp()
+    traced = torch.fx.symbolic_trace(model)
+    x = torch.randn(3, 4)
+    assert torch.equal(traced(x), model(x))
+
+
+def test_a_dict_output_is_regularized_on_its_first_tensor():
+    class Dict(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 2)
+
+        def forward(self, x):
+            return {"logits": self.lin(x), "extra": x}
+
+    model = Dict()
+    rc.add_activity_regularizer(model, rc.l2(C))
+    out = model(torch.randn(4, 3))
+    assert rc.loss(model).item() == pytest.approx(
+        (C * (out["logits"] ** 2).sum() / 4).item(), rel=1e-6
+    )
+
+
+def test_a_shallow_copy_of_a_layer_is_refused_not_counted_in_the_original():
+    """copy.copy (as nn.DataParallel's replicas are made) shares the layer's hooks: its calls
+    would land in the original's penalty. A clear error instead of a wrong number."""
+    layer = rc.nn.Linear(3, 3, activity_regularizer=rc.l2(C))
+    twin = copy.copy(layer)
+    with pytest.raises(RuntimeError, match=r"copy of .*DistributedDataParallel"):
+        twin(torch.randn(2, 3))
