@@ -8,13 +8,12 @@ Examples:
     torch.Size([])
 """
 
-import sys as _sys
-import types as _types
-
 from . import compat, integrations, nn, regularizers, schedules
 from ._attach import add_activity_regularizer, add_regularizer, regularize
 from ._checks import RegcollectWarning
-from ._collection import Collection
+from ._collection.collection import Collection
+from ._collection.entries import Entry
+from ._collection.handle import Handle
 from ._context import (
     assert_finite,
     attach_optimizer,
@@ -26,8 +25,6 @@ from ._context import (
     scope,
     summary,
 )
-from ._entries import Entry
-from ._handle import Handle
 from ._persist import export_plan, load_plan
 from .regularizers import (
     L1,
@@ -50,29 +47,6 @@ from .regularizers import (
 )
 
 __version__ = "0.1.0"
-
-# Checkpoints pickled before the internal modules became private, or before each penalty had
-# its own module, name the regularizer classes and the collection by their old module paths
-# (regcollect.penalties.L2, regcollect._beyond.L2SP, ...): those paths still resolve for
-# unpickling, without becoming attributes of the package (where rc.penalties and rc.summary
-# are the functions).
-_sys.modules[f"{__name__}._penalties"].__dict__.update({"L1": L1, "L2": L2, "L1L2": L1L2})
-for _old, _parts in (
-    ("penalties", ("_penalties", "_l1l2", "_orthogonal")),
-    ("beyond", ("_l2sp", "_group_lasso")),
-    ("_beyond", ("_l2sp", "_group_lasso")),
-    ("collection", ("_collection",)),
-    ("entries", ("_entries",)),
-    ("handle", ("_handle",)),
-):
-    _legacy = _types.ModuleType(f"{__name__}.{_old}")
-    for _part in _parts:
-        _legacy.__dict__.update(
-            {k: v for k, v in vars(_sys.modules[f"{__name__}.{_part}"]).items() if k[:2] != "__"}
-        )
-    _sys.modules.setdefault(_legacy.__name__, _legacy)
-del _old, _parts, _part, _legacy
-
 
 __all__ = [
     "Collection",

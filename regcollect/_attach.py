@@ -7,13 +7,14 @@ from collections.abc import Mapping
 
 import torch
 
-from . import _fsdp1, _naming
+from . import _naming
 from ._checks import check_module
-from ._collection import Collection
+from ._collection.collection import Collection
+from ._collection.handle import Handle
 from ._context import active_collection, current_prefix
-from ._handle import Handle
-from ._held import real_shape
-from ._l2sp import check_reference_shape, reference_name
+from ._distributed import fsdp1 as _fsdp1
+from ._distributed.held import real_shape
+from ._penalties.l2sp import check_reference_shape, reference_name
 from .regularizers import L2SP, Regularizer
 from .regularizers import get as get_regularizer
 

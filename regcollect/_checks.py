@@ -76,3 +76,7 @@ def check_scope(scope: object) -> str | tuple[torch.nn.Module, ...] | None:
         "scope must be a regular expression string, an nn.Module or a list of nn.Modules, "
         f"got {type(scope).__name__} {scope!r}"
     )
+
+
+# The public path (regcollect.RegcollectWarning), which pickles and reprs record.
+RegcollectWarning.__module__ = "regcollect"

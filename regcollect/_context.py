@@ -14,10 +14,10 @@ from typing import IO
 import torch
 
 from ._checks import ScopeArg
-from ._collection import Collection, default_collection
-from ._handle import Handle
-from ._optim import OptimizerAttachment
-from ._optimizers import stepped
+from ._collection.collection import Collection, default_collection
+from ._collection.handle import Handle
+from ._optim.attach import OptimizerAttachment
+from ._optim.wrappers import stepped
 from ._state import SCOPES
 from ._torch_compat import is_compiling
 from .regularizers import Regularizer

@@ -26,10 +26,10 @@ import torch
 
 from . import _naming
 from ._checks import check_module, shown
-from ._collection import Collection
+from ._collection.collection import Collection
+from ._collection.entries import ACTIVITY, WEIGHT
+from ._collection.handle import Handle
 from ._context import active_collection
-from ._entries import ACTIVITY, WEIGHT
-from ._handle import Handle
 from .regularizers import deserialize, serialize
 
 __all__ = ["export_plan", "load_plan"]

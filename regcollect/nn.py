@@ -21,10 +21,11 @@ from typing import Any, ClassVar
 
 import torch
 
-from ._activity import drop_inert_hooks
-from ._collection import Collection
+from ._collection.activity import drop_inert_hooks
+from ._collection.activity import inert_hook_factory as _inert_hook  # noqa: F401 (pickles)
+from ._collection.collection import Collection
+from ._collection.registry import parametrized_tensors
 from ._context import active_collection, current_prefix, scope_default
-from ._registry import parametrized_tensors
 from .regularizers import Regularizer
 from .regularizers import get as get_regularizer
 

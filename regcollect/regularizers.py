@@ -22,12 +22,13 @@ from typing import Any, TypeVar
 import torch
 
 from ._checks import shown
-from ._coefficients import serialize_schedule
-from ._group_lasso import GroupLasso, group_lasso
-from ._l1l2 import L1, L1L2, L2
-from ._l2sp import L2SP, l2sp
-from ._orthogonal import Orthogonal, OrthogonalRegularizer
-from ._penalties import Custom, Regularizer, accumulation_dtype, check_coefficient
+from ._penalties import l2sp as _l2sp_module
+from ._penalties.base import Custom, Regularizer, accumulation_dtype, check_coefficient
+from ._penalties.coefficients import serialize_schedule
+from ._penalties.group_lasso import GroupLasso, group_lasso
+from ._penalties.l1l2 import L1, L1L2, L2
+from ._penalties.l2sp import L2SP, l2sp
+from ._penalties.orthogonal import Orthogonal, OrthogonalRegularizer
 from ._state import REGULARIZER_CLASSES
 from .schedules import Schedule
 
@@ -54,6 +55,16 @@ __all__ = [
     "deserialize",
     "register",
 ]
+
+
+# Where pickles of a model regularized with L2-SP find its load hook.
+_l2sp_reference_load_hook = _l2sp_module.reference_load_hook
+
+# The classes carry this module's path (regcollect.regularizers.L2), which pickles record,
+# rather than the private one they are defined in.
+for _cls in (Regularizer, L1, L2, L1L2, Orthogonal, Custom, GroupLasso, L2SP):
+    _cls.__module__ = __name__
+del _cls
 
 
 def l1(l1: float = 0.01) -> L1:

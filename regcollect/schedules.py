@@ -336,7 +336,7 @@ def resume(optimizer: Any) -> None:
         >>> schedule.step
         3
     """
-    from ._following import resume as _resume
+    from ._optim.following import resume as _resume
 
     _resume(optimizer)
 

@@ -23,7 +23,7 @@ def fresh_default_collection():
 @pytest.fixture
 def plan_builds(monkeypatch):
     """The plans loss() builds, in order: a plan reused between steps is not built again."""
-    import regcollect._plans as plans
+    import regcollect._collection.plans as plans
 
     built = []
     original = plans.Plan

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import regcollect as rc
-from regcollect._engine import Plan
+from regcollect._engine.plan import Plan
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 import regcollect as rc
-from regcollect._engine import Plan
-from regcollect._kernels import group_penalty
+from regcollect._engine.plan import Plan
+from regcollect._penalties.kernels import group_penalty
 from regcollect._torch_compat import COMPILED_LOSS_WITHOUT_GRAPH_BREAKS
 
 # torch.compile of a step with loss() has no graph break from torch 2.13 on; on older versions
@@ -452,18 +452,18 @@ def test_compiled_loss_runs_eagerly_for_parameters_an_engine_holds_in_parts(monk
     its gradient to the engine; traced, it was this rank's part alone (FSDP1), or nothing
     (flat parameters). The compiled loss() runs the eager one for them (tests/distributed
     checks the weights under FSDP1 compiled)."""
-    import regcollect._plans
+    import regcollect._collection.plans
 
     coll = rc.Collection()
     layer = rc.nn.Linear(4, 4, kernel_regularizer=rc.l2(0.1), collection=coll)
     prepared = []
-    real = regcollect._plans.prepare_partitioned
+    real = regcollect._collection.plans.prepare_partitioned
 
     def recording(entries, tensors):
         prepared.append(len(entries))
         return real(entries, tensors)
 
-    monkeypatch.setattr(regcollect._plans, "prepare_partitioned", recording)
+    monkeypatch.setattr(regcollect._collection.plans, "prepare_partitioned", recording)
     compiled = torch.compile(lambda: coll.loss(), backend="eager")
     want = 0.1 * (layer.weight.detach() ** 2).sum()
     assert compiled().item() == pytest.approx(want.item(), rel=1e-6)

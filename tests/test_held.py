@@ -1,5 +1,5 @@
 """The hand-off of a penalty's gradient to an engine that holds parameters in parts
-(``regcollect._held``), in one process: an engine of one rank whose "reduction" is the
+(``regcollect._distributed.held``), in one process: an engine of one rank whose "reduction" is the
 parameter's own gradient accumulation. tests/distributed runs the real engines (FSDP1 with
 flat parameters, DeepSpeed ZeRO-3) on 2 ranks."""
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from regcollect._held import Held, Part
+from regcollect._distributed.held import Held, Part
 
 
 class OneRank(Held):

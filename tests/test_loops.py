@@ -724,7 +724,7 @@ _FORK_SCRIPT = r"""
 import sys, threading
 import torch
 import regcollect as rc
-from regcollect import _registry
+from regcollect._collection import registry as _registry
 
 where = sys.argv[1]
 inside, release = threading.Event(), threading.Event()

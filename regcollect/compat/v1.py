@@ -21,7 +21,7 @@ import torch
 
 from .. import _context
 from .._context import active_collection, current_prefix, defaults_scope
-from .._penalties import Coefficient, Term
+from .._penalties.base import Coefficient, Term
 from ..regularizers import L1, L1L2, L2, Regularizer, check_coefficient, register, serialize
 from ..regularizers import get as get_regularizer
 from ..schedules import Schedule

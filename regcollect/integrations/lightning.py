@@ -23,7 +23,7 @@ require("lightning", "lightning", __name__)
 
 import lightning.pytorch as pl  # noqa: E402
 
-from .._collection import Collection  # noqa: E402
+from .._collection.collection import Collection  # noqa: E402
 from .._context import active_collection  # noqa: E402
 from ..schedules import resume as resume_schedules  # noqa: E402
 

@@ -23,9 +23,9 @@ from . import require
 
 require("tensorboard", "tensorboard", __name__)
 
-from .._collection import Collection  # noqa: E402
+from .._collection.collection import Collection  # noqa: E402
+from .._collection.entries import WEIGHT  # noqa: E402
 from .._context import active_collection  # noqa: E402
-from .._entries import WEIGHT  # noqa: E402
 
 __all__ = ["log_penalties"]
 

@@ -34,9 +34,9 @@ import transformers  # noqa: E402
 
 from .._attach import add_regularizer  # noqa: E402
 from .._checks import check_module  # noqa: E402
-from .._collection import Collection  # noqa: E402
+from .._collection.collection import Collection  # noqa: E402
+from .._collection.handle import Handle  # noqa: E402
 from .._context import active_collection, attach_optimizer  # noqa: E402
-from .._handle import Handle  # noqa: E402
 from ..schedules import resume as resume_schedules  # noqa: E402
 
 __all__ = ["RegularizationMixin", "RegularizedTrainer", "decay_parameter_names", "regularize"]

@@ -29,8 +29,8 @@ from torch.distributed.tensor.debug import CommDebugMode
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import regcollect as rc
-import regcollect._engine
-import regcollect._plans
+import regcollect._collection.plans
+import regcollect._engine.plan
 
 STEPS, BATCH, LR = 4, 8, 0.1
 Wrap = Callable[[torch.nn.Module], torch.nn.Module]
@@ -157,13 +157,13 @@ def compare(
     (every group stacks, however few its tensors); the reference keeps the foreach path.
     ``compiled``: ``coll.loss`` under ``torch.compile`` in the wrapped model's training.
     """
-    default_min = regcollect._engine._STACK_MIN
+    default_min = regcollect._engine.plan._STACK_MIN
     try:
         if stacked:
-            regcollect._engine._STACK_MIN = 1
+            regcollect._engine.plan._STACK_MIN = 1
         return _compare(wrap, regularize, in_forward, compiled, build_kwargs)
     finally:
-        regcollect._engine._STACK_MIN = default_min
+        regcollect._engine.plan._STACK_MIN = default_min
 
 
 def _compare(
@@ -173,7 +173,7 @@ def _compare(
     x, y = data()
     rules = {"kernel": rc.l2(0.05), "bias": rc.l1(0.01)}
 
-    stack_min, regcollect._engine._STACK_MIN = regcollect._engine._STACK_MIN, sys.maxsize
+    stack_min, regcollect._engine.plan._STACK_MIN = regcollect._engine.plan._STACK_MIN, sys.maxsize
     ref_coll = rc.Collection()
     ref = build(None if regularize else ref_coll, **build_kwargs)
     if regularize:
@@ -181,7 +181,7 @@ def _compare(
     initial = full_state(ref)
     ref_seen = train(ref, ref_coll, x, y)
     ref_pen = ref_coll.penalties()
-    regcollect._engine._STACK_MIN = stack_min
+    regcollect._engine.plan._STACK_MIN = stack_min
 
     coll = rc.Collection()
     model = build(None if regularize else coll, **build_kwargs)
@@ -190,18 +190,18 @@ def _compare(
         rc.regularize(model, collection=coll, **rules)
     half = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
     used: list[Any] = []
-    original = regcollect._plans.Plan
+    original = regcollect._collection.plans.Plan
 
     class Recording(original):  # type: ignore[misc, valid-type]
         def __call__(self) -> Any:
             used.append(self)
             return super().__call__()
 
-    regcollect._plans.Plan = Recording
+    regcollect._collection.plans.Plan = Recording
     try:
         seen = train(model, coll, x[half], y[half], compiled)
     finally:
-        regcollect._plans.Plan = original
+        regcollect._collection.plans.Plan = original
     # The plan the last loss() used, right after a forward pass.
     stacked_groups = sum(g.stacked for g in used[-1].groups) if used else 0
     # PenaltyInForward adds "model." to the names; nothing else may change them.
@@ -384,7 +384,7 @@ def replicated_beside_plain() -> dict[str, Any]:
     """A replicated DTensor and a plain tensor with the same kind, coefficient and dtype."""
     from torch.distributed.tensor import Replicate, distribute_tensor
 
-    from regcollect._engine import Plan
+    from regcollect._engine.plan import Plan
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     torch.manual_seed(0)

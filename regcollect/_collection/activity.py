@@ -44,12 +44,12 @@ from typing import Any, Protocol
 
 import torch
 
-from . import _naming
-from ._entries import Entry
-from ._torch_compat import in_backward, is_compiling, is_tracing
-from .regularizers import Regularizer, accumulation_dtype
+from .. import _naming
+from .._torch_compat import in_backward, is_compiling, is_tracing
+from ..regularizers import Regularizer, accumulation_dtype
+from .entries import Entry
 
-__all__ = ["Activity", "activity_penalty", "drop_inert_hooks", "inert_hook"]
+__all__ = ["Activity", "activity_penalty", "drop_inert_hooks", "inert_hook", "inert_hook_factory"]
 
 
 def _watched_output(module: torch.nn.Module, output: Any) -> tuple[torch.Tensor, int]:
@@ -218,7 +218,7 @@ class _Hook:
         self.mark = mark
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_inert_hook_factory, ())
+        return (inert_hook_factory, ())
 
 
 class _Enter(_Hook):
@@ -307,8 +307,13 @@ def inert_hook(*args: Any) -> None:
     """What a regcollect hook becomes in a pickled or copied model: nothing."""
 
 
-def _inert_hook_factory() -> Any:
+def inert_hook_factory() -> Any:
+    """What unpickling a regcollect hook gives: the no-op."""
     return inert_hook
+
+
+# Pickles record this function by its public home (regcollect.nn binds it), not this module.
+inert_hook_factory.__module__, inert_hook_factory.__qualname__ = "regcollect.nn", "_inert_hook"
 
 
 def drop_inert_hooks(module: torch.nn.Module) -> None:

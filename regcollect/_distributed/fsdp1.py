@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from . import _naming
+from .. import _naming
 
 __all__ = ["inside_fsdp1", "is_fsdp1", "owner", "real_shape"]
 

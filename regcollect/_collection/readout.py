@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from ._entries import Entry
-from ._torch_compat import is_compiling
+from .._torch_compat import is_compiling
+from .entries import Entry
 
 __all__ = ["Last", "Readout", "Row", "as_dict", "check_finite", "to_host"]
 

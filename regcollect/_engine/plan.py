@@ -26,10 +26,8 @@ from typing import Any
 
 import torch
 
-from ._kernels import group_penalty, group_value
-from ._penalties import Coefficient, Regularizer, Term, accumulation_dtype, scale
-from ._routed import ROUTE, routed
-from ._sharding import (
+from .._distributed.ddp import ROUTE, routed
+from .._distributed.sharding import (
     HELD_PART,
     SHARD_OVER,
     ContiguousGrad,
@@ -40,6 +38,8 @@ from ._sharding import (
     parts_message,
     shard_reduction,
 )
+from .._penalties.base import Coefficient, Regularizer, Term, accumulation_dtype, scale
+from .._penalties.kernels import group_penalty, group_value
 
 __all__ = ["Plan", "Result", "group_penalty", "powers", "steppable"]
 

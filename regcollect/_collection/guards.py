@@ -10,9 +10,9 @@ from typing import Any, Protocol
 
 import torch
 
-from . import _naming
-from ._checks import RegcollectWarning
-from ._entries import Entry, current_tensors
+from .. import _naming
+from .._checks import RegcollectWarning
+from .entries import Entry, current_tensors
 
 __all__ = [
     "forgotten_loss_check",

@@ -38,9 +38,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from . import _fsdp1
-from ._sharding import GroupAxis
-from ._state import STASHED
+from .._state import STASHED
+from . import fsdp1 as _fsdp1
+from .sharding import GroupAxis
 
 __all__ = [
     "Held",

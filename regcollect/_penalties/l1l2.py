@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ._penalties import (
+from .base import (
     Coefficient,
     Regularizer,
     Term,
@@ -24,7 +24,7 @@ from ._penalties import (
     scale,
     zero_like,
 )
-from ._step import Scalar, add_coupled_, by_device_and_dtype, chunks, on_device, scaled
+from .step import Scalar, add_coupled_, by_device_and_dtype, chunks, on_device, scaled
 
 __all__ = ["L1", "L1L2", "L1_TERM", "L2", "L2_TERM"]
 

@@ -23,19 +23,19 @@ from typing import IO, Any
 
 import torch
 
-from . import _naming
-from ._checks import RegcollectWarning, ScopeArg, check_scope
-from ._engine import Plan
-from ._entries import ACTIVITY, Entry
-from ._guards import forgotten_loss_check, model_groups, warn_meta, warn_models
-from ._optim import OptimizerAttachment, held_by
-from ._plans import CachedPlan, PlanCache, applied, scope_key, with_records
-from ._readout import Last, Readout, Row, as_dict, check_finite
-from ._registry import Registry
-from ._state import COLLECTIONS, OPTIMIZER_STEP
-from ._summary import check_tablefmt, render, table_extra
-from ._torch_compat import is_compiling
-from ._traced import traced_loss
+from .. import _naming
+from .._checks import RegcollectWarning, ScopeArg, check_scope
+from .._engine.plan import Plan
+from .._optim.attach import OptimizerAttachment, held_by
+from .._state import COLLECTIONS, OPTIMIZER_STEP
+from .._torch_compat import is_compiling
+from .entries import ACTIVITY, Entry
+from .guards import forgotten_loss_check, model_groups, warn_meta, warn_models
+from .plans import CachedPlan, PlanCache, applied, scope_key, with_records
+from .readout import Last, Readout, Row, as_dict, check_finite
+from .registry import Registry
+from .summary import check_tablefmt, render, table_extra
+from .traced import traced_loss
 
 __all__ = ["Collection", "default_collection"]
 
@@ -167,7 +167,11 @@ class Collection:
         return self
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_restore_collection, (self.uid, self is COLLECTIONS.default))
+        return (Collection._unpickle, (self.uid, self is COLLECTIONS.default))
+
+    @staticmethod
+    def _unpickle(uid: str, was_default: bool) -> Collection:
+        return _restore_collection(uid, was_default)
 
     def __repr__(self) -> str:
         return f"<regcollect.Collection with {len(self)} entries>"
@@ -383,3 +387,7 @@ def default_collection() -> Collection:
 
 
 COLLECTIONS.default = Collection()
+
+
+# The public path (regcollect.Collection), which pickles record, not this private module's.
+Collection.__module__ = Collection._unpickle.__module__ = "regcollect"

@@ -27,12 +27,12 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from . import _naming
-from ._entries import WEIGHT, Entry
-from ._fsdp1 import inside_fsdp1, owner
-from ._held import Part, flat_shard, is_zero3_partition, zero3_partition
-from ._routed import ROUTE
-from ._sharding import HELD_PART, SHARD_OVER, GroupAxis
+from .. import _naming
+from .._distributed.ddp import ROUTE
+from .._distributed.fsdp1 import inside_fsdp1, owner
+from .._distributed.held import Part, flat_shard, is_zero3_partition, zero3_partition
+from .._distributed.sharding import HELD_PART, SHARD_OVER, GroupAxis
+from .entries import WEIGHT, Entry
 
 __all__ = ["prepare"]
 

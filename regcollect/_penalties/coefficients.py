@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from ._checks import shown
-from .schedules import (
+from .._checks import shown
+from ..schedules import (
     CosineSchedule,
     FunctionSchedule,
     LinearSchedule,

@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from . import _naming
-from ._held import real_shape
-from .regularizers import Regularizer
+from .. import _naming
+from .._distributed.held import real_shape
+from ..regularizers import Regularizer
 
 __all__ = ["ACTIVITY", "TENSOR", "WEIGHT", "Entry", "current_tensors", "unique_names"]
 
@@ -246,3 +246,7 @@ def current_tensors(locators: list[tuple[Any, str | None]]) -> list[torch.Tensor
         (m._parameters.get(n) if (m := ref()) is not None else None) if n is not None else ref()
         for ref, n in locators
     ]
+
+
+# The public path (regcollect.Entry), which pickles and reprs record, not this private module's.
+Entry.__module__ = "regcollect"

@@ -30,11 +30,11 @@ from typing import Any, Protocol
 
 import torch
 
-from ._checks import RegcollectWarning
-from ._engine import steppable
-from ._entries import WEIGHT, Entry
-from ._optimizers import groups_key, skip_flag
-from ._penalties import Coefficient, Term
+from .._checks import RegcollectWarning
+from .._collection.entries import WEIGHT, Entry
+from .._engine.plan import steppable
+from .._penalties.base import Coefficient, Term
+from .wrappers import groups_key, skip_flag
 
 __all__ = ["OptimizerAttachment", "held_by"]
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from ._penalties import accumulation_dtype
-from ._torch_compat import is_compiling
+from .._torch_compat import is_compiling
+from .base import accumulation_dtype
 
 __all__ = ["difference_penalty", "group_forward", "group_penalty", "group_value"]
 

@@ -17,15 +17,17 @@ from typing import Any
 
 import torch
 
-from . import _following, _fsdp1, _naming
-from ._activity import Activity
-from ._checks import ScopeArg, check_module, check_scope
-from ._engine import powers
-from ._entries import ACTIVITY, TENSOR, WEIGHT, Entry, tied_name, unique_names
-from ._handle import Handle
-from ._held import holding_engine
-from ._sharding import parts_message
-from .regularizers import Regularizer
+from .. import _naming
+from .._checks import ScopeArg, check_module, check_scope
+from .._distributed import fsdp1 as _fsdp1
+from .._distributed.held import holding_engine
+from .._distributed.sharding import parts_message
+from .._engine.plan import powers
+from .._optim import following as _following
+from ..regularizers import Regularizer
+from .activity import Activity
+from .entries import ACTIVITY, TENSOR, WEIGHT, Entry, tied_name, unique_names
+from .handle import Handle
 
 __all__ = ["Registry", "parametrized_tensors"]
 

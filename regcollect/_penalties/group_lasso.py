@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ._penalties import (
+from .base import (
     Coefficient,
     Regularizer,
     Term,
@@ -26,7 +26,7 @@ from ._penalties import (
     scale,
     zero_like,
 )
-from ._step import Scalar, scaled
+from .step import Scalar, scaled
 
 __all__ = ["GroupLasso", "group_lasso", "group_norms"]
 

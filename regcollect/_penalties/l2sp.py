@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from ._kernels import difference_penalty
-from ._penalties import (
+from .._distributed.sharding import is_plain
+from .base import (
     Coefficient,
     Regularizer,
     Term,
@@ -37,8 +37,8 @@ from ._penalties import (
     coefficient,
     scale,
 )
-from ._sharding import is_plain
-from ._step import Scalar, add_coupled_, by_device_and_dtype, chunks, scaled
+from .kernels import difference_penalty
+from .step import Scalar, add_coupled_, by_device_and_dtype, chunks, scaled
 
 __all__ = [
     "L2SP",
@@ -95,7 +95,7 @@ def _full(x: torch.Tensor) -> torch.Tensor:
     return full() if callable(full) else x
 
 
-def _load_reference(
+def reference_load_hook(
     module: torch.nn.Module,
     state_dict: dict[str, Any],
     prefix: str,
@@ -116,11 +116,17 @@ def _load_reference(
                 state_dict[prefix + buffer] = state_dict[prefix + param].detach().clone()
 
 
+# A model pickled whole records its load hooks: by their public home (regcollect.regularizers
+# binds this one), not this module.
+reference_load_hook.__module__ = "regcollect.regularizers"
+reference_load_hook.__qualname__ = "_l2sp_reference_load_hook"
+
+
 def _install_load_hook(module: torch.nn.Module) -> None:
     for hook in module._load_state_dict_pre_hooks.values():
-        if getattr(hook, "hook", None) is _load_reference:
+        if getattr(hook, "hook", None) is reference_load_hook:
             return
-    module.register_load_state_dict_pre_hook(_load_reference)
+    module.register_load_state_dict_pre_hook(reference_load_hook)
 
 
 class L2SP(Regularizer):

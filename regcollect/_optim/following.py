@@ -36,10 +36,10 @@ from typing import Any
 
 import torch
 
-from ._checks import RegcollectWarning
-from ._optimizers import groups_key, skip_flag
-from ._state import FOLLOWING, OPTIMIZER_STEP, OPTIMIZER_STEP_PRE
-from .schedules import Schedule
+from .._checks import RegcollectWarning
+from .._state import FOLLOWING, OPTIMIZER_STEP, OPTIMIZER_STEP_PRE
+from ..schedules import Schedule
+from .wrappers import groups_key, skip_flag
 
 __all__ = ["STATE_KEY", "changed", "follow", "resume"]
 
@@ -268,7 +268,7 @@ def _meet(optimizer: torch.optim.Optimizer, at_step: bool) -> None:
 
 def resume(optimizer: Any) -> None:
     """See ``regcollect.schedules.resume``."""
-    from ._optimizers import stepped
+    from .wrappers import stepped
 
     inner = stepped(optimizer)
     OPTIMIZER_STEP_PRE.add(_before_step)

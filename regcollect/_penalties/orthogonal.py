@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from ._coefficients import Coefficient, coefficient, scale
-from ._penalties import Regularizer, accumulation_dtype, check_tensor, zero_like
+from .base import Regularizer, accumulation_dtype, check_tensor, zero_like
+from .coefficients import Coefficient, coefficient, scale
 
 __all__ = ["Orthogonal", "OrthogonalRegularizer", "Rearranged", "output_filters"]
 

@@ -13,8 +13,8 @@ from typing import IO, Any
 import torch
 from tabulate import tabulate, tabulate_formats
 
-from ._entries import ACTIVITY, Entry
-from ._readout import Row
+from .entries import ACTIVITY, Entry
+from .readout import Row
 
 __all__ = ["SummaryText", "render", "table_extra"]
 

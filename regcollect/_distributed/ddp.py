@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ._torch_compat import in_backward
+from .._torch_compat import in_backward
 
 __all__ = ["ROUTE", "joined", "routed"]
 

@@ -31,8 +31,8 @@ from typing import Any
 
 import torch
 
-from ._coefficients import Coefficient, check_coefficient, coefficient, scale
-from .schedules import Schedule
+from ..schedules import Schedule
+from .coefficients import Coefficient, check_coefficient, coefficient, scale
 
 __all__ = [
     "Coefficient",

@@ -6,7 +6,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from ._entries import Entry
+from .entries import Entry
 
 __all__ = ["Handle"]
 
@@ -101,3 +101,7 @@ def _forget(entries: list[Entry]) -> None:
         entry._handles -= 1
         if entry._handles == 0 and not entry._retired:
             entry._replaced = []
+
+
+# The public path (regcollect.Handle), which pickles and reprs record, not this private module's.
+Handle.__module__ = "regcollect"

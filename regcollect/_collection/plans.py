@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 
-from ._engine import Plan
-from ._entries import ACTIVITY, TENSOR, Entry, current_tensors, tied_name
-from ._partitioned import prepare as prepare_partitioned
-from ._penalties import Regularizer
+from .._engine.plan import Plan
+from .._penalties.base import Regularizer
+from .entries import ACTIVITY, TENSOR, Entry, current_tensors, tied_name
+from .partitioned import prepare as prepare_partitioned
 
 __all__ = [
     "CachedPlan",

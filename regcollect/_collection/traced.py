@@ -10,14 +10,14 @@ from typing import Any
 
 import torch
 
-from ._checks import ScopeArg, check_scope
-from ._engine import Plan
-from ._entries import ACTIVITY, WEIGHT
-from ._held import holding_engine
-from ._optim import held_by
-from ._plans import applied, choose, mark_constant, scope_key, traced_tensors, with_records
-from ._readout import Last
-from ._torch_compat import CONSTANT_FUNCTIONS_TAKE_OBJECTS
+from .._checks import ScopeArg, check_scope
+from .._distributed.held import holding_engine
+from .._engine.plan import Plan
+from .._optim.attach import held_by
+from .._torch_compat import CONSTANT_FUNCTIONS_TAKE_OBJECTS
+from .entries import ACTIVITY, WEIGHT
+from .plans import applied, choose, mark_constant, scope_key, traced_tensors, with_records
+from .readout import Last
 
 __all__ = ["traced_loss"]
 

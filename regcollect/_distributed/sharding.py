@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
-from ._torch_compat import is_compiling
+from .._torch_compat import is_compiling
 
 __all__ = [
     "PLAIN",

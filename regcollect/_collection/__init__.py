@@ -1,0 +1,1 @@
+"""The collection: entries, their registration, activity penalties, evaluation."""

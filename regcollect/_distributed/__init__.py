@@ -1,0 +1,1 @@
+"""Distributed engines: how sharded and partitioned parameters are completed."""

@@ -1,0 +1,1 @@
+"""The engine: plans that compute many penalties at once."""

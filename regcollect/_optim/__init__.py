@@ -1,0 +1,1 @@
+"""The optimizer side: penalties applied in the step, wrappers, schedules' clock."""
