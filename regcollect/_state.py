@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextvars
 import itertools
-import os
 import threading
 import weakref
 from collections import defaultdict
@@ -35,6 +34,8 @@ from torch.optim.optimizer import (
     register_optimizer_step_post_hook,
     register_optimizer_step_pre_hook,
 )
+
+from . import _locks
 
 __all__ = [
     "COLLECTIONS",
@@ -59,7 +60,7 @@ class GlobalHook:
         self._register = register
         self._functions: list[Callable[..., None]] = []
         self._handle: Any = None
-        self._lock = threading.Lock()
+        self._lock = _locks.Lock()
 
     @property
     def installed(self) -> bool:
@@ -88,10 +89,6 @@ class GlobalHook:
         for fn in list(self._functions):
             fn(*args)
 
-    def after_fork(self) -> None:
-        """In a forked child: a new lock."""
-        self._lock = threading.Lock()
-
 
 OPTIMIZER_STEP = GlobalHook(register_optimizer_step_post_hook)
 OPTIMIZER_STEP_PRE = GlobalHook(register_optimizer_step_pre_hook)
@@ -109,7 +106,7 @@ def remove_hooks() -> None:
 class _Naming:
     """Parent links (weak: a record never keeps a module alive) and automatic names."""
 
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    lock: Any = field(default_factory=_locks.Lock)
     parents: weakref.WeakKeyDictionary[torch.nn.Module, list[tuple[Any, str]]] = field(
         default_factory=weakref.WeakKeyDictionary
     )
@@ -164,21 +161,3 @@ REGULARIZER_CLASSES: dict[str, Any] = {}
 # Parameters held in parts across ranks whose penalty gradient waits, in the backward pass
 # under way, for the engine to take it (regcollect._held).
 STASHED: list[Any] = []
-
-
-def _after_fork_in_child() -> None:
-    """In a process just forked (a DataLoader worker), every lock regcollect holds is new: one
-    that another thread of the parent held at the fork (inside ``rc.loss()`` or a registration)
-    would stay held forever in the child, whose only thread is the one that forked."""
-    NAMING.lock = threading.Lock()
-    for hook in (OPTIMIZER_STEP, OPTIMIZER_STEP_PRE, MODULE_REGISTRATION):
-        hook.after_fork()
-    for collection in list(COLLECTIONS.live):
-        collection._after_fork()
-    for schedule in list(FOLLOWING.users):
-        schedule._after_fork()
-    FOLLOWING.steps = threading.local()
-
-
-if hasattr(os, "register_at_fork"):  # POSIX
-    os.register_at_fork(after_in_child=_after_fork_in_child)

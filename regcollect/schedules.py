@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import math
 import numbers
-import threading
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from . import _locks
 from ._checks import shown
 
 __all__ = [
@@ -94,7 +94,7 @@ class Schedule:
     def __init__(self) -> None:
         self._step = 0
         self._tensors: dict[torch.device, torch.Tensor] = {}
-        self._lock = threading.Lock()
+        self._lock = _locks.Lock()
 
     def value(self, step: int) -> float:
         """The coefficient at ``step``.
@@ -204,11 +204,6 @@ class Schedule:
             args = ""
         return f"{type(self).__name__}({args}) [step {self._step}: {self.value(self._step):.4g}]"
 
-    def _after_fork(self) -> None:
-        """In a forked child (a DataLoader worker): a new lock, which another thread of the
-        parent may have held at the fork."""
-        self._lock = threading.Lock()
-
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_tensors"], state["_lock"] = {}, None
@@ -217,7 +212,7 @@ class Schedule:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._lock = threading.Lock()
+        self._lock = _locks.Lock()
 
 
 class _Ramp(Schedule):

@@ -35,7 +35,6 @@ pickles and deep-copies to a no-op, so a copied model carries no reference to a 
 from __future__ import annotations
 
 import sys
-import threading
 import types
 import weakref
 from collections.abc import Iterable, Mapping
@@ -44,7 +43,7 @@ from typing import Any, Protocol
 
 import torch
 
-from .. import _naming
+from .. import _locks, _naming
 from .._torch_compat import in_backward, is_compiling, is_tracing
 from ..regularizers import Regularizer, accumulation_dtype
 from .entries import Entry
@@ -347,7 +346,7 @@ class Activity:
 
     def __init__(self, describer: Describer) -> None:
         self._describer = weakref.ref(describer)
-        self._lock = threading.RLock()
+        self._lock = _locks.RLock()
         self._slots: dict[Entry, _Slot] = {}
         # Registration order, as a tuple: what a compiled loss() reads.
         self.ordered: tuple[_Slot, ...] = ()
@@ -358,10 +357,6 @@ class Activity:
 
     def __len__(self) -> int:
         return len(self._slots)
-
-    def after_fork(self) -> None:
-        """In a forked child: a new lock."""
-        self._lock = threading.RLock()
 
     def describe(self, entry: Entry) -> str:
         describer = self._describer()

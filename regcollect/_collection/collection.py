@@ -153,11 +153,6 @@ class Collection:
             self._attachments = [a for a in self._attachments if a.optimizer() is not None]
         return keys
 
-    def _after_fork(self) -> None:
-        """In a forked child: new locks (see ``regcollect._state``)."""
-        self._registry.after_fork()
-        self._readout.after_fork()
-
     # Collections are registries, not data: copying a model must not copy its collection, and
     # unpickling in the same process finds the same one (see _restore_collection).
     def __deepcopy__(self, memo: dict[int, Any]) -> Collection:

@@ -9,13 +9,13 @@ a row shows the most recent value any view computed for its entry.
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from .. import _locks
 from .._torch_compat import is_compiling
 from .entries import Entry
 
@@ -50,14 +50,10 @@ class Readout:
 
     def __init__(self, size: int = 64) -> None:
         self.size = size
-        self._lock = threading.Lock()
+        self._lock = _locks.Lock()
         self._lasts: dict[Any, Last] = {}
         # The latest view a compiled step stored, folded into _lasts by the next eager call.
         self._traced: tuple[Any, Last] | None = None
-
-    def after_fork(self) -> None:
-        """In a forked child: a new lock."""
-        self._lock = threading.Lock()
 
     def store(self, key: Any, last: Last) -> None:
         if is_compiling():

@@ -10,14 +10,13 @@ module's entries are dropped at the next access. Names and scopes are resolved h
 
 from __future__ import annotations
 
-import threading
 import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from .. import _naming
+from .. import _locks, _naming
 from .._checks import ScopeArg, check_module, check_scope
 from .._distributed import fsdp1 as _fsdp1
 from .._distributed.held import holding_engine
@@ -77,7 +76,7 @@ class Registry:
     """
 
     def __init__(self, on_register: Callable[[], None]) -> None:
-        self.lock = threading.RLock()
+        self.lock = _locks.RLock()
         self._entries: dict[tuple[Any, ...], Entry] = {}
         self._by_tensor: dict[int, tuple[weakref.ref[torch.Tensor], tuple[Any, ...]]] = {}
         self.version = 0
@@ -89,11 +88,6 @@ class Registry:
         # The activity entries' penalties of the current forward pass, and their hooks.
         self.activity = Activity(self)
         self._on_register = on_register
-
-    def after_fork(self) -> None:
-        """In a forked child: new locks, the activity hooks' too."""
-        self.lock = threading.RLock()
-        self.activity.after_fork()
 
     def __len__(self) -> int:
         with self.lock:
