@@ -90,7 +90,7 @@ def add_regularizer(
     reg = _required(regularizer)
     coll = active_collection(collection)
     _naming.record_tree(module)
-    return coll._registry.add_weight(owner, local, reg, prefix=current_prefix())
+    return coll.register(owner, local, reg, prefix=current_prefix())
 
 
 def add_activity_regularizer(
@@ -125,7 +125,7 @@ def add_activity_regularizer(
     reg = _required(regularizer)
     coll = active_collection(collection)
     _naming.record_tree(module)
-    return coll._registry.add_activity(module, reg, prefix=current_prefix())
+    return coll.register_activity(module, reg, prefix=current_prefix())
 
 
 _NORM_TYPES: tuple[type, ...] = tuple(
@@ -369,14 +369,11 @@ def regularize(
             "a pretrained value (a new head) need a regularizer of their own; leave them "
             "out with exclude=[...] and give them e.g. rc.l2(...) through include=[...]"
         )
-    registry = coll._registry
-    handles = [
-        registry.add_weight(owner, local, reg, prefix=prefix) for owner, local, reg in targets
-    ]
+    handles = [coll.register(owner, local, reg, prefix=prefix) for owner, local, reg in targets]
     if activity_reg is not None:
         outputs = [model]
         if include_p is not None:
             outputs = [m for n, m in _naming.named_modules(model) if n and _matches(n, include_p)]
         for module in outputs:
-            handles.append(coll._registry.add_activity(module, activity_reg, prefix=prefix))
+            handles.append(coll.register_activity(module, activity_reg, prefix=prefix))
     return Handle.join(handles)

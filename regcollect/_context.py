@@ -16,8 +16,6 @@ import torch
 from ._checks import ScopeArg
 from ._collection.collection import Collection, default_collection
 from ._collection.handle import Handle
-from ._optim.attach import OptimizerAttachment
-from ._optim.wrappers import stepped
 from ._state import SCOPES
 from ._torch_compat import is_compiling
 from .regularizers import Regularizer
@@ -351,15 +349,4 @@ def attach_optimizer(
         False
         >>> handle.remove()
     """
-    optimizer = stepped(optimizer)
-    if not isinstance(decoupled, bool):
-        raise TypeError(f"decoupled must be True or False, got {decoupled!r}")
-    coll = active_collection(collection)
-    attachment = OptimizerAttachment(optimizer, coll, decoupled)
-    coll._attach(attachment)
-
-    def undo() -> None:
-        attachment.remove()
-        coll._detach_optimizer(attachment)
-
-    return Handle([], undo)
+    return active_collection(collection).attach_optimizer(optimizer, decoupled=decoupled)

@@ -152,9 +152,9 @@ def load_plan(
     by_path = {path: module for path, module in _module_paths(model).values()}
     checked = [_check_entry(i, raw, by_path) for i, raw in enumerate(plan["entries"])]
     handles = [
-        coll._registry.add_activity(module, reg, prefix=scope)
+        coll.register_activity(module, reg, prefix=scope)
         if param is None
-        else coll._registry.add_weight(module, param, reg, prefix=scope)
+        else coll.register(module, param, reg, prefix=scope)
         for module, param, scope, reg in checked
     ]
     return Handle.join(handles)

@@ -169,7 +169,7 @@ class RegularizedLayer(torch.nn.Module):
         if coll is None:
             return None
         for module, name in self._rc_params(argument):
-            entry = coll._registry.entry_for(module, name)
+            entry = coll.find(module, name)
             if entry is not None:
                 return entry.regularizer  # type: ignore[no-any-return]
         return None
@@ -180,16 +180,16 @@ class RegularizedLayer(torch.nn.Module):
             if reg is not None:
                 self._rc_add(module, name, reg)
             else:
-                entry = coll._registry.entry_for(module, name)
+                entry = coll.find(module, name)
                 if entry is not None:
-                    coll._registry._discard(entry)
+                    coll.unregister(entry)
 
     def _rc_add(self, module: torch.nn.Module, param: str | None, reg: Regularizer) -> None:
         coll: Collection = self._rc_collection
         if param is None:
-            coll._registry.add_activity(module, reg, prefix=self._rc_prefix)
+            coll.register_activity(module, reg, prefix=self._rc_prefix)
         else:
-            coll._registry.add_weight(module, param, reg, prefix=self._rc_prefix)
+            coll.register(module, param, reg, prefix=self._rc_prefix)
 
     def __getstate__(self) -> dict[str, Any]:
         # A copy registers what the original's collection counts on it now (nothing after
@@ -198,7 +198,7 @@ class RegularizedLayer(torch.nn.Module):
         coll: Collection | None = state.get("_rc_collection")
         if coll is not None:
             names: list[str | None] = [*self._parameters, None]
-            found = {n: coll._registry.entry_for(self, n) for n in names}
+            found = {n: coll.find(self, n) for n in names}
             state[_SNAPSHOT] = {n: e.regularizer for n, e in found.items() if e is not None}
         return state
 

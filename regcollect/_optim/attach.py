@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 import torch
 
 from .._checks import RegcollectWarning
-from .._collection.entries import WEIGHT, Entry
 from .._engine.plan import steppable
 from .._penalties.base import Coefficient, Term
 from .wrappers import groups_key, skip_flag
@@ -39,18 +38,20 @@ from .wrappers import groups_key, skip_flag
 __all__ = ["OptimizerAttachment", "held_by"]
 
 
-class Collection(Protocol):
-    """What an attachment reads of its collection (``regcollect.Collection``): the version
-    of its registry and its entries. A protocol, so that this layer sits below it."""
+class Regularized(Protocol):
+    """What an attachment reads of an entry (``regcollect.Entry``): a weight entry has a
+    module and a parameter name."""
 
     @property
-    def _version(self) -> int: ...
+    def module(self) -> torch.nn.Module | None: ...
 
-    def entries(self, scope: Any = None) -> list[Entry]: ...
+    @property
+    def param(self) -> str | None: ...
 
-    _attachments: list[OptimizerAttachment]
+    @property
+    def regularizer(self) -> Any: ...
 
-    def _attachment_key(self) -> tuple[Any, ...]: ...
+    def resolve(self) -> torch.Tensor | None: ...
 
 
 # One part the step applies to some parameters of a group: (term, coefficient, parameters,
@@ -63,11 +64,31 @@ class OptimizerAttachment:
     in ``regcollect._step``; this class only gathers what it needs, as ``torch.optim``'s
     ``_init_group`` does."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, coll: Collection, decoupled: bool):
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        entries: Callable[[], Sequence[Regularized]],
+        key: Callable[[], tuple[Any, ...] | None],
+        others: Callable[[OptimizerAttachment], set[int]],
+        owner: int,
+        decoupled: bool,
+    ):
+        """
+        Args:
+            optimizer: The optimizer whose step applies the penalties.
+            entries: The collection's entries (called when ``key`` changes).
+            key: What the penalties the step applies depend on (registrations, the
+                attached optimizers' parameter groups); None once the collection is gone.
+            others: The parameters the collection's other attachments hold.
+            owner: Names the collection in the marks left on gradients (see ``_stamp``).
+            decoupled: AdamW's decay and proximal steps, or the coupled gradient.
+        """
         if decoupled:
             _check_learning_rates(optimizer)
         self.optimizer = weakref.ref(optimizer)
-        self.collection = weakref.ref(coll)
+        self._entries, self._state_key, self._others = entries, key, others
+        self._owner = owner
         self.decoupled = decoupled
         self._key: tuple[Any, ...] | None = None
         self._groups: list[list[Part]] = []  # per param group
@@ -102,14 +123,14 @@ class OptimizerAttachment:
 
     # -- the grouping -----------------------------------------------------------------------
 
-    def _grouping(self, optimizer: torch.optim.Optimizer, coll: Collection) -> None:
-        key = (coll._version, coll._attachment_key())
+    def _grouping(self, optimizer: torch.optim.Optimizer, key: tuple[Any, ...]) -> None:
         if key == self._key:
             return
         # id(tensor) -> its parts, by the rule loss() follows too (engine.steppable).
         parts: dict[int, list[tuple[Term, Coefficient, Any]]] = {}
-        for entry in coll.entries():
-            tensor = entry.resolve() if entry.kind == WEIGHT else None
+        for entry in self._entries():
+            # Weight entries (those with a parameter): activity and bare-tensor ones have none.
+            tensor = entry.resolve() if entry.param is not None else None
             reg = entry.regularizer
             if tensor is None or not steppable(tensor, reg):
                 continue
@@ -132,7 +153,7 @@ class OptimizerAttachment:
             self._groups.append(
                 [(term, coef, ps, places) for (term, coef), (ps, places) in by_part.items()]
             )
-        others = held_by(a for a in coll._attachments if a is not self)
+        others = self._others(self)
         self._shared = self.held() & others if others else set()
         self._key = key
         if doubled and not self._warned_decay:
@@ -151,10 +172,10 @@ class OptimizerAttachment:
     def _before_step(
         self, optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-        coll = self.collection()
-        if coll is None:
+        key = self._state_key()
+        if key is None:  # the collection is gone
             return None
-        self._grouping(optimizer, coll)
+        self._grouping(optimizer, key)
         # Scheduled coefficients are read once, before the step advances them.
         self._coefs = [[float(c) for _, c, _, _ in parts] for parts in self._groups]
         # args are step()'s own: (optimizer, closure) when the closure is positional.
@@ -253,14 +274,14 @@ class OptimizerAttachment:
         return [p for p, _ in live], [where for _, where in live]
 
     def _penalized(self, grad: torch.Tensor) -> bool:
-        return getattr(grad, _STAMP, None) == (id(self.collection()), grad._version)
+        return getattr(grad, _STAMP, None) == (self._owner, grad._version)
 
     def _stamp(self, group: dict[str, Any]) -> None:
         """Mark the shared parameters' gradients as holding this collection's penalty, with
         their version counter: a backward or zero_grad() in place changes it."""
         for p in group["params"]:
             if id(p) in self._shared and p.grad is not None:
-                setattr(p.grad, _STAMP, (id(self.collection()), p.grad._version))
+                setattr(p.grad, _STAMP, (self._owner, p.grad._version))
 
 
 _STAMP = "_regcollect_penalized"

@@ -360,7 +360,7 @@ def apply_regularization(
     for i, w in enumerate(weights):
         if not isinstance(w, torch.Tensor):
             raise TypeError(f"weights_list[{i}] must be a torch.Tensor, got {type(w).__name__}")
-        collection._registry.add_tensor(w, reg, name="tensor", prefix=current_prefix())
+        collection.register_tensor(w, reg, "tensor", prefix=current_prefix())
         values.append(reg(w))
     collection.mark_consumed()  # the caller adds the returned sum to its loss
     device = values[0].device
