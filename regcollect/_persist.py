@@ -30,6 +30,7 @@ from ._collection.collection import Collection
 from ._collection.entries import ACTIVITY, WEIGHT
 from ._collection.handle import Handle
 from ._context import active_collection
+from ._penalties.kernel import kernel_of
 from .regularizers import deserialize, serialize
 
 __all__ = ["export_plan", "load_plan"]
@@ -199,7 +200,7 @@ def _check_entry(
     try:
         reg = deserialize(raw.get("regularizer"))  # type: ignore[arg-type]
         if param is not None:
-            reg._check(module._parameters[param])  # type: ignore[arg-type]
+            kernel_of(reg).check(reg, module._parameters[param])  # type: ignore[arg-type]
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"{where}['regularizer']: {exc}") from None
     return module, param, scope, reg

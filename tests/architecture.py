@@ -109,7 +109,9 @@ def scan() -> dict[str, object]:
                 target = _resolve(name, is_package, node)
                 if target is not None and package_of(target) != package_of(name):
                     for alias in node.names:
-                        if _private(alias.name):
+                        # A private module (_naming) is the package's own; a private name
+                        # from another package's module is a reach.
+                        if _private(alias.name) and f"{target}.{alias.name}" not in found:
                             reaches.append(f"{line} import {alias.name}")
             if isinstance(node, ast.Attribute) and node.attr == "modules":
                 if isinstance(node.value, ast.Name) and node.value.id in ("sys", "_sys"):

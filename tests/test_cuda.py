@@ -15,6 +15,7 @@ import torch
 
 import regcollect as rc
 from regcollect._engine.plan import Plan
+from regcollect._penalties.kernel import kernel_of
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -64,7 +65,7 @@ def reference_penalties(model, regs):
                 continue
             param = "weight" if attr == "kernel_regularizer" else "bias"
             # Keras's orthogonal modes apply to a Linear weight's transpose (Keras's layout)
-            applied = reg._bind(module, param)
+            applied = kernel_of(reg).bind(reg, module, param)
             out[f"{name}.{param}"] = applied(getattr(module, param).detach().double()).item()
     return out
 

@@ -20,6 +20,7 @@ import torch
 
 from .._engine.plan import Plan
 from .._penalties.base import Regularizer
+from .._penalties.kernel import kernel_of
 from .entries import ACTIVITY, TENSOR, Entry, current_tensors, tied_name
 from .partitioned import prepare as prepare_partitioned
 
@@ -49,7 +50,7 @@ def _flags(tensors: list[torch.Tensor | None]) -> list[tuple[Any, ...]]:
 def applied(entries: Sequence[Entry]) -> list[Regularizer]:
     """The regularizers ``loss()`` evaluates for ``entries`` (Keras's kernel layout where an
     orthogonal mode names it, an L2-SP bound to its reference: ``Regularizer._bind``)."""
-    return [e.regularizer._bind(e.module, e.param) for e in entries]
+    return [kernel_of(e.regularizer).bind(e.regularizer, e.module, e.param) for e in entries]
 
 
 def choose(

@@ -23,6 +23,7 @@ from .._distributed.held import holding_engine
 from .._distributed.sharding import parts_message
 from .._engine.plan import powers
 from .._optim import following as _following
+from .._penalties.kernel import kernel_of
 from ..regularizers import Regularizer
 from .activity import Activity
 from .entries import ACTIVITY, TENSOR, WEIGHT, Entry, tied_name, unique_names
@@ -167,12 +168,12 @@ class Registry:
                     raise ValueError(f"{entry.base_name()[0]!r}: {message}")
             if tensor is not None and entry.kind != ACTIVITY:
                 try:
-                    entry.regularizer._check(tensor)
+                    kernel_of(entry.regularizer).check(entry.regularizer, tensor)
                 except ValueError as exc:
                     raise ValueError(f"{entry.base_name()[0]!r}: {exc}") from None
                 self._check_tied(key, entry, tensor)
             if entry.kind == WEIGHT and module is not None and entry.param is not None:
-                entry.regularizer._on_attach(module, entry.param)
+                kernel_of(entry.regularizer).attach(entry.regularizer, module, entry.param)
             replaced: list[Entry] = []
             old = self._entries.pop(key, None)
             if old is not None:
@@ -205,7 +206,7 @@ class Registry:
                 # Replaced, not removed: removing the new entry may restore it, so its state
                 # on the module (an L2SP reference buffer) stays.
                 self._release(gone, keep_state=True)
-            for schedule in entry.regularizer._schedules():
+            for schedule in kernel_of(entry.regularizer).schedules(entry.regularizer):
                 _following.follow(schedule, entry)
                 if tensor is not None:
                     schedule.tensor(tensor.device)  # made here, not inside a compiled trace
@@ -262,8 +263,8 @@ class Registry:
             and module is not None
             and entry.param is not None
         ):
-            entry.regularizer._on_detach(module, entry.param)
-        if entry.regularizer._schedules():
+            kernel_of(entry.regularizer).detach(entry.regularizer, module, entry.param)
+        if kernel_of(entry.regularizer).schedules(entry.regularizer):
             _following.changed()
 
     def _restore(self, entry: Entry) -> None:

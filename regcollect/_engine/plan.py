@@ -39,6 +39,7 @@ from .._distributed.sharding import (
     shard_reduction,
 )
 from .._penalties.base import Coefficient, Regularizer, Term, accumulation_dtype, scale
+from .._penalties.kernel import kernel_of
 from .._penalties.kernels import group_penalty, group_value
 
 __all__ = ["Plan", "Result", "group_penalty", "powers", "steppable"]
@@ -49,7 +50,7 @@ def steppable(x: torch.Tensor, reg: Regularizer) -> bool:
     gives its value without a gradient): the one rule both sides follow, so that a penalty is
     counted exactly once. L1/L2 terms on tensors whose local values sum to the penalty (plain
     tensors, sharded DTensors); the other penalties with step math on plain tensors only."""
-    terms = reg._terms() if x.is_floating_point() else ()
+    terms = kernel_of(reg).terms(reg) if x.is_floating_point() else ()
     if not terms:
         return False
     if all(term.local for term, _ in terms):  # elementwise: each shard as it is
@@ -59,7 +60,7 @@ def steppable(x: torch.Tensor, reg: Regularizer) -> bool:
 
 def powers(reg: Regularizer) -> tuple[tuple[Term, Coefficient], ...] | None:
     """The penalty's parts when all are p-norm powers (the grouped kernels'), else None."""
-    terms = reg._terms()
+    terms = kernel_of(reg).terms(reg)
     return terms if terms and all(term.p for term, _ in terms) else None
 
 
@@ -122,14 +123,15 @@ class Plan:
                     raise ValueError(f"{self.describe(i)}: {parts_message(reg, engine)}")
                 # Other penalties that can be evaluated many at once (Regularizer._batch):
                 # plain tensors only; sharded ones are completed and called one by one.
-                key = reg._batch_key(x) if is_plain(x) and x.is_floating_point() else None
+                kernel = kernel_of(reg)
+                key = kernel.batch_key(reg, x) if is_plain(x) and x.is_floating_point() else None
                 detached = id(x) in no_grad and steppable(x, reg)
                 if key is None:
                     self.fallback.append(i)
                     if detached:
                         self.fallback_detached.add(i)
                 else:
-                    batched.setdefault((type(reg), key, x.device, x.dtype, detached), []).append(i)
+                    batched.setdefault((kernel, key, x.device, x.dtype, detached), []).append(i)
                 continue
             # Zero terms are skipped, but a tensor whose terms are all zero (a lambda = 0 run
             # of a sweep) keeps one, so that it stays in the graph with a zero gradient.
@@ -228,10 +230,10 @@ class Plan:
             total = _add(total, value, self.device, self.dtype)
             if layout.part_indices:
                 parts.append((full[layout.part_slots], layout.part_indices))
-        for cls, idx, detached in self.batches:
+        for kernel, idx, detached in self.batches:
             try:
                 with torch.no_grad() if detached else contextlib.nullcontext():
-                    batch_total, values = cls._batch(
+                    batch_total, values = kernel.batch(
                         [routed(self.tensors[i]) for i in idx],
                         [self.regularizers[i] for i in idx],
                     )

@@ -33,6 +33,7 @@ import torch
 from .._checks import RegcollectWarning
 from .._engine.plan import steppable
 from .._penalties.base import Coefficient, Term
+from .._penalties.kernel import kernel_of
 from .wrappers import groups_key, skip_flag
 
 __all__ = ["OptimizerAttachment", "held_by"]
@@ -136,7 +137,7 @@ class OptimizerAttachment:
                 continue
             parts[id(tensor)] = [
                 (term, coef, term.locate(entry.module, entry.param))
-                for term, coef in reg._terms()
+                for term, coef in kernel_of(reg).terms(reg)
                 if coef
             ]
         self._groups = []

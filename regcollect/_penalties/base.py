@@ -1,27 +1,11 @@
-"""The base of every penalty, and the private protocol the engine and the step speak to it.
+"""The base of every penalty: a Keras-small ``Regularizer``, ``Custom`` for a function, and
+``Term``, one additive part of a penalty as the engine and the optimizer step compute it.
 
-A penalty lives in one module with everything it needs: its value (``__call__``), the parts
-the engine computes many tensors at once (``Term``), its step math for ``attach_optimizer``
-(the same ``Term``), and its per-module state. ``L1``/``L2``/``L1L2`` are in
-``regcollect._l1l2``, ``L2SP`` in ``regcollect._l2sp``, ``GroupLasso`` in
-``regcollect._group_lasso``, ``Orthogonal`` in ``regcollect._orthogonal``. Adding a penalty
-means adding one module; nothing else names it. This module imports only torch and the
-schedules.
-
-The protocol, all private (a Keras-facing ``Regularizer`` is ``__call__``, ``get_config``
-and ``from_config``):
-
-- ``_terms()``: the penalty as a sum of ``(Term, coefficient)`` parts, or ``()`` when it is
-  only a formula (called on each tensor). A part whose ``Term.p`` is 1 or 2 is
-  ``coef * sum(|x|**p)``, computed by the grouped kernels; the step applies every part.
-- ``_batch_key(x)``/``_batch(xs, regularizers)``: many tensors at once, for penalties whose
-  value is not a p-norm power (L2-SP, group lasso).
-- ``_bind(module, name)``: the regularizer ``loss()`` evaluates on that parameter (L2-SP bound
-  to its reference, an orthogonal penalty to Keras's kernel layout).
-- ``_check(x)``: whether the penalty applies to ``x`` at all (a group lasso's axis, an
-  orthogonal penalty's rank), asked at registration.
-- ``_on_attach``/``_on_detach``: the penalty's state on the module (L2-SP's reference).
-- ``_schedules()``: the schedules among its coefficients.
+A penalty lives in one module with everything it needs: its class (its value), its terms and
+step math (``Term``), its kernel (``regcollect._penalties.kernel``: what the machinery asks
+beyond the value) and its per-module state. ``L1``/``L2``/``L1L2`` are in ``l1l2``, ``L2SP``
+in ``l2sp``, ``GroupLasso`` in ``group_lasso``, ``Orthogonal`` in ``orthogonal``. This module
+imports only torch and the schedules' coefficients.
 """
 
 from __future__ import annotations
@@ -31,7 +15,6 @@ from typing import Any
 
 import torch
 
-from ..schedules import Schedule
 from .coefficients import Coefficient, check_coefficient, coefficient, scale
 
 __all__ = [
@@ -128,9 +111,9 @@ class Term:
 class Regularizer:
     """Base class: ``__call__(x) -> 0-dim tensor``, ``get_config()``, ``from_config(config)``.
 
-    A subclass is called on each tensor. The built-in penalties also speak the engine's
-    private protocol (see ``regcollect._penalties``); a subclass of one of them that defines
-    its own ``__call__`` is its own formula and is called, whatever it inherits.
+    A subclass is called on each tensor. What the engine and the optimizer step need beyond
+    the value is the class's kernel (``regcollect._penalties.kernel``), not methods here; a
+    subclass of a built-in penalty that defines its own ``__call__`` is its own formula.
 
     Examples:
         >>> import torch, regcollect as rc
@@ -174,51 +157,6 @@ class Regularizer:
             ``cls(**config)``.
         """
         return cls(**config)
-
-    # -- the engine's private protocol (see the module docstring) ---------------------------
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        # A subclass with its own formula is called, whatever parts or batched evaluation it
-        # inherits (class MeanL2(rc.L2) with a __call__ of its own is not L2).
-        if "__call__" in cls.__dict__:
-            for name in ("_terms", "_batch_key"):
-                if name not in cls.__dict__:
-                    setattr(cls, name, getattr(Regularizer, name))
-
-    def _terms(self) -> tuple[tuple[Term, Coefficient], ...]:
-        """The penalty as ``(Term, coefficient)`` parts; ``()``: a formula only."""
-        return ()
-
-    def _check(self, x: torch.Tensor) -> None:
-        """Raise ``ValueError`` if the penalty cannot apply to ``x`` (called at registration,
-        so that the error comes there, naming the entry, not at the first ``loss()``)."""
-
-    def _schedules(self) -> list[Schedule]:
-        """The ``Schedule`` objects among this regularizer's attributes."""
-        return [v for v in vars(self).values() if isinstance(v, Schedule)]
-
-    def _on_attach(self, module: torch.nn.Module, name: str) -> None:
-        """Registered on ``module``'s parameter ``name``: keep state there (L2-SP)."""
-
-    def _on_detach(self, module: torch.nn.Module, name: str) -> None:
-        """No longer registered on ``module``'s parameter ``name``: drop that state."""
-
-    def _bind(self, module: torch.nn.Module | None, name: str | None) -> Regularizer:
-        """What ``loss()`` evaluates on ``module``'s parameter ``name`` (None: an output or
-        a bare tensor)."""
-        return self
-
-    def _batch_key(self, x: torch.Tensor) -> Any:
-        """A hashable key shared by tensors ``_batch`` may evaluate together, or None."""
-        return None
-
-    @classmethod
-    def _batch(
-        cls, xs: list[torch.Tensor], regularizers: list[Regularizer]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(total, per-tensor values)`` of tensors sharing a ``_batch_key``."""
-        raise NotImplementedError(f"{cls.__name__} has no batched evaluation")
 
     def __repr__(self) -> str:
         try:

@@ -26,6 +26,7 @@ from .base import (
     scale,
     zero_like,
 )
+from .kernel import Kernel, register_kernel
 from .step import Scalar, scaled
 
 __all__ = ["GroupLasso", "group_lasso", "group_norms"]
@@ -125,12 +126,6 @@ class GroupLasso(Regularizer):
             )
         return self.axis % x.dim()
 
-    def _terms(self) -> tuple[tuple[Term, Coefficient], ...]:
-        return ((_GroupTerm(self.axis), self.factor),)
-
-    def _check(self, x: torch.Tensor) -> None:
-        self._axis(x)
-
     def norms(self, x: torch.Tensor) -> torch.Tensor:
         """The L2 norm of each group (slice along ``axis``), in float32 at least.
 
@@ -155,17 +150,24 @@ class GroupLasso(Regularizer):
     def get_config(self) -> dict[str, Any]:
         return {"factor": self.factor, "axis": self.axis}
 
-    def _batch_key(self, x: torch.Tensor) -> Any:
-        if x.numel() == 0 or not -x.dim() <= self.axis < x.dim():
-            return None  # called alone: the empty case, or the error naming the entry
-        return (self.factor, self.axis % x.dim(), x.shape)
 
-    @classmethod
-    def _batch(
-        cls, xs: list[torch.Tensor], regularizers: list[Regularizer]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        first = regularizers[0]
-        assert isinstance(first, GroupLasso)
+class _GroupLassoKernel(Kernel):
+    """The group lasso's terms (its block soft threshold in the step), its axis check, its
+    batched value."""
+
+    def terms(self, reg: Any) -> tuple[tuple[Term, Coefficient], ...]:
+        return ((_GroupTerm(reg.axis), reg.factor),)
+
+    def check(self, reg: Any, x: torch.Tensor) -> None:
+        reg._axis(x)
+
+    def batch_key(self, reg: Any, x: torch.Tensor) -> Any:
+        if x.numel() == 0 or not -x.dim() <= reg.axis < x.dim():
+            return None  # called alone: the empty case, or the error naming the entry
+        return (reg.factor, reg.axis % x.dim(), x.shape)
+
+    def batch(self, xs: list[torch.Tensor], regs: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        first = regs[0]
         axis = first.axis % xs[0].dim()
         acc = accumulation_dtype(xs[0].dtype)
         if xs[0].numel() * xs[0].element_size() > _STACK_MAX_BYTES:
@@ -177,6 +179,9 @@ class GroupLasso(Regularizer):
             sums = torch.linalg.vector_norm(rows, 2, dim=2, dtype=acc).sum(dim=1)
         values = scale(first.factor, xs[0]) * sums
         return values.sum(), values.detach()
+
+
+register_kernel(GroupLasso, _GroupLassoKernel())
 
 
 def group_lasso(factor: Coefficient = 0.01, axis: int = 0) -> GroupLasso:

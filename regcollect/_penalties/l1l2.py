@@ -24,6 +24,7 @@ from .base import (
     scale,
     zero_like,
 )
+from .kernel import Kernel, register_kernel
 from .step import Scalar, add_coupled_, by_device_and_dtype, chunks, on_device, scaled
 
 __all__ = ["L1", "L1L2", "L1_TERM", "L2", "L2_TERM"]
@@ -149,9 +150,6 @@ class L1(Regularizer):
     def get_config(self) -> dict[str, Any]:
         return {"l1": self.l1}
 
-    def _terms(self) -> tuple[tuple[Term, Coefficient], ...]:
-        return ((L1_TERM, self.l1),)
-
 
 class L2(Regularizer):
     """``l2 * sum(x**2)`` (Keras scaling; ``SGD(weight_decay=wd)`` equals ``L2(wd / 2)``).
@@ -181,9 +179,6 @@ class L2(Regularizer):
 
     def get_config(self) -> dict[str, Any]:
         return {"l2": self.l2}
-
-    def _terms(self) -> tuple[tuple[Term, Coefficient], ...]:
-        return ((L2_TERM, self.l2),)
 
 
 class L1L2(Regularizer):
@@ -218,5 +213,17 @@ class L1L2(Regularizer):
     def get_config(self) -> dict[str, Any]:
         return {"l1": self.l1, "l2": self.l2}
 
-    def _terms(self) -> tuple[tuple[Term, Coefficient], ...]:
-        return ((L1_TERM, self.l1), (L2_TERM, self.l2))
+
+class _PowersKernel(Kernel):
+    """L1, L2, L1L2: sums of p-norm powers, which the grouped kernels compute."""
+
+    def terms(self, reg: Any) -> tuple[tuple[Term, Coefficient], ...]:
+        if isinstance(reg, L1L2):
+            return ((L1_TERM, reg.l1), (L2_TERM, reg.l2))
+        if isinstance(reg, L1):
+            return ((L1_TERM, reg.l1),)
+        return ((L2_TERM, reg.l2),)
+
+
+for _cls in (L1, L2, L1L2):
+    register_kernel(_cls, _PowersKernel())

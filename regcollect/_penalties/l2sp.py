@@ -37,6 +37,7 @@ from .base import (
     coefficient,
     scale,
 )
+from .kernel import Kernel, register_kernel
 from .kernels import difference_penalty
 from .step import Scalar, add_coupled_, by_device_and_dtype, chunks, scaled
 
@@ -223,75 +224,6 @@ class L2SP(Regularizer):
             )
         return cls(**config)
 
-    # -- on a module: the reference buffer -----------------------------------------------
-
-    def _on_attach(self, module: torch.nn.Module, name: str) -> None:
-        """Store the reference as the buffer ``<name>_l2sp_reference`` of ``module``.
-
-        Args:
-            module: The module that owns the parameter.
-            name: The parameter's name in ``module``.
-
-        Raises:
-            ValueError: ``reference`` is a state dict (only ``rc.regularize`` resolves those)
-                or a tensor of another shape than the parameter.
-        """
-        param = module._parameters[name]
-        assert param is not None
-        buffer = reference_name(name)
-        given = self.reference
-        if isinstance(given, Mapping):
-            raise ValueError(
-                "an L2SP reference given as a state dict is resolved by name in "
-                "regcollect.regularize; for one parameter pass its tensor"
-            )
-        with torch.no_grad():
-            if given is not None:
-                check_reference_shape(given, param, name)
-                value = given.detach().to(device=param.device, dtype=param.dtype).clone()
-                module.__dict__.setdefault(_EXPLICIT, set()).add(name)
-            elif module._buffers.get(buffer) is not None:
-                value = None  # registered again: keep the original reference
-            else:
-                value = param.detach().clone()
-        if value is not None:
-            module.register_buffer(buffer, value, persistent=True)
-        _install_load_hook(module)
-
-    def _on_detach(self, module: torch.nn.Module, name: str) -> None:
-        module._buffers.pop(reference_name(name), None)
-        module.__dict__.get(_EXPLICIT, set()).discard(name)
-
-    def _terms(self) -> tuple[tuple[Term, Coefficient], ...]:
-        return ((L2SP_TERM, self.l2),)
-
-    def _bind(self, module: torch.nn.Module | None, name: str | None) -> Regularizer:
-        if module is None or name is None:
-            return self
-        bound = copy.copy(self)  # a subclass stays itself
-        bound.reference = reference_of(module, name)
-        return bound
-
-    def _batch_key(self, x: torch.Tensor) -> Any:
-        reference = self.reference
-        if (
-            isinstance(reference, torch.Tensor)
-            and is_plain(reference)  # a sharded reference is called alone
-            and reference.shape == x.shape
-            and reference.dtype == x.dtype
-            and reference.device == x.device
-        ):
-            return self.l2
-        return None
-
-    @classmethod
-    def _batch(
-        cls, xs: list[torch.Tensor], regularizers: list[Regularizer]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        coef = regularizers[0].l2  # type: ignore[attr-defined]
-        references = [r.reference for r in regularizers]  # type: ignore[attr-defined]
-        return difference_penalty(scale(coef, xs[0]), xs, references)
-
 
 class _L2SPTerm(Term):
     """``coef * sum((w - w0)**2)``, ``w0`` the reference buffer on the parameter's module."""
@@ -347,6 +279,71 @@ def _references(where: list[Any]) -> list[torch.Tensor]:
 
 
 L2SP_TERM = _L2SPTerm()
+
+
+class _L2SPKernel(Kernel):
+    """L2-SP's reference buffer on the module, its binding to it, its batched value."""
+
+    def terms(self, reg: Any) -> tuple[tuple[Term, Coefficient], ...]:
+        return ((L2SP_TERM, reg.l2),)
+
+    def attach(self, reg: Any, module: torch.nn.Module, name: str) -> None:
+        """Store the reference as the buffer ``<name>_l2sp_reference`` of ``module``.
+
+        Raises:
+            ValueError: ``reference`` is a state dict (only ``rc.regularize`` resolves those)
+                or a tensor of another shape than the parameter.
+        """
+        param = module._parameters[name]
+        assert param is not None
+        buffer = reference_name(name)
+        given = reg.reference
+        if isinstance(given, Mapping):
+            raise ValueError(
+                "an L2SP reference given as a state dict is resolved by name in "
+                "regcollect.regularize; for one parameter pass its tensor"
+            )
+        with torch.no_grad():
+            if given is not None:
+                check_reference_shape(given, param, name)
+                value = given.detach().to(device=param.device, dtype=param.dtype).clone()
+                module.__dict__.setdefault(_EXPLICIT, set()).add(name)
+            elif module._buffers.get(buffer) is not None:
+                value = None  # registered again, or restored with it: keep it
+            else:
+                value = param.detach().clone()
+        if value is not None:
+            module.register_buffer(buffer, value, persistent=True)
+        _install_load_hook(module)
+
+    def detach(self, reg: Any, module: torch.nn.Module, name: str) -> None:
+        module._buffers.pop(reference_name(name), None)
+        module.__dict__.get(_EXPLICIT, set()).discard(name)
+
+    def bind(self, reg: Any, module: torch.nn.Module | None, name: str | None) -> Regularizer:
+        if module is None or name is None:
+            return reg  # type: ignore[no-any-return]
+        bound = copy.copy(reg)  # a subclass stays itself
+        bound.reference = reference_of(module, name)
+        return bound  # type: ignore[no-any-return]
+
+    def batch_key(self, reg: Any, x: torch.Tensor) -> Any:
+        reference = reg.reference
+        if (
+            isinstance(reference, torch.Tensor)
+            and is_plain(reference)  # a sharded reference is called alone
+            and reference.shape == x.shape
+            and reference.dtype == x.dtype
+            and reference.device == x.device
+        ):
+            return reg.l2
+        return None
+
+    def batch(self, xs: list[torch.Tensor], regs: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        return difference_penalty(scale(regs[0].l2, xs[0]), xs, [r.reference for r in regs])
+
+
+register_kernel(L2SP, _L2SPKernel())
 
 
 def l2sp(

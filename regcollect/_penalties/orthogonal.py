@@ -15,6 +15,7 @@ import torch
 
 from .base import Regularizer, accumulation_dtype, check_tensor, zero_like
 from .coefficients import Coefficient, coefficient, scale
+from .kernel import Kernel, register_kernel
 
 __all__ = ["Orthogonal", "OrthogonalRegularizer", "Rearranged", "output_filters"]
 
@@ -63,15 +64,9 @@ class Orthogonal(Regularizer):
             )
         self.mode = mode
 
-    def _check(self, x: torch.Tensor) -> None:
-        if x.dim() < 2:
-            raise ValueError(
-                f"Orthogonal expects a tensor of rank >= 2 (a kernel), got shape {tuple(x.shape)}"
-            )
-
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = check_tensor(x, "Orthogonal")
-        self._check(x)
+        _check_rank(x)
         if x.numel() == 0:  # no rows or no columns: nothing to make orthogonal
             return zero_like(x) + 0.0 * x.sum()
         x = x.reshape(x.shape[0], -1).to(accumulation_dtype(x.dtype))
@@ -97,25 +92,42 @@ class Orthogonal(Regularizer):
     def get_config(self) -> dict[str, Any]:
         return {"factor": self.factor, "mode": self.mode}
 
-    def _bind(self, module: torch.nn.Module | None, name: str | None) -> Regularizer:
-        if type(self) is not Orthogonal or name is None or not name.startswith("weight"):
-            return self
-        # Keras's "rows"/"columns" name the vectors of the kernel as Keras holds it: a
-        # Dense or recurrent kernel is (in, units), torch's Linear/RNN weight (units, in).
-        if self.mode in ("rows", "columns") and isinstance(
-            module, (torch.nn.Linear, torch.nn.RNNBase)
-        ):
-            return Rearranged(self, torch.t)
-        # "outputs"/"inputs" mean the same on every layer: a transposed convolution's weight
-        # is (in, out / groups, *kernel), its output filters are not its rows.
-        if self.mode in ("outputs", "inputs") and isinstance(
-            module, torch.nn.modules.conv._ConvTransposeNd
-        ):
-            return Rearranged(self, functools.partial(output_filters, groups=module.groups))
-        return self
-
 
 OrthogonalRegularizer = Orthogonal
+
+
+def _check_rank(x: torch.Tensor) -> None:
+    if x.dim() < 2:
+        raise ValueError(
+            f"Orthogonal expects a tensor of rank >= 2 (a kernel), got shape {tuple(x.shape)}"
+        )
+
+
+class _OrthogonalKernel(Kernel):
+    """A formula (called on each tensor), with a rank check and Keras's kernel layout."""
+
+    def check(self, reg: Any, x: torch.Tensor) -> None:
+        _check_rank(x)
+
+    def bind(self, reg: Any, module: torch.nn.Module | None, name: str | None) -> Regularizer:
+        if type(reg) is not Orthogonal or name is None or not name.startswith("weight"):
+            return reg  # type: ignore[no-any-return]
+        # Keras's "rows"/"columns" name the vectors of the kernel as Keras holds it: a
+        # Dense or recurrent kernel is (in, units), torch's Linear/RNN weight (units, in).
+        if reg.mode in ("rows", "columns") and isinstance(
+            module, (torch.nn.Linear, torch.nn.RNNBase)
+        ):
+            return Rearranged(reg, torch.t)
+        # "outputs"/"inputs" mean the same on every layer: a transposed convolution's weight
+        # is (in, out / groups, *kernel), its output filters are not its rows.
+        if reg.mode in ("outputs", "inputs") and isinstance(
+            module, torch.nn.modules.conv._ConvTransposeNd
+        ):
+            return Rearranged(reg, functools.partial(output_filters, groups=module.groups))
+        return reg  # type: ignore[no-any-return]
+
+
+register_kernel(Orthogonal, _OrthogonalKernel())
 
 
 def output_filters(weight: torch.Tensor, groups: int) -> torch.Tensor:
@@ -131,8 +143,8 @@ class Rearranged(Regularizer):
 
     What ``loss()`` evaluates for an ``Orthogonal`` whose mode names a layout other than the
     weight's: Keras's kernel layout on a ``Linear`` or recurrent weight (the transpose), the
-    output filters of a transposed convolution; see ``Orthogonal._bind``. Not registered,
-    never stored: entries keep the regularizer the user gave.
+    output filters of a transposed convolution; see the orthogonal kernel's ``bind``. Not
+    registered, never stored: entries keep the regularizer the user gave.
     """
 
     def __init__(

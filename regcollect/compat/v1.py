@@ -22,6 +22,7 @@ import torch
 from .. import _context
 from .._context import active_collection, current_prefix, defaults_scope
 from .._penalties.base import Coefficient, Term
+from .._penalties.kernel import Kernel, kernel_of, register_kernel
 from ..regularizers import L1, L1L2, L2, Regularizer, check_coefficient, register, serialize
 from ..regularizers import get as get_regularizer
 from ..schedules import Schedule
@@ -266,13 +267,23 @@ class Sum(Regularizer):
         values = [reg(x) for reg in self.regularizers if reg is not None]
         return torch.stack(values).sum() if values else torch.zeros((), device=x.device)
 
-    def _terms(self) -> tuple[tuple[Term, Coefficient], ...]:
-        # The members' p-norm parts, computed with every other such part, equal terms with
-        # constant coefficients merged into one; a member that is more than those (its own
-        # formula, a reference) makes the sum a formula, called.
-        members = [reg for reg in self.regularizers if reg is not None]
-        parts = [part for reg in members for part in reg._terms()]
-        if not all(term.p for term, _ in parts) or not all(reg._terms() for reg in members):
+    def get_config(self) -> dict[str, Any]:
+        return {"regularizers": [serialize(r) for r in self.regularizers if r is not None]}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Sum:
+        return cls(config.get("regularizers", []))
+
+
+class _SumKernel(Kernel):
+    """A TF1 sum as the engine sees it: its members' p-norm parts, computed with every other
+    such part, equal terms with constant coefficients merged into one; a member that is more
+    than those (its own formula, a reference) makes the sum a formula, called."""
+
+    def terms(self, reg: Any) -> tuple[tuple[Term, Coefficient], ...]:
+        members = [(kernel_of(m), m) for m in reg.regularizers if m is not None]
+        parts = [part for kernel, m in members for part in kernel.terms(m)]
+        if not all(term.p for term, _ in parts) or not all(k.terms(m) for k, m in members):
             return ()
         merged: dict[Any, tuple[Term, Coefficient]] = {}
         for term, coef in parts:
@@ -283,15 +294,11 @@ class Sum(Regularizer):
                 merged[term] = (term, total + coef)  # type: ignore[operator]
         return tuple(merged.values())
 
-    def _schedules(self) -> list[Schedule]:
-        return [s for reg in self.regularizers if reg is not None for s in reg._schedules()]
+    def schedules(self, reg: Any) -> list[Schedule]:
+        return [s for m in reg.regularizers if m is not None for s in kernel_of(m).schedules(m)]
 
-    def get_config(self) -> dict[str, Any]:
-        return {"regularizers": [serialize(r) for r in self.regularizers if r is not None]}
 
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> Sum:
-        return cls(config.get("regularizers", []))
+register_kernel(Sum, _SumKernel())
 
 
 def sum_regularizer(regularizer_list: Sequence[Any]) -> Sum | None:
