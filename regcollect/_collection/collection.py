@@ -24,7 +24,7 @@ from typing import IO, Any
 
 import torch
 
-from .. import _naming
+from .. import _locks, _naming
 from .._checks import RegcollectWarning, ScopeArg, check_scope
 from .._engine.plan import Plan
 from .._optim.attach import OptimizerAttachment, held_by
@@ -506,12 +506,18 @@ def _restore_collection(uid: str, was_default: bool) -> Collection:
 
 
 def default_collection() -> Collection:
-    """The default collection, used when no ``collection=`` is given."""
-    default: Collection = COLLECTIONS.default
+    """The default collection, used when no ``collection=`` is given: made on first use, not
+    at import."""
+    default: Collection | None = COLLECTIONS.default
+    if default is None:
+        with _DEFAULT_LOCK:
+            if COLLECTIONS.default is None:
+                COLLECTIONS.default = Collection()
+            default = COLLECTIONS.default
     return default
 
 
-COLLECTIONS.default = Collection()
+_DEFAULT_LOCK = _locks.Lock()
 
 
 # The public path (regcollect.Collection), which pickles record, not this private module's.
