@@ -15,16 +15,23 @@ named from its root as one built after. The tables are in ``regcollect._state``.
 
 from __future__ import annotations
 
-import gc
 import re
+import sys
+import types
 import weakref
+from typing import Any
 
 import torch
 
 from ._state import MODULE_REGISTRATION, NAMING
+from ._torch_compat import is_compiling
 
 __all__ = [
     "ancestors",
+    "drop_inert_hooks",
+    "inert_hook",
+    "inert_hook_factory",
+    "running_modules",
     "auto_name",
     "follow_links",
     "holders",
@@ -59,21 +66,23 @@ def version() -> int:
 
 
 def follow_links() -> None:
-    """Install the module-registration hook if it is not, recording the links of every
-    module alive now (one pass over the objects the garbage collector tracks)."""
-    if MODULE_REGISTRATION.installed or not MODULE_REGISTRATION.add(_on_module_registration):
-        return
-    module = torch.nn.Module
-    for obj in gc.get_objects():
-        # type(), not isinstance(): that reads __class__, which some proxies (deprecated
-        # torch names) answer with a warning.
-        if issubclass(type(obj), module):
-            _record_children(obj)
+    """Install the module-registration hook if it is not: links made from now on are
+    recorded. Links made before (a model built before regcollect was first used, a copy)
+    are learnt when the model is handed to regcollect (``record_tree``), or at the first call
+    of a module holding an entry (``track``)."""
+    if not MODULE_REGISTRATION.installed:
+        MODULE_REGISTRATION.add(_on_module_registration)
 
 
 def track(module: torch.nn.Module) -> None:
-    """Follow ``module`` (it holds an entry) and its ancestors: their links matter to names."""
+    """Follow ``module`` (it holds an entry) and its ancestors: their links matter to names.
+    A module with no known parent is watched until its first call, which tells where it
+    sits (``_FindModel``)."""
     follow_links()
+    if not is_compiling() and _parent_of(module) is None and not any(
+        isinstance(h, _FindModel) for h in module._forward_pre_hooks.values()
+    ):
+        _FindModel(module)
     with NAMING.lock:
         pending, seen = [module], set()
         while pending:
@@ -86,6 +95,78 @@ def track(module: torch.nn.Module) -> None:
                 NAMING.version += 1
             parents = (r() for r, _ in NAMING.parents.get(current, ()))
             pending.extend(p for p in parents if p is not None)
+
+
+_CALL = torch.nn.Module._call_impl.__code__
+
+
+def running_modules() -> list[torch.nn.Module]:
+    """The modules whose call is under way in this thread, innermost first (their
+    ``Module.__call__`` frames)."""
+    out = []
+    frame: types.FrameType | None = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is _CALL:
+            module = frame.f_locals.get("self")
+            if isinstance(module, torch.nn.Module):
+                out.append(module)
+        frame = frame.f_back
+    return out
+
+
+class _FindModel:
+    """A one-shot forward pre-hook on a module whose parents nobody recorded (built before
+    regcollect was used, restored from a pickle): at its first call, the modules running
+    around it are its model, whose links are recorded then. Pickled or copied, nothing."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.handle = module.register_forward_pre_hook(self)
+
+    def __call__(self, module: torch.nn.Module, args: Any) -> None:
+        if is_compiling():  # frames are not for dynamo: the next eager call looks
+            return
+        self.handle.remove()
+        if _parent_of(module) is not None:  # put into a model since: the hook recorded it
+            return
+        # Up the modules running around it, as far as each holds the one inside it as a
+        # child; a wrapper's attribute (DDP's, DeepSpeed's "module", torch.compile's
+        # "_orig_mod") ends the model: its prefix never appears in names.
+        model = module
+        for outer in running_modules()[1:]:
+            name = next((n for n, c in outer._modules.items() if c is model), None)
+            if name is None or f"{name}." in WRAPPER_PREFIXES or name == "module":
+                break
+            model = outer
+        if model is not module:
+            record_tree(model)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (inert_hook_factory, ())
+
+
+def inert_hook(*args: Any) -> None:
+    """What a regcollect hook becomes in a pickled or copied model: nothing."""
+
+
+def inert_hook_factory() -> Any:
+    """What unpickling a regcollect hook gives: the no-op."""
+    return inert_hook
+
+
+# Pickles record this function by its public home (regcollect.nn binds it), not this module.
+inert_hook_factory.__module__, inert_hook_factory.__qualname__ = "regcollect.nn", "_inert_hook"
+
+
+def drop_inert_hooks(module: torch.nn.Module) -> None:
+    """Remove the no-ops a pickled or copied module's regcollect hooks became."""
+    for hooks, extra in (
+        (module._forward_hooks, (module._forward_hooks_with_kwargs,)),
+        (module._forward_pre_hooks, (module._forward_pre_hooks_with_kwargs,)),
+    ):
+        for key in [k for k, hook in hooks.items() if hook is inert_hook]:
+            del hooks[key]
+            for table in (*extra, module._forward_hooks_always_called):
+                table.pop(key, None)
 
 
 def _link(parent: torch.nn.Module, name: str, child: torch.nn.Module) -> None:

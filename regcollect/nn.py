@@ -21,11 +21,11 @@ from typing import Any, ClassVar
 
 import torch
 
-from ._collection.activity import drop_inert_hooks
-from ._collection.activity import inert_hook_factory as _inert_hook  # noqa: F401 (pickles)
 from ._collection.collection import Collection
 from ._collection.registry import parametrized_tensors
 from ._context import active_collection, current_prefix, scope_default
+from ._naming import drop_inert_hooks
+from ._naming import inert_hook_factory as _inert_hook  # noqa: F401 (pickles)
 from .regularizers import Regularizer
 from .regularizers import get as get_regularizer
 

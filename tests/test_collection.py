@@ -428,7 +428,7 @@ def test_importing_regcollect_hooks_nothing_into_torch_and_the_hooks_come_with_t
     """``import regcollect`` leaves every one of torch's process-wide hook tables alone. The
     first entry installs the optimizer-step hooks (the forgotten-loss warning, the schedules'
     real updates) and the module-registration hook (entry names); a model built before that is
-    still named from its root; both hooks can be taken out again."""
+    named from its root from its first call on; the hooks can be taken out again."""
     import subprocess
     import sys
 
@@ -446,6 +446,10 @@ assert len(TABLES) >= 9 and sizes() == before, ("hooked at import", before, size
 model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Sequential(torch.nn.Linear(2, 2)))
 assert sizes() == before
 rc.add_regularizer(model[1][0], "weight", rc.l2(rc.schedules.warmup(0.1, steps=2)))
+# Built before regcollect was used: where the layer sits is learnt at its first call
+# (no scan of the heap at import or at registration).
+assert [e.name for e in rc.get_collection().entries()] == ["linear.weight"]
+model(torch.ones(1, 2))
 assert [e.name for e in rc.get_collection().entries()] == ["1.0.weight"]
 added = [a - b for a, b in zip(sizes(), before)]
 # the optimizer-step hooks (before: nesting; after: schedules and the forgotten loss()) and

@@ -34,8 +34,6 @@ pickles and deep-copies to a no-op, so a copied model carries no reference to a 
 
 from __future__ import annotations
 
-import sys
-import types
 import weakref
 from collections.abc import Iterable, Mapping
 from functools import partial
@@ -44,11 +42,12 @@ from typing import Any, Protocol
 import torch
 
 from .. import _locks, _naming
+from .._naming import drop_inert_hooks, inert_hook_factory, running_modules
 from .._torch_compat import in_backward, is_compiling, is_tracing
 from ..regularizers import Regularizer, accumulation_dtype
 from .entries import Entry
 
-__all__ = ["Activity", "activity_penalty", "drop_inert_hooks", "inert_hook", "inert_hook_factory"]
+__all__ = ["Activity", "activity_penalty"]
 
 
 def _watched_output(module: torch.nn.Module, output: Any) -> tuple[torch.Tensor, int]:
@@ -191,23 +190,6 @@ def _recording() -> bool:
     return is_compiling() or not in_backward()
 
 
-_CALL = torch.nn.Module._call_impl.__code__
-
-
-def running_modules() -> list[torch.nn.Module]:
-    """The modules whose call is under way in this thread, innermost first (their
-    ``Module.__call__`` frames)."""
-    out = []
-    frame: types.FrameType | None = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code is _CALL:
-            module = frame.f_locals.get("self")
-            if isinstance(module, torch.nn.Module):
-                out.append(module)
-        frame = frame.f_back
-    return out
-
-
 class _Hook:
     """Base of the hooks: a weak reference to the tracker (a collection dropped leaves its
     hooks inert), and no-ops once pickled or copied."""
@@ -300,31 +282,6 @@ class _Record(_Hook):
         if not self.mark.held_running(verify=not is_compiling()):
             slot.values = [v for v in slot.values if not v.done]
         slot.skipped = True
-
-
-def inert_hook(*args: Any) -> None:
-    """What a regcollect hook becomes in a pickled or copied model: nothing."""
-
-
-def inert_hook_factory() -> Any:
-    """What unpickling a regcollect hook gives: the no-op."""
-    return inert_hook
-
-
-# Pickles record this function by its public home (regcollect.nn binds it), not this module.
-inert_hook_factory.__module__, inert_hook_factory.__qualname__ = "regcollect.nn", "_inert_hook"
-
-
-def drop_inert_hooks(module: torch.nn.Module) -> None:
-    """Remove the no-ops a pickled or copied module's regcollect hooks became."""
-    for hooks, extra in (
-        (module._forward_hooks, (module._forward_hooks_with_kwargs,)),
-        (module._forward_pre_hooks, (module._forward_pre_hooks_with_kwargs,)),
-    ):
-        for key in [k for k, hook in hooks.items() if hook is inert_hook]:
-            del hooks[key]
-            for table in (*extra, module._forward_hooks_always_called):
-                table.pop(key, None)
 
 
 class Describer(Protocol):
