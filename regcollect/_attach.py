@@ -314,49 +314,88 @@ def regularize(
     targets: list[tuple[torch.nn.Module, str, Regularizer]] = []
     missing: list[str] = []
     uninitialized: list[str] = []
-    norms: dict[int, bool] = {}
+    norms: dict[int, bool] = {}  # per layer, not per parameter
     for name, logical, owner, local, layer in _walk_parameters(model):
-        if _matches(name, skip) or _matches(logical, skip):
-            continue
-        if include_p is not None and not (
-            _matches(name, include_p) or _matches(logical, include_p)
-        ):
-            continue
-        if exclude_p is not None and (_matches(name, exclude_p) or _matches(logical, exclude_p)):
+        names = (name, logical)
+        if _any_matches(names, skip) or not _selected(names, include_p, exclude_p):
             continue
         param = owner._parameters.get(local)  # None: in an FSDP1 flat parameter
         if isinstance(param, torch.nn.parameter.UninitializedParameter):
             uninitialized.append(name)
             continue
-        last = logical.rpartition(".")[2]
-        norm = norms.get(id(layer))
-        if norm is None:  # once per layer, not once per parameter
-            norm = norms[id(layer)] = is_norm(layer)
-        if norm:
-            kind = "norm"
-        elif isinstance(layer, _EMBEDDING_TYPES) and last == "weight":
-            kind = "embeddings"
-        elif "bias" in last:
-            kind = "bias"
-        elif len(real_shape(owner, local, param) or ()) >= 2:  # FSDP1 flattens, ZeRO-3 empties
-            kind = "kernel"
-        else:
-            continue  # other vectors (scales, PReLU slopes): only by explicit add_regularizer
-        reg = regs[kind]
+        if id(layer) not in norms:
+            norms[id(layer)] = is_norm(layer)
+        kind = _rule(logical, owner, local, param, layer, norms[id(layer)])
+        reg = regs[kind] if kind is not None else None
         if isinstance(reg, L2SP) and isinstance(reg.reference, Mapping):
-            # A fine-tuning checkpoint keeps the original reference beside the weights it
-            # moved: that one first; a pretrained state dict has the parameter itself.
-            reference = _lookup(reg.reference, reference_name(name), reference_name(logical))
-            if reference is None:
-                reference = _lookup(reg.reference, name, logical)
-            if reference is None:
+            reg = _l2sp_from(reg, name, logical, param)
+            if reg is None:
                 missing.append(name)
                 continue
-            if param is not None:
-                check_reference_shape(reference, param, name)  # named as in the model
-            reg = L2SP(reg.l2, reference=reference)
         if reg is not None:
             targets.append((owner, local, reg))
+    _refuse(uninitialized, missing)
+    handles = [coll.register(owner, local, reg, prefix=prefix) for owner, local, reg in targets]
+    if activity_reg is not None:
+        outputs = [model]
+        if include_p is not None:
+            outputs = [m for n, m in _naming.named_modules(model) if n and _matches(n, include_p)]
+        for module in outputs:
+            handles.append(coll.register_activity(module, activity_reg, prefix=prefix))
+    return Handle.join(handles)
+
+
+def _rule(
+    logical: str,
+    owner: torch.nn.Module,
+    local: str,
+    param: torch.Tensor | None,
+    layer: torch.nn.Module,
+    norm: bool,
+) -> str | None:
+    """The policy, as timm states it: which of ``regularize``'s arguments covers a
+    parameter (``"norm"``, ``"embeddings"``, ``"bias"``, ``"kernel"``), or None for the other
+    vectors (scales, PReLU slopes), regularized only by an explicit ``add_regularizer``."""
+    last = logical.rpartition(".")[2]
+    if norm:
+        return "norm"
+    if isinstance(layer, _EMBEDDING_TYPES) and last == "weight":
+        return "embeddings"
+    if "bias" in last:
+        return "bias"
+    if len(real_shape(owner, local, param) or ()) >= 2:  # FSDP1 flattens, ZeRO-3 empties
+        return "kernel"
+    return None
+
+
+def _any_matches(names: tuple[str, str], patterns: list[str]) -> bool:
+    return any(_matches(n, patterns) for n in names)
+
+
+def _selected(names: tuple[str, str], include: list[str] | None, exclude: list[str] | None) -> bool:
+    """Whether a parameter, by its name or its logical name, passes ``include``/``exclude``."""
+    if include is not None and not _any_matches(names, include):
+        return False
+    return exclude is None or not _any_matches(names, exclude)
+
+
+def _l2sp_from(reg: L2SP, name: str, logical: str, param: torch.Tensor | None) -> L2SP | None:
+    """An ``L2SP`` whose reference is a state dict, bound to the parameter's tensor in it:
+    a fine-tuning checkpoint keeps the original reference beside the weights it moved (that
+    one first); a pretrained state dict has the parameter itself. None: no tensor for it."""
+    assert isinstance(reg.reference, Mapping)
+    reference = _lookup(reg.reference, reference_name(name), reference_name(logical))
+    if reference is None:
+        reference = _lookup(reg.reference, name, logical)
+    if reference is None:
+        return None
+    if param is not None:
+        check_reference_shape(reference, param, name)  # named as in the model
+    return L2SP(reg.l2, reference=reference)
+
+
+def _refuse(uninitialized: list[str], missing: list[str]) -> None:
+    """Before anything is registered: lazy parameters, L2-SP references not found."""
     if uninitialized:
         raise ValueError(
             f"model has lazy parameters not materialized yet: {uninitialized}; their shapes "
@@ -369,11 +408,3 @@ def regularize(
             "a pretrained value (a new head) need a regularizer of their own; leave them "
             "out with exclude=[...] and give them e.g. rc.l2(...) through include=[...]"
         )
-    handles = [coll.register(owner, local, reg, prefix=prefix) for owner, local, reg in targets]
-    if activity_reg is not None:
-        outputs = [model]
-        if include_p is not None:
-            outputs = [m for n, m in _naming.named_modules(model) if n and _matches(n, include_p)]
-        for module in outputs:
-            handles.append(coll.register_activity(module, activity_reg, prefix=prefix))
-    return Handle.join(handles)

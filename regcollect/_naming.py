@@ -79,8 +79,10 @@ def track(module: torch.nn.Module) -> None:
     A module with no known parent is watched until its first call, which tells where it
     sits (``_FindModel``)."""
     follow_links()
-    if not is_compiling() and _parent_of(module) is None and not any(
-        isinstance(h, _FindModel) for h in module._forward_pre_hooks.values()
+    if (
+        not is_compiling()
+        and _parent_of(module) is None
+        and not any(isinstance(h, _FindModel) for h in module._forward_pre_hooks.values())
     ):
         _FindModel(module)
     with NAMING.lock:

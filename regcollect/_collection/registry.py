@@ -68,6 +68,19 @@ def _checked(regularizer: object) -> Regularizer:
     return regularizer
 
 
+def _restorable(replaced: list[Entry], entry: Entry) -> list[Entry]:
+    """What removing ``entry`` restores of what it ``replaced``. An equal regularizer
+    registered again over one whose handle is held is set-up code run twice (a notebook
+    cell), not an override: removing the new handle must not bring the first registration
+    back, only what that one had replaced. A layer's own declaration (rc.nn, no handle held)
+    is always restored."""
+    out: list[Entry] = []
+    for r in replaced:
+        repeated = r._handles > 0 and r.regularizer == entry.regularizer
+        out.extend(r._replaced if repeated else [r])
+    return out
+
+
 class Registry:
     """Entries and their registration; a part of ``regcollect._collection.Collection``.
 
@@ -154,53 +167,15 @@ class Registry:
         self._on_register()
         with self.lock:
             self._cleanup()
+            # Checked first, so that a failure (an axis out of range, an L2SP reference of
+            # another shape, a tied weight with another regularizer) changes nothing.
+            tensor = self._checked_tensor(key, entry)
             module = entry.module
-            # First, so that a failure (an axis out of range, an L2SP reference of another
-            # shape) changes nothing.
-            tensor = entry.resolve()
-            if entry.kind == WEIGHT and powers(entry.regularizer) is None:
-                # An FSDP1 shard or flat parameter, a ZeRO-3 partition: only sums of p-norm
-                # powers are completed across ranks (the engine's rule; it refuses the rest at
-                # loss() when registered before wrapping).
-                engine = holding_engine(entry.module, entry.param or "", tensor)
-                if engine is not None:
-                    message = parts_message(entry.regularizer, engine)
-                    raise ValueError(f"{entry.base_name()[0]!r}: {message}")
-            if tensor is not None and entry.kind != ACTIVITY:
-                try:
-                    kernel_of(entry.regularizer).check(entry.regularizer, tensor)
-                except ValueError as exc:
-                    raise ValueError(f"{entry.base_name()[0]!r}: {exc}") from None
-                self._check_tied(key, entry, tensor)
             if entry.kind == WEIGHT and module is not None and entry.param is not None:
                 kernel_of(entry.regularizer).attach(entry.regularizer, module, entry.param)
-            replaced: list[Entry] = []
-            old = self._entries.pop(key, None)
-            if old is not None:
-                self._detach(old)
-                replaced.append(old)
-            if tensor is not None:
-                # One regularizer per parameter: a tied parameter reached through another
-                # module with an equal regularizer replaces the earlier entry instead of
-                # counting twice (_check_tied refused a different one).
-                previous = self._by_tensor.get(id(tensor))
-                if previous is not None and previous[0]() is tensor:
-                    tied = self._entries.pop(previous[1], None)
-                    if tied is not None:
-                        self._detach(tied)
-                        replaced.append(tied)
-                self._by_tensor[id(tensor)] = (weakref.ref(tensor), key)
+            replaced = self._take_place(key, entry, tensor)
             entry._key = key
-            # What removing this entry restores. An equal regularizer registered again over
-            # one whose handle is held is set-up code run twice (a notebook cell), not an
-            # override: removing the new handle must not bring the first registration back,
-            # only what that one had replaced. A layer's own declaration (rc.nn, no handle
-            # held) is always restored.
-            restorable: list[Entry] = []
-            for r in replaced:
-                repeated = r._handles > 0 and r.regularizer == entry.regularizer
-                restorable.extend(r._replaced if repeated else [r])
-            entry._replaced = restorable
+            entry._replaced = _restorable(replaced, entry)
             self._entries[key] = entry
             for gone in replaced:
                 # Replaced, not removed: removing the new entry may restore it, so its state
@@ -216,6 +191,47 @@ class Registry:
                     self.activity.add(entry)
             self._changed()
             return Handle([(self, entry)])
+
+    def _checked_tensor(self, key: tuple[Any, ...], entry: Entry) -> torch.Tensor | None:
+        """The tensor ``entry`` regularizes, once everything that could refuse it has been
+        asked: the engine holding it in parts, the penalty's own check, a tied weight."""
+        tensor = entry.resolve()
+        if entry.kind == WEIGHT and powers(entry.regularizer) is None:
+            # An FSDP1 shard or flat parameter, a ZeRO-3 partition: only sums of p-norm
+            # powers are completed across ranks (the engine's rule; it refuses the rest at
+            # loss() when registered before wrapping).
+            engine = holding_engine(entry.module, entry.param or "", tensor)
+            if engine is not None:
+                message = parts_message(entry.regularizer, engine)
+                raise ValueError(f"{entry.base_name()[0]!r}: {message}")
+        if tensor is not None and entry.kind != ACTIVITY:
+            try:
+                kernel_of(entry.regularizer).check(entry.regularizer, tensor)
+            except ValueError as exc:
+                raise ValueError(f"{entry.base_name()[0]!r}: {exc}") from None
+            self._check_tied(key, entry, tensor)
+        return tensor
+
+    def _take_place(
+        self, key: tuple[Any, ...], entry: Entry, tensor: torch.Tensor | None
+    ) -> list[Entry]:
+        """Take out what ``entry`` replaces: the entry on the same parameter, and one on the
+        same tensor through another module (a tied weight with an equal regularizer, so that
+        it counts once; _check_tied refused a different one). Returns them."""
+        replaced: list[Entry] = []
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self._detach(old)
+            replaced.append(old)
+        if tensor is not None:
+            previous = self._by_tensor.get(id(tensor))
+            if previous is not None and previous[0]() is tensor:
+                tied = self._entries.pop(previous[1], None)
+                if tied is not None:
+                    self._detach(tied)
+                    replaced.append(tied)
+            self._by_tensor[id(tensor)] = (weakref.ref(tensor), key)
+        return replaced
 
     def _check_tied(self, key: tuple[Any, ...], entry: Entry, tensor: torch.Tensor) -> None:
         """A tensor another module already holds (tied weights) gets one regularizer: an equal

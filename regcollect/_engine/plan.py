@@ -117,45 +117,59 @@ class Plan:
             terms = powers(reg) if x.is_floating_point() else None
             reduce_over = shard_reduction(x) if terms is not None else None
             if terms is None or reduce_over is None:
-                part = getattr(x, HELD_PART, None)
-                if part is not None or getattr(x, SHARD_OVER, None):
-                    engine = part.held.engine if part is not None else "FSDP1"
-                    raise ValueError(f"{self.describe(i)}: {parts_message(reg, engine)}")
-                # Other penalties that can be evaluated many at once (Regularizer._batch):
-                # plain tensors only; sharded ones are completed and called one by one.
-                kernel = kernel_of(reg)
-                key = kernel.batch_key(reg, x) if is_plain(x) and x.is_floating_point() else None
-                detached = id(x) in no_grad and steppable(x, reg)
-                if key is None:
-                    self.fallback.append(i)
-                    if detached:
-                        self.fallback_detached.add(i)
-                else:
-                    batched.setdefault((kernel, key, x.device, x.dtype, detached), []).append(i)
-                continue
-            # Zero terms are skipped, but a tensor whose terms are all zero (a lambda = 0 run
-            # of a sweep) keeps one, so that it stays in the graph with a zero gradient.
-            # A replicated DTensor has nothing to reduce but still needs to_local(): it must
-            # not share a group with plain tensors, hence the is-DTensor part of the key; the
-            # same for the stand-ins of parts of parameters an engine holds (HELD_PART).
-            # Tensors whose L1/L2 terms an optimizer applies (attach_optimizer): their value
-            # is computed without autograd, in groups of their own.
-            detached = id(x) in no_grad
-            shape = _stack_shape(x, _VALUE_STACK_MAX_BYTES if detached else _STACK_MAX_BYTES)
-            held = hasattr(x, HELD_PART)
-            # DDP's parameters: under Join their gradient goes around DDP's average.
-            ddp = hasattr(x, ROUTE) and not detached
-            key = (x.device, x.dtype, is_dtensor(x), held, ddp, reduce_over, detached, shape)
-            for term, coef in [t for t in terms if t[1]] or terms[:1]:
-                groups.setdefault((term.p, coef, *key), []).append(i)
-        # Stacking pays for its extra node only with enough tensors of one shape; fewer go
-        # back to the group's foreach node, so the node count stays bounded.
+                self._place_other(i, x, reg, id(x) in no_grad, batched)
+            else:
+                for key in _group_keys(x, terms, reduce_over, id(x) in no_grad):
+                    groups.setdefault(key, []).append(i)
+        self.groups = self._make_groups(groups)
+        self.batches = [(k[0], idx, k[-1]) for k, idx in batched.items()]
+        self.device = self.tensors[0].device if self.tensors else torch.device("cpu")
+        self.dtype = torch.float32
+        for x in self.tensors:
+            self.dtype = torch.promote_types(self.dtype, accumulation_dtype(x.dtype))
+        self.layouts = layouts(
+            self.tensors,
+            self.groups,
+            self.tensors if registered is None else registered,
+            describe_registered or self.describe,
+            self.dtype,
+        )
+
+    def _place_other(
+        self,
+        i: int,
+        x: torch.Tensor,
+        reg: Regularizer,
+        no_grad: bool,
+        batched: dict[tuple[Any, ...], list[int]],
+    ) -> None:
+        """A penalty that is no sum of p-norm powers (or a tensor no all-reduce completes):
+        evaluated many at once (its kernel's ``batch``) or called on its own tensor."""
+        part = getattr(x, HELD_PART, None)
+        if part is not None or getattr(x, SHARD_OVER, None):
+            engine = part.held.engine if part is not None else "FSDP1"
+            raise ValueError(f"{self.describe(i)}: {parts_message(reg, engine)}")
+        # Many at once: plain tensors only; sharded ones are completed and called one by one.
+        kernel = kernel_of(reg)
+        key = kernel.batch_key(reg, x) if is_plain(x) and x.is_floating_point() else None
+        detached = no_grad and steppable(x, reg)
+        if key is None:
+            self.fallback.append(i)
+            if detached:
+                self.fallback_detached.add(i)
+        else:
+            batched.setdefault((kernel, key, x.device, x.dtype, detached), []).append(i)
+
+    def _make_groups(self, groups: dict[tuple[Any, ...], list[int]]) -> list[_Group]:
+        """The grouped kernels' groups. Stacking pays for its extra node only with enough
+        tensors of one shape; fewer go back to the group's foreach node, so the node count
+        stays bounded."""
         merged: dict[tuple[Any, ...], list[int]] = {}
         for key, idx in groups.items():
             if key[-1] is not None and len(idx) < _STACK_MIN:
                 key = (*key[:-1], None)
             merged.setdefault(key, []).extend(idx)
-        self.groups = [
+        return [
             _Group(
                 p,
                 coef,
@@ -173,22 +187,26 @@ class Plan:
                 idx,
             ) in merged.items()
         ]
-        self.batches = [(k[0], idx, k[-1]) for k, idx in batched.items()]
-        self.device = self.tensors[0].device if self.tensors else torch.device("cpu")
-        self.dtype = torch.float32
-        for x in self.tensors:
-            self.dtype = torch.promote_types(self.dtype, accumulation_dtype(x.dtype))
-        self.layouts = layouts(
-            self.tensors,
-            self.groups,
-            self.tensors if registered is None else registered,
-            describe_registered or self.describe,
-            self.dtype,
-        )
 
     def __call__(self) -> Result:
-        total: torch.Tensor | None = None
+        values: list[torch.Tensor] = []  # each part's total, added up at the end
         parts: list[tuple[torch.Tensor, list[int]]] = []
+        pending = self._grouped(values, parts)
+        self._completed(pending, values, parts)
+        self._batched(values, parts)
+        self._called(values, parts)
+        total: torch.Tensor | None = None
+        for value in values:
+            total = _add(total, value, self.device, self.dtype)
+        if total is None:
+            total = torch.zeros((), dtype=self.dtype, device=self.device)
+        return Result(total, parts)
+
+    def _grouped(
+        self, values: list[torch.Tensor], parts: list[tuple[torch.Tensor, list[int]]]
+    ) -> dict[tuple[Any, ...], list[tuple[_Group, torch.Tensor, torch.Tensor]]]:
+        """The grouped kernels: one node per group. Partial values of sharded tensors are
+        returned, by what they are reduced over, for ``_completed``."""
         pending: dict[tuple[Any, ...], list[tuple[_Group, torch.Tensor, torch.Tensor]]] = {}
         for group in self.groups:
             tensors = group.tensors
@@ -199,18 +217,24 @@ class Plan:
             elif group.ddp:
                 tensors = [routed(x) for x in tensors]
             coef = scale(group.coef, tensors[0])  # a schedule: its current value, a tensor
-            if group.detached:
-                group_total, values = group_value(group.p, coef, tensors, group.stacked)
-            else:
-                group_total, values = group_penalty(group.p, coef, tensors, group.stacked)
+            kernel = group_value if group.detached else group_penalty
+            group_total, group_values = kernel(group.p, coef, tensors, group.stacked)
             if group.reduce_over:
-                pending.setdefault(group.reduce_over, []).append((group, group_total, values))
+                pending.setdefault(group.reduce_over, []).append((group, group_total, group_values))
             else:
-                total = _add(total, group_total, self.device, self.dtype)
-                parts.append((values, group.indices))
+                values.append(group_total)
+                parts.append((group_values, group.indices))
+        return pending
+
+    def _completed(
+        self,
+        pending: dict[tuple[Any, ...], list[tuple[_Group, torch.Tensor, torch.Tensor]]],
+        values: list[torch.Tensor],
+        parts: list[tuple[torch.Tensor, list[int]]],
+    ) -> None:
+        """Partial values from every shard, in a layout every rank shares: one all-reduce for
+        all sharded tensors alike, which also counts the ranks training each one."""
         for reduce_over, layout in self.layouts.items():
-            # Partial values from every shard, in a layout every rank shares: one all-reduce
-            # for all sharded tensors alike, which also counts the ranks training each one.
             local_parts = pending.get(reduce_over, [])
             local = layout.flags.clone()
             if local_parts:
@@ -227,20 +251,30 @@ class Plan:
                 # The value is the full penalty, bit-identical on every rank; the gradient is
                 # that of this rank's partial penalty, i.e. exactly this shard's part of it.
                 value = value + (local_total - local_total.detach())
-            total = _add(total, value, self.device, self.dtype)
+            values.append(value)
             if layout.part_indices:
                 parts.append((full[layout.part_slots], layout.part_indices))
+
+    def _batched(
+        self, values: list[torch.Tensor], parts: list[tuple[torch.Tensor, list[int]]]
+    ) -> None:
+        """Penalties a kernel evaluates many at once (L2-SP, group lasso)."""
         for kernel, idx, detached in self.batches:
             try:
                 with torch.no_grad() if detached else contextlib.nullcontext():
-                    batch_total, values = kernel.batch(
+                    batch_total, batch_values = kernel.batch(
                         [routed(self.tensors[i]) for i in idx],
                         [self.regularizers[i] for i in idx],
                     )
             except (TypeError, ValueError) as exc:
                 raise type(exc)(f"{self.describe(idx[0])}: {exc}") from exc
-            parts.append((values, idx))
-            total = _add(total, batch_total, self.device, self.dtype)
+            parts.append((batch_values, idx))
+            values.append(batch_total)
+
+    def _called(
+        self, values: list[torch.Tensor], parts: list[tuple[torch.Tensor, list[int]]]
+    ) -> None:
+        """The other penalties, called on their tensor (a sharded one gathered whole)."""
         for i in self.fallback:
             x = routed(self.tensors[i])
             if is_dtensor(x):
@@ -251,10 +285,30 @@ class Plan:
             except (TypeError, ValueError) as exc:
                 raise type(exc)(f"{self.describe(i)}: {exc}") from exc
             parts.append((value.detach().reshape(1), [i]))
-            total = _add(total, value, self.device, self.dtype)
-        if total is None:
-            total = torch.zeros((), dtype=self.dtype, device=self.device)
-        return Result(total, parts)
+            values.append(value)
+
+
+def _group_keys(
+    x: torch.Tensor,
+    terms: tuple[tuple[Term, Coefficient], ...],
+    reduce_over: tuple[Any, ...],
+    detached: bool,
+) -> list[tuple[Any, ...]]:
+    """The keys of the groups ``x``'s p-norm parts go into.
+
+    Zero terms are skipped, but a tensor whose terms are all zero (a lambda = 0 run of a
+    sweep) keeps one, so that it stays in the graph with a zero gradient. A replicated DTensor
+    has nothing to reduce but still needs to_local(): it must not share a group with plain
+    tensors, hence the is-DTensor part of the key; the same for the stand-ins of parts of
+    parameters an engine holds (HELD_PART) and DDP's parameters (under Join their gradient
+    goes around DDP's average). Tensors whose terms an optimizer applies (attach_optimizer,
+    ``detached``): their value is computed without autograd, in groups of their own.
+    """
+    shape = _stack_shape(x, _VALUE_STACK_MAX_BYTES if detached else _STACK_MAX_BYTES)
+    held = hasattr(x, HELD_PART)
+    ddp = hasattr(x, ROUTE) and not detached
+    key = (x.device, x.dtype, is_dtensor(x), held, ddp, reduce_over, detached, shape)
+    return [(term.p, coef, *key) for term, coef in [t for t in terms if t[1]] or terms[:1]]
 
 
 @dataclass
