@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import uuid
 import warnings
-import weakref
 from collections.abc import Callable, Sequence
 from typing import IO, Any
 
@@ -28,15 +27,13 @@ from .. import _locks, _naming
 from .._checks import RegcollectWarning, ScopeArg, check_scope
 from .._engine.plan import Plan
 from .._optim.attach import OptimizerAttachment, held_by
-from .._optim.wrappers import stepped
-from .._penalties.base import Regularizer
-from .._state import COLLECTIONS, OPTIMIZER_STEP
+from .._state import COLLECTIONS
 from .._torch_compat import is_compiling
 from .entries import ACTIVITY, Entry
-from .guards import forgotten_loss_check, model_groups, warn_meta, warn_models
-from .handle import Handle
+from .guards import install_step_hook, model_groups, warn_meta, warn_models
 from .plans import CachedPlan, PlanCache, applied, scope_key, with_records
 from .readout import Last, Readout, Row, as_dict, check_finite
+from .registering import Registering
 from .registry import Registry
 from .summary import check_tablefmt, render, table_extra
 from .traced import traced_loss
@@ -44,7 +41,7 @@ from .traced import traced_loss
 __all__ = ["Collection", "default_collection"]
 
 
-class Collection:
+class Collection(Registering):
     """An independent set of penalties. ``rc.get_collection()`` returns the default one.
 
     Args:
@@ -75,7 +72,7 @@ class Collection:
         self._warned_forgotten = False
         self._warned_models = False
         self._warned_meta = False
-        self._registry = Registry(_install_step_hook)
+        self._registry = Registry(install_step_hook)
         self._plans = PlanCache()
         self._plans_version = 0
         self._readout = Readout()
@@ -109,94 +106,6 @@ class Collection:
         """
         return self._registry.remove(module)
 
-    # -- registration: what layers, rc.add_regularizer, rc.regularize and plans use --
-
-    def register(
-        self, module: torch.nn.Module, param: str, regularizer: Regularizer, *, prefix: str = ""
-    ) -> Handle:
-        """Regularize ``module``'s parameter ``param`` (as ``Module.register_parameter`` adds
-        one): one regularizer per parameter, so this replaces any earlier one.
-
-        Args:
-            module: The module holding the parameter.
-            param: The parameter's name in ``module`` (``"weight"``).
-            regularizer: A ``Regularizer`` (``regcollect.regularizers.get`` makes one).
-            prefix: The scope prefix of the entry's name (``"decoder/"``).
-
-        Returns:
-            A handle; ``.remove()`` undoes exactly this registration.
-
-        Raises:
-            ValueError: ``module`` has no parameter ``param``; the regularizer cannot apply to
-                it; a tied parameter already has another regularizer.
-            TypeError: ``module`` is not a module, or ``regularizer`` not a ``Regularizer``.
-
-        Examples:
-            >>> import torch, regcollect as rc
-            >>> coll = rc.Collection()
-            >>> layer = torch.nn.Linear(2, 2)
-            >>> handle = coll.register(layer, "weight", rc.l2(0.5))
-            >>> coll.find(layer, "weight").regularizer
-            L2(l2=0.5)
-        """
-        return self._registry.add_weight(module, param, regularizer, prefix=prefix)
-
-    def register_activity(
-        self, module: torch.nn.Module, regularizer: Regularizer, *, prefix: str = ""
-    ) -> Handle:
-        """Regularize ``module``'s output: ``regularizer(output) / batch_size`` per call (see
-        the activity rule in ``regcollect._collection.activity``).
-
-        Args:
-            module: The module whose output is regularized.
-            regularizer: A ``Regularizer``.
-            prefix: The scope prefix of the entry's name.
-
-        Returns:
-            A handle; ``.remove()`` undoes exactly this registration.
-        """
-        return self._registry.add_activity(module, regularizer, prefix=prefix)
-
-    def register_tensor(
-        self, tensor: torch.Tensor, regularizer: Regularizer, name: str, *, prefix: str = ""
-    ) -> Handle:
-        """Regularize a bare tensor (held weakly) under ``name``: TF1's
-        ``apply_regularization`` on a list of weights.
-
-        Args:
-            tensor: The tensor.
-            regularizer: A ``Regularizer``.
-            name: The entry's name.
-            prefix: The scope prefix of the entry's name.
-
-        Returns:
-            A handle; ``.remove()`` undoes exactly this registration.
-        """
-        return self._registry.add_tensor(tensor, regularizer, name, prefix=prefix)
-
-    def find(self, module: torch.nn.Module, param: str | None = None) -> Entry | None:
-        """The entry on ``module``'s parameter ``param`` (None: on its output), if any.
-
-        Args:
-            module: The module.
-            param: A parameter name, or None for the module's activity entry.
-
-        Returns:
-            The entry, or None.
-        """
-        return self._registry.entry_for(module, param)
-
-    def unregister(self, entry: Entry) -> bool:
-        """Remove ``entry`` if it is still registered here (not replaced since).
-
-        Args:
-            entry: An entry of this collection.
-
-        Returns:
-            Whether it was removed.
-        """
-        return self._registry._discard(entry)
-
     def describe(self, entry: Entry) -> str:
         """``"entry 'name'"``, for error messages.
 
@@ -209,45 +118,6 @@ class Collection:
         return self._registry.describe(entry)
 
     # -- optimizers --
-
-    def attach_optimizer(self, optimizer: Any, *, decoupled: bool = False) -> Handle:
-        """``rc.attach_optimizer(optimizer, decoupled=..., collection=self)``: apply this
-        collection's L1/L2/L1L2 (and L2-SP, group lasso) weight penalties in the step of
-        ``optimizer`` (see there).
-
-        Args:
-            optimizer: An optimizer, or a wrapper that steps one.
-            decoupled: AdamW's decay and proximal L1 (True), or the gradient (False).
-
-        Returns:
-            A handle; ``.remove()`` gives the penalties back to autograd.
-
-        Raises:
-            TypeError: ``optimizer`` is not an optimizer nor a wrapper of one; ``decoupled``
-                is not a bool.
-            ValueError: See ``rc.attach_optimizer``.
-        """
-        optimizer = stepped(optimizer)
-        if not isinstance(decoupled, bool):
-            raise TypeError(f"decoupled must be True or False, got {decoupled!r}")
-        attachment = OptimizerAttachment(
-            optimizer, **_attachment_view(weakref.ref(self)), owner=id(self), decoupled=decoupled
-        )
-        with self._registry.lock:
-            # Attaching an optimizer again (set-up code run twice) replaces its attachment, so
-            # the step applies each penalty once; those of collected optimizers are dropped.
-            for old in [a for a in self._attachments if a.optimizer() in (None, optimizer)]:
-                old.remove()
-                self._attachments.remove(old)
-            self._attachments.append(attachment)
-
-        def undo() -> None:
-            attachment.remove()
-            with self._registry.lock:
-                if attachment in self._attachments:
-                    self._attachments.remove(attachment)
-
-        return Handle([], undo)
 
     def _held_by_optimizers(self) -> set[int]:
         return held_by(self._attachments)
@@ -454,36 +324,6 @@ class Collection:
         if extra_values:
             loss_value = extra_values[0]
         return render(rows, total, loss_value, tablefmt=tablefmt, file=file)
-
-
-def _attachment_view(ref: weakref.ref[Collection]) -> dict[str, Any]:
-    """What an optimizer attachment reads of its collection, held weakly (an optimizer
-    keeps its hooks, and they must not keep the collection alive)."""
-
-    def entries() -> list[Entry]:
-        coll = ref()
-        return [] if coll is None else coll.entries()
-
-    def key() -> tuple[Any, ...] | None:
-        coll = ref()
-        return None if coll is None else (coll._registry.version, coll._attachment_key())
-
-    def others(me: OptimizerAttachment) -> set[int]:
-        coll = ref()
-        return set() if coll is None else held_by(a for a in coll._attachments if a is not me)
-
-    return {"entries": entries, "key": key, "others": others}
-
-
-def _install_step_hook() -> None:
-    """The first entry anywhere installs the optimizer-step hook (the forgotten-loss
-    warning)."""
-    OPTIMIZER_STEP.add(_after_optimizer_step)
-
-
-def _after_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    """Warn once per collection whose penalties never reach a loss."""
-    forgotten_loss_check(COLLECTIONS.live, optimizer)
 
 
 def _restore_collection(uid: str, was_default: bool) -> Collection:

@@ -12,10 +12,12 @@ import torch
 
 from .. import _naming
 from .._checks import RegcollectWarning
+from .._state import COLLECTIONS, OPTIMIZER_STEP
 from .entries import Entry, current_tensors
 
 __all__ = [
     "forgotten_loss_check",
+    "install_step_hook",
     "model_groups",
     "several_models_message",
     "warn_meta",
@@ -138,3 +140,14 @@ def warn_meta(meta: Sequence[Entry], registry: _Names) -> bool:
         stacklevel=4,
     )
     return True
+
+
+def install_step_hook() -> None:
+    """The first entry anywhere installs the optimizer-step hook (the forgotten-loss
+    warning)."""
+    OPTIMIZER_STEP.add(_after_optimizer_step)
+
+
+def _after_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    """Warn once per collection whose penalties never reach a loss."""
+    forgotten_loss_check(COLLECTIONS.live, optimizer)
