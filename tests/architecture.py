@@ -252,7 +252,6 @@ def _cycles(graph: dict[str, set[str]], found: dict[str, Path]) -> list[list[str
             if len(component) > 1:
                 out.append(sorted(component))
 
-    sys.setrecursionlimit(10000)
     for v in sorted(found):
         if v not in index:
             visit(v)

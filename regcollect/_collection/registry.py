@@ -196,6 +196,14 @@ class Registry:
         """The tensor ``entry`` regularizes, once everything that could refuse it has been
         asked: the engine holding it in parts, the penalty's own check, a tied weight."""
         tensor = entry.resolve()
+        for term, _ in kernel_of(entry.regularizer).terms(entry.regularizer):
+            if term.p not in (None, 1, 2):
+                raise ValueError(
+                    f"{entry.base_name()[0]!r}: {type(term).__name__} has p = {term.p}; the "
+                    "grouped kernels compute sums of |x|**p for p 1 or 2 only. Give the term "
+                    "p = None (its penalty is then called on each tensor), or leave the "
+                    "kernel's terms empty."
+                )
         if entry.kind == WEIGHT and powers(entry.regularizer) is None:
             # An FSDP1 shard or flat parameter, a ZeRO-3 partition: only sums of p-norm
             # powers are completed across ranks (the engine's rule; it refuses the rest at

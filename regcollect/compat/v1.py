@@ -281,9 +281,10 @@ class _SumKernel(Kernel):
     than those (its own formula, a reference) makes the sum a formula, called."""
 
     def terms(self, reg: Any) -> tuple[tuple[Term, Coefficient], ...]:
-        members = [(kernel_of(m), m) for m in reg.regularizers if m is not None]
-        parts = [part for kernel, m in members for part in kernel.terms(m)]
-        if not all(term.p for term, _ in parts) or not all(k.terms(m) for k, m in members):
+        # Each member's terms once: a nested sum would otherwise ask its members twice a level.
+        member_terms = [kernel_of(m).terms(m) for m in reg.regularizers if m is not None]
+        parts = [part for terms in member_terms for part in terms]
+        if not all(member_terms) or not all(term.p for term, _ in parts):
             return ()
         merged: dict[Any, tuple[Term, Coefficient]] = {}
         for term, coef in parts:
