@@ -15,16 +15,15 @@ named from its root as one built after. The tables are in ``regcollect._state``.
 
 from __future__ import annotations
 
+import itertools
 import re
-import sys
-import types
 import weakref
 from typing import Any
 
 import torch
 
 from ._state import MODULE_REGISTRATION, NAMING
-from ._torch_compat import is_compiling
+from ._torch_compat import calls_under_way, is_compiling
 
 __all__ = [
     "ancestors",
@@ -36,6 +35,7 @@ __all__ = [
     "follow_links",
     "holders",
     "is_wrapper",
+    "learn_model",
     "named_modules",
     "path_to_root",
     "record_tree",
@@ -105,15 +105,23 @@ _CALL = torch.nn.Module._call_impl.__code__
 def running_modules() -> list[torch.nn.Module]:
     """The modules whose call is under way in this thread, innermost first (their
     ``Module.__call__`` frames)."""
-    out = []
-    frame: types.FrameType | None = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code is _CALL:
-            module = frame.f_locals.get("self")
-            if isinstance(module, torch.nn.Module):
-                out.append(module)
-        frame = frame.f_back
-    return out
+    return [m for m in calls_under_way(_CALL, "self") if isinstance(m, torch.nn.Module)]
+
+
+def learn_model(running: list[torch.nn.Module]) -> None:
+    """Record the tree of the model the innermost of ``running`` (modules whose calls are
+    under way, innermost first) belongs to: the outermost of them, except that a wrapper's
+    attribute (DDP's and DeepSpeed's ``module``, torch.compile's ``_orig_mod``) ends the
+    model, so its prefix never appears in names. For modules whose links nobody recorded (a
+    model built before regcollect was used, a pickled or copied one)."""
+    model = running[0] if running else None
+    for inner, outer in itertools.pairwise(running):
+        name = next((n for n, c in outer._modules.items() if c is inner), None)
+        if name is not None and f"{name}." in WRAPPER_PREFIXES:
+            break
+        model = outer
+    if model is not None and model is not running[0]:
+        record_tree(model)
 
 
 class _FindModel:
@@ -128,19 +136,8 @@ class _FindModel:
         if is_compiling():  # frames are not for dynamo: the next eager call looks
             return
         self.handle.remove()
-        if _parent_of(module) is not None:  # put into a model since: the hook recorded it
-            return
-        # Up the modules running around it, as far as each holds the one inside it as a
-        # child; a wrapper's attribute (DDP's, DeepSpeed's "module", torch.compile's
-        # "_orig_mod") ends the model: its prefix never appears in names.
-        model = module
-        for outer in running_modules()[1:]:
-            name = next((n for n, c in outer._modules.items() if c is model), None)
-            if name is None or f"{name}." in WRAPPER_PREFIXES or name == "module":
-                break
-            model = outer
-        if model is not module:
-            record_tree(model)
+        if _parent_of(module) is None:  # not put into a model since (the hook would know)
+            learn_model(running_modules())
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (inert_hook_factory, ())

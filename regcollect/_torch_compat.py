@@ -8,6 +8,9 @@ its floor and on the newest torch the index serves.
 from __future__ import annotations
 
 import re
+import sys
+import types
+from typing import Any
 
 import torch
 import torch.fx
@@ -17,6 +20,7 @@ __all__ = [
     "CONSTANT_FUNCTIONS_TAKE_OBJECTS",
     "EXPORT_IS_SEEN",
     "TORCH_VERSION",
+    "calls_under_way",
     "in_backward",
     "is_compiling",
     "is_tracing",
@@ -79,3 +83,16 @@ def in_backward() -> bool:
     checkpointing recomputing). Eager only: torch has no public flag for it, so this reads
     the autograd engine's current node, as ``torch.utils.checkpoint`` itself does."""
     return torch._C._current_autograd_node() is not None
+
+
+def calls_under_way(code: types.CodeType, local: str) -> list[Any]:
+    """The local variable ``local`` of every frame of ``code`` under way in this thread,
+    innermost first: which torch wrappers are running now (``Module.__call__``'s, whose
+    ``self`` is the module; ``Optimizer.step``'s, whose ``args[0]`` is the optimizer)."""
+    out = []
+    frame: types.FrameType | None = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is code:
+            out.append(frame.f_locals.get(local))
+        frame = frame.f_back
+    return out

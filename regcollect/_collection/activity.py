@@ -160,8 +160,7 @@ class Activity:
         the hooks, and count the calls under way of the modules that were not hooked when
         they started (their forward hooks, placed now, will close them)."""
         running = running_modules()
-        if running:
-            _naming.record_tree(running[-1])
+        _naming.learn_model(running)
         self.refresh()
         seen = {id(module)}
         for m in reversed(running):  # outermost first: it starts the pass its hook missed

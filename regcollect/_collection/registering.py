@@ -27,12 +27,6 @@ class Registering:
     _registry: Registry
     _attachments: list[OptimizerAttachment]
 
-    def entries(self, scope: Any = None) -> list[Entry]:
-        raise NotImplementedError
-
-    def _attachment_key(self) -> tuple[Any, ...]:
-        raise NotImplementedError
-
     def register(
         self, module: torch.nn.Module, param: str, regularizer: Regularizer, *, prefix: str = ""
     ) -> Handle:

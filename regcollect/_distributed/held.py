@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from .._state import STASHED
+from .._torch_compat import in_backward
 from . import fsdp1 as _fsdp1
 from .sharding import GroupAxis
 
@@ -168,7 +169,7 @@ class Part:
 
     def current(self) -> torch.Tensor:
         x = self.held.local()[self.start : self.stop]
-        if STASHED and torch._C._current_autograd_node() is None:
+        if STASHED and not in_backward():
             # Outside a backward pass, gradients still stashed are from one that failed before
             # its end (its check never ran): dropped, not added to this step's.
             _clear()

@@ -27,9 +27,7 @@ with the first schedule in use.
 
 from __future__ import annotations
 
-import sys
 import threading
-import types
 import warnings
 import weakref
 from typing import Any
@@ -38,6 +36,7 @@ import torch
 
 from .._checks import RegcollectWarning
 from .._state import FOLLOWING, OPTIMIZER_STEP, OPTIMIZER_STEP_PRE
+from .._torch_compat import calls_under_way
 from ..schedules import Schedule
 from .wrappers import groups_key, skip_flag
 
@@ -111,15 +110,7 @@ _STEP = torch.optim.Optimizer.profile_hook_step(lambda *args, **kwargs: None).__
 
 def _stepping() -> list[Any]:
     """The optimizers whose ``step()`` is under way in this thread (their wrapper frames)."""
-    out = []
-    frame: types.FrameType | None = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code is _STEP:
-            args = frame.f_locals.get("args")
-            if args:
-                out.append(args[0])
-        frame = frame.f_back
-    return out
+    return [args[0] for args in calls_under_way(_STEP, "args") if args]
 
 
 def _before_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
