@@ -12,8 +12,7 @@ from ._checks import check_module
 from ._collection.collection import Collection
 from ._collection.handle import Handle
 from ._context import active_collection, current_prefix
-from ._distributed import fsdp1 as _fsdp1
-from ._distributed.held import real_shape
+from ._distributed.seam import held_away, holds, real_shape
 from ._penalties.l2sp import check_reference_shape, reference_name
 from .regularizers import L2SP, Regularizer
 from .regularizers import get as get_regularizer
@@ -40,10 +39,8 @@ def resolve_parameter(module: torch.nn.Module, param_name: object) -> tuple[torc
         owner = module.get_submodule(path) if path else module
     except AttributeError:
         owner = None
-    # A parameter FSDP1 moved into a flat parameter (use_orig_params=False) is found there.
-    if owner is None or (
-        owner._parameters.get(local) is None and _fsdp1.owner(owner, local) is None
-    ):
+    # A parameter an engine took out of its module (FSDP1's flat parameters) is found there.
+    if owner is None or (owner._parameters.get(local) is None and not holds(owner, local)):
         # Listed only on error: building the list on every call made registering each of a
         # module's N parameters cost O(N^2).
         available = [name for name, _ in module.named_parameters()]
@@ -229,9 +226,9 @@ def _walk_parameters(
                 logical = f"{layer_path}.{parts[-1]}" if layer_path else parts[-1]
                 layer = model.get_submodule(layer_path) if layer_path else model
             out.append((name, logical, module, local, layer))
-    # Parameters FSDP1 took into flat parameters (use_orig_params=False), under their names.
+    # Parameters engines took out of their modules (FSDP1's flat parameters), under their names.
     paths = {id(module): path for path, module in modules}
-    for module, local in _fsdp1.flattened_away(model):
+    for module, local in held_away(model):
         name = f"{paths[id(module)]}.{local}".strip(".")
         out.append((name, name, module, local, module))
     return out
@@ -363,7 +360,7 @@ def _rule(
         return "embeddings"
     if "bias" in last:
         return "bias"
-    if len(real_shape(owner, local, param) or ()) >= 2:  # FSDP1 flattens, ZeRO-3 empties
+    if len(real_shape(owner, local, param) or ()) >= 2:  # as the model made it
         return "kernel"
     return None
 

@@ -5,7 +5,9 @@ Every error says which argument was wrong, what was expected and what was receiv
 
 from __future__ import annotations
 
+import os
 import reprlib
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -80,3 +82,17 @@ def check_scope(scope: object) -> str | tuple[torch.nn.Module, ...] | None:
 
 # The public path (regcollect.RegcollectWarning), which pickles and reprs record.
 RegcollectWarning.__module__ = "regcollect"
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+
+
+def outside() -> int:
+    """The ``stacklevel`` of the first frame outside regcollect, for a warning issued here:
+    it points at the user's line however deep in the package the warning is decided."""
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        frame = frame.f_back  # type: ignore[assignment]
+        level += 1
+    return level

@@ -25,18 +25,17 @@ import torch
 
 from .. import _locks, _naming
 from .._checks import RegcollectWarning, ScopeArg, check_scope
-from .._engine.plan import Plan
 from .._optim.attach import OptimizerAttachment, held_by
 from .._state import COLLECTIONS
 from .._torch_compat import is_compiling
 from .entries import ACTIVITY, Entry
 from .guards import install_step_hook, model_groups, warn_meta, warn_models
-from .plans import CachedPlan, PlanCache, applied, scope_key, with_records
+from .plans import CachedPlan, PlanCache, View, scope_key, with_records
 from .readout import Last, Readout, Row, as_dict, check_finite
 from .registering import Registering
 from .registry import Registry
 from .summary import check_tablefmt, render, table_extra
-from .traced import traced_loss
+from .traced import traced_view
 
 __all__ = ["Collection", "default_collection"]
 
@@ -197,6 +196,49 @@ class Collection(Registering):
         """Names ``entries[i]`` in engine error messages (resolved only on error)."""
         return lambda i: self.describe(entries[i])
 
+    def _evaluate(self, scope: ScopeArg, each: bool) -> list[torch.Tensor]:
+        """The one evaluation behind ``loss()`` (``each`` False: ``[total]``) and ``losses()``
+        (``each``: one value per entry that contributes, in registration order): the scope's
+        cached view, or, while torch.compile traces, one made without lock, cache or warning.
+        Its values are kept on the device for the read-back."""
+        traced = is_compiling()
+        view: View | None = None
+        if traced:
+            view = traced_view(self._registry, scope, self._held_by_optimizers())
+            if view is None:
+                # An engine holds a parameter in parts: its penalty is completed across the
+                # ranks and its gradient handed to the engine by the eager path only.
+                return torch.compiler.disable(self._evaluate)(scope, each)  # type: ignore[no-any-return]
+            key = scope_key(None if scope is None else check_scope(scope))
+            records = self._registry.activity.read(
+                None if key is None else frozenset(map(id, view.in_scope))
+            )
+        else:
+            key, cached = self._plan(scope)
+            records = self._registry.activity.read(None if key is None else cached.in_scope_ids)
+            if not each:
+                self._warn_once(key, cached, records)
+            view = cached
+        if each:
+            out, parts = _each(view, records)
+        else:
+            result = view.plan()
+            parts = result.parts
+            out = [with_records(result.total, [v for _, v in records], len(view.entries) > 0)]
+        self._readout.store(key, Last(view.entries, parts, records, view.activity))
+        self._consumed = True
+        if self.check_finite and not traced:
+            self.assert_finite(scope)
+        return out
+
+    def _warn_once(self, key: Any, cached: CachedPlan, records: list[Any]) -> None:
+        if key is None and not self._warned_models:
+            self._warned_models = warn_models(
+                cached.weight_models, cached.models, cached.in_scope, records, self._registry
+            )
+        if cached.meta and not self._warned_meta:
+            self._warned_meta = warn_meta(cached.meta, self._registry)
+
     def loss(self, scope: ScopeArg = None) -> torch.Tensor:
         """Sum of the penalties in ``scope``: weights, plus the activity penalties recorded since.
 
@@ -209,29 +251,13 @@ class Collection(Registering):
             A 0-dim tensor, differentiable, on the parameters' device, float32 at least;
             ``tensor(0.)`` when nothing is registered. Reads nothing back to the host.
         """
-        if is_compiling():
-            return traced_loss(self, scope)
-        key, cached = self._plan(scope)
-        records = self._registry.activity.read(None if key is None else cached.in_scope_ids)
-        if key is None and not self._warned_models:
-            self._warned_models = warn_models(
-                cached.weight_models, cached.models, cached.in_scope, records, self._registry
-            )
-        if cached.meta and not self._warned_meta:
-            self._warned_meta = warn_meta(cached.meta, self._registry)
-        result = cached.plan()
-        total = with_records(result.total, [v for _, v in records], len(cached.entries) > 0)
-        self._readout.store(key, Last(cached.entries, result.parts, records, cached.activity))
-        self._consumed = True
-        if self.check_finite:
-            self.assert_finite(scope)
-        return total
+        return self._evaluate(scope, each=False)[0]
 
     def losses(self, scope: ScopeArg = None) -> list[torch.Tensor]:
         """One differentiable 0-dim tensor per entry that contributes, in registration order.
 
-        Weight entries are evaluated one by one (use ``loss`` in training loops); an
-        activity entry gives the sum of its penalties recorded since the last call.
+        Each weight entry's penalty alone (use ``loss`` in training loops: one grouped
+        evaluation); an activity entry gives the sum of its penalties of the last forward pass.
 
         Args:
             scope: As for ``loss``.
@@ -239,27 +265,7 @@ class Collection(Registering):
         Returns:
             The list of 0-dim tensors.
         """
-        key, cached = self._plan(scope)
-        records = self._registry.activity.read(None if key is None else cached.in_scope_ids)
-        by_entry = dict(records)
-        position = {id(e): i for i, e in enumerate(cached.entries)}
-        out: list[torch.Tensor] = []
-        parts: list[tuple[torch.Tensor, list[int]]] = []
-        for entry in cached.in_scope:
-            i = position.get(id(entry))
-            if i is not None:
-                # A one-tensor plan: sharded tensors are completed exactly, as in loss().
-                tensor = cached.plan.tensors[i]
-                value = Plan([tensor], applied([entry]), self._describer([entry]))().total
-                out.append(value)
-                parts.append((value.detach().reshape(1), [i]))
-            elif entry in by_entry:
-                out.append(by_entry[entry])
-        self._readout.store(key, Last(cached.entries, parts, records, cached.activity))
-        self._consumed = True
-        if self.check_finite:
-            self.assert_finite(scope)
-        return out
+        return self._evaluate(scope, each=True)
 
     # -- reading the last values --
 
@@ -362,3 +368,20 @@ _DEFAULT_LOCK = _locks.Lock()
 
 # The public path (regcollect.Collection), which pickles record, not this private module's.
 Collection.__module__ = Collection._unpickle.__module__ = "regcollect"
+
+
+def _each(
+    view: View, records: list[tuple[Entry, torch.Tensor]]
+) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, list[int]]]]:
+    """``losses()``'s values: each entry's in registration order (a weight's alone, an
+    activity entry's of the last forward pass), and the parts the read-back keeps."""
+    values = view.each()
+    parts = [(v.detach().reshape(1), [i]) for i, v in enumerate(values)]
+    by_entry = dict(records)
+    position = {id(e): i for i, e in enumerate(view.entries)}
+    out = [
+        values[position[id(e)]] if id(e) in position else by_entry[e]
+        for e in view.in_scope
+        if id(e) in position or e in by_entry
+    ]
+    return out, parts

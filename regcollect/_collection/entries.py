@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .. import _naming
-from .._distributed.held import real_shape
+from .._distributed.seam import real_shape
 from ..regularizers import Regularizer
 
 __all__ = ["ACTIVITY", "TENSOR", "WEIGHT", "Entry", "current_tensors", "unique_names"]
@@ -153,14 +153,12 @@ class Entry:
     def shape(self) -> tuple[int, ...] | None:
         """The regularized tensor's (global) shape; None for activity and dead entries."""
         tensor = self.resolve()
-        full = None if tensor is None else getattr(tensor, "full_shape", None)  # DTensors'
-        if full is None and self._module_ref is not None and self._param is not None:
-            module = self._module_ref()
-            if module is not None:  # an FSDP1 flat view or flat parameter, a ZeRO-3 partition
-                full = real_shape(module, self._param, tensor)
-        if full is None:
-            return None if tensor is None else tuple(tensor.shape)
-        return tuple(full)
+        module = self._module_ref() if self._module_ref is not None else None
+        if module is not None and self._param is not None:
+            # As the model made it, not as an engine holds it (a flat part, nothing).
+            full = real_shape(module, self._param, tensor)
+            return None if full is None else tuple(full)
+        return None if tensor is None else tuple(tensor.shape)
 
     def base_name(self) -> tuple[str, torch.nn.Module | None]:
         """The entry's name before de-duplication, and where it comes from.

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 import torch
 
 from .. import _naming
-from .._checks import RegcollectWarning
+from .._checks import RegcollectWarning, outside
 from .._state import COLLECTIONS, OPTIMIZER_STEP
 from .entries import Entry, current_tensors
 
@@ -125,7 +125,7 @@ def warn_models(
     if len(groups) <= 1:
         return False
     message = several_models_message(groups, in_scope, models, registry._names())
-    warnings.warn(message, RegcollectWarning, stacklevel=4)
+    warnings.warn(message, RegcollectWarning, stacklevel=outside())
     return True
 
 
@@ -137,7 +137,7 @@ def warn_meta(meta: Sequence[Entry], registry: _Names) -> bool:
         "built for its shapes only) beside real ones; they are left out of loss(). Pass "
         "the real model (rc.loss(model)) to silence this.",
         RegcollectWarning,
-        stacklevel=4,
+        stacklevel=outside(),
     )
     return True
 

@@ -25,6 +25,7 @@ from .entries import ACTIVITY, TENSOR, Entry, current_tensors, tied_name
 from .partitioned import prepare as prepare_partitioned
 
 __all__ = [
+    "View",
     "CachedPlan",
     "PlanCache",
     "applied",
@@ -53,11 +54,9 @@ def applied(entries: Sequence[Entry]) -> list[Regularizer]:
     return [kernel_of(e.regularizer).bind(e.regularizer, e.module, e.param) for e in entries]
 
 
-def choose(
-    candidates: Sequence[Entry], tensors: Sequence[torch.Tensor | None]
-) -> tuple[list[Entry], list[torch.Tensor]]:
-    """The entries whose tensor exists and trains (bare tensors: exists), in registration
-    order, each tensor once.
+def choose(candidates: Sequence[Entry], tensors: Sequence[torch.Tensor | None]) -> list[int]:
+    """The positions of the entries whose tensor exists and trains (bare tensors: exists), in
+    registration order, each tensor once.
 
     A parameter reached through two entries (tied after registration) counts once when they
     agree on its regularizer.
@@ -86,23 +85,39 @@ def choose(
         # A meta-device copy (a shape-only model) beside real ones: its values do not exist,
         # and it would put the total on "meta". Left out; the collection warns.
         picked = [(i, t) for i, t in picked if not t.is_meta]
-    return [candidates[i] for i, _ in picked], [t for _, t in picked]
+    return [i for i, _ in picked]
 
 
-@dataclass
-class CachedPlan:
-    """A plan and what it was built from. ``in_scope`` lists every entry the scope covers
-    (activity entries included); ``entries`` are the plan's, one per tensor it evaluates."""
+@dataclass(kw_only=True)
+class View:
+    """What one evaluation of a scope reads: the plan of its weights, the plan's ``entries``
+    (one per tensor it evaluates), every entry the scope covers (``in_scope``, activity
+    entries included) and the activity entries among them (``activity``)."""
+
+    plan: Plan
+    entries: list[Entry]
+    in_scope: list[Entry]
+    activity: list[Entry]
+    # One plan per tensor, for losses(): built on its first call, then kept with the plan.
+    singles: list[Plan] | None = None
+
+    def each(self) -> list[torch.Tensor]:
+        """Each tensor's penalty alone, differentiable (sharded ones completed, as in the
+        plan)."""
+        if self.singles is None:
+            self.singles = self.plan.split()
+        return [single().total for single in self.singles]
+
+
+@dataclass(kw_only=True)
+class CachedPlan(View):
+    """A view and what it was built from, checked at every call (``valid``)."""
 
     version: tuple[Any, ...]
     roots: tuple[weakref.ref[torch.nn.Module], ...]
     locators: list[tuple[Any, str | None]]
     tensors: list[torch.Tensor | None]
     flags: list[tuple[Any, ...]]
-    plan: Plan
-    entries: list[Entry]
-    in_scope: list[Entry]
-    activity: list[Entry] = field(default_factory=list)
     # id(entry) -> model number, for the several-models warning of unscoped calls, and the
     # models the plan's weight entries belong to.
     models: dict[int, int] = field(default_factory=dict)
@@ -110,8 +125,8 @@ class CachedPlan:
     in_scope_ids: frozenset[int] = frozenset()
     # Entries on meta tensors left out because real tensors are in the plan too.
     meta: list[Entry] = field(default_factory=list)
-    # FSDP1 flat parameters holding parameters gone from their modules, and whether each
-    # trained: freezing one changes no module attribute the other checks see.
+    # Engines' parameters holding parameters gone from their modules (FSDP1 flat parameters),
+    # and whether each trained: freezing one changes no module attribute the other checks see.
     flat: list[torch.Tensor] = field(default_factory=list)
     flat_trains: list[bool] = field(default_factory=list)
 
@@ -156,45 +171,55 @@ class PlanCache:
         in_scope, candidates = build()
         locators = [e.locator for e in candidates]
         tensors = current_tensors(locators)
-        evaluated, flat = prepare_partitioned(candidates, tensors)
-        entries, chosen = choose(candidates, evaluated)
-        kept = set(map(id, entries))
-        meta = [
-            e
-            for e, t in zip(candidates, tensors)
-            if t is not None and t.is_meta and t.requires_grad and id(e) not in kept
-        ]
+        placed, flat = prepare_partitioned(candidates, tensors)
+        evaluated = [p[0] if p is not None else None for p in placed]
+        positions = choose(candidates, evaluated)
+        entries = [candidates[i] for i in positions]
+        chosen = [p for i in positions if (p := placed[i]) is not None]
         activity = [e for e in in_scope if e.kind == ACTIVITY]
         model_of = models([*entries, *activity]) if models is not None else {}
         cached = CachedPlan(
-            version,
-            tuple(weakref.ref(m) for m in roots),
-            locators,
-            tensors,
-            _flags(tensors),
-            Plan(
-                chosen,
+            version=version,
+            roots=tuple(weakref.ref(m) for m in roots),
+            locators=locators,
+            tensors=tensors,
+            flags=_flags(tensors),
+            plan=Plan(
+                [t for t, _ in chosen],
                 applied(entries),
                 describe(entries),
+                placements=[p for _, p in chosen],
                 # Every rank lays out the same sharded tensors, trained here or not.
-                registered=evaluated,
+                registered=placed,
                 describe_registered=describe(candidates),
                 no_grad=no_grad() if no_grad is not None else frozenset(),
             ),
-            entries,
-            in_scope,
-            activity,
-            model_of,
-            frozenset(model_of[id(e)] for e in entries if id(e) in model_of),
-            frozenset(map(id, in_scope)),
-            meta,
-            flat,
-            [t.requires_grad for t in flat],
+            entries=entries,
+            in_scope=in_scope,
+            activity=activity,
+            models=model_of,
+            weight_models=frozenset(model_of[id(e)] for e in entries if id(e) in model_of),
+            in_scope_ids=frozenset(map(id, in_scope)),
+            meta=_meta_only(candidates, tensors, entries),
+            flat=flat,
+            flat_trains=[t.requires_grad for t in flat],
         )
         if key not in self._plans and len(self._plans) >= self.size:
             del self._plans[next(iter(self._plans))]
         self._plans[key] = [cached, *recent[:1]]
         return cached
+
+
+def _meta_only(
+    candidates: Sequence[Entry], tensors: Sequence[torch.Tensor | None], kept: Sequence[Entry]
+) -> list[Entry]:
+    """The entries on meta tensors left out because real tensors are in the plan too."""
+    ids = set(map(id, kept))
+    return [
+        e
+        for e, t in zip(candidates, tensors)
+        if t is not None and t.is_meta and t.requires_grad and id(e) not in ids
+    ]
 
 
 def traced_tensors(candidates: Sequence[Entry]) -> list[torch.Tensor | None]:

@@ -18,9 +18,8 @@ import torch
 
 from .. import _locks, _naming
 from .._checks import ScopeArg, check_module, check_scope
-from .._distributed import fsdp1 as _fsdp1
-from .._distributed.held import holding_engine
-from .._distributed.sharding import parts_message
+from .._distributed.placement import parts_message
+from .._distributed.seam import engine_in_parts, holds
 from .._engine.plan import powers
 from .._optim import following as _following
 from .._penalties.kernel import kernel_of
@@ -120,7 +119,7 @@ class Registry:
     ) -> Handle:
         """Register ``regularizer`` on ``module._parameters[param]``, replacing any previous one."""
         check_module(module)
-        if module._parameters.get(param) is None and _fsdp1.owner(module, param) is None:
+        if module._parameters.get(param) is None and not holds(module, param):
             available = [n for n, p in module._parameters.items() if p is not None]
             raise ValueError(
                 f"{type(module).__name__} has no parameter {param!r}; its parameters are "
@@ -208,7 +207,7 @@ class Registry:
             # An FSDP1 shard or flat parameter, a ZeRO-3 partition: only sums of p-norm
             # powers are completed across ranks (the engine's rule; it refuses the rest at
             # loss() when registered before wrapping).
-            engine = holding_engine(entry.module, entry.param or "", tensor)
+            engine = engine_in_parts(tensor, entry.module, entry.param)
             if engine is not None:
                 message = parts_message(entry.regularizer, engine)
                 raise ValueError(f"{entry.base_name()[0]!r}: {message}")

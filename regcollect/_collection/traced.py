@@ -1,62 +1,56 @@
-"""``loss()`` while ``torch.compile`` traces: the same choice as the eager path, made without
-lock, cache or warning, so that dynamo turns it into guards and a graph with no break.
-
-``coll`` is a ``regcollect.Collection`` (typed loosely: this module sits below it).
+"""The view ``loss()`` evaluates while ``torch.compile`` traces: the same choice as the eager
+path, made without lock, cache or warning, so that dynamo turns it into guards and a graph with
+no break. The collection evaluates it as it evaluates a cached one (``Collection._evaluate``).
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from .._checks import ScopeArg, check_scope
-from .._distributed.held import holding_engine
+from .._distributed.seam import engine_in_parts
 from .._engine.plan import Plan
-from .._optim.attach import held_by
 from .._torch_compat import CONSTANT_FUNCTIONS_TAKE_OBJECTS
 from .entries import ACTIVITY, WEIGHT
-from .plans import applied, choose, mark_constant, scope_key, traced_tensors, with_records
-from .readout import Last
+from .plans import View, applied, choose, mark_constant, traced_tensors
+from .registry import Registry
 
-__all__ = ["traced_loss"]
+__all__ = ["traced_view"]
 
 
-def traced_loss(coll: Any, scope: ScopeArg) -> torch.Tensor:
-    """``loss()`` while torch.compile traces: no lock, no cache, no warning.
+def traced_view(registry: Registry, scope: ScopeArg, held: set[int]) -> View | None:
+    """The view of ``scope`` while torch.compile traces, with ``held`` the ids of the tensors
+    an optimizer applies the penalties of; None when only the eager path can evaluate it.
 
     Dynamo turns this into guards on the entries and the modules' parameters and a graph
     of the penalty math, so a compiled step has no graph break here. A ``scope`` is
     matched against the names once, when the step is traced (``_scope_positions``).
     """
-    if _held_parameter(coll):
-        # Completed across the ranks, its gradient handed to the engine: the eager path only
-        # (outside the graph, loss() is not compiling, so it takes that path).
-        return torch.compiler.disable(coll.loss)(scope)  # type: ignore[no-any-return]
-    in_scope = list(coll._registry.ordered)
-    checked = None if scope is None else check_scope(scope)  # the eager path's errors
-    if checked is not None:
-        found = _scope_positions(coll, scope)
+    if _held_parameter(registry):
+        # Completed across the ranks, its gradient handed to the engine: the eager path only.
+        return None
+    in_scope = list(registry.ordered)
+    if scope is not None:
+        check_scope(scope)  # the eager path's errors
+        found = _scope_positions(registry, scope)
         if isinstance(found, str):  # an invalid regular expression
             raise ValueError(found)
         in_scope = [in_scope[i] for i in found]
     candidates = [e for e in in_scope if e.kind != ACTIVITY]
-    entries, tensors = choose(candidates, traced_tensors(candidates))
-    held: set[int] = held_by(coll._attachments) if len(coll._attachments) > 0 else set()
-    plan = Plan(tensors, applied(entries), no_grad=held)
-    keep = None if scope is None else frozenset(map(id, in_scope))
-    records = coll._registry.activity.read(keep)
-    result = plan()
-    coll._readout.store(
-        scope_key(checked),
-        Last(entries, result.parts, records, [e for e in in_scope if e.kind == ACTIVITY]),
+    current = traced_tensors(candidates)
+    positions = choose(candidates, current)
+    tensors: list[torch.Tensor] = [t for i in positions if (t := current[i]) is not None]
+    entries = [candidates[i] for i in positions]
+    return View(
+        plan=Plan(tensors, applied(entries), no_grad=held),
+        entries=entries,
+        in_scope=in_scope,
+        activity=[e for e in in_scope if e.kind == ACTIVITY],
     )
-    coll._consumed = True
-    return with_records(result.total, [v for _, v in records], len(entries) > 0)
 
 
-def _positions(coll: Any, scope: Any) -> tuple[int, ...] | str:
-    """Positions, among ``coll``'s entries, of those ``scope`` covers.
+def _positions(registry: Registry, scope: ScopeArg) -> tuple[int, ...] | str:
+    """Positions, among the registry's entries, of those ``scope`` covers.
 
     While torch.compile traces, this runs once, outside the graph, and its result is a
     constant of the graph: names and regular expressions are Python work that dynamo would
@@ -66,22 +60,22 @@ def _positions(coll: Any, scope: Any) -> tuple[int, ...] | str:
     here, it would reach the user wrapped in a dynamo error.
     """
     try:
-        keep = set(map(id, coll.entries(scope)))
+        keep = set(map(id, registry.entries(scope)))
     except ValueError as exc:
         return str(exc)
-    return tuple(i for i, e in enumerate(coll._registry.ordered) if id(e) in keep)
+    return tuple(i for i, e in enumerate(registry.ordered) if id(e) in keep)
 
 
-def _held(coll: Any) -> bool:
-    """Whether a parameter of ``coll``'s entries is held in parts across the ranks by FSDP1 or
-    DeepSpeed ZeRO-3: only the eager path completes its penalty and hands its gradient to the
-    engine (``regcollect._partitioned``), so ``loss()`` runs eagerly then, outside the graph.
+def _held(registry: Registry) -> bool:
+    """Whether an engine holds a parameter of the registry's entries in parts across the
+    ranks (FSDP1, ZeRO-3): only the eager path completes its penalty and hands its gradient to
+    the engine, so ``loss()`` runs eagerly then, outside the graph.
 
     Like ``_positions``, this runs once, outside the graph, when torch.compile traces.
     """
     return any(
-        holding_engine(entry.module, entry.param or "", entry.resolve()) is not None
-        for entry in coll._registry.ordered
+        engine_in_parts(entry.resolve(), entry.module, entry.param) is not None
+        for entry in registry.ordered
         if entry.kind == WEIGHT
     )
 

@@ -19,19 +19,20 @@ that gradient.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
+from .. import _naming
 from .._torch_compat import in_backward
+from .placement import PLAIN, Adapter, Placed, Placement, by_type
 
-__all__ = ["ROUTE", "joined", "routed"]
+__all__ = ["DDPAdapter", "joined"]
 
-# On a parameter a DDP module reduces: a weak reference to that module (set by
-# regcollect._partitioned when a plan is built).
-ROUTE = "_regcollect_ddp"
-# On that DDP module, during a backward pass: the (parameter, gradient) pairs kept aside.
+# On a DDP module, during a backward pass: the (parameter, gradient) pairs kept aside.
 _ASIDE = "_regcollect_aside"
 
 
@@ -41,11 +42,10 @@ def joined(ddp: Any) -> bool:
     return bool(getattr(config, "enable", False))
 
 
-def routed(x: torch.Tensor) -> torch.Tensor:
-    """``x`` itself, or, for a parameter whose DDP runs under ``Join``, a leaf aliasing it
-    whose gradient is added to ``x.grad`` after DDP's reduction."""
-    ref = getattr(x, ROUTE, None)
-    ddp = ref() if ref is not None else None
+def _routed(ref: Any, x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself, or, while the DDP module ``ref`` refers to runs under ``Join``, a leaf
+    aliasing ``x`` whose gradient is added to ``x.grad`` after DDP's reduction."""
+    ddp = ref()
     if ddp is None or not joined(ddp) or not x.requires_grad or not torch.is_grad_enabled():
         return x
     aside = ddp.__dict__.get(_ASIDE)
@@ -84,3 +84,27 @@ def _add_aside(ddp_ref: Any) -> None:
                 p.grad = grad.detach().clone()
             else:
                 p.grad.add_(grad.to(p.grad.dtype))
+
+
+class DDPAdapter(Adapter):
+    """A parameter of a module a DDP module wraps: all its values here, its penalty's gradient
+    routed around DDP's average while that DDP runs under ``Join``."""
+
+    engine = "DDP"
+
+    def place(
+        self,
+        tensor: torch.Tensor | None,
+        module: torch.nn.Module | None,
+        name: str | None,
+        describe: Callable[[], str],
+    ) -> Placed | None:
+        if tensor is None or module is None or name is None or by_type(tensor) is not PLAIN:
+            return None
+        ddp = next(
+            (m for m in _naming.ancestors(module) if isinstance(m, DistributedDataParallel)), None
+        )
+        if ddp is None:
+            return None
+        route = partial(_routed, weakref.ref(ddp))
+        return tensor, Placement("ddp", self.engine, local=route, whole=route, plain=True)

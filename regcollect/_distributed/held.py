@@ -25,8 +25,8 @@ graph, which autograd runs first. A gradient that arrives too late (``loss()`` b
 pass, a parameter the forward pass did not use) is an error at the end of that backward pass,
 naming the parameter: never a gradient lost, or carried into the next step.
 
-Engines are recognised by the attributes they put on parameters and by their classes' names,
-so nothing is imported here.
+The engines' adapters (``zero3``, ``fsdp1``) say where a rank's part lies; nothing here
+names an engine.
 """
 
 from __future__ import annotations
@@ -36,53 +36,16 @@ from functools import partial
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from .._state import STASHED
 from .._torch_compat import in_backward
-from . import fsdp1 as _fsdp1
+from .placement import Placed, Placement
 from .sharding import GroupAxis
 
-__all__ = [
-    "Held",
-    "Part",
-    "flat_shard",
-    "holding_engine",
-    "is_zero3_partition",
-    "real_shape",
-    "zero3_partition",
-]
+__all__ = ["HELD", "Held", "Part"]
 
 # The Held of an engine's parameter, kept on the parameter (which the hook closes over weakly).
-_HELD = "_regcollect_held"
-
-
-def is_zero3_partition(tensor: torch.Tensor) -> bool:
-    """Whether DeepSpeed ZeRO-3 partitions ``tensor`` across the ranks."""
-    return hasattr(tensor, "ds_numel") and hasattr(tensor, "ds_status")
-
-
-def holding_engine(
-    module: torch.nn.Module | None, name: str, tensor: torch.Tensor | None
-) -> str | None:
-    """The engine that holds ``module``'s parameter ``name`` (now ``tensor``) in parts across
-    the ranks, for messages; None when none does. ``tensor`` None inside FSDP1: gone into a
-    flat parameter (``use_orig_params=False``)."""
-    if tensor is None:
-        inside = module is not None and _fsdp1.inside_fsdp1(module)
-        return _FlatShard.engine if inside else None
-    if is_zero3_partition(tensor):
-        return _Zero3.engine
-    return "FSDP1" if getattr(tensor, "_fsdp_flattened", False) else None
-
-
-def real_shape(module: torch.nn.Module, name: str, param: torch.Tensor | None) -> torch.Size | None:
-    """The shape of ``module``'s parameter ``name`` as the model defines it: ZeRO-3's
-    ``ds_shape``, or the shape it had before FSDP1 flattened it (``param`` None: gone into a
-    flat parameter); None for a missing parameter no flat parameter holds."""
-    if param is not None and is_zero3_partition(param):
-        return torch.Size(param.ds_shape)  # type: ignore[attr-defined]
-    return _fsdp1.real_shape(module, name, param)
+HELD = "_regcollect_held"
 
 
 class Held:
@@ -179,59 +142,19 @@ class Part:
             x.register_hook(partial(self.held._stash, self.start, self.stop))
         return x
 
-
-class _Zero3(Held):
-    engine = "DeepSpeed ZeRO-3"
-
-    def local(self) -> torch.Tensor:
-        param = self._param()
-        assert param is not None
-        return param.ds_tensor.detach().view(-1)[: self.numel]  # type: ignore[attr-defined]
-
-
-class _FlatShard(Held):
-    engine = "FSDP1 (use_orig_params=False)"
-
-    def local(self) -> torch.Tensor:
-        flat = self._param()
-        assert flat is not None
-        # FSDP1 keeps the shard as _local_shard from its first forward pass on; before, the
-        # flat parameter holds it (FSDP1 shards as it wraps).
-        shard = getattr(flat, "_local_shard", flat)
-        return shard.detach().view(-1)[: self.numel]
-
-
-def zero3_partition(param: torch.Tensor, entry: Any) -> Part:
-    """The ``Part`` of a parameter ZeRO-3 partitions (``entry``'s): all of this rank's
-    partition. The entry is named (for errors) only when the parameter is first seen."""
-    held = getattr(param, _HELD, None)
-    if held is None:
-        group = param.ds_process_group  # type: ignore[attr-defined]
-        size = param.ds_tensor.numel()  # type: ignore[attr-defined]
-        start = dist.get_rank(group) * size
-        numel = max(0, min(size, param.ds_numel - start))  # type: ignore[attr-defined]
-        name = repr(entry.base_name()[0])
-        held = _Zero3(param, start, numel, dist.get_world_size(group), group, name)
-        setattr(param, _HELD, held)
-    return Part(held, 0, held.numel)
-
-
-def flat_shard(handle: Any, index: int, entry: Any) -> Part:
-    """The ``Part`` of the ``index``-th original parameter of an FSDP1 handle's flat parameter
-    (``use_orig_params=False``, ``entry``'s): the elements of it in this rank's shard, maybe
-    none. The entry is named (for errors) only when the flat parameter is first seen."""
-    flat = handle.flat_param
-    held = getattr(flat, _HELD, None)
-    if held is None:
-        sharded = handle.uses_sharded_strategy
-        size = flat._sharded_size.numel()
-        numel = size - (flat._shard_numel_padded if sharded else 0)
-        start = handle.rank * size if sharded else 0
-        factor = handle.world_size if sharded else 1
-        what = f"the FSDP1 flat parameter holding {entry.base_name()[0]!r}"
-        held = _FlatShard(flat, start, numel, factor, handle.process_group, what)
-        setattr(flat, _HELD, held)
-    info = flat._shard_param_infos[index]
-    if not info.in_shard:
-        return Part(held, 0, 0)
-    return Part(held, info.offset_in_shard, info.offset_in_shard + info.numel_in_shard)
+    def placed(self) -> Placed:
+        """A stand-in for this part in a plan, with the dtype, device and size of the part,
+        which trains when the engine's parameter does (a frozen one is left out, as any
+        frozen tensor, but keeps its place in the all-reduce layout every rank shares), and
+        its placement: the plan takes the part's values at every call (``current()``), never
+        the stand-in's own."""
+        x = self.held.local()[self.start : self.stop].requires_grad_(self.held.requires_grad)
+        placement = Placement(
+            "held",
+            self.held.engine,
+            local=lambda _: self.current(),
+            reduce_over=self.held.over,
+            whole=None,
+            holder=self.held._param(),
+        )
+        return x, placement

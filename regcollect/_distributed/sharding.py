@@ -1,4 +1,5 @@
-"""Sharded tensors (``DTensor``, as FSDP2 and tensor parallelism make them) in a plan.
+"""Completing elementwise sums of tensors whose values are spread over the ranks (DTensor
+shards, FSDP1 shards, parts ZeRO-3 holds: their placement's ``reduce_over``).
 
 * L1/L2 terms are sums over elements, so each rank computes them on its local shard, in the
   same grouped kernels, and the partial values of every sharded tensor are summed across the
@@ -14,12 +15,10 @@
   the gathered tensor's backward hands each rank the gradient of its own shard
   (``ContiguousGrad``).
 
-``torch.distributed.tensor`` is never imported here before a DTensor exists.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -27,22 +26,9 @@ import torch
 import torch.distributed as dist
 
 from .._torch_compat import is_compiling
+from .placement import Placed
 
-__all__ = [
-    "PLAIN",
-    "SHARD_OVER",
-    "is_plain",
-    "ContiguousGrad",
-    "GroupAxis",
-    "HELD_PART",
-    "Layout",
-    "ShardedGroup",
-    "parts_message",
-    "all_reduce",
-    "is_dtensor",
-    "layouts",
-    "shard_reduction",
-]
+__all__ = ["GroupAxis", "Layout", "ShardedGroup", "all_reduce", "layouts"]
 
 
 class ShardedGroup(Protocol):
@@ -129,20 +115,23 @@ class Layout:
 def layouts(
     tensors: list[torch.Tensor],
     groups: Sequence[ShardedGroup],
-    registered: Sequence[torch.Tensor | None],
+    registered: Sequence[Placed | None],
     describe: Callable[[int], str],
     dtype: torch.dtype,
 ) -> dict[tuple[Any, ...], Layout]:
-    """One ``Layout`` per set of mesh dimensions that sharded tensors reduce over."""
+    """One ``Layout`` per set of mesh dimensions that sharded tensors reduce over, from every
+    tensor registered (``(tensor, placement)``; None: none now)."""
     here = {id(x): i for i, x in enumerate(tensors)}
     by_key: dict[tuple[Any, ...], tuple[list[torch.Tensor], list[int]]] = {}
     seen: set[int] = set()
-    for i, x in enumerate(registered):
-        if x is None or id(x) in seen:
+    for i, placed in enumerate(registered):
+        if placed is None or id(placed[0]) in seen:
             continue
+        x, placement = placed
         seen.add(id(x))
-        reduce_over = shard_reduction(x)
-        if reduce_over:  # sharded and summable; replicated DTensors need no collective
+        reduce_over = placement.reduce_over
+        # Sharded and summable; replicated DTensors need no collective.
+        if reduce_over and not placement.refused:
             listed, index = by_key.setdefault(reduce_over, ([], []))
             listed.append(x)
             index.append(i)
@@ -150,23 +139,6 @@ def layouts(
         key: Layout(listed, here, groups, key, describe, index, dtype, listed[0].device)
         for key, (listed, index) in by_key.items()
     }
-
-
-class ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the gradient contiguous.
-
-    A gathered tensor's gradient goes back to its shards through DTensor's redistribution;
-    a regularizer whose gradient is a broadcast view (``(w.sum(1) ** 2).sum()`` gives an
-    expanded, stride-0 tensor) reached FSDP2 as an unsharded gradient on torch 2.11.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return grad.contiguous()
 
 
 class GroupAxis:
@@ -187,78 +159,6 @@ class GroupAxis:
 
     def __hash__(self) -> int:
         return id(self.group)
-
-
-# Tensors that are not subclasses: their values are all here, and they can be stacked.
-PLAIN = (torch.Tensor, torch.nn.Parameter)
-
-
-# A plain tensor that holds one rank's part of a parameter (an FSDP1 shard view) carries the
-# ((group, 0),) its partial sums are reduced over in this attribute (regcollect._partitioned).
-SHARD_OVER = "_regcollect_shard_over"
-# A tensor that stands in a plan for one rank's part of a parameter an engine holds in parts
-# (ZeRO-3, FSDP1 with use_orig_params=False) carries its ``regcollect._held.Part`` here: the
-# plan takes the part's values at every call (``current()``), as it takes a DTensor's local
-# shard, and never the stand-in's own.
-HELD_PART = "_regcollect_held_part"
-
-
-def parts_message(regularizer: object, engine: str = "FSDP1") -> str:
-    """Why ``regularizer`` cannot apply to a parameter ``engine`` holds in parts across the
-    ranks (an FSDP1 shard, a ZeRO-3 partition)."""
-    return (
-        f"{engine} holds this parameter in parts across the ranks, and {regularizer!r} needs the "
-        "whole tensor. Use fully_shard (FSDP2), where it is gathered, or L1/L2 penalties, which "
-        f"are exact under {engine}"
-    )
-
-
-def is_plain(x: torch.Tensor) -> bool:
-    """Whether ``x`` holds all its values as an ordinary tensor does: a ``Tensor``, a
-    ``Parameter``, or a subclass of ``Parameter`` that only tags it (no ``__torch_dispatch__``
-    or ``__torch_function__`` of its own, unlike DTensor and other wrapper subclasses), and
-    not one rank's part of a parameter (``SHARD_OVER``, ``HELD_PART``)."""
-    if getattr(x, SHARD_OVER, None) or hasattr(x, HELD_PART):
-        return False
-    cls = type(x)
-    return cls in PLAIN or (
-        issubclass(cls, torch.nn.Parameter)
-        and cls.__torch_dispatch__ is torch.nn.Parameter.__torch_dispatch__
-        and cls.__torch_function__ is torch.nn.Parameter.__torch_function__
-    )
-
-
-def is_dtensor(x: torch.Tensor) -> bool:
-    # A DTensor exists only once torch.distributed.tensor is imported; never import it here.
-    module = sys.modules.get("torch.distributed.tensor")
-    return module is not None and isinstance(x, module.DTensor)
-
-
-def shard_reduction(x: torch.Tensor) -> tuple[Any, ...] | None:
-    """How an elementwise-sum penalty of ``x`` is completed from local values.
-
-    ``()`` for plain tensors and replicated DTensors (the local value is the full one);
-    ``((mesh, dim), ...)`` for the mesh dimensions a DTensor is sharded over (an FSDP1 shard:
-    its process group, ``SHARD_OVER``); None when the
-    local values cannot be summed (a ``Partial`` placement, another tensor subclass), which
-    sends the tensor down the per-tensor path.
-    """
-    over = getattr(x, SHARD_OVER, None)
-    if over is not None:
-        return tuple(over)
-    if is_plain(x):
-        return ()
-    if not is_dtensor(x):
-        return None
-    from torch.distributed.tensor import Replicate, Shard
-
-    reduce_over = []
-    for dim, placement in enumerate(x.placements):  # type: ignore[attr-defined]
-        if isinstance(placement, Shard):
-            reduce_over.append((x.device_mesh, dim))  # type: ignore[attr-defined]
-        elif not isinstance(placement, Replicate):
-            return None
-    return tuple(reduce_over)
 
 
 def all_reduce(local: torch.Tensor, reduce_over: tuple[Any, ...]) -> torch.Tensor:

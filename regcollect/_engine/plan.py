@@ -11,10 +11,13 @@ each step is one kernel (``_StackedPenalty``). Other regularizers (orthogonal, c
 are called on their tensor one by one. The per-call Python cost is proportional to the number
 of groups, not the number of tensors, and nothing here reads a value back to the host.
 
-Sharded tensors (``DTensor``) are completed exactly across ranks (``regcollect._sharding``);
-the grouped kernels are in ``regcollect._kernels``.
+Each tensor comes with its placement (``regcollect._distributed.placement``): the plan takes its
+local values through it, completes elementwise sums of values spread over the ranks with one
+all-reduce per set of axes (``regcollect._distributed.sharding``), gathers the whole tensor for
+other penalties where the placement can, and refuses them where it cannot. The grouped kernels
+are in ``regcollect._penalties.kernels``.
 
-This module knows nothing of modules, names or collections.
+This module knows nothing of modules, names, collections or engines.
 """
 
 from __future__ import annotations
@@ -26,18 +29,9 @@ from typing import Any
 
 import torch
 
-from .._distributed.ddp import ROUTE, routed
-from .._distributed.sharding import (
-    HELD_PART,
-    SHARD_OVER,
-    ContiguousGrad,
-    all_reduce,
-    is_dtensor,
-    is_plain,
-    layouts,
-    parts_message,
-    shard_reduction,
-)
+from .._distributed.placement import Placed, Placement, parts_message
+from .._distributed.seam import placement_of
+from .._distributed.sharding import all_reduce, layouts
 from .._penalties.base import Coefficient, Regularizer, Term, accumulation_dtype, scale
 from .._penalties.kernel import kernel_of
 from .._penalties.kernels import group_penalty, group_value
@@ -48,14 +42,16 @@ __all__ = ["Plan", "Result", "group_penalty", "powers", "steppable"]
 def steppable(x: torch.Tensor, reg: Regularizer) -> bool:
     """Whether an attached optimizer's step applies ``reg`` to ``x`` (and ``loss()`` then
     gives its value without a gradient): the one rule both sides follow, so that a penalty is
-    counted exactly once. L1/L2 terms on tensors whose local values sum to the penalty (plain
-    tensors, sharded DTensors); the other penalties with step math on plain tensors only."""
+    counted exactly once. Elementwise terms on tensors whose local values sum to the penalty
+    (plain tensors, sharded DTensors); the other penalties with step math on plain tensors
+    only."""
     terms = kernel_of(reg).terms(reg) if x.is_floating_point() else ()
     if not terms:
         return False
+    placement = placement_of(x)
     if all(term.local for term, _ in terms):  # elementwise: each shard as it is
-        return shard_reduction(x) is not None
-    return is_plain(x)
+        return placement.elementwise
+    return placement.plain
 
 
 def powers(reg: Regularizer) -> tuple[tuple[Term, Coefficient], ...] | None:
@@ -94,9 +90,10 @@ class Plan:
         tensors: Sequence[torch.Tensor],
         regularizers: Sequence[Regularizer],
         describe: Callable[[int], str] | None = None,
-        registered: Sequence[torch.Tensor | None] | None = None,
+        registered: Sequence[Placed | None] | None = None,
         describe_registered: Callable[[int], str] | None = None,
         no_grad: set[int] | frozenset[int] = frozenset(),
+        placements: Sequence[Placement] | None = None,
     ):
         if len(tensors) != len(regularizers):
             raise ValueError(
@@ -105,21 +102,27 @@ class Plan:
             )
         self.tensors = list(tensors)
         self.regularizers = list(regularizers)
+        self.no_grad = frozenset(no_grad)
         # Names the tensor in error messages; called only when a regularizer fails.
         self.describe = describe or (lambda i: f"tensor {i}")
-        # Plain tensors go straight to the kernels; a DTensor contributes its local shard,
-        # taken with to_local() at every call so that gradients reach the sharded parameter.
+        # Where each tensor's values are: plain tensors go straight to the kernels; the others
+        # contribute their local values, taken through the placement at every call so that
+        # gradients reach the parameter by the engine's route.
+        self.placements = (
+            list(placements) if placements is not None else list(map(placement_of, tensors))
+        )
         groups: dict[tuple[Any, ...], list[int]] = {}
         batched: dict[tuple[Any, ...], list[int]] = {}
         self.fallback: list[int] = []
         self.fallback_detached: set[int] = set()
-        for i, (x, reg) in enumerate(zip(self.tensors, self.regularizers)):
+        for i, (x, reg, where) in enumerate(zip(self.tensors, self.regularizers, self.placements)):
+            if where.refused:
+                raise ValueError(f"{self.describe(i)}: {where.refused}")
             terms = powers(reg) if x.is_floating_point() else None
-            reduce_over = shard_reduction(x) if terms is not None else None
-            if terms is None or reduce_over is None:
+            if terms is None or not where.elementwise:
                 self._place_other(i, x, reg, id(x) in no_grad, batched)
             else:
-                for key in _group_keys(x, terms, reduce_over, id(x) in no_grad):
+                for key in _group_keys(x, where, terms, id(x) in no_grad):
                     groups.setdefault(key, []).append(i)
         self.groups = self._make_groups(groups)
         self.batches = [(k[0], idx, k[-1]) for k, idx in batched.items()]
@@ -130,7 +133,7 @@ class Plan:
         self.layouts = layouts(
             self.tensors,
             self.groups,
-            self.tensors if registered is None else registered,
+            list(zip(self.tensors, self.placements)) if registered is None else registered,
             describe_registered or self.describe,
             self.dtype,
         )
@@ -145,13 +148,12 @@ class Plan:
     ) -> None:
         """A penalty that is no sum of p-norm powers (or a tensor no all-reduce completes):
         evaluated many at once (its kernel's ``batch``) or called on its own tensor."""
-        part = getattr(x, HELD_PART, None)
-        if part is not None or getattr(x, SHARD_OVER, None):
-            engine = part.held.engine if part is not None else "FSDP1"
-            raise ValueError(f"{self.describe(i)}: {parts_message(reg, engine)}")
-        # Many at once: plain tensors only; sharded ones are completed and called one by one.
+        where = self.placements[i]
+        if where.whole is None:
+            raise ValueError(f"{self.describe(i)}: {parts_message(reg, where.engine)}")
+        # Many at once: plain tensors only; sharded ones are gathered and called one by one.
         kernel = kernel_of(reg)
-        key = kernel.batch_key(reg, x) if is_plain(x) and x.is_floating_point() else None
+        key = kernel.batch_key(reg, x) if where.plain and x.is_floating_point() else None
         detached = no_grad and steppable(x, reg)
         if key is None:
             self.fallback.append(i)
@@ -175,17 +177,28 @@ class Plan:
                 coef,
                 idx,
                 [self.tensors[i] for i in idx],
-                sharded,
-                held,
+                [self.placements[i].local for i in idx] if local else None,
                 reduce_over,
                 shape is not None,
                 detached,
-                ddp,
             )
-            for (
-                (p, coef, _, _, sharded, held, ddp, reduce_over, detached, shape),
-                idx,
-            ) in merged.items()
+            for ((p, coef, _, _, local, reduce_over, detached, shape), idx) in merged.items()
+        ]
+
+    def split(self) -> list[Plan]:
+        """One plan per tensor, each computing its penalty alone (sharded tensors completed
+        as in this plan), for per-tensor values that keep their gradient."""
+        return [
+            Plan(
+                [x],
+                [reg],
+                lambda _, i=i: self.describe(i),  # type: ignore[misc]
+                no_grad=self.no_grad & {id(x)},
+                placements=[where],
+            )
+            for i, (x, reg, where) in enumerate(
+                zip(self.tensors, self.regularizers, self.placements)
+            )
         ]
 
     def __call__(self) -> Result:
@@ -210,12 +223,8 @@ class Plan:
         pending: dict[tuple[Any, ...], list[tuple[_Group, torch.Tensor, torch.Tensor]]] = {}
         for group in self.groups:
             tensors = group.tensors
-            if group.sharded:
-                tensors = [x.to_local() for x in tensors]  # type: ignore[attr-defined]
-            elif group.held:
-                tensors = [getattr(x, HELD_PART).current() for x in tensors]
-            elif group.ddp:
-                tensors = [routed(x) for x in tensors]
+            if group.local is not None:
+                tensors = [local(x) for local, x in zip(group.local, tensors)]
             coef = scale(group.coef, tensors[0])  # a schedule: its current value, a tensor
             kernel = group_value if group.detached else group_penalty
             group_total, group_values = kernel(group.p, coef, tensors, group.stacked)
@@ -263,7 +272,7 @@ class Plan:
             try:
                 with torch.no_grad() if detached else contextlib.nullcontext():
                     batch_total, batch_values = kernel.batch(
-                        [routed(self.tensors[i]) for i in idx],
+                        [self.placements[i].local(self.tensors[i]) for i in idx],
                         [self.regularizers[i] for i in idx],
                     )
             except (TypeError, ValueError) as exc:
@@ -274,11 +283,11 @@ class Plan:
     def _called(
         self, values: list[torch.Tensor], parts: list[tuple[torch.Tensor, list[int]]]
     ) -> None:
-        """The other penalties, called on their tensor (a sharded one gathered whole)."""
+        """The other penalties, called on their whole tensor (a sharded one gathered)."""
         for i in self.fallback:
-            x = routed(self.tensors[i])
-            if is_dtensor(x):
-                x = ContiguousGrad.apply(x.full_tensor())  # type: ignore[attr-defined]
+            whole = self.placements[i].whole
+            assert whole is not None  # refused when the plan was built
+            x = whole(self.tensors[i])
             try:
                 with torch.no_grad() if i in self.fallback_detached else contextlib.nullcontext():
                     value = self.regularizers[i](x)
@@ -290,24 +299,24 @@ class Plan:
 
 def _group_keys(
     x: torch.Tensor,
+    where: Placement,
     terms: tuple[tuple[Term, Coefficient], ...],
-    reduce_over: tuple[Any, ...],
     detached: bool,
 ) -> list[tuple[Any, ...]]:
     """The keys of the groups ``x``'s p-norm parts go into.
 
     Zero terms are skipped, but a tensor whose terms are all zero (a lambda = 0 run of a
-    sweep) keeps one, so that it stays in the graph with a zero gradient. A replicated DTensor
-    has nothing to reduce but still needs to_local(): it must not share a group with plain
-    tensors, hence the is-DTensor part of the key; the same for the stand-ins of parts of
-    parameters an engine holds (HELD_PART) and DDP's parameters (under Join their gradient
-    goes around DDP's average). Tensors whose terms an optimizer applies (attach_optimizer,
-    ``detached``): their value is computed without autograd, in groups of their own.
+    sweep) keeps one, so that it stays in the graph with a zero gradient. Tensors whose
+    local values are taken through their placement (a replicated DTensor has nothing to
+    reduce but still needs to_local(); DDP's parameters route their gradient) do not share a
+    group with those taken as they are: the placement's kind is part of the key. Tensors whose
+    terms an optimizer applies (attach_optimizer, ``detached``): their value is computed
+    without autograd, in groups of their own.
     """
-    shape = _stack_shape(x, _VALUE_STACK_MAX_BYTES if detached else _STACK_MAX_BYTES)
-    held = hasattr(x, HELD_PART)
-    ddp = hasattr(x, ROUTE) and not detached
-    key = (x.device, x.dtype, is_dtensor(x), held, ddp, reduce_over, detached, shape)
+    shape = _stack_shape(x, where, _VALUE_STACK_MAX_BYTES if detached else _STACK_MAX_BYTES)
+    # The value of a DDP parameter an optimizer applies needs no route: no gradient.
+    local = where.kind if where.needs_local and not (detached and where.plain) else None
+    key = (x.device, x.dtype, local, where.reduce_over, detached, shape)
     return [(term.p, coef, *key) for term, coef in [t for t in terms if t[1]] or terms[:1]]
 
 
@@ -317,10 +326,8 @@ class _Group:
     coef: Coefficient
     indices: list[int]
     tensors: list[torch.Tensor]
-    # DTensors, which contribute their local shard (to_local()) to the kernels.
-    sharded: bool
-    # Stand-ins for parts of parameters an engine holds (HELD_PART): their part's values.
-    held: bool
+    # How each tensor's local values are taken (its placement's), or None: as they are.
+    local: list[Callable[[torch.Tensor], torch.Tensor]] | None
     # () for tensors whose values are all here; else the (mesh, dim) pairs to sum over.
     reduce_over: tuple[Any, ...]
     # Small CPU tensors of one shape, computed from one stacked copy (_StackedPenalty, or
@@ -328,8 +335,6 @@ class _Group:
     stacked: bool
     # Applied by an optimizer (attach_optimizer): the value only, no autograd node.
     detached: bool = False
-    # Parameters a DDP module reduces (regcollect._routed).
-    ddp: bool = False
 
 
 # Stacking small CPU tensors: at most this many bytes each, at least this many of one shape.
@@ -345,9 +350,9 @@ _STACK_MIN = 16
 _VALUE_STACK_MAX_BYTES = 16 * 1024
 
 
-def _stack_shape(x: torch.Tensor, max_bytes: int) -> torch.Size | None:
+def _stack_shape(x: torch.Tensor, where: Placement, max_bytes: int) -> torch.Size | None:
     """``x``'s shape if it may be stacked with tensors of the same shape, else None."""
-    if is_plain(x) and x.device.type == "cpu" and x.numel() * x.element_size() <= max_bytes:
+    if where.plain and x.device.type == "cpu" and x.numel() * x.element_size() <= max_bytes:
         return x.shape
     return None
 

@@ -1,5 +1,5 @@
 """What regcollect reads off an optimizer object: the optimizer that really steps, and what a
-gradient scaler passes to it. Nothing here imports the rest of the package.
+gradient scaler passes to it. Engines are asked through ``regcollect._distributed.seam``.
 
 Wrappers hold the optimizer their ``step()`` drives under a handful of names: accelerate's
 ``AcceleratedOptimizer`` and Lightning's ``LightningOptimizer`` as ``.optimizer``, SAM (and
@@ -13,6 +13,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
+from .._distributed import seam
 
 __all__ = ["INNER_NAMES", "groups_key", "inner", "skip_flag", "stepped"]
 
@@ -42,9 +44,7 @@ def stepped(optimizer: Any) -> torch.optim.Optimizer:
             ``Optimizer.__init__`` (so ``step()`` runs no hooks) and wraps no optimizer under
             a known name.
     """
-    current = optimizer
-    if type(current).__name__ == "DeepSpeedEngine":  # what it steps is its .optimizer
-        current = current.optimizer
+    current = seam.stepped(optimizer)  # an engine object given as the optimizer
     for _ in range(8):
         _refuse_engine(current)
         nested = inner(current)
@@ -76,26 +76,9 @@ def _refuse_engine(optimizer: Any) -> None:
         ValueError: A DeepSpeed ZeRO optimizer; an optimizer holding FSDP1 flat parameters
             (``use_orig_params=False``).
     """
-    cls = type(optimizer)
-    if cls.__module__.startswith("deepspeed.") and "Zero" in cls.__name__:
-        raise ValueError(
-            f"attach_optimizer cannot apply penalties inside DeepSpeed ({cls.__name__}): its "
-            "optimizer updates flat partitions of the parameters, not the parameters "
-            "regcollect regularizes. Add the penalty to the loss instead, after the forward pass "
-            "(engine.backward(criterion(engine(x), y) + rc.loss())), which is exact under "
-            "every ZeRO stage."
-        )
-    groups = getattr(optimizer, "param_groups", None)
-    if isinstance(groups, list) and any(
-        getattr(p, "_is_flat_param", False) for g in groups for p in g.get("params", ())
-    ):
-        raise ValueError(
-            f"attach_optimizer: {cls.__name__} holds FSDP1 flat parameters "
-            "(FullyShardedDataParallel with use_orig_params=False), not the parameters "
-            "regcollect regularizes. Add the penalty to the loss instead, after the forward "
-            "pass (criterion(model(x), y) + rc.loss()), which is exact with flat parameters, "
-            "or wrap with use_orig_params=True, where the attached step is exact too."
-        )
+    message = seam.refuse_step(optimizer)
+    if message is not None:
+        raise ValueError(message)
 
 
 def skip_flag(optimizer: torch.optim.Optimizer) -> torch.Tensor | None:

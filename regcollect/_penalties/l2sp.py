@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .._distributed.sharding import is_plain
+from .._distributed.seam import is_plain, placement_of
 from .base import (
     Coefficient,
     Regularizer,
@@ -92,8 +92,9 @@ def check_reference_shape(reference: torch.Tensor, param: torch.Tensor, name: st
 
 
 def _full(x: torch.Tensor) -> torch.Tensor:
-    full = getattr(x, "full_tensor", None)  # a DTensor: the whole tensor
-    return full() if callable(full) else x
+    """The whole of a reference (a DTensor's gathered); one no rank has whole as it is."""
+    whole = placement_of(x).whole
+    return x if whole is None else whole(x)
 
 
 def reference_load_hook(
