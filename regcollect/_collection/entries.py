@@ -2,8 +2,9 @@
 
 An entry finds its tensor when asked (``module._parameters[name]`` now), so replaced
 parameters, ``.to()`` and sharding keep working, and it holds what it regularizes weakly: a
-deleted model stops counting and nothing leaks. Entries are read-only for users; the
-collection that owns one is the only code that changes its bookkeeping fields.
+deleted model stops counting and nothing leaks. Entries do not change once made (their
+collection only caches their resolved name on them); what a registration replaced, for its
+handle to restore, is kept in the handle's undo record (``regcollect._collection.handle``).
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ class Entry:
         tensor_ref: A weak reference to the tensor (tensor entries).
         prefix: The scope prefix of its name (``"decoder/"``).
         explicit_name: A name given at registration instead of the module path.
+        key: Where it is registered in its collection (its module and parameter, or its
+            tensor): a later registration at the same key replaces it.
 
     Examples:
         >>> import torch, regcollect as rc
@@ -58,7 +61,6 @@ class Entry:
     __slots__ = (
         "__weakref__",
         "_explicit_name",
-        "_handles",
         "_key",
         "_kind",
         "_module_ref",
@@ -66,8 +68,6 @@ class Entry:
         "_param",
         "_prefix",
         "_regularizer",
-        "_replaced",
-        "_retired",
         "_tensor_ref",
     )
 
@@ -81,6 +81,7 @@ class Entry:
         tensor_ref: weakref.ref[torch.Tensor] | None = None,
         prefix: str = "",
         explicit_name: str | None = None,
+        key: tuple[Any, ...] = (),
     ) -> None:
         self._kind = kind
         self._regularizer = regularizer
@@ -89,21 +90,14 @@ class Entry:
         self._tensor_ref = tensor_ref
         self._prefix = prefix
         self._explicit_name = explicit_name
-        self._key: tuple[Any, ...] = ()
-        self._name = ""
-        # What registering this entry replaced (restored by Handle.remove()), and whether its
-        # handle was removed while a later registration had replaced it. Kept while a handle
-        # holding the entry is alive (_handles counts them): once none is, nothing can
-        # restore what it replaced, and a registration repeated every step would otherwise
-        # keep every earlier one alive through this list.
-        self._replaced: list[Entry] = []
-        self._retired = False
-        self._handles = 0
+        self._key = key
+        self._name = ""  # the registry's cache of its unique name
 
     kind = property(lambda self: self._kind, doc='"weight", "activity" or "tensor".')
     regularizer = property(lambda self: self._regularizer, doc="The regularizer applied.")
     param = property(lambda self: self._param, doc="The parameter's name in its module.")
     prefix = property(lambda self: self._prefix, doc='The scope prefix, e.g. "decoder/".')
+    key = property(lambda self: self._key, doc="Where it is registered in its collection.")
 
     @property
     def name(self) -> str:

@@ -111,7 +111,7 @@ class Registering:
         Returns:
             Whether it was removed.
         """
-        return self._registry._discard(entry)
+        return self._registry._discard(entry) is not None
 
     def attach_optimizer(self, optimizer: Any, *, decoupled: bool = False) -> Handle:
         """``rc.attach_optimizer(optimizer, decoupled=..., collection=self)``: apply this

@@ -26,7 +26,7 @@ from .._penalties.kernel import kernel_of
 from ..regularizers import Regularizer
 from .activity import Activity
 from .entries import ACTIVITY, TENSOR, WEIGHT, Entry, tied_name, unique_names
-from .handle import Handle
+from .handle import Handle, Undo, restorable
 
 __all__ = ["Registry", "parametrized_tensors"]
 
@@ -67,19 +67,6 @@ def _checked(regularizer: object) -> Regularizer:
     return regularizer
 
 
-def _restorable(replaced: list[Entry], entry: Entry) -> list[Entry]:
-    """What removing ``entry`` restores of what it ``replaced``. An equal regularizer
-    registered again over one whose handle is held is set-up code run twice (a notebook
-    cell), not an override: removing the new handle must not bring the first registration
-    back, only what that one had replaced. A layer's own declaration (rc.nn, no handle held)
-    is always restored."""
-    out: list[Entry] = []
-    for r in replaced:
-        repeated = r._handles > 0 and r.regularizer == entry.regularizer
-        out.extend(r._replaced if repeated else [r])
-    return out
-
-
 class Registry:
     """Entries and their registration; a part of ``regcollect._collection.Collection``.
 
@@ -91,6 +78,8 @@ class Registry:
     def __init__(self, on_register: Callable[[], None]) -> None:
         self.lock = _locks.RLock()
         self._entries: dict[tuple[Any, ...], Entry] = {}
+        # The undo record of each registered entry, by the same keys.
+        self._records: dict[tuple[Any, ...], Undo] = {}
         self._by_tensor: dict[int, tuple[weakref.ref[torch.Tensor], tuple[Any, ...]]] = {}
         self.version = 0
         # The entries in registration order, as a tuple: what a compiled loss() reads (dynamo
@@ -126,7 +115,14 @@ class Registry:
                 f"{available}"
             )
         ref = weakref.ref(module, self._on_death)
-        entry = Entry(WEIGHT, _checked(regularizer), module_ref=ref, param=param, prefix=prefix)
+        entry = Entry(
+            WEIGHT,
+            _checked(regularizer),
+            module_ref=ref,
+            param=param,
+            prefix=prefix,
+            key=(ref, param),
+        )
         if getattr(module, "sparse", False) is True and param == "weight":
             # Embedding(sparse=True): a dense penalty gradient would make the whole table's
             # gradient dense, which SparseAdam and sparse SGD reject.
@@ -136,33 +132,43 @@ class Registry:
                 "looked up instead, through the output: activity_regularizer=... (or "
                 "rc.add_activity_regularizer), or use sparse=False."
             )
-        return self._insert((ref, param), entry)
+        return self._insert(entry)
 
     def add_activity(
         self, module: torch.nn.Module, regularizer: Regularizer, *, prefix: str = ""
     ) -> Handle:
         """Penalise ``module``'s output: ``regularizer(output) / batch_size`` per forward pass."""
         ref = weakref.ref(check_module(module), self._on_death)
-        entry = Entry(ACTIVITY, _checked(regularizer), module_ref=ref, prefix=prefix)
-        return self._insert((ref, ":activity"), entry)
+        entry = Entry(
+            ACTIVITY, _checked(regularizer), module_ref=ref, prefix=prefix, key=(ref, ":activity")
+        )
+        return self._insert(entry)
 
     def add_tensor(
         self, tensor: torch.Tensor, regularizer: Regularizer, name: str, *, prefix: str = ""
     ) -> Handle:
         """Register ``regularizer`` on a bare tensor (held weakly) under ``name``."""
         ref = weakref.ref(tensor, self._on_death)
-        entry = Entry(
-            TENSOR, _checked(regularizer), tensor_ref=ref, explicit_name=name, prefix=prefix
-        )
         # Keyed by id: weak references to tensors compare their referents with ==, which is
         # elementwise. A dead tensor's entry is cleaned up before its id can be reused.
-        return self._insert((TENSOR, id(tensor)), entry)
+        entry = Entry(
+            TENSOR,
+            _checked(regularizer),
+            tensor_ref=ref,
+            explicit_name=name,
+            prefix=prefix,
+            key=(TENSOR, id(tensor)),
+        )
+        return self._insert(entry)
 
     def entry_for(self, module: torch.nn.Module, param: str | None) -> Entry | None:
         """The entry on ``module``'s parameter ``param`` (None: its output), if registered."""
         return self._entries.get((weakref.ref(module), param if param else ":activity"))
 
-    def _insert(self, key: tuple[Any, ...], entry: Entry) -> Handle:
+    def _insert(self, entry: Entry, record: Undo | None = None) -> Handle:
+        """Register ``entry`` at its key, replacing what is there; ``record``: the undo record
+        of a replaced registration being restored, which keeps what it had replaced."""
+        key = entry.key
         self._on_register()
         with self.lock:
             self._cleanup()
@@ -173,9 +179,11 @@ class Registry:
             if entry.kind == WEIGHT and module is not None and entry.param is not None:
                 kernel_of(entry.regularizer).attach(entry.regularizer, module, entry.param)
             replaced = self._take_place(key, entry, tensor)
-            entry._key = key
-            entry._replaced = _restorable(replaced, entry)
+            records = [self._records.pop(e.key) for e in replaced]
+            if record is None:
+                record = Undo(entry, restorable(records, entry))
             self._entries[key] = entry
+            self._records[key] = record
             for gone in replaced:
                 # Replaced, not removed: removing the new entry may restore it, so its state
                 # on the module (an L2SP reference buffer) stays.
@@ -189,7 +197,7 @@ class Registry:
                 if entry.kind == ACTIVITY:
                     self.activity.add(entry)
             self._changed()
-            return Handle([(self, entry)])
+            return Handle([(self, record)])
 
     def _checked_tensor(self, key: tuple[Any, ...], entry: Entry) -> torch.Tensor | None:
         """The tensor ``entry`` regularizes, once everything that could refuse it has been
@@ -264,16 +272,18 @@ class Registry:
         if activity:
             self.activity.remove(activity)
 
-    def _discard(self, entry: Entry) -> bool:
-        """Remove ``entry`` if it is still registered here (not replaced since)."""
+    def _discard(self, entry: Entry) -> Undo | None:
+        """Remove ``entry`` if it is still registered here (not replaced since); return its
+        undo record, or None."""
         with self.lock:
-            if self._entries.get(entry._key) is not entry:
-                return False
-            del self._entries[entry._key]
+            if self._entries.get(entry.key) is not entry:
+                return None
+            del self._entries[entry.key]
+            record = self._records.pop(entry.key)
             self._detach(entry)
             self._release(entry)
             self._changed()
-            return True
+            return record
 
     def _release(self, entry: Entry, keep_state: bool = False) -> None:
         """What a weight entry no longer registered leaves on its module (an L2SP reference
@@ -290,23 +300,23 @@ class Registry:
         if kernel_of(entry.regularizer).schedules(entry.regularizer):
             _following.changed()
 
-    def _restore(self, entry: Entry) -> None:
-        """Register a replaced ``entry`` again, unless its place has been taken since; a
-        retired one (its handle removed meanwhile) gives way to what it replaced."""
+    def _restore(self, record: Undo) -> None:
+        """Register a replaced registration's entry again, unless its place has been taken
+        since; a retired one (its handle removed meanwhile) gives way to what it replaced."""
         with self.lock:
-            if entry._retired:
-                for old in entry._replaced:
+            if record.retired:
+                for old in record.replaced:
                     self._restore(old)
-            elif entry.alive and entry._key not in self._entries:
-                replaced = entry._replaced
-                self._insert(entry._key, entry)
-                entry._replaced = replaced
+            elif record.entry.alive and record.entry.key not in self._entries:
+                self._insert(record.entry, record)
 
     def _cleanup(self) -> None:
         if not self._has_dead:
             return
         self._has_dead = False
         dead = [key for key, entry in self._entries.items() if not entry.alive]
+        for key in dead:
+            self._records.pop(key, None)
         self._detach_all([self._entries.pop(key) for key in dead])
         self._by_tensor = {k: v for k, v in self._by_tensor.items() if v[0]() is not None}
         if dead:
@@ -344,6 +354,7 @@ class Registry:
             removed = list(self._entries.values())
             self._detach_all(removed)
             self._entries.clear()
+            self._records.clear()
             for entry in removed:
                 self._release(entry, keep_state=True)
             self._by_tensor.clear()
