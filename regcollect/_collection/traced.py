@@ -13,7 +13,6 @@ import torch
 from .._checks import ScopeArg, check_scope
 from .._distributed.held import holding_engine
 from .._engine.plan import Plan
-from .._optim.attach import held_by
 from .._torch_compat import CONSTANT_FUNCTIONS_TAKE_OBJECTS
 from .entries import ACTIVITY, WEIGHT
 from .plans import applied, choose, mark_constant, scope_key, traced_tensors, with_records
@@ -42,7 +41,9 @@ def traced_loss(coll: Any, scope: ScopeArg) -> torch.Tensor:
         in_scope = [in_scope[i] for i in found]
     candidates = [e for e in in_scope if e.kind != ACTIVITY]
     entries, tensors = choose(candidates, traced_tensors(candidates))
-    held: set[int] = held_by(coll._attachments) if len(coll._attachments) > 0 else set()
+    held: set[int] = (
+        coll._held_by_optimizers() if len(coll._attachments) > 0 or len(coll._decay) > 0 else set()
+    )
     plan = Plan(tensors, applied(entries), no_grad=held)
     keep = None if scope is None else frozenset(map(id, in_scope))
     records = coll._registry.activity.read(keep)
