@@ -3,10 +3,10 @@ optimizers whose step() differentiates the gradients (Hessian-based) under attac
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import pickle
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,8 +16,7 @@ from regcollect.schedules import linear
 
 C = 0.025  # rc.l2(C): weight_decay = 2 * C = 0.05
 STEPS = 6
-HAS_PO = importlib.util.find_spec("pytorch_optimizer") is not None
-HAS_TIMM = importlib.util.find_spec("timm") is not None
+MOMENTUM = 0.9  # the bound's factor for a running average (see tests/test_optim.py)
 
 
 def mlp(seed=0):
@@ -69,7 +68,29 @@ def regularized(seed=0):
     return model, coll
 
 
-# -- which optimizers: each builds from a list of groups; a missing package skips its case --
+# -- optimizer families: each builds from a list of groups; a missing package skips it ------
+
+
+class HessianStep(torch.optim.Optimizer):
+    """A Hessian-based optimizer as AdaHessian and Sophia are: step() takes a Hessian-vector
+    product through the graph of the gradients (backward(create_graph=True)), which saved
+    the weights, then applies AdamW's decoupled decay and ``grad / (|v * Hv| + eps)``."""
+
+    def __init__(self, params, lr=0.05, weight_decay=0.0, eps=0.1):
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        # One fixed probe per tensor (of its shape only): the same in any parameter order.
+        vs = [((torch.arange(p.numel()) % 3 == 0).to(p.dtype) * 2 - 1).view_as(p) for p in params]
+        hvs = torch.autograd.grad([p.grad for p in params], params, grad_outputs=vs)
+        curvature = {id(p): (hv * v).abs() for p, hv, v in zip(params, hvs, vs)}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                    p.sub_(group["lr"] * p.grad / (curvature[id(p)] + group["eps"]))
 
 
 def _po(name, **kw):
@@ -88,42 +109,84 @@ def _timm(name, **kw):
     return make
 
 
-OPTIMIZERS = {
-    "SGD-momentum": lambda g: torch.optim.SGD(g, lr=0.1, momentum=0.9),
-    "Adam": lambda g: torch.optim.Adam(g, lr=0.01),
-    "AdamW": lambda g: torch.optim.AdamW(g, lr=0.01),
-    "NAdam-decoupled": lambda g: torch.optim.NAdam(g, lr=0.01, decoupled_weight_decay=True),
-    "RAdam": lambda g: torch.optim.RAdam(g, lr=0.01),
-    "RMSprop": lambda g: torch.optim.RMSprop(g, lr=0.01),
-    "Adagrad": lambda g: torch.optim.Adagrad(g, lr=0.05),
-    "Adamax": lambda g: torch.optim.Adamax(g, lr=0.01),
-    "po.Lamb": _po("Lamb", lr=0.01),
-    "po.Lion": _po("Lion", lr=1e-3),
-    "po.Prodigy": _po("Prodigy", lr=1.0),
-    "po.ScheduleFreeAdamW": _po("ScheduleFreeAdamW", lr=0.01),
-    "po.ADOPT": _po("ADOPT", lr=0.01),
-    "po.MADGRAD": _po("MADGRAD", lr=0.01),
-    "timm.Lamb": _timm("Lamb", lr=0.01),
-    "timm.Lars": _timm("Lars", lr=0.1),
-    "timm.AdamP": _timm("AdamP", lr=0.01),
-    "timm.SGDP": _timm("SGDP", lr=0.1),
-    "timm.NvNovoGrad": _timm("NvNovoGrad", lr=0.01),
+_O = torch.optim
+# name (as the docs table writes it) -> (make(groups), whether the step differentiates the
+# gradients: backward(create_graph=True)).
+FAMILIES = {
+    "torch.optim.SGD": (lambda g: _O.SGD(g, lr=0.1), False),
+    "torch.optim.SGD(momentum=0.9)": (lambda g: _O.SGD(g, lr=0.1, momentum=0.9), False),
+    "torch.optim.SGD(nesterov=True)": (
+        lambda g: _O.SGD(g, lr=0.1, momentum=0.9, nesterov=True),
+        False,
+    ),
+    "torch.optim.Adam": (lambda g: _O.Adam(g, lr=0.01), False),
+    "torch.optim.AdamW": (lambda g: _O.AdamW(g, lr=0.01), False),
+    "torch.optim.NAdam": (lambda g: _O.NAdam(g, lr=0.01), False),
+    "torch.optim.NAdam(decoupled_weight_decay=True)": (
+        lambda g: _O.NAdam(g, lr=0.01, decoupled_weight_decay=True),
+        False,
+    ),
+    "torch.optim.RAdam": (lambda g: _O.RAdam(g, lr=0.01), False),
+    "torch.optim.RAdam(decoupled_weight_decay=True)": (
+        lambda g: _O.RAdam(g, lr=0.01, decoupled_weight_decay=True),
+        False,
+    ),
+    "torch.optim.RMSprop": (lambda g: _O.RMSprop(g, lr=0.01), False),
+    "torch.optim.Adagrad": (lambda g: _O.Adagrad(g, lr=0.05), False),
+    "torch.optim.Adamax": (lambda g: _O.Adamax(g, lr=0.01), False),
+    "torch.optim.Adadelta": (lambda g: _O.Adadelta(g, lr=1.0), False),
+    "torch.optim.ASGD": (lambda g: _O.ASGD(g, lr=0.01), False),
+    "HessianStep (tests/test_groups.py)": (lambda g: HessianStep(g), True),
+    "pytorch_optimizer.Lamb": (_po("Lamb", lr=0.01), False),
+    "pytorch_optimizer.Lion": (_po("Lion", lr=1e-3), False),
+    "pytorch_optimizer.Prodigy": (_po("Prodigy", lr=1.0), False),
+    "pytorch_optimizer.ScheduleFreeAdamW": (_po("ScheduleFreeAdamW", lr=0.01), False),
+    "pytorch_optimizer.ADOPT": (_po("ADOPT", lr=0.01), False),
+    "pytorch_optimizer.MADGRAD": (_po("MADGRAD", lr=0.01), False),
+    "pytorch_optimizer.MADGRAD(weight_decouple=True)": (
+        _po("MADGRAD", lr=0.01, weight_decouple=True),
+        False,
+    ),
+    "pytorch_optimizer.AdaBelief": (_po("AdaBelief", lr=0.01), False),
+    "pytorch_optimizer.Adan": (_po("Adan", lr=0.01), False),
+    "pytorch_optimizer.DAdaptAdam": (_po("DAdaptAdam", lr=1.0), False),
+    "pytorch_optimizer.CAME": (_po("CAME", lr=0.01), False),
+    "pytorch_optimizer.Tiger": (_po("Tiger", lr=1e-3), False),
+    "pytorch_optimizer.AdEMAMix": (_po("AdEMAMix", lr=0.01), False),
+    "pytorch_optimizer.SophiaH": (_po("SophiaH", lr=0.01), True),
+    "pytorch_optimizer.AdaHessian": (_po("AdaHessian", lr=0.01), True),
+    "timm.optim.Lamb": (_timm("Lamb", lr=0.01), False),
+    "timm.optim.Lamb(always_adapt=True)": (_timm("Lamb", lr=0.01, always_adapt=True), False),
+    "timm.optim.Lars": (_timm("Lars", lr=0.1), False),
+    "timm.optim.Lars(always_adapt=True)": (_timm("Lars", lr=0.1, always_adapt=True), False),
+    "timm.optim.AdamP": (_timm("AdamP", lr=0.01), False),
+    "timm.optim.SGDP": (_timm("SGDP", lr=0.1), False),
+    "timm.optim.NvNovoGrad": (_timm("NvNovoGrad", lr=0.01), False),
+    "timm.optim.Adopt": (_timm("Adopt", lr=0.01), False),
+    "timm.optim.Adopt(decoupled=True)": (_timm("Adopt", lr=0.01, decoupled=True), False),
+    "timm.optim.MADGRAD(decoupled_decay=True)": (
+        _timm("MADGRAD", lr=0.01, decoupled_decay=True),
+        False,
+    ),
+    "timm.optim.Adahessian": (_timm("Adahessian", lr=0.01), True),
 }
 
 
 def built(make, groups):
+    torch.manual_seed(5)  # the random probes of the Hessian optimizers
     opt = make(groups)
     if hasattr(opt, "train") and callable(opt.train):
         opt.train()  # schedule-free optimizers train in "train" mode
     return opt
 
 
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
+@pytest.mark.parametrize("name", list(FAMILIES))
 def test_param_groups_equal_hand_made_groups_bit_for_bit(name):
-    make = OPTIMIZERS[name]
+    make, graph = FAMILIES[name]
     data = batches()
     plain = mlp()
-    train(plain, built(make, hand_made(plain)), data)
+    train(plain, built(make, hand_made(plain)), data, create_graph=graph)
 
     ours, coll = regularized()
     groups = rc.param_groups(ours, collection=coll)
@@ -135,7 +198,7 @@ def test_param_groups_equal_hand_made_groups_bit_for_bit(name):
         seen.append(value.requires_grad)
         return value  # its value only: the optimizer's weight_decay applies it
 
-    train(ours, built(make, groups), data, penalty)
+    train(ours, built(make, groups), data, penalty, create_graph=graph)
     for a, b in zip(plain.parameters(), ours.parameters()):
         assert torch.equal(a, b), name
     assert seen == [False] * STEPS
@@ -249,83 +312,75 @@ def test_bad_input_names_the_argument():
         rc.param_groups([{"params": list(model.parameters())}], collection=coll)
 
 
-# -- optimizers that differentiate inside step() -------------------------------------------
+# -- optimizers that differentiate inside step(), and the docs' table ------------------------
+
+CREATE_GRAPH = pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
+HESSIAN = [name for name, (_, graph) in FAMILIES.items() if graph]
 
 
-class HessianStep(torch.optim.Optimizer):
-    """A Hessian-based optimizer as AdaHessian and Sophia are: step() takes a Hessian-vector
-    product through the graph of the gradients (backward(create_graph=True)), which saved
-    the weights, then applies AdamW's decoupled decay and ``grad / (|v * Hv| + eps)``."""
-
-    def __init__(self, params, lr=0.05, weight_decay=0.0, eps=0.1):
-        super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "eps": eps})
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        # One fixed probe per tensor (of its shape only): the same in any parameter order.
-        vs = [((torch.arange(p.numel()) % 3 == 0).to(p.dtype) * 2 - 1).view_as(p) for p in params]
-        hvs = torch.autograd.grad([p.grad for p in params], params, grad_outputs=vs)
-        curvature = {id(p): (hv * v).abs() for p, hv, v in zip(params, hvs, vs)}
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                    p.sub_(group["lr"] * p.grad / (curvature[id(p)] + group["eps"]))
+def trained(name, how):
+    """The weights after STEPS steps of ``FAMILIES[name]``: ``"own"``, its weight_decay on the
+    kernels (hand-made groups); ``"coupled"``/``"decoupled"``, ``rc.l2`` on them attached;
+    ``"loss"``, the penalty through autograd."""
+    make, graph = FAMILIES[name]
+    model, coll = (mlp(), None) if how in ("own", "loss") else regularized()
+    groups = hand_made(model, 2 * C if how == "own" else 0.0)  # one order of tensors
+    opt = built(make, groups)
+    if how in ("coupled", "decoupled"):
+        rc.attach_optimizer(opt, decoupled=how == "decoupled", collection=coll)
+    extra = None if coll is None else coll.loss
+    if how == "loss":
+        extra = lambda: C * sum((p**2).sum() for p in kernels(model))  # noqa: E731
+    train(model, opt, batches(), extra, create_graph=graph)
+    return list(model.parameters())
 
 
-def _hessian_makers():
-    makers = {"HessianStep": lambda groups, wd: HessianStep(groups, weight_decay=wd)}
-    if HAS_PO:
-        import pytorch_optimizer as po
-
-        makers["po.SophiaH"] = lambda g, wd: po.SophiaH(g, lr=0.01, weight_decay=wd)
-        makers["po.AdaHessian"] = lambda g, wd: po.AdaHessian(g, lr=0.01, weight_decay=wd)
-    if HAS_TIMM:
-        import timm.optim
-
-        makers["timm.Adahessian"] = lambda g, wd: timm.optim.Adahessian(g, lr=0.01, weight_decay=wd)
-    return makers
-
-
-HESSIAN = _hessian_makers()
-
-
-@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
-@pytest.mark.parametrize("name", list(HESSIAN))
+@CREATE_GRAPH
+@pytest.mark.parametrize("name", HESSIAN)
 def test_hessian_optimizers_attached_coupled_see_the_penalty_in_their_hessian(
     name, same_to_rounding
 ):
     """Coupled: the step equals the penalty through autograd, whose Hessian (2c I) the
     Hessian-vector product sees; it did not (the gradient was changed outside the graph)."""
-    make, data = HESSIAN[name], batches()
-    plain = mlp()
-    torch.manual_seed(5)  # their random probes
-    opt = make(plain.parameters(), 0.0)
-    train(plain, opt, data, lambda: C * sum((p**2).sum() for p in kernels(plain)), True)
-
-    ours, coll = regularized()
-    torch.manual_seed(5)
-    opt = make(ours.parameters(), 0.0)
-    rc.attach_optimizer(opt, collection=coll)
-    train(ours, opt, data, coll.loss, create_graph=True)
-    same_to_rounding(plain.parameters(), ours.parameters(), STEPS)
+    same_to_rounding(trained(name, "loss"), trained(name, "coupled"), STEPS)
 
 
-@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
-@pytest.mark.parametrize("name", list(HESSIAN))
+@CREATE_GRAPH
+@pytest.mark.parametrize("name", HESSIAN)
 def test_hessian_optimizers_attached_decoupled_equal_their_own_decay(name, same_to_rounding):
     """Decoupled: equals the optimizer's own decoupled weight_decay on the same tensors; it
     raised "modified by an inplace operation" (the decay went in before the step
     differentiated the graph that saved the weights)."""
-    make, data = HESSIAN[name], batches()
-    plain = mlp()
-    torch.manual_seed(5)
-    train(plain, make(hand_made(plain), 0.0), data, create_graph=True)
+    same_to_rounding(trained(name, "own"), trained(name, "decoupled"), STEPS)
 
-    ours, coll = regularized()
-    torch.manual_seed(5)
-    opt = make(hand_made(ours, 0.0), 0.0)  # the same order of tensors: the same probes
-    rc.attach_optimizer(opt, decoupled=True, collection=coll)
-    train(ours, opt, data, coll.loss, create_graph=True)
-    same_to_rounding(plain.parameters(), ours.parameters(), STEPS)
+
+def documented():
+    """The rows of the table in docs/migration/weight-decay.md: name -> its cells."""
+    rows = {}
+    for line in DOCS.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0].strip("`") in FAMILIES:
+            rows[cells[0].strip("`")] = cells[1:]
+    return rows
+
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "migration" / "weight-decay.md"
+
+
+@CREATE_GRAPH
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_the_docs_table_of_optimizer_families_is_what_runs(name, same_to_rounding):
+    """Each row says which path reproduces the optimizer's own weight_decay: attached coupled,
+    attached decoupled (each "exact" to rounding, or not), and rc.param_groups (bit for bit,
+    test_param_groups_equal_hand_made_groups_bit_for_bit)."""
+    row = documented().get(name)
+    assert row is not None, f"no row for {name} in {DOCS.name}"
+    own = trained(name, "own")
+    for how, cell in zip(("coupled", "decoupled"), row):
+        try:
+            same_to_rounding(own, trained(name, how), STEPS, MOMENTUM)
+            exact = True
+        except AssertionError:
+            exact = False
+        assert cell.startswith("exact") == exact, f"{name}, {how}: the docs say {cell!r}"
+    assert row[2] == "bit for bit"
