@@ -384,3 +384,17 @@ def test_the_docs_table_of_optimizer_families_is_what_runs(name, same_to_roundin
             exact = False
         assert cell.startswith("exact") == exact, f"{name}, {how}: the docs say {cell!r}"
     assert row[2] == "bit for bit"
+
+
+def test_timm_create_optimizer_v2_takes_the_groups_as_they_are():
+    optim = pytest.importorskip("timm.optim")
+    data = batches()
+    plain = mlp()
+    train(plain, optim.create_optimizer_v2(hand_made(plain), "lamb", lr=0.01), data)
+    ours, coll = regularized()
+    groups = rc.param_groups(ours, collection=coll)
+    # Its weight_decay= is a default: each group's own value wins.
+    opt = optim.create_optimizer_v2(groups, "lamb", lr=0.01, weight_decay=0.3)
+    train(ours, opt, data, coll.loss)
+    for a, b in zip(plain.parameters(), ours.parameters()):
+        assert torch.equal(a, b)
