@@ -300,6 +300,12 @@ def test_a_doubled_path_is_warned():
     assert coll.loss().requires_grad
     with pytest.warns(rc.RegcollectWarning, match="both apply it"):
         train(model, opt, batches(1), coll.loss)
+    # Removed since: the group still decays what nothing declares.
+    model, coll = regularized()
+    opt = torch.optim.SGD(rc.param_groups(model, collection=coll), lr=0.1)
+    rc.add_regularizer(model, "0.weight", rc.l1(C), collection=coll)
+    with pytest.warns(rc.RegcollectWarning, match="no longer carry the rc.l2 penalty"):
+        train(model, opt, batches(1), coll.loss)
 
 
 def test_bad_input_names_the_argument():
@@ -398,3 +404,16 @@ def test_timm_create_optimizer_v2_takes_the_groups_as_they_are():
     train(ours, opt, data, coll.loss)
     for a, b in zip(plain.parameters(), ours.parameters()):
         assert torch.equal(a, b)
+
+
+def test_rc_loss_while_compiling_leaves_the_groups_penalties_without_gradient():
+    """The traced plan (torch.compile) makes the eager plan's choice."""
+    model, coll = regularized()
+    rc.param_groups(model.get_submodule("0"), collection=coll)  # the first kernel only
+    total = torch.compile(coll.loss, backend="eager")()  # dynamo traces; no codegen
+    assert total.item() == pytest.approx(coll.loss().item(), rel=1e-6)
+    total.backward()
+    first, *rest = kernels(model)
+    assert first.grad is None
+    for p in rest:
+        assert torch.allclose(p.grad, 2 * C * p.detach())

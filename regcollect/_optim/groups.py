@@ -219,6 +219,7 @@ class GroupDecay:
         scheduled: list[tuple[dict[str, Any], Schedule]] = []
         forgotten: list[int] = []
         doubled: list[int] = []
+        removed: list[int] = []
         for group in optimizer.param_groups:
             ids = [id(p) for p in group["params"]]
             if MARK in group:
@@ -226,8 +227,10 @@ class GroupDecay:
                 if isinstance(coef, Schedule):
                     scheduled.append((group, coef))
                 if group.get("weight_decay"):
-                    # Regularized here with a gradient in loss(), and decayed by the group.
+                    # Regularized here with a gradient in loss(), and decayed by the group;
+                    # or decayed by the group for a penalty since removed.
                     doubled += [i for i in ids if i in declared and i not in mine]
+                    removed += [i for i in ids if i in self._params and i not in declared]
             else:
                 forgotten += [i for i in ids if i in mine and i not in attached]
         name = type(optimizer).__name__
@@ -249,8 +252,16 @@ class GroupDecay:
                 "or a regularizer changed since): rc.loss()'s gradient and the group's decay "
                 "both apply it. Call rc.param_groups() again and rebuild the optimizer.",
             )
+        if removed and "removed" not in self._warned:
+            self._warned.add("removed")
+            _warn(
+                f"{len(removed)} parameters in a parameter group of {name} made by "
+                "rc.param_groups() with weight_decay > 0 no longer carry the rc.l2 penalty the "
+                "group was made for (removed or replaced since): the group still decays them. "
+                "Call rc.param_groups() again and rebuild the optimizer.",
+            )
         return scheduled
 
 
 def _warn(message: str) -> None:
-    warnings.warn(message, RegcollectWarning, stacklevel=5)
+    warnings.warn(message, RegcollectWarning, stacklevel=7)  # the user's step() call
