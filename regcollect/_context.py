@@ -311,7 +311,9 @@ def attach_optimizer(
     undoes it. Attaching the same optimizer to the collection again (set-up code run twice,
     or to switch ``decoupled``) replaces the first attachment: each penalty is applied once.
     ``step(closure)`` (L-BFGS, Lightning) works too: the penalty goes on the gradients the
-    closure computes.
+    closure computes. Optimizers that differentiate the gradients in their step (AdaHessian,
+    Sophia, after ``backward(create_graph=True)``) see the coupled penalty in their
+    Hessian-vector product; the decoupled decay is added after their update.
 
     Args:
         optimizer: any ``torch.optim.Optimizer`` (SGD, Adam, AdamW, fused or not, under

@@ -19,6 +19,12 @@ Only those penalties on (unsharded) parameters the optimizer holds are applied t
 orthogonal, custom and activity penalties stay in ``loss()`` with their gradients. For the
 penalties the optimizer applies, ``loss()`` still returns the full value (the printed loss and
 the summary stay honest), but that part carries no gradient: nothing is counted twice.
+
+Gradients that carry a graph (``backward(create_graph=True)``), which a Hessian-based step
+differentiates (AdaHessian, Sophia): the coupled gradient goes in differentiably, so that the
+Hessian-vector product sees the penalty's Hessian; the decoupled steps before the update are
+computed on copies and added after it, since changing in place the weights that graph saved
+would make its differentiation fail.
 """
 
 from __future__ import annotations
