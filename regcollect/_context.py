@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, Any
 
 import torch
 
@@ -31,6 +31,7 @@ __all__ = [
     "get_regularization_loss",
     "get_regularization_losses",
     "loss",
+    "param_groups",
     "penalties",
     "scope",
     "scope_default",
@@ -310,7 +311,9 @@ def attach_optimizer(
     undoes it. Attaching the same optimizer to the collection again (set-up code run twice,
     or to switch ``decoupled``) replaces the first attachment: each penalty is applied once.
     ``step(closure)`` (L-BFGS, Lightning) works too: the penalty goes on the gradients the
-    closure computes.
+    closure computes. Optimizers that differentiate the gradients in their step (AdaHessian,
+    Sophia, after ``backward(create_graph=True)``) see the coupled penalty in their
+    Hessian-vector product; the decoupled decay is added after their update.
 
     Args:
         optimizer: any ``torch.optim.Optimizer`` (SGD, Adam, AdamW, fused or not, under
@@ -350,3 +353,52 @@ def attach_optimizer(
         >>> handle.remove()
     """
     return active_collection(collection).attach_optimizer(optimizer, decoupled=decoupled)
+
+
+def param_groups(
+    model_or_params: Any, *, collection: Collection | None = None, **group_defaults: Any
+) -> list[dict[str, Any]]:
+    """Parameter groups in which the optimizer's own ``weight_decay`` applies the declared L2
+    penalties, on exactly the declared tensors.
+
+    Each parameter carrying only ``rc.l2(c)`` (or ``rc.l1_l2(0, c)``) goes into a group with
+    ``weight_decay = 2 * c`` (one group per coefficient), every other parameter into one
+    with ``weight_decay = 0``. Any optimizer built from them (``torch.optim``, timm,
+    pytorch_optimizer, HF's ``optimizer_cls_and_kwargs``) then applies its own decay formula
+    (Lamb's trust ratio, AdamW's decoupled decay, ...) to those tensors and no other. From
+    this call on, ``rc.loss()`` gives those penalties' value without a gradient (the
+    optimizer applies them) and the summary still shows them. A scheduled coefficient sets
+    its group's ``weight_decay`` before each step. L1, L2-SP, group lasso, orthogonal and
+    custom penalties are not decays: their parameters get ``weight_decay = 0`` and their
+    penalties stay in ``rc.loss()`` (or ``rc.attach_optimizer``). A recorded parameter that
+    an optimizer steps in a group this function did not make (its penalty then applied by
+    nothing), or a regularized one in such a group that another collection's or an older
+    regularizer's group decays (applied twice), is warned once.
+
+    Args:
+        model_or_params: an ``nn.Module``, or an iterable of its parameters.
+        collection: the collection whose penalties the groups apply (default: the active
+            one).
+        **group_defaults: options every group gets (``lr=...``, ``betas=...``); not
+            ``params`` nor ``weight_decay``, which the groups set.
+
+    Returns:
+        A list of parameter-group dicts (decaying groups first, in the order the parameters
+        first use their coefficient; each also holds ``"regcollect_l2": c``).
+
+    Raises:
+        TypeError: ``model_or_params`` is neither a module nor an iterable of tensors.
+        ValueError: ``group_defaults`` sets ``params`` or ``weight_decay``.
+
+    Examples:
+        >>> import torch, regcollect as rc
+        >>> coll = rc.Collection()
+        >>> layer = rc.nn.Linear(2, 2, kernel_regularizer=rc.l2(0.5), collection=coll)
+        >>> groups = rc.param_groups(layer, collection=coll)
+        >>> [(len(g["params"]), g["weight_decay"]) for g in groups]
+        [(1, 1.0), (1, 0.0)]
+        >>> opt = torch.optim.AdamW(groups, lr=0.1)
+        >>> coll.loss().requires_grad  # the value is there; AdamW applies the decay
+        False
+    """
+    return active_collection(collection).param_groups(model_or_params, **group_defaults)

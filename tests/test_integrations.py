@@ -361,3 +361,53 @@ def test_lightning_resumed_from_a_checkpoint_resumes_the_schedules(tmp_path):
     assert resumed.schedule.step == straight.schedule.step == 4
     for a, b in zip(straight.parameters(), resumed.parameters()):
         assert torch.allclose(a, b, rtol=4e-6, atol=1e-7)
+
+
+def test_transformers_trainer_builds_its_optimizer_from_param_groups(tmp_path, tiny_hf_models):
+    """``optimizer_cls_and_kwargs=(AdamW, {"params": rc.param_groups(model)})``: the
+    Trainer's optimizer decays exactly the declared tensors, bit for bit as hand-made groups
+    with ``weight_decay`` on the same tensors; RegularizedTrainer still logs the penalty."""
+    transformers = pytest.importorskip("transformers", reason="pip install -e .[transformers]")
+    pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
+    from regcollect.integrations.transformers import RegularizedTrainer
+
+    model, rows = tiny_hf_models(transformers)["bert"]
+    model.uses_num_items_in_batch = False
+    initial = copy.deepcopy(model.state_dict())
+    coll = rc.Collection()
+    with rc.regularize(model, kernel=rc.l2(0.05), collection=coll):  # its set of tensors
+        kernels = {id(e.resolve()) for e in coll.entries()}
+    hand_made = [
+        {"params": [p for p in model.parameters() if id(p) in kernels], "weight_decay": 0.1},
+        {"params": [p for p in model.parameters() if id(p) not in kernels], "weight_decay": 0.0},
+    ]
+    _train(
+        transformers,
+        model,
+        rows,
+        transformers.Trainer,
+        tmp_path,
+        4,
+        1,
+        optimizer_cls_and_kwargs=(torch.optim.AdamW, {"params": hand_made, "lr": 0.01}),
+    )
+    want = {k: v.detach().clone() for k, v in model.named_parameters()}
+
+    model.load_state_dict(initial)
+    rc.regularize(model, kernel=rc.l2(0.05), collection=coll)
+    groups = rc.param_groups(model, collection=coll)
+    trainer = _train(
+        transformers,
+        model,
+        rows,
+        RegularizedTrainer,
+        tmp_path,
+        4,
+        1,
+        regularization_collection=coll,
+        optimizer_cls_and_kwargs=(torch.optim.AdamW, {"params": groups, "lr": 0.01}),
+    )
+    for name, p in model.named_parameters():
+        assert torch.equal(p, want[name]), name
+    logged = [h["reg/total"] for h in trainer.state.log_history if "reg/total" in h]
+    assert logged and logged[-1] > 0

@@ -25,7 +25,8 @@ import torch
 
 from .. import _locks, _naming
 from .._checks import RegcollectWarning, ScopeArg, check_scope
-from .._optim.attach import OptimizerAttachment, held_by
+from .._optim.attach import OptimizerAttachment
+from .._optim.groups import GroupDecay
 from .._state import COLLECTIONS
 from .._torch_compat import is_compiling
 from .entries import ACTIVITY, Entry
@@ -77,6 +78,8 @@ class Collection(Registering):
         self._readout = Readout()
         # Optimizers applying this collection's penalties in their step (attach_optimizer).
         self._attachments: list[OptimizerAttachment] = []
+        # Parameters whose L2 penalty param_groups() gave to an optimizer's weight_decay.
+        self._decay = GroupDecay()
 
     # -- the registry's, for the user --
 
@@ -118,20 +121,17 @@ class Collection(Registering):
 
     # -- optimizers --
 
-    def _held_by_optimizers(self) -> set[int]:
-        return held_by(self._attachments)
-
     def _attachment_key(self) -> tuple[Any, ...]:
         """What decides which penalties the attached optimizers apply: each one's parameter
         groups, and whether it is still alive (a dropped optimizer gives its penalties back
-        to autograd). Part of the plan's staleness key, with the registry's and the module
-        tree's versions."""
+        to autograd), and the parameters handed to parameter groups (``param_groups``). Part
+        of the plan's staleness key, with the registry's and the module tree's versions."""
         if not self._attachments:
-            return ()
+            return (self._decay.version,)
         keys = tuple(a.key() for a in self._attachments)
         if None in keys:
             self._attachments = [a for a in self._attachments if a.optimizer() is not None]
-        return keys
+        return (*keys, self._decay.version)
 
     # Collections are registries, not data: copying a model must not copy its collection, and
     # unpickling in the same process finds the same one (see _restore_collection).
@@ -155,6 +155,7 @@ class Collection(Registering):
         """Remove every entry and every recorded activity penalty; start over as if new."""
         with self._registry.lock:
             self._registry.clear()
+            self._decay.clear()
             self._plans = PlanCache()
             self._readout.clear()
             self._consumed = self._warned_forgotten = self._warned_models = False

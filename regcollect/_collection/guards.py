@@ -12,11 +12,13 @@ import torch
 
 from .. import _naming
 from .._checks import RegcollectWarning, outside
-from .._state import COLLECTIONS, OPTIMIZER_STEP
+from .._optim.groups import declared_l2
+from .._state import COLLECTIONS, OPTIMIZER_STEP, OPTIMIZER_STEP_PRE
 from .entries import Entry, current_tensors
 
 __all__ = [
     "forgotten_loss_check",
+    "install_group_hook",
     "install_step_hook",
     "model_groups",
     "several_models_message",
@@ -86,6 +88,8 @@ def forgotten_loss_check(collections: Iterable[Any], optimizer: torch.optim.Opti
     for coll in list(collections):
         if coll._consumed or coll._warned_forgotten or not len(coll) or coll._attachments:
             continue  # (an attached optimizer applies the penalties itself)
+        if len(coll._decay):
+            continue  # (so do the parameter groups of param_groups())
         with coll._registry.lock:
             entries = coll._registry.entries()
             tensors = current_tensors([e.locator for e in entries])
@@ -151,3 +155,31 @@ def install_step_hook() -> None:
 def _after_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     """Warn once per collection whose penalties never reach a loss."""
     forgotten_loss_check(COLLECTIONS.live, optimizer)
+
+
+def install_group_hook() -> None:
+    """The first ``param_groups()`` call installs the step pre-hook that keeps the groups'
+    ``weight_decay`` on their schedules and checks the groups each optimizer steps."""
+    OPTIMIZER_STEP_PRE.add(_before_optimizer_step)
+
+
+def _before_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    for coll in list(COLLECTIONS.live):
+        if not len(coll):
+            continue
+        registry = coll._registry
+        coll._decay.before_step(
+            optimizer,
+            registry.version,
+            lambda registry=registry: declared_l2(registry.ordered),
+            coll._held_by_attachments,
+            lambda ids, registry=registry: _names_of(registry, ids),
+        )
+
+
+def _names_of(registry: Any, ids: list[int]) -> str:
+    """The entry names of the first few parameters ``ids`` (for a warning)."""
+    names = registry._names()
+    wanted = set(ids[:3])
+    found = [names.get(e, "?") for e in registry.ordered if id(e.resolve()) in wanted]
+    return ", ".join(repr(n) for n in found) + (", ..." if len(ids) > 3 else "")

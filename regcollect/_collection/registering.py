@@ -11,9 +11,11 @@ from typing import Any
 import torch
 
 from .._optim.attach import OptimizerAttachment, held_by
+from .._optim.groups import GroupDecay, build, declared_l2, parameters
 from .._optim.wrappers import stepped
 from .._penalties.base import Regularizer
 from .entries import Entry
+from .guards import install_group_hook
 from .handle import Handle
 from .registry import Registry
 
@@ -26,6 +28,7 @@ class Registering:
 
     _registry: Registry
     _attachments: list[OptimizerAttachment]
+    _decay: GroupDecay
 
     def register(
         self, module: torch.nn.Module, param: str, regularizer: Regularizer, *, prefix: str = ""
@@ -151,6 +154,39 @@ class Registering:
                     self._attachments.remove(attachment)
 
         return Handle([], undo)
+
+    def param_groups(self, model_or_params: Any, **group_defaults: Any) -> list[dict[str, Any]]:
+        """``rc.param_groups(model_or_params, collection=self, **group_defaults)``: parameter
+        groups whose ``weight_decay`` applies this collection's lone L2 penalties (see there).
+
+        Args:
+            model_or_params: A module, or an iterable of its parameters.
+            **group_defaults: Options every group gets (``lr=...``).
+
+        Returns:
+            The groups, for any optimizer's constructor.
+
+        Raises:
+            TypeError: ``model_or_params`` is neither a module nor an iterable of tensors.
+            ValueError: ``group_defaults`` sets ``params`` or ``weight_decay``.
+        """
+        params = parameters(model_or_params)
+        groups, decayed = build(params, declared_l2(self._registry.ordered), group_defaults)
+        with self._registry.lock:
+            self._decay.add(decayed)
+        install_group_hook()
+        return groups
+
+    def _held_by_attachments(self) -> set[int]:
+        return held_by(self._attachments)
+
+    def _held_by_optimizers(self) -> set[int]:
+        """The parameters whose penalties an optimizer applies (attached, or through the
+        ``weight_decay`` of ``param_groups``): ``loss()`` gives them no gradient."""
+        held = held_by(self._attachments)
+        if len(self._decay):
+            held |= self._decay.ids(declared_l2(self._registry.ordered))
+        return held
 
 
 def _attachment_view(ref: weakref.ref[Any]) -> dict[str, Any]:

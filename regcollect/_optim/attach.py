@@ -19,10 +19,17 @@ Only those penalties on (unsharded) parameters the optimizer holds are applied t
 orthogonal, custom and activity penalties stay in ``loss()`` with their gradients. For the
 penalties the optimizer applies, ``loss()`` still returns the full value (the printed loss and
 the summary stay honest), but that part carries no gradient: nothing is counted twice.
+
+Gradients that carry a graph (``backward(create_graph=True)``), which a Hessian-based step
+differentiates (AdaHessian, Sophia): the coupled gradient goes in differentiably, so that the
+Hessian-vector product sees the penalty's Hessian; the decoupled steps before the update are
+computed on copies and added after it, since changing in place the weights that graph saved
+would make its differentiation fail.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -97,6 +104,8 @@ class OptimizerAttachment:
         # penalty once, whichever optimizer steps first (see _coupled).
         self._shared: set[int] = set()
         self._coefs: list[list[float]] = []
+        # Decoupled steps deferred past the update: (parameters, what to add to them).
+        self._deferred: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
         self._pre = optimizer.register_step_pre_hook(self._before_step)
         self._post = optimizer.register_step_post_hook(self._after_step)
         self._warned_decay = False
@@ -209,6 +218,7 @@ class OptimizerAttachment:
         # gradient goes in multiplied by the scale it will divide by; the decoupled decay is
         # not applied on a step the scaler skips.
         grad_scale = None if self.decoupled else getattr(optimizer, "grad_scale", None)
+        self._deferred = []
         skip, keep = _skipped(optimizer) if self.decoupled else (False, None)
         if skip:
             return
@@ -220,13 +230,24 @@ class OptimizerAttachment:
                 lr = _lr(group, optimizer) if self.decoupled else None
                 for (term, _, params, places), coef in zip(parts, coefs):
                     live, where = self._live(params, places)
-                    if not live:
-                        continue
+                    # Gradients that carry their own graph (backward(create_graph=True)): the
+                    # step may differentiate them (AdaHessian, Sophia: Hessian-vector products
+                    # through the graph that saved these weights).
+                    (live, where), (deep, deep_where) = _by_graph(live, where)
                     if lr is not None:  # decoupled
-                        term.before_(coef, lr, live, where, keep)
-                    else:
-                        grads = [p.grad for p in live if p.grad is not None]
-                        term.coupled_(coef, live, grads, where, sign=sign, grad_scale=grad_scale)
+                        if live:
+                            term.before_(coef, lr, live, where, keep)
+                        if deep and type(term).before_ is not Term.before_:
+                            self._defer(term, coef, lr, deep, deep_where, keep)
+                        continue
+                    for ps, wh, graph in zip((live, deep), (where, deep_where), (False, True)):
+                        if not ps:
+                            continue
+                        # On a graph gradient the penalty's gradient goes in differentiably,
+                        # so that the Hessian-vector product sees the penalty's Hessian too.
+                        with torch.enable_grad() if graph else contextlib.nullcontext():
+                            grads = [p.grad for p in ps if p.grad is not None]
+                            term.coupled_(coef, ps, grads, wh, sign=sign, grad_scale=grad_scale)
                 if not self.decoupled and self._shared:
                     self._stamp(group)
 
@@ -235,6 +256,10 @@ class OptimizerAttachment:
         threshold, the group lasso's block soft threshold)."""
         if not self.decoupled:
             return
+        with torch.no_grad():
+            for params, deltas in self._deferred:
+                torch._foreach_add_(params, deltas)
+        self._deferred = []
         skip, keep = _skipped(optimizer)
         if skip:
             return
@@ -245,6 +270,25 @@ class OptimizerAttachment:
                     live, where = self._live(params, places)
                     if live:
                         term.after_(coef, lr, live, where, keep)
+
+    def _defer(
+        self,
+        term: Term,
+        coef: float,
+        lr: Any,
+        params: list[torch.Tensor],
+        where: list[Any],
+        keep: torch.Tensor | None,
+    ) -> None:
+        """The decoupled step before the update, for weights the step's own differentiation
+        still needs (the graph of their gradients saved them: changed in place now, that
+        graph would fail). It is computed now, from the weights the gradient was taken at,
+        on copies, and its change added after the update: ``w - lr * u + (step(w) - w)``,
+        which is AdamW's ``step(w) - lr * u``."""
+        copies = [p.detach().clone() for p in params]
+        term.before_(coef, lr, copies, where, keep)
+        torch._foreach_sub_(copies, [p.detach() for p in params])
+        self._deferred.append((params, copies))
 
     def _live(
         self, params: list[torch.Tensor], places: list[Any]
@@ -286,6 +330,22 @@ class OptimizerAttachment:
 
 
 _STAMP = "_regcollect_penalized"
+
+
+def _by_graph(
+    params: list[torch.Tensor], where: list[Any]
+) -> tuple[tuple[list[torch.Tensor], list[Any]], tuple[list[torch.Tensor], list[Any]]]:
+    """``(params, where)`` split into those whose gradient is a plain tensor and those whose
+    gradient carries a graph (``backward(create_graph=True)``)."""
+    if not any(p.grad is not None and p.grad.grad_fn is not None for p in params):
+        return (params, where), ([], [])
+    plain: tuple[list[torch.Tensor], list[Any]] = ([], [])
+    deep: tuple[list[torch.Tensor], list[Any]] = ([], [])
+    for p, w in zip(params, where):
+        side = deep if p.grad is not None and p.grad.grad_fn is not None else plain
+        side[0].append(p)
+        side[1].append(w)
+    return plain, deep
 
 
 def _skipped(optimizer: torch.optim.Optimizer) -> tuple[bool, torch.Tensor | None]:
