@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from .._distributed.ddp import ROUTE, routed
+from .._distributed.dtensor_step import steps_shards
 from .._distributed.sharding import (
     HELD_PART,
     SHARD_OVER,
@@ -48,11 +49,14 @@ __all__ = ["Plan", "Result", "group_penalty", "powers", "steppable"]
 def steppable(x: torch.Tensor, reg: Regularizer) -> bool:
     """Whether an attached optimizer's step applies ``reg`` to ``x`` (and ``loss()`` then
     gives its value without a gradient): the one rule both sides follow, so that a penalty is
-    counted exactly once. L1/L2 terms on tensors whose local values sum to the penalty (plain
-    tensors, sharded DTensors); the other penalties with step math on plain tensors only."""
+    counted exactly once. A DTensor by its placements (``dtensor_step.steps_shards``); L1/L2
+    terms on other tensors whose local values sum to the penalty; the other penalties with
+    step math on plain tensors only."""
     terms = kernel_of(reg).terms(reg) if x.is_floating_point() else ()
     if not terms:
         return False
+    if is_dtensor(x):
+        return steps_shards(x, [term for term, _ in terms])
     if all(term.local for term, _ in terms):  # elementwise: each shard as it is
         return shard_reduction(x) is not None
     return is_plain(x)

@@ -15,10 +15,15 @@ L2-SP and group lasso penalties are applied too (their step math is in their mod
 part of a penalty is a ``Term`` that knows its coupled gradient and its decoupled steps). A
 scheduled coefficient is read before the step.
 
-Only those penalties on (unsharded) parameters the optimizer holds are applied this way;
-orthogonal, custom and activity penalties stay in ``loss()`` with their gradients. For the
-penalties the optimizer applies, ``loss()`` still returns the full value (the printed loss and
-the summary stay honest), but that part carries no gradient: nothing is counted twice.
+Only those penalties on parameters the optimizer holds are applied this way; orthogonal,
+custom and activity penalties stay in ``loss()`` with their gradients. For the penalties the
+optimizer applies, ``loss()`` still returns the full value (the printed loss and the summary
+stay honest), but that part carries no gradient: nothing is counted twice, not even through
+the unsharded parameter FSDP2 puts on a module while its parameters are gathered (``held``).
+
+On DTensor parameters (tensor parallelism, FSDP2, both on a 2-D mesh) the step math runs on
+the local tensors, by the placement rules of ``regcollect._distributed.dtensor_step``; a
+decoupled step those rules cannot make exact is refused, naming the parameter.
 """
 
 from __future__ import annotations
@@ -31,8 +36,11 @@ from typing import Any, Protocol
 import torch
 
 from .._checks import RegcollectWarning
+from .._distributed.dtensor_step import local_lists, unsteppable
+from .._distributed.fsdp2 import sharded_twins
+from .._distributed.sharding import is_dtensor
 from .._engine.plan import steppable
-from .._penalties.base import Coefficient, Term
+from .._penalties.base import Term
 from .._penalties.kernel import kernel_of
 from .wrappers import groups_key, skip_flag
 
@@ -52,12 +60,15 @@ class Regularized(Protocol):
     @property
     def regularizer(self) -> Any: ...
 
+    @property
+    def name(self) -> str: ...
+
     def resolve(self) -> torch.Tensor | None: ...
 
 
 # One part the step applies to some parameters of a group: (term, coefficient, parameters,
-# where each parameter's state lives: Term.locate).
-Part = tuple[Term, Any, list[torch.Tensor], list[Any]]
+# where each parameter's state lives: Term.locate, whether any parameter is a DTensor).
+Part = tuple[Term, Any, list[torch.Tensor], list[Any], bool]
 
 
 class OptimizerAttachment:
@@ -100,12 +111,29 @@ class OptimizerAttachment:
         self._pre = optimizer.register_step_pre_hook(self._before_step)
         self._post = optimizer.register_step_post_hook(self._after_step)
         self._warned_decay = False
+        self._names: dict[int, str] = {}  # id(DTensor parameter) -> its entry's name
 
     def held(self) -> set[int]:
-        """Ids of the parameters the optimizer holds (whose penalties it applies)."""
+        """Ids of the parameters the optimizer holds (whose penalties it applies), and of the
+        unsharded parameters FSDP2 puts on the modules in their place while it has them
+        gathered, where the step applies the penalty to the sharded one: ``loss()`` gives
+        their value without a gradient too (through them, it reached the sharded parameter's
+        gradient after FSDP2's reduce-scatter, and the step added it again)."""
         optimizer = self.optimizer()
         if optimizer is None:
             return set()
+        ids = self._held_parameters(optimizer)
+        entries = [e for e in self._entries() if e.param is not None and e.module is not None]
+        twins = sharded_twins(e.module for e in entries)  # type: ignore[misc]
+        for entry in entries if twins else ():
+            tensor = entry.resolve()
+            sharded = twins.get(id(tensor)) if tensor is not None else None
+            if sharded is not None and id(sharded) in ids and steppable(sharded, entry.regularizer):
+                ids.add(id(tensor))
+        return ids
+
+    @staticmethod
+    def _held_parameters(optimizer: torch.optim.Optimizer) -> set[int]:
         return {id(p) for group in optimizer.param_groups for p in group["params"]}
 
     def key(self) -> tuple[Any, ...] | None:
@@ -127,19 +155,7 @@ class OptimizerAttachment:
     def _grouping(self, optimizer: torch.optim.Optimizer, key: tuple[Any, ...]) -> None:
         if key == self._key:
             return
-        # id(tensor) -> its parts, by the rule loss() follows too (engine.steppable).
-        parts: dict[int, list[tuple[Term, Coefficient, Any]]] = {}
-        for entry in self._entries():
-            # Weight entries (those with a parameter): activity and bare-tensor ones have none.
-            tensor = entry.resolve() if entry.param is not None else None
-            reg = entry.regularizer
-            if tensor is None or not steppable(tensor, reg):
-                continue
-            parts[id(tensor)] = [
-                (term, coef, term.locate(entry.module, entry.param))
-                for term, coef in kernel_of(reg).terms(reg)
-                if coef
-            ]
+        parts = self._parts(optimizer)
         self._groups = []
         doubled = []
         for group in optimizer.param_groups:
@@ -152,7 +168,10 @@ class OptimizerAttachment:
                 if id(p) in parts and group.get("weight_decay", 0.0):
                     doubled.append(p)
             self._groups.append(
-                [(term, coef, ps, places) for (term, coef), (ps, places) in by_part.items()]
+                [
+                    (term, coef, ps, places, any(map(is_dtensor, ps)))
+                    for (term, coef), (ps, places) in by_part.items()
+                ]
             )
         others = self._others(self)
         self._shared = self.held() & others if others else set()
@@ -168,6 +187,39 @@ class OptimizerAttachment:
                 stacklevel=4,
             )
 
+    def _parts(self, optimizer: torch.optim.Optimizer) -> dict[int, list[tuple[Term, Any, Any]]]:
+        """id(parameter) -> the parts the step applies to it, by the rule loss() follows too
+        (engine.steppable); the names of the DTensor parameters, for the step's errors.
+
+        Raises:
+            ValueError: Decoupled, a penalty with step math on a DTensor parameter the
+                optimizer holds, whose placements the step cannot apply it on exactly.
+        """
+        held = self._held_parameters(optimizer)
+        entries = [e for e in self._entries() if e.param is not None]
+        twins = sharded_twins(e.module for e in entries if e.module is not None)
+        parts: dict[int, list[tuple[Term, Any, Any]]] = {}
+        self._names = {}
+        for entry in entries:
+            # Weight entries (those with a parameter): activity and bare-tensor ones have none.
+            tensor = entry.resolve()
+            if tensor is None:
+                continue
+            tensor = twins.get(id(tensor), tensor)  # FSDP2's sharded one, which steps
+            reg = entry.regularizer
+            terms = [(t, c) for t, c in kernel_of(reg).terms(reg) if c]
+            if not steppable(tensor, reg):
+                if self.decoupled and terms and id(tensor) in held and is_dtensor(tensor):
+                    raise ValueError(
+                        f"attach_optimizer(decoupled=True): {entry.name!r} is "
+                        f"{unsteppable(tensor, reg)}."
+                    )
+                continue
+            parts[id(tensor)] = [(t, c, t.locate(entry.module, entry.param)) for t, c in terms]
+            if is_dtensor(tensor):
+                self._names[id(tensor)] = entry.name
+        return parts
+
     # -- the hooks --------------------------------------------------------------------------
 
     def _before_step(
@@ -178,7 +230,7 @@ class OptimizerAttachment:
             return None
         self._grouping(optimizer, key)
         # Scheduled coefficients are read once, before the step advances them.
-        self._coefs = [[float(c) for _, c, _, _ in parts] for parts in self._groups]
+        self._coefs = [[float(c) for _, c, _, _, _ in parts] for parts in self._groups]
         # args are step()'s own: (optimizer, closure) when the closure is positional.
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
         if not callable(closure):
@@ -218,14 +270,18 @@ class OptimizerAttachment:
                 # after that: the penalty's gradient goes in negated, so that it still shrinks.
                 sign = -1.0 if group.get("maximize", False) else 1.0
                 lr = _lr(group, optimizer) if self.decoupled else None
-                for (term, _, params, places), coef in zip(parts, coefs):
+                for (term, _, params, places, sharded), coef in zip(parts, coefs):
                     live, where = self._live(params, places)
+                    grads: list[torch.Tensor] | None = None
+                    if lr is None:  # coupled (_live kept the parameters with a gradient)
+                        grads = [p.grad for p in live if p.grad is not None]
+                    if sharded:  # DTensors: their local tensors, by the placement rules
+                        live, where, grads = self._local(live, where, grads)
                     if not live:
                         continue
-                    if lr is not None:  # decoupled
-                        term.before_(coef, lr, live, where, keep)
+                    if grads is None:  # decoupled
+                        term.before_(coef, lr, live, where, keep)  # type: ignore[arg-type]
                     else:
-                        grads = [p.grad for p in live if p.grad is not None]
                         term.coupled_(coef, live, grads, where, sign=sign, grad_scale=grad_scale)
                 if not self.decoupled and self._shared:
                     self._stamp(group)
@@ -241,8 +297,10 @@ class OptimizerAttachment:
         with torch.no_grad():
             for group, parts, coefs in zip(optimizer.param_groups, self._groups, self._coefs):
                 lr = _lr(group, optimizer)
-                for (term, _, params, places), coef in zip(parts, coefs):
+                for (term, _, params, places, sharded), coef in zip(parts, coefs):
                     live, where = self._live(params, places)
+                    if sharded:
+                        live, where, _ = self._local(live, where, None)
                     if live:
                         term.after_(coef, lr, live, where, keep)
 
@@ -273,6 +331,12 @@ class OptimizerAttachment:
                 if p.grad is not None and p.requires_grad
             ]
         return [p for p, _ in live], [where for _, where in live]
+
+    def _local(
+        self, params: list[torch.Tensor], where: list[Any], grads: list[Any] | None
+    ) -> tuple[list[torch.Tensor], list[Any], list[torch.Tensor] | None]:
+        names = self._names
+        return local_lists(params, where, grads, lambda i: repr(names.get(id(params[i]), "?")))
 
     def _penalized(self, grad: torch.Tensor) -> bool:
         return getattr(grad, _STAMP, None) == (self._owner, grad._version)
