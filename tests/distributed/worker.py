@@ -401,9 +401,10 @@ def replicated_beside_plain() -> dict[str, Any]:
     }
 
 
-def attached(wrap: Wrap, decoupled: bool) -> dict[str, Any]:
+def attached(wrap: Wrap, decoupled: bool, after_forward: bool = False) -> dict[str, Any]:
     """rc.attach_optimizer: the step applies the L1/L2 terms; the wrapped model on this rank's
-    half batch must match the same mode in one process on the whole batch."""
+    half batch must match the same mode in one process on the whole batch. ``after_forward``:
+    ``rc.loss()`` after the forward pass, when FSDP2's root holds its unsharded parameters."""
 
     def run(model: torch.nn.Module, coll: rc.Collection, x: torch.Tensor, y: torch.Tensor) -> Any:
         opt = (
@@ -415,8 +416,10 @@ def attached(wrap: Wrap, decoupled: bool) -> dict[str, Any]:
         seen = []
         for _ in range(STEPS):
             opt.zero_grad()
+            out = model(x) if after_forward else None
             penalty = coll.loss()
-            (torch.nn.functional.mse_loss(model(x), y) + penalty).backward()
+            out = model(x) if out is None else out
+            (torch.nn.functional.mse_loss(out, y) + penalty).backward()
             opt.step()
             seen.append(penalty.item())
         return seen
@@ -571,6 +574,14 @@ SCENARIOS: dict[str, Callable[[], dict[str, Any]]] = {
     "ddp_attached_decoupled": lambda: attached(DDP, decoupled=True),
     "fsdp2_attached": lambda: attached(fsdp, decoupled=False),
     "fsdp2_attached_decoupled": lambda: attached(fsdp, decoupled=True),
+    # The root's unsharded parameters in loss(): the step applies their penalty (it was
+    # counted twice: 0.03 off).
+    "fsdp2_root_only_attached_after_forward": lambda: attached(
+        root_only, decoupled=False, after_forward=True
+    ),
+    "fsdp2_root_only_attached_decoupled_after_forward": lambda: attached(
+        root_only, decoupled=True, after_forward=True
+    ),
     # Ranks that disagree on what they train: an error on every rank, not a hang.
     "fsdp2_frozen_on_one_rank": lambda: frozen("one"),
     "fsdp2_orthogonal_frozen_on_one_rank": lambda: frozen("one", middle="orthogonal"),
