@@ -69,24 +69,30 @@ def steps_shards(x: torch.Tensor, terms: Sequence[Shardable]) -> bool:
     return cut is not None and all(term.shardable(cut, x.dim()) for term in terms)
 
 
-def unsteppable(x: torch.Tensor, regularizer: object) -> str:
-    """Why a decoupled step cannot apply ``regularizer`` to the DTensor ``x``, and the way
-    out (the end of an error message naming the parameter)."""
-    placements = tuple(x.placements)  # type: ignore[attr-defined]
+def unsteppable(x: torch.Tensor, regularizer: object, terms: Sequence[Shardable]) -> str:
+    """Why a decoupled step cannot apply ``regularizer`` (its step terms ``terms``) to the
+    DTensor ``x``, and the way out (the end of an error message naming the parameter)."""
     cut = cut_dims(x)
-    why = (
-        "a Partial placement holds addends of the tensor, not a piece of it"
-        if cut is None
-        else f"its step math needs parts of the tensor that they split across the ranks "
-        f"(along dimension(s) {sorted(cut)})"
+    whole = all(term.shardable(frozenset(), x.dim()) for term in terms)
+    if cut is None:
+        why = "a Partial placement holds addends of the tensor, not a piece of it"
+    elif whole:
+        why = (
+            "its step math needs parts of the tensor that they split across the ranks "
+            f"(along dimension(s) {sorted(cut)})"
+        )
+    else:
+        why = "its step math applies to plain tensors only"
+    way_out = (
+        "; or place the parameter so that each rank holds the parts the penalty needs whole"
+        if cut and whole
+        else ""
     )
     return (
-        f"a DTensor with placements {placements} on a mesh of shape "
+        f"a DTensor with placements {tuple(x.placements)} on a mesh of shape "  # type: ignore[attr-defined]
         f"{tuple(x.device_mesh.shape)}, and {why}, so the decoupled step "  # type: ignore[attr-defined]
         f"cannot apply {regularizer!r} to it exactly. Attach the optimizer coupled "
-        "(decoupled=False): rc.loss() then gives this penalty's gradient exactly; or place "
-        "the parameter so that each rank holds what the penalty needs (Replicate, or a Shard "
-        "that keeps its groups whole)"
+        f"(decoupled=False): rc.loss() then gives this penalty's gradient exactly{way_out}"
     )
 
 

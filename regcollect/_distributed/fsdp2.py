@@ -14,6 +14,7 @@ imported here.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from typing import Any
 
@@ -21,7 +22,12 @@ import torch
 
 from .. import _naming
 
-__all__ = ["sharded_twins"]
+__all__ = ["loaded", "sharded_twins"]
+
+
+def loaded() -> bool:
+    """Whether FSDP2 can be in use at all (its package is imported): the cheap test first."""
+    return "torch.distributed.fsdp" in sys.modules
 
 
 def sharded_twins(modules: Iterable[torch.nn.Module]) -> dict[int, torch.Tensor]:
@@ -29,6 +35,8 @@ def sharded_twins(modules: Iterable[torch.nn.Module]) -> dict[int, torch.Tensor]
     states managing ``modules`` (the modules themselves or their ancestors) have gathered at
     least once; empty without FSDP2."""
     out: dict[int, torch.Tensor] = {}
+    if not loaded():
+        return out
     seen: set[int] = set()
     for module in modules:
         for owner in (module, *_naming.ancestors(module)):

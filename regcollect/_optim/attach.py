@@ -37,6 +37,7 @@ import torch
 
 from .._checks import RegcollectWarning
 from .._distributed.dtensor_step import local_lists, unsteppable
+from .._distributed.fsdp2 import loaded as fsdp2_loaded
 from .._distributed.fsdp2 import sharded_twins
 from .._distributed.sharding import is_dtensor
 from .._engine.plan import steppable
@@ -123,6 +124,8 @@ class OptimizerAttachment:
         if optimizer is None:
             return set()
         ids = self._held_parameters(optimizer)
+        if not fsdp2_loaded():
+            return ids
         entries = [e for e in self._entries() if e.param is not None and e.module is not None]
         twins = sharded_twins(e.module for e in entries)  # type: ignore[misc]
         for entry in entries if twins else ():
@@ -212,7 +215,7 @@ class OptimizerAttachment:
                 if self.decoupled and terms and id(tensor) in held and is_dtensor(tensor):
                     raise ValueError(
                         f"attach_optimizer(decoupled=True): {entry.name!r} is "
-                        f"{unsteppable(tensor, reg)}."
+                        f"{unsteppable(tensor, reg, [t for t, _ in terms])}."
                     )
                 continue
             parts[id(tensor)] = [(t, c, t.locate(entry.module, entry.param)) for t, c in terms]

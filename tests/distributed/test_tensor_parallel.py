@@ -105,6 +105,7 @@ def test_a_decoupled_step_that_cannot_be_exact_is_refused_by_name(
     assert f"split across the ranks (along dimension(s) {cut})" in first
     assert "cannot apply GroupLasso(factor=0.05, axis=0) to it exactly" in first
     assert "Attach the optimizer coupled (decoupled=False)" in first
+    assert first.endswith("each rank holds the parts the penalty needs whole.")
 
 
 def test_a_gradient_no_rule_maps_onto_its_parameter_is_refused_by_name(
