@@ -18,14 +18,21 @@ a DTensor exists.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import torch
 
 from .placement import Adapter, Placed, Placement
 
-__all__ = ["ContiguousGrad", "DTensorAdapter", "is_dtensor"]
+__all__ = [
+    "ContiguousGrad",
+    "DTensorAdapter",
+    "Shardable",
+    "cut_dims",
+    "is_dtensor",
+    "steps_shards",
+]
 
 
 def is_dtensor(x: object) -> bool:
@@ -59,18 +66,54 @@ def _whole(x: torch.Tensor) -> torch.Tensor:
     return ContiguousGrad.apply(x.full_tensor())  # type: ignore[attr-defined, no-any-return]
 
 
-def reduce_over(x: Any) -> tuple[Any, ...] | None:
-    """The ``(mesh, dim)`` pairs an elementwise sum of ``x``'s local shard is completed over;
-    None when a placement makes local sums no part of the whole (``Partial``)."""
-    from torch.distributed.tensor import Replicate, Shard
+class Shardable(Protocol):
+    """What the rules read of a penalty's step term (``regcollect._penalties.base.Term``)."""
 
+    def shardable(self, cut: frozenset[int], ndim: int) -> bool: ...
+
+
+def cut_dims(x: torch.Tensor) -> frozenset[int] | None:
+    """The tensor dimensions along which ``x``'s placements cut it into the ranks' pieces;
+    None when the local values are no piece of it (a ``Partial`` placement, or one unknown
+    here)."""
+    strided = _strided_shard()
+    cut = set()
+    for placement in x.placements:  # type: ignore[attr-defined]
+        if placement.is_replicate():
+            continue
+        if placement.is_shard() or (strided is not None and isinstance(placement, strided)):
+            cut.add(placement.dim)
+        else:
+            return None
+    return frozenset(cut)
+
+
+def steps_shards(x: torch.Tensor, terms: Sequence[Shardable]) -> bool:
+    """Whether the step math of every one of ``terms``, applied to ``x``'s local tensor on
+    each rank, is the whole tensor's (``x`` a DTensor)."""
+    cut = cut_dims(x)
+    return cut is not None and all(term.shardable(cut, x.dim()) for term in terms)
+
+
+def reduce_over(x: Any) -> tuple[Any, ...] | None:
+    """The ``(mesh, dim)`` pairs an elementwise sum of ``x``'s local shard is completed over:
+    the mesh dimensions that cut it (``Shard``, ``_StridedShard``); None when a placement
+    makes local sums no part of the whole (``Partial``)."""
+    strided = _strided_shard()
     out = []
     for dim, placement in enumerate(x.placements):
-        if isinstance(placement, Shard):
+        if placement.is_shard() or (strided is not None and isinstance(placement, strided)):
             out.append((x.device_mesh, dim))
-        elif not isinstance(placement, Replicate):
+        elif not placement.is_replicate():
             return None
     return tuple(out)
+
+
+def _strided_shard() -> type | None:
+    """``_StridedShard`` (FSDP2's placement over a tensor-parallel shard of the same
+    dimension), which is no ``Shard`` subclass in recent torch; None before it existed."""
+    module = sys.modules.get("torch.distributed.tensor.placement_types")
+    return getattr(module, "_StridedShard", None)
 
 
 class DTensorAdapter(Adapter):
@@ -91,4 +134,12 @@ class DTensorAdapter(Adapter):
             local=_local,
             reduce_over=reduce_over(tensor),
             whole=_whole,
+            steps=steps_shards,
         )
+
+    def unstepped(
+        self, tensor: torch.Tensor, regularizer: object, terms: Sequence[Any]
+    ) -> str | None:
+        from .dtensor_step import unsteppable  # the step's module imports this one
+
+        return unsteppable(tensor, regularizer, terms) if is_dtensor(tensor) else None

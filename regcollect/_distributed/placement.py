@@ -16,7 +16,9 @@ A ``Placement`` says, for one tensor a plan evaluates:
   naming the engine;
 - ``plain``: an ordinary tensor holding all its values here, which may be stacked with
   others of its shape and given to the batched kernels;
-- ``refused``: why no penalty can be computed on it at all (an unknown tensor subclass).
+- ``refused``: why no penalty can be computed on it at all (an unknown tensor subclass);
+- ``steps``: the engine's own rule for whether the attached step's math applies to the local
+  values (a DTensor's, by its placements and the terms' ``shardable``).
 
 ``kind`` and ``reduce_over`` together are what tensors must share to go into one kernel
 call. Nothing here imports an engine.
@@ -24,7 +26,7 @@ call. Nothing here imports an engine.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +61,9 @@ class Placement:
     refused: str = ""
     # The engine's parameter holding a tensor gone from its module (an FSDP1 flat parameter).
     holder: torch.Tensor | None = None
+    # Whether the attached step's math of the given terms, applied to the local values, is
+    # the whole tensor's (a DTensor's rule, by its placements); None: ``elementwise`` decides.
+    steps: Callable[[torch.Tensor, Sequence[Any]], bool] | None = None
 
     @property
     def elementwise(self) -> bool:
@@ -140,7 +145,11 @@ class Adapter:
     - ``held_away``: such parameters under ``model``, as ``(module, name)``;
     - ``real_shape``: the shape the model gave the parameter;
     - ``stepped``: the optimizer an engine object steps (None: not this engine's);
-    - ``refuse_step``: why the attached step cannot apply penalties through ``optimizer``.
+    - ``refuse_step``: why the attached step cannot apply penalties through ``optimizer``;
+    - ``unstepped``: why a decoupled step cannot apply ``regularizer`` (step terms ``terms``)
+      to a tensor of this engine exactly, for the error naming it;
+    - ``stepped_twins``: ``id(object) -> the tensor the optimizer steps`` for parameter objects
+      the engine puts on ``modules`` in its place (FSDP2's unsharded parameters).
     """
 
     engine = ""
@@ -175,3 +184,11 @@ class Adapter:
 
     def refuse_step(self, optimizer: Any) -> str | None:
         return None
+
+    def unstepped(
+        self, tensor: torch.Tensor, regularizer: object, terms: Sequence[Any]
+    ) -> str | None:
+        return None
+
+    def stepped_twins(self, modules: Sequence[torch.nn.Module]) -> dict[int, torch.Tensor]:
+        return {}

@@ -9,14 +9,16 @@ tensor subclass that decides its own values is refused, never computed per rank.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from .ddp import DDPAdapter
 from .dtensor import DTensorAdapter
+from .dtensor_step import local_lists
 from .fsdp1 import FSDP1Adapter
+from .fsdp2 import FSDP2Adapter
 from .placement import PLAIN, Adapter, Placed, Placement, by_type
 from .zero3 import Zero3Adapter
 
@@ -29,12 +31,25 @@ __all__ = [
     "place",
     "real_shape",
     "refuse_step",
+    "step_lists",
     "stepped",
+    "stepped_twins",
+    "unstepped",
 ]
+
+# The attached step's lists on this rank: plain tensors as they are, the others' local
+# tensors, by their engines' rules (dtensor_step).
+step_lists = local_lists
 
 # In the order they are asked: an engine that holds parameters in parts before DDP, which
 # wraps any of them.
-ADAPTERS: tuple[Adapter, ...] = (DTensorAdapter(), Zero3Adapter(), FSDP1Adapter(), DDPAdapter())
+ADAPTERS: tuple[Adapter, ...] = (
+    DTensorAdapter(),
+    FSDP2Adapter(),
+    Zero3Adapter(),
+    FSDP1Adapter(),
+    DDPAdapter(),
+)
 
 
 def _unnamed() -> str:
@@ -117,3 +132,20 @@ def refuse_step(optimizer: Any) -> str | None:
     """Why the attached step cannot apply penalties through ``optimizer`` (an engine's
     optimizer holding flat copies of the parameters), or None."""
     return next((m for a in ADAPTERS if (m := a.refuse_step(optimizer)) is not None), None)
+
+
+def unstepped(tensor: torch.Tensor, regularizer: object, terms: Sequence[Any]) -> str | None:
+    """Why a decoupled step cannot apply ``regularizer`` to ``tensor`` exactly (the end of an
+    error naming the parameter), when an engine's rule says so; else None."""
+    return next(
+        (m for a in ADAPTERS if (m := a.unstepped(tensor, regularizer, terms)) is not None), None
+    )
+
+
+def stepped_twins(modules: Sequence[torch.nn.Module]) -> dict[int, torch.Tensor]:
+    """``id(object) -> the tensor the optimizer steps`` for the parameter objects engines put
+    on ``modules`` in its place (FSDP2's unsharded parameters)."""
+    out: dict[int, torch.Tensor] = {}
+    for adapter in ADAPTERS:
+        out.update(adapter.stepped_twins(modules))
+    return out

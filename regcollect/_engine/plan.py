@@ -42,13 +42,15 @@ __all__ = ["Plan", "Result", "group_penalty", "powers", "steppable"]
 def steppable(x: torch.Tensor, reg: Regularizer) -> bool:
     """Whether an attached optimizer's step applies ``reg`` to ``x`` (and ``loss()`` then
     gives its value without a gradient): the one rule both sides follow, so that a penalty is
-    counted exactly once. Elementwise terms on tensors whose local values sum to the penalty
-    (plain tensors, sharded DTensors); the other penalties with step math on plain tensors
-    only."""
+    counted exactly once. Where the placement has a rule of its own (a DTensor's, by its
+    placements), that rule; else elementwise terms on tensors whose local values sum to the
+    penalty; the other penalties with step math on plain tensors only."""
     terms = kernel_of(reg).terms(reg) if x.is_floating_point() else ()
     if not terms:
         return False
     placement = placement_of(x)
+    if placement.steps is not None:
+        return placement.steps(x, [term for term, _ in terms])
     if all(term.local for term, _ in terms):  # elementwise: each shard as it is
         return placement.elementwise
     return placement.plain

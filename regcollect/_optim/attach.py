@@ -15,10 +15,15 @@ L2-SP and group lasso penalties are applied too (their step math is in their mod
 part of a penalty is a ``Term`` that knows its coupled gradient and its decoupled steps). A
 scheduled coefficient is read before the step.
 
-Only those penalties on (unsharded) parameters the optimizer holds are applied this way;
-orthogonal, custom and activity penalties stay in ``loss()`` with their gradients. For the
-penalties the optimizer applies, ``loss()`` still returns the full value (the printed loss and
-the summary stay honest), but that part carries no gradient: nothing is counted twice.
+Only those penalties on parameters the optimizer holds are applied this way; orthogonal,
+custom and activity penalties stay in ``loss()`` with their gradients. For the penalties the
+optimizer applies, ``loss()`` still returns the full value (the printed loss and the summary
+stay honest), but that part carries no gradient: nothing is counted twice, not even through
+the unsharded parameter FSDP2 puts on a module while its parameters are gathered (``held``).
+
+On DTensor parameters (tensor parallelism, FSDP2, both on a 2-D mesh) the step math runs on
+the local tensors, by the placement rules of ``regcollect._distributed.dtensor_step``; a
+decoupled step those rules cannot make exact is refused, naming the parameter.
 
 Gradients that carry a graph (``backward(create_graph=True)``), which a Hessian-based step
 differentiates (AdaHessian, Sophia): the coupled gradient goes in differentiably, so that the
@@ -38,10 +43,11 @@ from typing import Any, Protocol
 import torch
 
 from .._checks import RegcollectWarning
+from .._distributed.seam import placement_of, step_lists, stepped_twins, unstepped
 from .._engine.plan import steppable
-from .._penalties.base import Coefficient, Term
+from .._penalties.base import Term
 from .._penalties.kernel import kernel_of
-from .wrappers import groups_key, skip_flag
+from .wrappers import by_graph, check_learning_rates, first_decay, groups_key, lr_of, skipped
 
 __all__ = ["OptimizerAttachment", "held_by"]
 
@@ -59,12 +65,15 @@ class Regularized(Protocol):
     @property
     def regularizer(self) -> Any: ...
 
+    @property
+    def name(self) -> str: ...
+
     def resolve(self) -> torch.Tensor | None: ...
 
 
 # One part the step applies to some parameters of a group: (term, coefficient, parameters,
-# where each parameter's state lives: Term.locate).
-Part = tuple[Term, Any, list[torch.Tensor], list[Any]]
+# where each parameter's state lives: Term.locate, whether any parameter is a DTensor).
+Part = tuple[Term, Any, list[torch.Tensor], list[Any], bool]
 
 
 class OptimizerAttachment:
@@ -93,7 +102,7 @@ class OptimizerAttachment:
             decoupled: AdamW's decay and proximal steps, or the coupled gradient.
         """
         if decoupled:
-            _check_learning_rates(optimizer)
+            check_learning_rates(optimizer)
         self.optimizer = weakref.ref(optimizer)
         self._entries, self._state_key, self._others = entries, key, others
         self._owner = owner
@@ -109,12 +118,29 @@ class OptimizerAttachment:
         self._pre = optimizer.register_step_pre_hook(self._before_step)
         self._post = optimizer.register_step_post_hook(self._after_step)
         self._warned_decay = False
+        self._names: dict[int, str] = {}  # id(DTensor parameter) -> its entry's name
 
     def held(self) -> set[int]:
-        """Ids of the parameters the optimizer holds (whose penalties it applies)."""
+        """Ids of the parameters the optimizer holds (whose penalties it applies), and of the
+        unsharded parameters FSDP2 puts on the modules in their place while it has them
+        gathered, where the step applies the penalty to the sharded one: ``loss()`` gives
+        their value without a gradient too (through them, it reached the sharded parameter's
+        gradient after FSDP2's reduce-scatter, and the step added it again)."""
         optimizer = self.optimizer()
         if optimizer is None:
             return set()
+        ids = self._held_parameters(optimizer)
+        entries = [e for e in self._entries() if e.param is not None and e.module is not None]
+        twins = stepped_twins([e.module for e in entries])  # type: ignore[misc]
+        for entry in entries if twins else ():
+            tensor = entry.resolve()
+            sharded = twins.get(id(tensor)) if tensor is not None else None
+            if sharded is not None and id(sharded) in ids and steppable(sharded, entry.regularizer):
+                ids.add(id(tensor))
+        return ids
+
+    @staticmethod
+    def _held_parameters(optimizer: torch.optim.Optimizer) -> set[int]:
         return {id(p) for group in optimizer.param_groups for p in group["params"]}
 
     def key(self) -> tuple[Any, ...] | None:
@@ -136,19 +162,7 @@ class OptimizerAttachment:
     def _grouping(self, optimizer: torch.optim.Optimizer, key: tuple[Any, ...]) -> None:
         if key == self._key:
             return
-        # id(tensor) -> its parts, by the rule loss() follows too (engine.steppable).
-        parts: dict[int, list[tuple[Term, Coefficient, Any]]] = {}
-        for entry in self._entries():
-            # Weight entries (those with a parameter): activity and bare-tensor ones have none.
-            tensor = entry.resolve() if entry.param is not None else None
-            reg = entry.regularizer
-            if tensor is None or not steppable(tensor, reg):
-                continue
-            parts[id(tensor)] = [
-                (term, coef, term.locate(entry.module, entry.param))
-                for term, coef in kernel_of(reg).terms(reg)
-                if coef
-            ]
+        parts = self._parts(optimizer)
         self._groups = []
         doubled = []
         for group in optimizer.param_groups:
@@ -161,7 +175,10 @@ class OptimizerAttachment:
                 if id(p) in parts and group.get("weight_decay", 0.0):
                     doubled.append(p)
             self._groups.append(
-                [(term, coef, ps, places) for (term, coef), (ps, places) in by_part.items()]
+                [
+                    (term, coef, ps, places, any(placement_of(p).steps is not None for p in ps))
+                    for (term, coef), (ps, places) in by_part.items()
+                ]
             )
         others = self._others(self)
         self._shared = self.held() & others if others else set()
@@ -170,12 +187,45 @@ class OptimizerAttachment:
             self._warned_decay = True
             warnings.warn(
                 f"{len(doubled)} parameters regularized by regcollect are also in a parameter "
-                f"group with weight_decay={_first_decay(optimizer)} on "
+                f"group with weight_decay={first_decay(optimizer)} on "
                 f"{type(optimizer).__name__}: they are regularized twice. Set weight_decay=0 "
                 "for them (rc.l2(wd / 2) is SGD's weight_decay=wd).",
                 RegcollectWarning,
                 stacklevel=4,
             )
+
+    def _parts(self, optimizer: torch.optim.Optimizer) -> dict[int, list[tuple[Term, Any, Any]]]:
+        """id(parameter) -> the parts the step applies to it, by the rule loss() follows too
+        (engine.steppable); the names of the DTensor parameters, for the step's errors.
+
+        Raises:
+            ValueError: Decoupled, a penalty with step math on a DTensor parameter the
+                optimizer holds, whose placements the step cannot apply it on exactly.
+        """
+        held = self._held_parameters(optimizer)
+        entries = [e for e in self._entries() if e.param is not None]
+        twins = stepped_twins([e.module for e in entries if e.module is not None])
+        parts: dict[int, list[tuple[Term, Any, Any]]] = {}
+        self._names = {}
+        for entry in entries:
+            # Weight entries (those with a parameter): activity and bare-tensor ones have none.
+            tensor = entry.resolve()
+            if tensor is None:
+                continue
+            tensor = twins.get(id(tensor), tensor)  # FSDP2's sharded one, which steps
+            reg = entry.regularizer
+            terms = [(t, c) for t, c in kernel_of(reg).terms(reg) if c]
+            if not steppable(tensor, reg):
+                why = None
+                if self.decoupled and terms and id(tensor) in held:
+                    why = unstepped(tensor, reg, [t for t, _ in terms])
+                if why is not None:
+                    raise ValueError(f"attach_optimizer(decoupled=True): {entry.name!r} is {why}.")
+                continue
+            parts[id(tensor)] = [(t, c, t.locate(entry.module, entry.param)) for t, c in terms]
+            if placement_of(tensor).steps is not None:
+                self._names[id(tensor)] = entry.name
+        return parts
 
     # -- the hooks --------------------------------------------------------------------------
 
@@ -187,7 +237,7 @@ class OptimizerAttachment:
             return None
         self._grouping(optimizer, key)
         # Scheduled coefficients are read once, before the step advances them.
-        self._coefs = [[float(c) for _, c, _, _ in parts] for parts in self._groups]
+        self._coefs = [[float(c) for _, c, _, _, _ in parts] for parts in self._groups]
         # args are step()'s own: (optimizer, closure) when the closure is positional.
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
         if not callable(closure):
@@ -219,7 +269,7 @@ class OptimizerAttachment:
         # not applied on a step the scaler skips.
         grad_scale = None if self.decoupled else getattr(optimizer, "grad_scale", None)
         self._deferred = []
-        skip, keep = _skipped(optimizer) if self.decoupled else (False, None)
+        skip, keep = skipped(optimizer) if self.decoupled else (False, None)
         if skip:
             return
         with torch.no_grad():
@@ -227,27 +277,26 @@ class OptimizerAttachment:
                 # maximize=True negates .grad in the optimizer's math, and adds weight decay
                 # after that: the penalty's gradient goes in negated, so that it still shrinks.
                 sign = -1.0 if group.get("maximize", False) else 1.0
-                lr = _lr(group, optimizer) if self.decoupled else None
-                for (term, _, params, places), coef in zip(parts, coefs):
+                lr = lr_of(group, optimizer) if self.decoupled else None
+                for (term, _, params, places, sharded), coef in zip(parts, coefs):
                     live, where = self._live(params, places)
                     # Gradients that carry their own graph (backward(create_graph=True)): the
                     # step may differentiate them (AdaHessian, Sophia: Hessian-vector products
                     # through the graph that saved these weights).
-                    (live, where), (deep, deep_where) = _by_graph(live, where)
+                    (live, where), (deep, deep_where) = by_graph(live, where)
                     if lr is not None:  # decoupled
+                        if sharded:  # DTensors: their local tensors, by the placement rules
+                            live, where, _ = self._local(live, where, None)
                         if live:
                             term.before_(coef, lr, live, where, keep)
                         if deep and type(term).before_ is not Term.before_:
                             self._defer(term, coef, lr, deep, deep_where, keep)
                         continue
                     for ps, wh, graph in zip((live, deep), (where, deep_where), (False, True)):
-                        if not ps:
-                            continue
                         # On a graph gradient the penalty's gradient goes in differentiably,
                         # so that the Hessian-vector product sees the penalty's Hessian too.
                         with torch.enable_grad() if graph else contextlib.nullcontext():
-                            grads = [p.grad for p in ps if p.grad is not None]
-                            term.coupled_(coef, ps, grads, wh, sign=sign, grad_scale=grad_scale)
+                            self._coupled(term, coef, ps, wh, sharded, sign, grad_scale)
                 if not self.decoupled and self._shared:
                     self._stamp(group)
 
@@ -260,14 +309,16 @@ class OptimizerAttachment:
             for params, deltas in self._deferred:
                 torch._foreach_add_(params, deltas)
         self._deferred = []
-        skip, keep = _skipped(optimizer)
+        skip, keep = skipped(optimizer)
         if skip:
             return
         with torch.no_grad():
             for group, parts, coefs in zip(optimizer.param_groups, self._groups, self._coefs):
-                lr = _lr(group, optimizer)
-                for (term, _, params, places), coef in zip(parts, coefs):
+                lr = lr_of(group, optimizer)
+                for (term, _, params, places, sharded), coef in zip(parts, coefs):
                     live, where = self._live(params, places)
+                    if sharded:
+                        live, where, _ = self._local(live, where, None)
                     if live:
                         term.after_(coef, lr, live, where, keep)
 
@@ -318,6 +369,30 @@ class OptimizerAttachment:
             ]
         return [p for p, _ in live], [where for _, where in live]
 
+    def _coupled(
+        self,
+        term: Term,
+        coef: Any,
+        params: list[torch.Tensor],
+        where: list[Any],
+        sharded: bool,
+        sign: float,
+        grad_scale: Any,
+    ) -> None:
+        """The coupled step of ``term`` on ``params`` (each with a gradient, ``_live``)."""
+        grads = [p.grad for p in params if p.grad is not None]
+        if sharded:  # DTensors: their local tensors, by the placement rules
+            params, where, local = self._local(params, where, grads)
+            grads = local or []
+        if params:
+            term.coupled_(coef, params, grads, where, sign=sign, grad_scale=grad_scale)
+
+    def _local(
+        self, params: list[torch.Tensor], where: list[Any], grads: list[Any] | None
+    ) -> tuple[list[torch.Tensor], list[Any], list[torch.Tensor] | None]:
+        names = self._names
+        return step_lists(params, where, grads, lambda i: repr(names.get(id(params[i]), "?")))
+
     def _penalized(self, grad: torch.Tensor) -> bool:
         return getattr(grad, _STAMP, None) == (self._owner, grad._version)
 
@@ -330,64 +405,6 @@ class OptimizerAttachment:
 
 
 _STAMP = "_regcollect_penalized"
-
-
-def _by_graph(
-    params: list[torch.Tensor], where: list[Any]
-) -> tuple[tuple[list[torch.Tensor], list[Any]], tuple[list[torch.Tensor], list[Any]]]:
-    """``(params, where)`` split into those whose gradient is a plain tensor and those whose
-    gradient carries a graph (``backward(create_graph=True)``)."""
-    if not any(p.grad is not None and p.grad.grad_fn is not None for p in params):
-        return (params, where), ([], [])
-    plain: tuple[list[torch.Tensor], list[Any]] = ([], [])
-    deep: tuple[list[torch.Tensor], list[Any]] = ([], [])
-    for p, w in zip(params, where):
-        side = deep if p.grad is not None and p.grad.grad_fn is not None else plain
-        side[0].append(p)
-        side[1].append(w)
-    return plain, deep
-
-
-def _skipped(optimizer: torch.optim.Optimizer) -> tuple[bool, torch.Tensor | None]:
-    """Whether ``GradScaler`` skips this step of a fused optimizer: ``(True, None)`` when
-    known on the host (a CPU flag), else ``(False, keep)`` with ``keep = 1 - found_inf`` on
-    the device, which the step math multiplies in (no host read)."""
-    found_inf = skip_flag(optimizer)
-    if found_inf is None:
-        return False, None
-    if found_inf.device.type == "cpu":
-        return bool(found_inf.item()), None
-    return False, 1.0 - found_inf.clamp(max=1.0)
-
-
-def _lr(group: dict[str, Any], optimizer: torch.optim.Optimizer) -> Any:
-    """The group's learning rate for the decoupled step: a float, or a device tensor kept on
-    its device (a capturable optimizer's; reading it on the host would sync every step)."""
-    lr = group.get("lr")
-    if isinstance(lr, torch.Tensor):
-        return float(lr) if lr.device.type == "cpu" else lr
-    if lr is None:
-        raise ValueError(_no_lr(optimizer))
-    return float(lr)
-
-
-def _no_lr(optimizer: torch.optim.Optimizer) -> str:
-    return (
-        f"decoupled=True needs a learning rate: {type(optimizer).__name__} has a parameter "
-        "group with lr=None (it computes its own step size, as Adafactor's relative_step "
-        "does). Attach it coupled (decoupled=False), which needs no learning rate."
-    )
-
-
-def _check_learning_rates(optimizer: torch.optim.Optimizer) -> None:
-    if any(g.get("lr") is None for g in optimizer.param_groups):
-        raise ValueError(_no_lr(optimizer))
-
-
-def _first_decay(optimizer: torch.optim.Optimizer) -> float:
-    return next(
-        (float(g["weight_decay"]) for g in optimizer.param_groups if g.get("weight_decay")), 0.0
-    )
 
 
 def held_by(attachments: Iterable[OptimizerAttachment]) -> set[int]:

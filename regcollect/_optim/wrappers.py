@@ -16,7 +16,18 @@ import torch
 
 from .._distributed import seam
 
-__all__ = ["INNER_NAMES", "groups_key", "inner", "skip_flag", "stepped"]
+__all__ = [
+    "INNER_NAMES",
+    "by_graph",
+    "check_learning_rates",
+    "first_decay",
+    "groups_key",
+    "inner",
+    "lr_of",
+    "skip_flag",
+    "skipped",
+    "stepped",
+]
 
 INNER_NAMES = ("optimizer", "base_optimizer", "_base_optimizer")
 
@@ -87,3 +98,61 @@ def skip_flag(optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
     skipped step never calls ``step()``)."""
     found_inf = getattr(optimizer, "found_inf", None)
     return found_inf if isinstance(found_inf, torch.Tensor) else None
+
+
+def skipped(optimizer: torch.optim.Optimizer) -> tuple[bool, torch.Tensor | None]:
+    """Whether ``GradScaler`` skips this step of a fused optimizer: ``(True, None)`` when
+    known on the host (a CPU flag), else ``(False, keep)`` with ``keep = 1 - found_inf`` on
+    the device, which the step math multiplies in (no host read)."""
+    found_inf = skip_flag(optimizer)
+    if found_inf is None:
+        return False, None
+    if found_inf.device.type == "cpu":
+        return bool(found_inf.item()), None
+    return False, 1.0 - found_inf.clamp(max=1.0)
+
+
+def lr_of(group: dict[str, Any], optimizer: torch.optim.Optimizer) -> Any:
+    """The group's learning rate for the decoupled step: a float, or a device tensor kept on
+    its device (a capturable optimizer's; reading it on the host would sync every step)."""
+    lr = group.get("lr")
+    if isinstance(lr, torch.Tensor):
+        return float(lr) if lr.device.type == "cpu" else lr
+    if lr is None:
+        raise ValueError(_no_lr(optimizer))
+    return float(lr)
+
+
+def _no_lr(optimizer: torch.optim.Optimizer) -> str:
+    return (
+        f"decoupled=True needs a learning rate: {type(optimizer).__name__} has a parameter "
+        "group with lr=None (it computes its own step size, as Adafactor's relative_step "
+        "does). Attach it coupled (decoupled=False), which needs no learning rate."
+    )
+
+
+def check_learning_rates(optimizer: torch.optim.Optimizer) -> None:
+    if any(g.get("lr") is None for g in optimizer.param_groups):
+        raise ValueError(_no_lr(optimizer))
+
+
+def first_decay(optimizer: torch.optim.Optimizer) -> float:
+    return next(
+        (float(g["weight_decay"]) for g in optimizer.param_groups if g.get("weight_decay")), 0.0
+    )
+
+
+def by_graph(
+    params: list[torch.Tensor], where: list[Any]
+) -> tuple[tuple[list[torch.Tensor], list[Any]], tuple[list[torch.Tensor], list[Any]]]:
+    """``(params, where)`` split into those whose gradient is a plain tensor and those whose
+    gradient carries a graph (``backward(create_graph=True)``)."""
+    if not any(p.grad is not None and p.grad.grad_fn is not None for p in params):
+        return (params, where), ([], [])
+    plain: tuple[list[torch.Tensor], list[Any]] = ([], [])
+    deep: tuple[list[torch.Tensor], list[Any]] = ([], [])
+    for p, w in zip(params, where):
+        side = deep if p.grad is not None and p.grad.grad_fn is not None else plain
+        side[0].append(p)
+        side[1].append(w)
+    return plain, deep

@@ -63,11 +63,18 @@ class Term:
         p: 1 or 2 when the part is ``coef * sum(|x|**p)`` (the grouped kernels compute it);
             None when the penalty computes its value itself (``_batch``, ``__call__``).
         local: The step math is elementwise, so it applies shard by shard to a sharded
-            tensor; otherwise the step applies it to plain tensors only.
+            tensor, however it is cut (``shardable``).
     """
 
     p: int | None = None
     local = False
+
+    def shardable(self, cut: frozenset[int], ndim: int) -> bool:
+        """Whether the step math, applied to each rank's piece of a tensor of ``ndim``
+        dimensions cut along the dimensions ``cut`` (a DTensor's shards), is the whole
+        tensor's: always for elementwise math (``local``); otherwise only uncut (each rank
+        holding all of it)."""
+        return self.local or not cut
 
     def locate(self, module: torch.nn.Module | None, name: str | None) -> Any:
         """Per-parameter state the step needs (L2-SP: where its reference lives)."""

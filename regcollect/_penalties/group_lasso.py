@@ -54,6 +54,10 @@ class _GroupTerm(Term):
 
     axis: int
 
+    def shardable(self, cut: frozenset[int], ndim: int) -> bool:
+        """Each group is a slice along ``axis``: whole on one rank when only ``axis`` is cut."""
+        return cut <= {self.axis % ndim} if ndim else not cut
+
     def coupled_(
         self,
         coef: float,

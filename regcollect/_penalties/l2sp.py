@@ -229,6 +229,11 @@ class L2SP(Regularizer):
 class _L2SPTerm(Term):
     """``coef * sum((w - w0)**2)``, ``w0`` the reference buffer on the parameter's module."""
 
+    def shardable(self, cut: frozenset[int], ndim: int) -> bool:
+        # The reference is a buffer of its own placement (plain and whole, or not): the step
+        # takes it to plain parameters only.
+        return False
+
     def locate(self, module: torch.nn.Module | None, name: str | None) -> Any:
         # Looked up at each step: model.to() replaces the buffer.
         return (weakref.ref(module) if module is not None else None, name)

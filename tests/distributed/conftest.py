@@ -1,4 +1,4 @@
-"""The two-rank launcher the distributed tests share."""
+"""The torchrun launcher the distributed tests share (2 gloo ranks unless told)."""
 
 from __future__ import annotations
 
@@ -13,23 +13,29 @@ import pytest
 
 # The torchrun scripts the tests launch are not test modules: importing them for doctest
 # collection would start nothing and needs FSDP2's (or DeepSpeed's) imports.
-collect_ignore = ["worker.py", "deepspeed_worker.py"]
+collect_ignore = ["worker.py", "deepspeed_worker.py", "tp_worker.py"]
 
 
 @pytest.fixture(scope="module")
 def torchrun() -> Any:
-    """``torchrun(script, *args, timeout=..., env=None)`` on 2 gloo ranks."""
+    """``torchrun(script, *args, timeout=..., env=None, nproc=2)`` on ``nproc`` gloo ranks."""
     return _torchrun
 
 
 def _torchrun(
-    script: Path, *args: str, timeout: float, env: dict[str, str] | None = None
+    script: Path,
+    *args: str,
+    timeout: float,
+    env: dict[str, str] | None = None,
+    nproc: int = 2,
 ) -> tuple[int | None, str, str]:
-    """Run ``script`` on 2 gloo ranks; ``(returncode or None on timeout, stdout, stderr)``.
+    """Run ``script`` on ``nproc`` gloo ranks; ``(returncode or None on timeout, stdout,
+    stderr)``.
 
     The launcher and its ranks get a session of their own, so a timeout kills them all.
     """
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd = [*launcher, f"--nproc_per_node={nproc}"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
     proc = subprocess.Popen(
         [*cmd, str(script), *args],

@@ -191,6 +191,9 @@ def test_a_parameter_frozen_on_every_rank_is_left_out(report: dict[str, Any]) ->
         "ddp_attached_decoupled",
         "fsdp2_attached",
         "fsdp2_attached_decoupled",
+        "fsdp2_root_only_attached_after_forward",
+        "fsdp2_root_only_attached_decoupled_after_forward",
+        "fsdp2_group_lasso_attached_decoupled",
         "fsdp1_attached",
         "fsdp1_attached_decoupled",
     ],
@@ -200,6 +203,22 @@ def test_attached_optimizer_matches_single_process(report: dict[str, Any], scena
     assert "error" not in r, r.get("error")
     assert r["moved"] > 1e-2
     assert r["param_diff"] < TOL and r["penalty_diff"] < TOL
+
+
+def test_fsdp2_refuses_a_decoupled_step_it_cannot_give_exactly(report: dict[str, Any]) -> None:
+    """L2-SP's decoupled step needs its reference where the parameter's shard is; under FSDP2
+    it was applied as a coupled gradient through loss(), silently."""
+    r = report["fsdp2_l2sp_attached_decoupled"]
+    assert "error" not in r, r.get("error")
+    first, *others = r["errors_by_rank"]
+    assert all(e == first for e in others)
+    assert first.startswith(
+        "attach_optimizer(decoupled=True): '2.weight' is a DTensor with placements "
+        "(Shard(dim=0),) on a mesh of shape (2,)"
+    )
+    assert "its step math applies to plain tensors only" in first
+    assert "cannot apply L2SP(l2=0.5) to it exactly" in first
+    assert "Attach the optimizer coupled (decoupled=False)" in first
 
 
 def test_fsdp1_refuses_what_it_cannot_give_exactly_on_every_rank(report: dict[str, Any]) -> None:

@@ -401,9 +401,12 @@ def replicated_beside_plain() -> dict[str, Any]:
     }
 
 
-def attached(wrap: Wrap, decoupled: bool) -> dict[str, Any]:
+def attached(
+    wrap: Wrap, decoupled: bool, after_forward: bool = False, middle: str = "l1_l2"
+) -> dict[str, Any]:
     """rc.attach_optimizer: the step applies the L1/L2 terms; the wrapped model on this rank's
-    half batch must match the same mode in one process on the whole batch."""
+    half batch must match the same mode in one process on the whole batch. ``after_forward``:
+    ``rc.loss()`` after the forward pass, when FSDP2's root holds its unsharded parameters."""
 
     def run(model: torch.nn.Module, coll: rc.Collection, x: torch.Tensor, y: torch.Tensor) -> Any:
         opt = (
@@ -415,8 +418,10 @@ def attached(wrap: Wrap, decoupled: bool) -> dict[str, Any]:
         seen = []
         for _ in range(STEPS):
             opt.zero_grad()
+            out = model(x) if after_forward else None
             penalty = coll.loss()
-            (torch.nn.functional.mse_loss(model(x), y) + penalty).backward()
+            out = model(x) if out is None else out
+            (torch.nn.functional.mse_loss(out, y) + penalty).backward()
             opt.step()
             seen.append(penalty.item())
         return seen
@@ -424,13 +429,16 @@ def attached(wrap: Wrap, decoupled: bool) -> dict[str, Any]:
     rank, world = dist.get_rank(), dist.get_world_size()
     x, y = data()
     ref_coll = rc.Collection()
-    ref = build(ref_coll)
+    ref = build(ref_coll, middle=middle)
     initial = full_state(ref)
     ref_seen = run(ref, ref_coll, x, y)
     coll = rc.Collection()
-    model = wrap(build(coll))
+    model = wrap(build(coll, middle=middle))
     half = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
-    seen = run(model, coll, x[half], y[half])
+    try:
+        seen = run(model, coll, x[half], y[half])
+    except ValueError as exc:  # refused: the same error on every rank
+        return {"errors_by_rank": everyone(str(exc))}
     got, want = full_state(model), full_state(ref)
     return {
         "param_diff": max(float((got[k] - want[k]).abs().max()) for k in want),
@@ -571,6 +579,20 @@ SCENARIOS: dict[str, Callable[[], dict[str, Any]]] = {
     "ddp_attached_decoupled": lambda: attached(DDP, decoupled=True),
     "fsdp2_attached": lambda: attached(fsdp, decoupled=False),
     "fsdp2_attached_decoupled": lambda: attached(fsdp, decoupled=True),
+    # The root's unsharded parameters in loss(): the step applies their penalty (it was
+    # counted twice: 0.03 off).
+    "fsdp2_root_only_attached_after_forward": lambda: attached(
+        root_only, decoupled=False, after_forward=True
+    ),
+    "fsdp2_root_only_attached_decoupled_after_forward": lambda: attached(
+        root_only, decoupled=True, after_forward=True
+    ),
+    # The group lasso's rows are whole on each rank (Shard(0)): its proximal step applies;
+    # L2-SP's reference is no DTensor: decoupled, it is refused by name.
+    "fsdp2_group_lasso_attached_decoupled": lambda: attached(
+        fsdp, decoupled=True, middle="group_lasso"
+    ),
+    "fsdp2_l2sp_attached_decoupled": lambda: attached(fsdp, decoupled=True, middle="l2sp"),
     # Ranks that disagree on what they train: an error on every rank, not a hang.
     "fsdp2_frozen_on_one_rank": lambda: frozen("one"),
     "fsdp2_orthogonal_frozen_on_one_rank": lambda: frozen("one", middle="orthogonal"),
