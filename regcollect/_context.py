@@ -16,6 +16,7 @@ import torch
 from ._checks import ScopeArg
 from ._collection.collection import Collection, default_collection
 from ._collection.handle import Handle
+from ._collection.summary import Summary, View
 from ._state import SCOPES
 from ._torch_compat import is_compiling
 from .regularizers import Regularizer
@@ -262,24 +263,42 @@ def summary(
     *,
     tablefmt: str = "simple",
     file: IO[str] | None = None,
+    top: int | None = None,
+    by: View = "entry",
+    depth: int | None = None,
     collection: Collection | None = None,
-) -> str:
-    """Print (to ``file``, default stdout) and return a table of each penalty's contribution.
+) -> Summary:
+    """Show (print, or in a notebook display) and return a table of each penalty's contribution.
 
     One row per entry: name, shape, regularizer, penalty, share of the regularization total and,
     when ``loss`` (the total training loss) is given, share of it; then a total row. Values are
     those of the last ``loss()`` call, fetched with one device-to-host copy; ``-`` marks entries
-    no call has evaluated (registered since, or frozen).
+    no call has evaluated (registered since, or frozen). A schedule shows its current value,
+    kind and step (``L2(l2=0.0075 linear@3)``).
+
+    The result is a ``str`` (the table in ``tablefmt``) that Jupyter renders as an HTML table
+    (as Markdown with ``tablefmt="github"``), shown once: in a notebook the call displays it
+    and the cell does not repeat it. ``str(table)`` is the text; ``file=io.StringIO()`` gets it
+    without printing.
 
     Args:
         loss: the total training loss (tensor or number), for the "% of loss" column.
         scope: as for ``loss``.
         tablefmt: a ``tabulate`` format name.
-        file: where to print (default: stdout).
+        file: where to print (default: stdout, or the notebook's display).
+        top: keep the ``top`` largest rows, largest first, and fold the rest into one
+            ``others`` row.
+        by: ``"entry"`` (a row per entry), ``"module"`` (a row per module: the sum of its
+            entries) or ``"total"`` (the total alone).
+        depth: with ``by="module"``, group by the first ``depth`` dotted parts of the module
+            names (``depth=1``: one row per top-level block).
         collection: the collection (default: the active one).
 
     Returns:
-        The table as a string.
+        The table, a ``str``.
+
+    Raises:
+        ValueError: An unknown ``tablefmt`` or ``by``; ``top`` or ``depth`` below 1.
 
     Examples:
         >>> import torch, regcollect as rc
@@ -287,13 +306,20 @@ def summary(
         >>> with torch.no_grad():
         ...     _ = model[0].weight.fill_(1.0)
         >>> _ = rc.loss(model)
-        >>> _ = rc.summary(scope=model)
+        >>> rc.summary(scope=model)
         name      shape    regularizer      penalty    % of reg.
         --------  -------  -------------  ---------  -----------
         0.weight  2x2      L2(l2=0.5)             2      100.00%
         total                                     2      100.00%
+        <regcollect summary: 1 row, total 2>
+        >>> _ = rc.summary(scope=model, by="total")
+        name      penalty
+        ------  ---------
+        total           2
     """
-    return active_collection(collection).summary(loss, scope, tablefmt=tablefmt, file=file)
+    return active_collection(collection).summary(
+        loss, scope, tablefmt=tablefmt, file=file, top=top, by=by, depth=depth
+    )
 
 
 def attach_optimizer(
