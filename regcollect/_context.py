@@ -13,13 +13,13 @@ from typing import IO
 
 import torch
 
-from ._checks import ScopeArg
+from ._checks import ScopeArg, keywords_checked
 from ._collection.collection import Collection, default_collection
 from ._collection.handle import Handle
 from ._collection.summary import Summary, View
 from ._state import SCOPES
 from ._torch_compat import is_compiling
-from .regularizers import Regularizer
+from .regularizers import Regularizer, RegularizerArg
 from .regularizers import get as get_regularizer
 
 __all__ = [
@@ -55,12 +55,13 @@ def _check_collection(collection: object) -> Collection | None:
 
 
 @contextmanager
+@keywords_checked
 def scope(
     name: str,
     *,
-    kernel_regularizer: object = None,
-    bias_regularizer: object = None,
-    activity_regularizer: object = None,
+    kernel_regularizer: RegularizerArg = None,
+    bias_regularizer: RegularizerArg = None,
+    activity_regularizer: RegularizerArg = None,
     collection: Collection | None = None,
 ) -> Iterator[None]:
     """Name entries made inside ``name/...`` and give layers made inside default regularizers.
@@ -156,6 +157,7 @@ def get_collection() -> Collection:
     return default_collection()
 
 
+@keywords_checked
 def loss(scope: ScopeArg = None, *, collection: Collection | None = None) -> torch.Tensor:
     """Total regularization loss; add it to the task loss before ``backward()``.
 
@@ -187,6 +189,7 @@ def loss(scope: ScopeArg = None, *, collection: Collection | None = None) -> tor
 get_regularization_loss = loss
 
 
+@keywords_checked
 def get_regularization_losses(
     scope: ScopeArg = None, *, collection: Collection | None = None
 ) -> list[torch.Tensor]:
@@ -209,6 +212,7 @@ def get_regularization_losses(
     return active_collection(collection).losses(scope)
 
 
+@keywords_checked
 def assert_finite(scope: ScopeArg = None, *, collection: Collection | None = None) -> None:
     """Raise ``FloatingPointError`` naming the entries whose last penalty is NaN or inf.
 
@@ -233,6 +237,7 @@ def assert_finite(scope: ScopeArg = None, *, collection: Collection | None = Non
     active_collection(collection).assert_finite(scope)
 
 
+@keywords_checked
 def penalties(scope: ScopeArg = None, *, collection: Collection | None = None) -> dict[str, float]:
     """``{name: value, ..., "total": sum}`` from the last ``loss()``, for loggers.
 
@@ -257,6 +262,7 @@ def penalties(scope: ScopeArg = None, *, collection: Collection | None = None) -
     return active_collection(collection).penalties(scope)
 
 
+@keywords_checked
 def summary(
     loss: torch.Tensor | float | None = None,
     scope: ScopeArg = None,
@@ -322,6 +328,7 @@ def summary(
     )
 
 
+@keywords_checked
 def attach_optimizer(
     optimizer: torch.optim.Optimizer,
     *,

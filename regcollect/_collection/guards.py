@@ -5,17 +5,20 @@ adds several of them up (a stale model from an earlier run, a copy, a GAN's two 
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
 
 from .. import _naming
-from .._checks import RegcollectWarning
+from .._checks import RegcollectWarning, warn_user
+from .._optim.attach import held_by
 from .._state import COLLECTIONS, OPTIMIZER_STEP
 from .entries import Entry, current_tensors
 
 __all__ = [
+    "double_decay_check",
     "forgotten_loss_check",
     "install_step_hook",
     "model_groups",
@@ -97,13 +100,11 @@ def forgotten_loss_check(collections: Iterable[Any], optimizer: torch.optim.Opti
         coll._warned_forgotten = True
         names = coll._registry._names()
         example = names.get((trained or recorded)[0], "?")
-        warnings.warn(
+        warn_user(
             f"{len(entries)} regularization penalties (e.g. {example!r}) are registered, but "
             f"{type(optimizer).__name__}.step() ran before rc.loss() was ever called: the "
             "penalties are not part of training. Add rc.loss() to the loss you backpropagate "
-            "(total_loss = loss + rc.loss()).",
-            RegcollectWarning,
-            stacklevel=3,
+            "(total_loss = loss + rc.loss())."
         )
 
 
@@ -149,5 +150,65 @@ def install_step_hook() -> None:
 
 
 def _after_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    """Warn once per collection whose penalties never reach a loss."""
+    """Warn once per collection whose penalties never reach a loss, and once per optimizer
+    that decays parameters whose penalty also reaches the loss."""
     forgotten_loss_check(COLLECTIONS.live, optimizer)
+    double_decay_check(COLLECTIONS.live, optimizer)
+
+
+# The optimizers each collection has been checked against for double decay: once each.
+_DECAY_CHECKED: weakref.WeakKeyDictionary[torch.optim.Optimizer, set[int]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def double_decay_check(collections: Iterable[Any], optimizer: torch.optim.Optimizer) -> None:
+    """After ``optimizer`` stepped: warn (once per optimizer and collection) when it decays,
+    through ``weight_decay``, parameters whose penalty the collection's ``loss()`` also adds.
+
+    Checked once a collection's ``loss()`` has been called (its penalties reach the loss);
+    parameters an attached optimizer holds are left out (that path warns for itself)."""
+    try:
+        checked = _DECAY_CHECKED.setdefault(optimizer, set())
+    except TypeError:  # an optimizer that cannot be weakly referenced: checked every step
+        checked = set()
+    for coll in list(collections):
+        if not coll._consumed or id(coll) in checked:
+            continue
+        checked.add(id(coll))
+        decaying = [
+            (p, float(group["weight_decay"]))
+            for group in optimizer.param_groups
+            if group.get("weight_decay")
+            for p in group["params"]
+        ]
+        if not decaying:
+            continue
+        held = held_by(coll._attachments)
+        with coll._registry.lock:
+            entries = [e for e in coll._registry.entries() if e.param is not None]
+            tensors = current_tensors([e.locator for e in entries])
+        entry_of = {id(t): e for e, t in zip(entries, tensors) if t is not None}
+        doubled = [
+            (entry_of[id(p)], wd)
+            for p, wd in decaying
+            if id(p) in entry_of and id(p) not in held and p.requires_grad
+        ]
+        if doubled:
+            _warn_double_decay(coll, optimizer, doubled)
+
+
+def _warn_double_decay(
+    coll: Any, optimizer: torch.optim.Optimizer, doubled: list[tuple[Entry, float]]
+) -> None:
+    names = coll._registry._names()
+    shown = ", ".join(repr(names.get(e, "?")) for e, _ in doubled[:3])
+    more = ", ..." if len(doubled) > 3 else ""
+    n = len(doubled)
+    warn_user(
+        f"{n} parameter{'s' if n > 1 else ''} ({shown}{more}) penalised through rc.loss() "
+        f"{'are' if n > 1 else 'is'} also decayed by weight_decay={doubled[0][1]} on "
+        f"{type(optimizer).__name__}: regularized twice. Set weight_decay=0 for "
+        f"{'them' if n > 1 else 'it'} (rc.l2(wd / 2) is SGD's weight_decay=wd; "
+        "rc.attach_optimizer(opt, decoupled=True) with it is AdamW's)."
+    )
