@@ -1,5 +1,7 @@
 """Fine-tuning with little data: nothing, L2 towards zero, or L2-SP towards the pretrained weights.
 
+Needs the examples extra (tqdm, matplotlib): ``pip install -e ".[examples]"``.
+
 Two related synthetic tasks share the features of a hidden "teacher" network and differ in how
 classes are read from them. A small MLP is pretrained on the source task (plenty of data),
 then its head is replaced and the whole network is fine-tuned on the target task from 60
@@ -24,7 +26,13 @@ import copy
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
+
+try:
+    from tqdm import tqdm
+except ModuleNotFoundError as missing:  # named here, not as a bare "No module named 'tqdm'"
+    raise SystemExit(
+        f'{__file__} needs {missing.name}: pip install -e ".[examples]" (tqdm, matplotlib)'
+    ) from missing
 
 import regcollect as rc
 

@@ -1,5 +1,7 @@
 """L1 vs L2 vs L1L2 on the same overfitting problem: which weights survive?
 
+Needs the examples extra (tqdm, matplotlib): ``pip install -e ".[examples]"``.
+
 The data of ``weight_decay_sweep.py`` with d2l.ai's 20 training examples (200 inputs).
 L2 shrinks every weight a little; L1 pushes most of them to (near) zero and keeps a few, so
 the model becomes sparse; L1L2 sits in between. Prints the test loss and the fraction of
@@ -16,7 +18,13 @@ import sys
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
+
+try:
+    from tqdm import tqdm
+except ModuleNotFoundError as missing:  # named here, not as a bare "No module named 'tqdm'"
+    raise SystemExit(
+        f'{__file__} needs {missing.name}: pip install -e ".[examples]" (tqdm, matplotlib)'
+    ) from missing
 
 import regcollect as rc
 

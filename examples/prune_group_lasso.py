@@ -1,5 +1,7 @@
 """Structured pruning with the group lasso: whole filters exactly zero, then removed.
 
+Needs the examples extra (tqdm, matplotlib): ``pip install -e ".[examples]"``.
+
 A small CNN (two 3x3 convolutions of 16 filters, no biases, a linear head) learns a synthetic
 image task whose labels come from a "teacher" CNN with only 4 filters: most of the student's
 filters are not needed. ``rc.GroupLasso(factor)`` on each convolution kernel penalises the
@@ -20,7 +22,13 @@ import argparse
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
+
+try:
+    from tqdm import tqdm
+except ModuleNotFoundError as missing:  # named here, not as a bare "No module named 'tqdm'"
+    raise SystemExit(
+        f'{__file__} needs {missing.name}: pip install -e ".[examples]" (tqdm, matplotlib)'
+    ) from missing
 
 import regcollect as rc
 

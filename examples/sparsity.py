@@ -1,5 +1,7 @@
 """Exact zeros: L1 in the loss against L1 as a proximal step (``rc.attach_optimizer``).
 
+Needs the examples extra (tqdm, matplotlib): ``pip install -e ".[examples]"``.
+
 A sparse linear-regression problem: 100 inputs, of which 10 matter. The same ``rc.l1(0.05)``
 on the weights, trained with plain SGD two ways:
 
@@ -21,7 +23,13 @@ import argparse
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
+
+try:
+    from tqdm import tqdm
+except ModuleNotFoundError as missing:  # named here, not as a bare "No module named 'tqdm'"
+    raise SystemExit(
+        f'{__file__} needs {missing.name}: pip install -e ".[examples]" (tqdm, matplotlib)'
+    ) from missing
 
 import regcollect as rc
 

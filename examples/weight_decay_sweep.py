@@ -1,5 +1,7 @@
 """Is regularization doing anything? The classic overfitting demo, swept over lambda.
 
+Needs the examples extra (tqdm, matplotlib): ``pip install -e ".[examples]"``.
+
 Linear regression with 200 inputs but only 100 training examples (100 test examples; true
 weights 0.01, bias 0.05, noise 0.01; the d2l.ai weight-decay data with 100 instead of 20
 training examples, so that the data can be learnt at all), weights initialised N(0, 1),
@@ -18,7 +20,13 @@ import argparse
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
+
+try:
+    from tqdm import tqdm
+except ModuleNotFoundError as missing:  # named here, not as a bare "No module named 'tqdm'"
+    raise SystemExit(
+        f'{__file__} needs {missing.name}: pip install -e ".[examples]" (tqdm, matplotlib)'
+    ) from missing
 
 import regcollect as rc
 

@@ -16,17 +16,16 @@ from ._collection.entries import Entry
 from ._collection.handle import Handle
 from ._context import (
     assert_finite,
-    attach_optimizer,
     get_collection,
     get_regularization_loss,
     get_regularization_losses,
     loss,
-    param_groups,
     penalties,
     scope,
     summary,
 )
 from ._persist import export_plan, load_plan
+from ._stepping import attach_optimizer, param_groups
 from .regularizers import (
     L1,
     L1L2,

@@ -8,12 +8,14 @@ from collections.abc import Mapping
 import torch
 
 from . import _naming
-from ._checks import check_module
+from ._checks import check_module, keywords_checked, shown, warn_user
 from ._collection.collection import Collection
 from ._collection.handle import Handle
 from ._context import active_collection, current_prefix
-from ._distributed.seam import held_away, holds, real_shape
+from ._distributed.seam import holds
+from ._penalties.base import RegularizerArg
 from ._penalties.l2sp import check_reference_shape, reference_name
+from ._policy import is_norm, no_weight_decay, rule, walk_parameters
 from .regularizers import L2SP, Regularizer
 from .regularizers import get as get_regularizer
 
@@ -51,10 +53,11 @@ def resolve_parameter(module: torch.nn.Module, param_name: object) -> tuple[torc
     return owner, local
 
 
+@keywords_checked
 def add_regularizer(
     module: torch.nn.Module,
     param_name: str,
-    regularizer: object,
+    regularizer: RegularizerArg,
     *,
     collection: Collection | None = None,
 ) -> Handle:
@@ -90,8 +93,9 @@ def add_regularizer(
     return coll.register(owner, local, reg, prefix=current_prefix())
 
 
+@keywords_checked
 def add_activity_regularizer(
-    module: torch.nn.Module, regularizer: object, *, collection: Collection | None = None
+    module: torch.nn.Module, regularizer: RegularizerArg, *, collection: Collection | None = None
 ) -> Handle:
     """Penalise ``module``'s output: ``regularizer(output) / batch_size`` on every forward pass
     made with gradients enabled, counted once by the next ``loss()``.
@@ -123,30 +127,6 @@ def add_activity_regularizer(
     coll = active_collection(collection)
     _naming.record_tree(module)
     return coll.register_activity(module, reg, prefix=current_prefix())
-
-
-_NORM_TYPES: tuple[type, ...] = tuple(
-    t
-    for t in (
-        torch.nn.modules.batchnorm._NormBase,  # BatchNorm*, InstanceNorm*, SyncBatchNorm
-        torch.nn.LayerNorm,
-        torch.nn.GroupNorm,
-        getattr(torch.nn, "RMSNorm", None),
-        torch.nn.LocalResponseNorm,
-    )
-    if t is not None
-)
-_EMBEDDING_TYPES = (torch.nn.Embedding, torch.nn.EmbeddingBag)
-
-
-def is_norm(module: torch.nn.Module) -> bool:
-    """A normalisation layer: a known class, or a custom one that is clearly a norm (its class
-    name says ``Norm`` and it holds only vectors, as ``LlamaRMSNorm`` or ``T5LayerNorm`` do)."""
-    if isinstance(module, _NORM_TYPES):
-        return True
-    if "norm" not in type(module).__name__.lower():
-        return False
-    return all(p.dim() <= 1 for p in module._parameters.values() if p is not None)
 
 
 def _patterns(value: object, argument: str) -> list[str] | None:
@@ -183,65 +163,15 @@ def _lookup(state_dict: Mapping[str, torch.Tensor], name: str, logical: str) -> 
     return None
 
 
-def _no_weight_decay(model: torch.nn.Module) -> list[str]:
-    """``model.no_weight_decay()``: names or glob patterns, as timm matches them (fnmatch;
-    xcit returns ``{"pos_embed.*", "cls_token"}``)."""
-    root = _unwrapped(model)
-    method = getattr(root, "no_weight_decay", None)
-    return sorted(method() if callable(method) else ())
-
-
-def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside any DDP / torch.compile / FSDP1 wrappers."""
-    while True:
-        inner = next((c for n, c in model._modules.items() if _naming.is_wrapper(model, n)), None)
-        if inner is None:
-            return model
-        model = inner
-
-
-def _walk_parameters(
-    model: torch.nn.Module,
-) -> list[tuple[str, str, torch.nn.Module, str, torch.nn.Module]]:
-    """``(name, logical name, owner, local name, layer)`` for each distinct parameter.
-
-    A parametrized weight (``torch.nn.utils.parametrize``, e.g. ``weight_norm``) is reported on
-    the tensor the optimizer updates (``parametrizations.weight.original``), with the logical
-    name ``weight`` of the layer it belongs to for patterns and classification.
-    """
-    seen: set[int] = set()
-    out = []
-    modules = _naming.named_modules(model)
-    for qualified, module in modules:
-        for local, param in module._parameters.items():
-            if param is None or id(param) in seen:
-                continue
-            seen.add(id(param))
-            name = f"{qualified}.{local}" if qualified else local
-            logical, layer = name, module
-            parts = qualified.split(".")
-            if type(module).__name__ == "ParametrizationList" and len(parts) >= 2:
-                # <layer>.parametrizations.<weight>.original  ->  <layer>.<weight>
-                layer_path = ".".join(parts[:-2])
-                logical = f"{layer_path}.{parts[-1]}" if layer_path else parts[-1]
-                layer = model.get_submodule(layer_path) if layer_path else model
-            out.append((name, logical, module, local, layer))
-    # Parameters engines took out of their modules (FSDP1's flat parameters), under their names.
-    paths = {id(module): path for path, module in modules}
-    for module, local in held_away(model):
-        name = f"{paths[id(module)]}.{local}".strip(".")
-        out.append((name, name, module, local, module))
-    return out
-
-
+@keywords_checked
 def regularize(
     model: torch.nn.Module,
     *,
-    kernel: object = None,
-    bias: object = None,
-    norm: object = None,
-    embeddings: object = None,
-    activity: object = None,
+    kernel: RegularizerArg = None,
+    bias: RegularizerArg = None,
+    norm: RegularizerArg = None,
+    embeddings: RegularizerArg = None,
+    activity: RegularizerArg = None,
     include: list[str] | None = None,
     exclude: list[str] | None = None,
     collection: Collection | None = None,
@@ -306,13 +236,13 @@ def regularize(
     include_p, exclude_p = _patterns(include, "include"), _patterns(exclude, "exclude")
     coll = active_collection(collection)
     _naming.record_tree(model)
-    skip = _no_weight_decay(model)
+    skip = no_weight_decay(model)
     prefix = current_prefix()
     targets: list[tuple[torch.nn.Module, str, Regularizer]] = []
     missing: list[str] = []
     uninitialized: list[str] = []
     norms: dict[int, bool] = {}  # per layer, not per parameter
-    for name, logical, owner, local, layer in _walk_parameters(model):
+    for name, logical, owner, local, layer in walk_parameters(model):
         names = (name, logical)
         if _any_matches(names, skip) or not _selected(names, include_p, exclude_p):
             continue
@@ -322,7 +252,7 @@ def regularize(
             continue
         if id(layer) not in norms:
             norms[id(layer)] = is_norm(layer)
-        kind = _rule(logical, owner, local, param, layer, norms[id(layer)])
+        kind = rule(logical, owner, local, param, layer, norms[id(layer)])
         reg = regs[kind] if kind is not None else None
         if isinstance(reg, L2SP) and isinstance(reg.reference, Mapping):
             reg = _l2sp_from(reg, name, logical, param)
@@ -339,30 +269,35 @@ def regularize(
             outputs = [m for n, m in _naming.named_modules(model) if n and _matches(n, include_p)]
         for module in outputs:
             handles.append(coll.register_activity(module, activity_reg, prefix=prefix))
+    if not handles:
+        _warn_nothing(model, [*regs.values(), activity_reg], include, exclude)
     return Handle.join(handles)
 
 
-def _rule(
-    logical: str,
-    owner: torch.nn.Module,
-    local: str,
-    param: torch.Tensor | None,
-    layer: torch.nn.Module,
-    norm: bool,
-) -> str | None:
-    """The policy, as timm states it: which of ``regularize``'s arguments covers a
-    parameter (``"norm"``, ``"embeddings"``, ``"bias"``, ``"kernel"``), or None for the other
-    vectors (scales, PReLU slopes), regularized only by an explicit ``add_regularizer``."""
-    last = logical.rpartition(".")[2]
-    if norm:
-        return "norm"
-    if isinstance(layer, _EMBEDDING_TYPES) and last == "weight":
-        return "embeddings"
-    if "bias" in last:
-        return "bias"
-    if len(real_shape(owner, local, param) or ()) >= 2:  # as the model made it
-        return "kernel"
-    return None
+def _warn_nothing(
+    model: torch.nn.Module, regs: list[Regularizer | None], include: object, exclude: object
+) -> None:
+    """A ``regularize`` call that registered nothing is a silent no-op (a mistyped pattern,
+    a model without weights): say why, at the user's line."""
+    kind = type(model).__name__
+    names = [name for name, *_ in walk_parameters(model)]
+    if all(reg is None for reg in regs):
+        reason = "no regularizer was given (kernel=, bias=, norm=, embeddings= or activity=)"
+    elif not names:
+        reason = f"{kind} has no parameters"
+    else:
+        filters = ", ".join(
+            f"{arg}={value!r}" for arg, value in (("include", include), ("exclude", exclude))
+            if value is not None
+        )  # fmt: skip
+        selected = f"the parameters {filters} selects" if filters else "its parameters"
+        reason = (
+            f"none of {selected} is of a kind the regularizers given cover (kernel: weights "
+            "of rank >= 2; bias: biases; norm: normalisation layers; embeddings: tables), "
+            "or no_weight_decay() lists them"
+        )
+        reason += f"; its parameters are named like {shown(names[:3])}"
+    warn_user(f"rc.regularize({kind}) registered nothing: {reason}.")
 
 
 def _any_matches(names: tuple[str, str], patterns: list[str]) -> bool:

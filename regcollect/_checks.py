@@ -5,14 +5,29 @@ Every error says which argument was wrong, what was expected and what was receiv
 
 from __future__ import annotations
 
-import os
+import difflib
+import functools
+import inspect
 import reprlib
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
+from types import FrameType
+from typing import ParamSpec, TypeVar
 
 import torch
 
-__all__ = ["RegcollectWarning", "ScopeArg", "check_module", "check_scope", "shown"]
+__all__ = [
+    "CoefficientTypeError",
+    "RegcollectWarning",
+    "ScopeArg",
+    "keywords_checked",
+    "check_module",
+    "check_scope",
+    "shown",
+    "suggest_keyword",
+    "warn_user",
+]
 
 _SHORT = reprlib.Repr()
 _SHORT.maxstring = _SHORT.maxother = _SHORT.maxlong = 80
@@ -42,6 +57,98 @@ class RegcollectWarning(UserWarning):
         >>> with warnings.catch_warnings():   # e.g. in a test suite: make them errors
         ...     warnings.simplefilter("error", rc.RegcollectWarning)
     """
+
+
+class CoefficientTypeError(TypeError, ValueError):
+    """A coefficient of the wrong type: a ``TypeError``, and a ``ValueError`` as the API's
+    contract has always raised for any bad coefficient."""
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def keywords_checked(fn: Callable[P, R]) -> Callable[P, R]:
+    """``fn``, whose misspelled keyword arguments get a suggestion: ``regularize(model,
+    kernal=...)`` raises ``TypeError: ... unexpected keyword argument 'kernal'; did you mean
+    'kernel'?``. Costs nothing on a call that binds: the check runs only on a ``TypeError``
+    raised by the call itself (not from inside ``fn``).
+
+    Examples:
+        >>> @keywords_checked
+        ... def l2(l2=0.01):
+        ...     return l2
+        >>> l2(l_2=0.1)
+        Traceback (most recent call last):
+        TypeError: l2() got an unexpected keyword argument 'l_2'; did you mean 'l2'?
+    """
+
+    @functools.wraps(fn)
+    def checked(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except TypeError as exc:
+            suggest_keyword(exc, fn.__qualname__.replace(".__init__", ""), kwargs, _keywords(fn))
+            raise
+
+    return checked
+
+
+def _keywords(fn: Callable[..., object]) -> list[str] | None:
+    """The keywords ``fn`` takes; None if it takes any (``**kwargs``) or has no signature."""
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in parameters if p.kind in named and p.name != "self"]
+
+
+def suggest_keyword(
+    exc: TypeError, name: str, kwargs: dict[str, object], accepted: list[str] | None
+) -> None:
+    """When ``exc`` was raised binding a call to ``name`` (not from inside it), raise a
+    ``TypeError`` that suggests the keyword meant for the first of ``kwargs`` that ``name``
+    does not take (of ``accepted``); else return, for the caller to re-raise ``exc``."""
+    if exc.__traceback__ is None or exc.__traceback__.tb_next is not None or accepted is None:
+        return  # raised inside the function, not by the call's arguments
+    unknown = next((k for k in kwargs if k not in accepted), None)
+    if unknown is None:
+        return
+    close = difflib.get_close_matches(unknown, accepted, n=1, cutoff=0.5)
+    if not close:  # a prefix (bias_regularizer for bias) is a near miss too
+        close = [a for a in accepted if unknown.startswith(a) or a.startswith(unknown)][:1]
+    start = f"{name}() got an unexpected keyword argument {unknown!r}"
+    hint = f"did you mean {close[0]!r}?" if close else f"{name}() takes: {', '.join(accepted)}"
+    raise TypeError(f"{start}; {hint}") from None
+
+
+# Frames of these packages lie between a user's call and a warning: regcollect's own, and
+# torch's hook machinery (an optimizer step hook runs inside ``Optimizer.step``'s wrapper).
+_INTERNAL = ("regcollect", "torch")
+
+
+def warn_user(message: str, category: type[Warning] = RegcollectWarning) -> None:
+    """``warnings.warn`` at the user's line: the first frame on the stack outside regcollect
+    and torch, however deep the call that warns (a fixed ``stacklevel`` would name a line
+    inside regcollect as soon as the warning moves, or is reached by another path).
+
+    Examples:
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as seen:
+        ...     warnings.simplefilter("always")
+        ...     warn_user("careful")
+        >>> seen[0].filename.endswith(".py") or seen[0].filename.startswith("<doctest")
+        True
+    """
+    # sys._getframe(1), warn_user's caller, is what stacklevel=2 names.
+    frame: FrameType | None = sys._getframe(1)
+    level = 2
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in _INTERNAL:
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
 
 
 # What loss(), losses(), penalties() and summary() take as ``scope``.
@@ -82,17 +189,3 @@ def check_scope(scope: object) -> str | tuple[torch.nn.Module, ...] | None:
 
 # The public path (regcollect.RegcollectWarning), which pickles and reprs record.
 RegcollectWarning.__module__ = "regcollect"
-
-
-_PACKAGE = os.path.dirname(os.path.abspath(__file__))
-
-
-def outside() -> int:
-    """The ``stacklevel`` of the first frame outside regcollect, for a warning issued here:
-    it points at the user's line however deep in the package the warning is decided."""
-    frame = sys._getframe(1)
-    level = 1
-    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
-        frame = frame.f_back  # type: ignore[assignment]
-        level += 1
-    return level

@@ -9,29 +9,27 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO
 
 import torch
 
-from ._checks import ScopeArg
+from ._checks import ScopeArg, keywords_checked
 from ._collection.collection import Collection, default_collection
-from ._collection.handle import Handle
+from ._collection.summary import Summary, View
 from ._state import SCOPES
 from ._torch_compat import is_compiling
-from .regularizers import Regularizer
+from .regularizers import Regularizer, RegularizerArg
 from .regularizers import get as get_regularizer
 
 __all__ = [
     "active_collection",
     "assert_finite",
-    "attach_optimizer",
     "current_prefix",
     "defaults_scope",
     "get_collection",
     "get_regularization_loss",
     "get_regularization_losses",
     "loss",
-    "param_groups",
     "penalties",
     "scope",
     "scope_default",
@@ -55,12 +53,13 @@ def _check_collection(collection: object) -> Collection | None:
 
 
 @contextmanager
+@keywords_checked
 def scope(
     name: str,
     *,
-    kernel_regularizer: object = None,
-    bias_regularizer: object = None,
-    activity_regularizer: object = None,
+    kernel_regularizer: RegularizerArg = None,
+    bias_regularizer: RegularizerArg = None,
+    activity_regularizer: RegularizerArg = None,
     collection: Collection | None = None,
 ) -> Iterator[None]:
     """Name entries made inside ``name/...`` and give layers made inside default regularizers.
@@ -156,6 +155,7 @@ def get_collection() -> Collection:
     return default_collection()
 
 
+@keywords_checked
 def loss(scope: ScopeArg = None, *, collection: Collection | None = None) -> torch.Tensor:
     """Total regularization loss; add it to the task loss before ``backward()``.
 
@@ -187,6 +187,7 @@ def loss(scope: ScopeArg = None, *, collection: Collection | None = None) -> tor
 get_regularization_loss = loss
 
 
+@keywords_checked
 def get_regularization_losses(
     scope: ScopeArg = None, *, collection: Collection | None = None
 ) -> list[torch.Tensor]:
@@ -209,6 +210,7 @@ def get_regularization_losses(
     return active_collection(collection).losses(scope)
 
 
+@keywords_checked
 def assert_finite(scope: ScopeArg = None, *, collection: Collection | None = None) -> None:
     """Raise ``FloatingPointError`` naming the entries whose last penalty is NaN or inf.
 
@@ -233,6 +235,7 @@ def assert_finite(scope: ScopeArg = None, *, collection: Collection | None = Non
     active_collection(collection).assert_finite(scope)
 
 
+@keywords_checked
 def penalties(scope: ScopeArg = None, *, collection: Collection | None = None) -> dict[str, float]:
     """``{name: value, ..., "total": sum}`` from the last ``loss()``, for loggers.
 
@@ -257,30 +260,49 @@ def penalties(scope: ScopeArg = None, *, collection: Collection | None = None) -
     return active_collection(collection).penalties(scope)
 
 
+@keywords_checked
 def summary(
     loss: torch.Tensor | float | None = None,
     scope: ScopeArg = None,
     *,
     tablefmt: str = "simple",
     file: IO[str] | None = None,
+    top: int | None = None,
+    by: View = "entry",
+    depth: int | None = None,
     collection: Collection | None = None,
-) -> str:
-    """Print (to ``file``, default stdout) and return a table of each penalty's contribution.
+) -> Summary:
+    """Show (print, or in a notebook display) and return a table of each penalty's contribution.
 
     One row per entry: name, shape, regularizer, penalty, share of the regularization total and,
     when ``loss`` (the total training loss) is given, share of it; then a total row. Values are
     those of the last ``loss()`` call, fetched with one device-to-host copy; ``-`` marks entries
-    no call has evaluated (registered since, or frozen).
+    no call has evaluated (registered since, or frozen). A schedule shows its current value,
+    kind and step (``L2(l2=0.0075 linear@3)``).
+
+    The result is a ``str`` (the table in ``tablefmt``) that Jupyter renders as an HTML table
+    (as Markdown with ``tablefmt="github"``), shown once: in a notebook the call displays it
+    and the cell does not repeat it. ``str(table)`` is the text; ``file=io.StringIO()`` gets it
+    without printing.
 
     Args:
         loss: the total training loss (tensor or number), for the "% of loss" column.
         scope: as for ``loss``.
         tablefmt: a ``tabulate`` format name.
-        file: where to print (default: stdout).
+        file: where to print (default: stdout, or the notebook's display).
+        top: keep the ``top`` largest rows, largest first, and fold the rest into one
+            ``others`` row.
+        by: ``"entry"`` (a row per entry), ``"module"`` (a row per module: the sum of its
+            entries) or ``"total"`` (the total alone).
+        depth: with ``by="module"``, group by the first ``depth`` dotted parts of the module
+            names (``depth=1``: one row per top-level block).
         collection: the collection (default: the active one).
 
     Returns:
-        The table as a string.
+        The table, a ``str``.
+
+    Raises:
+        ValueError: An unknown ``tablefmt`` or ``by``; ``top`` or ``depth`` below 1.
 
     Examples:
         >>> import torch, regcollect as rc
@@ -288,117 +310,17 @@ def summary(
         >>> with torch.no_grad():
         ...     _ = model[0].weight.fill_(1.0)
         >>> _ = rc.loss(model)
-        >>> _ = rc.summary(scope=model)
+        >>> rc.summary(scope=model)
         name      shape    regularizer      penalty    % of reg.
         --------  -------  -------------  ---------  -----------
         0.weight  2x2      L2(l2=0.5)             2      100.00%
         total                                     2      100.00%
+        <regcollect summary: 1 row, total 2>
+        >>> _ = rc.summary(scope=model, by="total")
+        name      penalty
+        ------  ---------
+        total           2
     """
-    return active_collection(collection).summary(loss, scope, tablefmt=tablefmt, file=file)
-
-
-def attach_optimizer(
-    optimizer: torch.optim.Optimizer,
-    *,
-    decoupled: bool = False,
-    collection: Collection | None = None,
-) -> Handle:
-    """Apply the collection's L1, L2 and L1L2 weight penalties inside ``optimizer.step()``.
-
-    From now on, for the parameters ``optimizer`` holds, those penalties are applied by the
-    step instead of through autograd; ``rc.loss()`` still returns their value (without a
-    gradient), so keep adding it to the loss you print. ``.remove()`` on the returned handle
-    undoes it. Attaching the same optimizer to the collection again (set-up code run twice,
-    or to switch ``decoupled``) replaces the first attachment: each penalty is applied once.
-    ``step(closure)`` (L-BFGS, Lightning) works too: the penalty goes on the gradients the
-    closure computes. Optimizers that differentiate the gradients in their step (AdaHessian,
-    Sophia, after ``backward(create_graph=True)``) see the coupled penalty in their
-    Hessian-vector product; the decoupled decay is added after their update.
-
-    Args:
-        optimizer: any ``torch.optim.Optimizer`` (SGD, Adam, AdamW, fused or not, under
-            ``GradScaler`` too), or a wrapper whose ``step()`` drives one it holds as
-            ``.optimizer`` (accelerate's ``AcceleratedOptimizer``, Lightning's
-            ``LightningOptimizer``), ``.base_optimizer`` (SAM) or ``._base_optimizer``
-            (timm's ``Lookahead``): the innermost optimizer, the one real update per step,
-            is attached, so the penalty is applied once per update.
-        decoupled: False (coupled): the penalty's gradient is added to ``.grad`` before the
-            optimizer's math, as ``weight_decay`` does in SGD and Adam. True: the weights are
-            decayed directly, scaled by the group's learning rate, as ``AdamW`` does for L2;
-            L1 becomes a proximal step (soft-thresholding) that produces exact zeros.
-        collection: the collection whose penalties are applied (default: the active one).
-
-    Returns:
-        A handle; ``.remove()`` restores the autograd path.
-
-    Raises:
-        TypeError: ``optimizer`` is neither a ``torch.optim.Optimizer`` nor a wrapper of
-            one; the optimizer it steps has no step hooks (it never ran
-            ``Optimizer.__init__``) and holds no optimizer under a known name; or
-            ``decoupled`` is not a bool.
-        ValueError: ``decoupled=True`` on an optimizer with a parameter group whose ``lr``
-            is None (Adafactor's relative step): the decoupled step needs a learning rate;
-            a DeepSpeed ZeRO optimizer (or engine), or an optimizer holding FSDP1 flat
-            parameters (``use_orig_params=False``): they update flat copies, not the
-            regularized parameters.
-
-    Examples:
-        >>> import torch, regcollect as rc
-        >>> coll = rc.Collection()
-        >>> layer = rc.nn.Linear(2, 2, kernel_regularizer=rc.l2(0.5), collection=coll)
-        >>> opt = torch.optim.SGD(layer.parameters(), lr=0.1)
-        >>> handle = rc.attach_optimizer(opt, collection=coll)
-        >>> coll.loss().requires_grad  # the value is there; the step applies the gradient
-        False
-        >>> handle.remove()
-    """
-    return active_collection(collection).attach_optimizer(optimizer, decoupled=decoupled)
-
-
-def param_groups(
-    model_or_params: Any, *, collection: Collection | None = None, **group_defaults: Any
-) -> list[dict[str, Any]]:
-    """Parameter groups in which the optimizer's own ``weight_decay`` applies the declared L2
-    penalties, on exactly the declared tensors.
-
-    Each parameter carrying only ``rc.l2(c)`` (or ``rc.l1_l2(0, c)``) goes into a group with
-    ``weight_decay = 2 * c`` (one group per coefficient), every other parameter into one
-    with ``weight_decay = 0``. Any optimizer built from them (``torch.optim``, timm,
-    pytorch_optimizer, HF's ``optimizer_cls_and_kwargs``) then applies its own decay formula
-    (Lamb's trust ratio, AdamW's decoupled decay, ...) to those tensors and no other. From
-    this call on, ``rc.loss()`` gives those penalties' value without a gradient (the
-    optimizer applies them) and the summary still shows them. A scheduled coefficient sets
-    its group's ``weight_decay`` before each step. L1, L2-SP, group lasso, orthogonal and
-    custom penalties are not decays: their parameters get ``weight_decay = 0`` and their
-    penalties stay in ``rc.loss()`` (or ``rc.attach_optimizer``). A recorded parameter that
-    an optimizer steps in a group this function did not make (its penalty then applied by
-    nothing), or a regularized one in such a group that another collection's or an older
-    regularizer's group decays (applied twice), is warned once.
-
-    Args:
-        model_or_params: an ``nn.Module``, or an iterable of its parameters.
-        collection: the collection whose penalties the groups apply (default: the active
-            one).
-        **group_defaults: options every group gets (``lr=...``, ``betas=...``); not
-            ``params`` nor ``weight_decay``, which the groups set.
-
-    Returns:
-        A list of parameter-group dicts (decaying groups first, in the order the parameters
-        first use their coefficient; each also holds ``"regcollect_l2": c``).
-
-    Raises:
-        TypeError: ``model_or_params`` is neither a module nor an iterable of tensors.
-        ValueError: ``group_defaults`` sets ``params`` or ``weight_decay``.
-
-    Examples:
-        >>> import torch, regcollect as rc
-        >>> coll = rc.Collection()
-        >>> layer = rc.nn.Linear(2, 2, kernel_regularizer=rc.l2(0.5), collection=coll)
-        >>> groups = rc.param_groups(layer, collection=coll)
-        >>> [(len(g["params"]), g["weight_decay"]) for g in groups]
-        [(1, 1.0), (1, 0.0)]
-        >>> opt = torch.optim.AdamW(groups, lr=0.1)
-        >>> coll.loss().requires_grad  # the value is there; AdamW applies the decay
-        False
-    """
-    return active_collection(collection).param_groups(model_or_params, **group_defaults)
+    return active_collection(collection).summary(
+        loss, scope, tablefmt=tablefmt, file=file, top=top, by=by, depth=depth
+    )

@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ._checks import suggest_keyword
 from ._collection.collection import Collection
 from ._collection.registry import parametrized_tensors
 from ._context import active_collection, current_prefix, scope_default
@@ -124,14 +125,17 @@ class RegularizedLayer(torch.nn.Module):
 
     def __init__(self, *args: Any, collection: Collection | None = None, **kwargs: Any) -> None:
         given = {name: kwargs.pop(name, _UNSET) for name in self._rc_arguments()}
-        regs: dict[str, Regularizer | None] = {}
-        for name, value in given.items():
-            if value is _UNSET:
-                regs[name] = scope_default(name)
-            else:
-                regs[name] = get_regularizer(value)
+        regs: dict[str, Regularizer | None] = {
+            name: scope_default(name) if value is _UNSET else get_regularizer(value)
+            for name, value in given.items()
+        }
         coll = active_collection(collection)
-        super().__init__(*args, **kwargs)
+        try:
+            super().__init__(*args, **kwargs)
+        except TypeError as exc:  # a misspelled keyword: suggest the one meant
+            accepted = [*self._rc_arguments(), *inspect.signature(super().__init__).parameters]
+            suggest_keyword(exc, type(self).__name__, kwargs, accepted)
+            raise
         self._rc_collection = coll
         self._rc_prefix = current_prefix()
         for name, reg in regs.items():
@@ -409,3 +413,8 @@ class GroupNorm(RegularizedLayer, torch.nn.GroupNorm):
 
     _rc_targets = _NORM
     _rc_example = "2, 8"
+
+
+def __dir__() -> list[str]:
+    """The public API (``__all__``): what tab completion offers, not this module's imports."""
+    return sorted(__all__)

@@ -21,10 +21,19 @@ from typing import Any, TypeVar
 
 import torch
 
-from ._checks import shown
+from ._checks import keywords_checked, shown
 from ._penalties import l2sp as _l2sp_module
-from ._penalties.base import Custom, Regularizer, accumulation_dtype, check_coefficient
-from ._penalties.coefficients import serialize_schedule
+from ._penalties.base import (
+    Custom,
+    Regularizer,
+    accumulation_dtype,
+    check_coefficient,
+)
+
+# What a regularizer argument accepts, for the signatures of the layers and functions above.
+from ._penalties.base import RegularizerArg as RegularizerArg
+from ._penalties.coefficients import CoefficientArg, serialize_schedule
+from ._penalties.foreign import keras_config
 from ._penalties.group_lasso import GroupLasso, group_lasso
 from ._penalties.l1l2 import L1, L1L2, L2
 from ._penalties.l2sp import L2SP, l2sp
@@ -67,7 +76,8 @@ for _cls in (Regularizer, L1, L2, L1L2, Orthogonal, Custom, GroupLasso, L2SP):
 del _cls
 
 
-def l1(l1: float = 0.01) -> L1:
+@keywords_checked
+def l1(l1: CoefficientArg = 0.01) -> L1:
     """``L1(l1)``: ``l1 * sum(abs(x))``.
 
     Args:
@@ -84,7 +94,8 @@ def l1(l1: float = 0.01) -> L1:
     return L1(l1)
 
 
-def l2(l2: float = 0.01) -> L2:
+@keywords_checked
+def l2(l2: CoefficientArg = 0.01) -> L2:
     """``L2(l2)``: ``l2 * sum(x**2)``; ``SGD(weight_decay=wd)`` is ``rc.l2(wd / 2)``.
 
     Args:
@@ -101,7 +112,8 @@ def l2(l2: float = 0.01) -> L2:
     return L2(l2)
 
 
-def l1_l2(l1: float = 0.01, l2: float = 0.01) -> L1L2:
+@keywords_checked
+def l1_l2(l1: CoefficientArg = 0.01, l2: CoefficientArg = 0.01) -> L1L2:
     """``L1L2(l1, l2)``: ``l1 * sum(abs(x)) + l2 * sum(x**2)``, with Keras's factory defaults
     of 0.01 each (the class ``L1L2`` defaults to 0.0).
 
@@ -120,7 +132,8 @@ def l1_l2(l1: float = 0.01, l2: float = 0.01) -> L1L2:
     return L1L2(l1=l1, l2=l2)
 
 
-def orthogonal(factor: float = 0.01, mode: str = "rows") -> Orthogonal:
+@keywords_checked
+def orthogonal(factor: CoefficientArg = 0.01, mode: str = "rows") -> Orthogonal:
     """``Orthogonal(factor, mode)``: Keras's ``OrthogonalRegularizer``.
 
     Args:
@@ -322,8 +335,9 @@ def get(identifier: object) -> Regularizer | None:
 
     Args:
         identifier: None, a ``Regularizer``, a registered name or alias (``"l2"``,
-            ``"l1_l2"``), a factory or class passed uncalled (``rc.l2``), a config dict, or a
-            callable ``f(tensor) -> scalar tensor`` (wrapped in ``Custom``).
+            ``"l1_l2"``), a factory or class passed uncalled (``rc.l2``), a config dict, a
+            Keras regularizer object (``keras.regularizers.L2(0.01)`` is ``rc.L2(0.01)``), or
+            a callable ``f(tensor) -> scalar tensor`` (wrapped in ``Custom``).
 
     Returns:
         The regularizer, or None for None.
@@ -363,9 +377,15 @@ def get(identifier: object) -> Regularizer | None:
             f"cannot use the class {identifier!r} as a regularizer; expected {_accepted()}"
         )
     if callable(identifier) and not isinstance(identifier, torch.nn.Module):
-        return Custom(identifier)
+        keras = keras_config(identifier)
+        return deserialize(keras) if keras is not None else Custom(identifier)
     raise ValueError(
         f"cannot interpret {shown(identifier)} (type {type(identifier).__name__}) as a "
         "regularizer; "
         f"expected {_accepted()}"
     )
+
+
+def __dir__() -> list[str]:
+    """The public API (``__all__``): what tab completion offers, not this module's imports."""
+    return sorted(__all__)

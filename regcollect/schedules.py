@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from . import _locks
-from ._checks import shown
+from ._checks import keywords_checked, shown
 
 __all__ = [
     "CosineSchedule",
@@ -336,6 +336,7 @@ def resume(optimizer: Any) -> None:
     _resume(optimizer)
 
 
+@keywords_checked
 def linear(start: float, end: float, steps: int, delay: int = 0) -> LinearSchedule:
     """``LinearSchedule``: from ``start`` to ``end`` over ``steps`` steps after ``delay``.
 
@@ -361,6 +362,7 @@ def linear(start: float, end: float, steps: int, delay: int = 0) -> LinearSchedu
     return LinearSchedule(start, end, steps, delay)
 
 
+@keywords_checked
 def warmup(value: float, steps: int, delay: int = 0) -> LinearSchedule:
     """From 0 up to ``value`` over ``steps`` steps (after ``delay``), then ``value``.
 
@@ -384,6 +386,7 @@ def warmup(value: float, steps: int, delay: int = 0) -> LinearSchedule:
     return LinearSchedule(0.0, value, steps, delay)
 
 
+@keywords_checked
 def cosine(start: float, end: float, steps: int, delay: int = 0) -> CosineSchedule:
     """``CosineSchedule``: from ``start`` to ``end`` along half a cosine over ``steps``.
 
@@ -407,3 +410,8 @@ def cosine(start: float, end: float, steps: int, delay: int = 0) -> CosineSchedu
         0.0005
     """
     return CosineSchedule(start, end, steps, delay)
+
+
+def __dir__() -> list[str]:
+    """The public API (``__all__``): what tab completion offers, not this module's imports."""
+    return sorted(__all__)

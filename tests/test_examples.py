@@ -179,3 +179,16 @@ def test_prune_group_lasso(tmp_path):
     assert lasso["max_output_change"] < 1e-4
     assert lasso["accuracy"] >= r["plain"]["accuracy"] - 0.05
     assert (tmp_path / "prune_group_lasso.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+TQDM_EXAMPLES = ["finetune_l2sp", "l1_vs_l2", "prune_group_lasso", "sparsity", "weight_decay_sweep"]
+
+
+@pytest.mark.parametrize("name", TQDM_EXAMPLES)
+def test_an_example_without_its_extra_names_it(name, monkeypatch):
+    """Without tqdm the example stops at once, naming the extra that installs it; its first
+    lines say so too."""
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # what an install without the extra gives
+    with pytest.raises(SystemExit, match=r'needs tqdm: pip install -e "\.\[examples\]"'):
+        load(name)
+    assert 'pip install -e ".[examples]"' in (EXAMPLES / f"{name}.py").read_text()[:300]

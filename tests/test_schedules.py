@@ -131,7 +131,7 @@ def test_summary_shows_the_current_coefficient_and_resume_restores_it():
     sched = layer.kernel_regularizer.l2
     rc.loss()
     table = rc.summary(file=open("/dev/null", "w"))
-    assert "[step 3: 0.0075]" in table
+    assert "L2(l2=0.0075 linear@3)" in table  # the current value, kind and step
     state = sched.state_dict()
     assert state == {"step": 3}
     fresh = schedules.warmup(0.01, steps=4)

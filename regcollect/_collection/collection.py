@@ -35,7 +35,8 @@ from .plans import CachedPlan, PlanCache, View, scope_key, with_records
 from .readout import Last, Readout, Row, as_dict, check_finite
 from .registering import Registering
 from .registry import Registry
-from .summary import check_tablefmt, render, table_extra
+from .summary import Summary, check_tablefmt, check_view, render, table_extra
+from .summary import View as SummaryView
 from .traced import traced_view
 
 __all__ = ["Collection", "default_collection"]
@@ -310,27 +311,36 @@ class Collection(Registering):
         *,
         tablefmt: str = "simple",
         file: IO[str] | None = None,
-    ) -> str:
-        """Print and return the table of penalties; see ``regcollect._summary``.
+        top: int | None = None,
+        by: SummaryView = "entry",
+        depth: int | None = None,
+    ) -> Summary:
+        """Show and return the table of penalties; see ``regcollect.summary``.
 
         Args:
             loss: The total training loss, for the "% of loss" column.
             scope: As for ``loss``.
             tablefmt: A ``tabulate`` format name.
-            file: Where to print (default: stdout).
+            file: Where to print (default: stdout, or the notebook's display).
+            top: Keep the ``top`` largest rows, largest first, and one row for the others.
+            by: ``"entry"`` (a row each), ``"module"`` (a row per module) or ``"total"``.
+            depth: With ``by="module"``: group by the first ``depth`` parts of the names.
 
         Returns:
-            The table as a string.
+            The ``Summary``: the table as a string.
 
         Raises:
-            ValueError: An unknown ``tablefmt``.
+            ValueError: An unknown ``tablefmt`` or ``by``, or a ``top``/``depth`` below 1.
         """
         check_tablefmt(tablefmt)
+        check_view(top, by, depth)
         extra, loss_value = table_extra(loss)
         rows, total, extra_values = self._rows(scope, extra)
         if extra_values:
             loss_value = extra_values[0]
-        return render(rows, total, loss_value, tablefmt=tablefmt, file=file)
+        return render(
+            rows, total, loss_value, tablefmt=tablefmt, file=file, top=top, by=by, depth=depth
+        )
 
 
 def _restore_collection(uid: str, was_default: bool) -> Collection:

@@ -4,19 +4,20 @@ adds several of them up (a stale model from an earlier run, a copy, a GAN's two 
 
 from __future__ import annotations
 
-import warnings
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
 
 from .. import _naming
-from .._checks import RegcollectWarning, outside
+from .._checks import warn_user
 from .._optim.groups import declared_l2
 from .._state import COLLECTIONS, OPTIMIZER_STEP, OPTIMIZER_STEP_PRE
 from .entries import Entry, current_tensors
 
 __all__ = [
+    "double_decay_check",
     "forgotten_loss_check",
     "install_group_hook",
     "install_step_hook",
@@ -101,13 +102,11 @@ def forgotten_loss_check(collections: Iterable[Any], optimizer: torch.optim.Opti
         coll._warned_forgotten = True
         names = coll._registry._names()
         example = names.get((trained or recorded)[0], "?")
-        warnings.warn(
+        warn_user(
             f"{len(entries)} regularization penalties (e.g. {example!r}) are registered, but "
             f"{type(optimizer).__name__}.step() ran before rc.loss() was ever called: the "
             "penalties are not part of training. Add rc.loss() to the loss you backpropagate "
-            "(total_loss = loss + rc.loss()).",
-            RegcollectWarning,
-            stacklevel=3,
+            "(total_loss = loss + rc.loss())."
         )
 
 
@@ -129,19 +128,17 @@ def warn_models(
     if len(groups) <= 1:
         return False
     message = several_models_message(groups, in_scope, models, registry._names())
-    warnings.warn(message, RegcollectWarning, stacklevel=outside())
+    warn_user(message)
     return True
 
 
 def warn_meta(meta: Sequence[Entry], registry: _Names) -> bool:
     """Warn that entries on meta tensors were left out of ``loss()``; return True."""
     names = ", ".join(repr(registry._names().get(e, "?")) for e in meta[:3])
-    warnings.warn(
+    warn_user(
         f"{len(meta)} entries ({names}) regularize tensors on the meta device (a model "
         "built for its shapes only) beside real ones; they are left out of loss(). Pass "
-        "the real model (rc.loss(model)) to silence this.",
-        RegcollectWarning,
-        stacklevel=outside(),
+        "the real model (rc.loss(model)) to silence this."
     )
     return True
 
@@ -153,8 +150,69 @@ def install_step_hook() -> None:
 
 
 def _after_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    """Warn once per collection whose penalties never reach a loss."""
+    """Warn once per collection whose penalties never reach a loss, and once per optimizer
+    that decays parameters whose penalty also reaches the loss."""
     forgotten_loss_check(COLLECTIONS.live, optimizer)
+    double_decay_check(COLLECTIONS.live, optimizer)
+
+
+# The optimizers each collection has been checked against for double decay: once each.
+_DECAY_CHECKED: weakref.WeakKeyDictionary[torch.optim.Optimizer, set[int]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def double_decay_check(collections: Iterable[Any], optimizer: torch.optim.Optimizer) -> None:
+    """After ``optimizer`` stepped: warn (once per optimizer and collection) when it decays,
+    through ``weight_decay``, parameters whose penalty the collection's ``loss()`` also adds.
+
+    Checked once a collection's ``loss()`` has been called (its penalties reach the loss);
+    parameters an attached optimizer holds are left out (that path warns for itself)."""
+    try:
+        checked = _DECAY_CHECKED.setdefault(optimizer, set())
+    except TypeError:  # an optimizer that cannot be weakly referenced: checked every step
+        checked = set()
+    for coll in list(collections):
+        if not coll._consumed or id(coll) in checked:
+            continue
+        checked.add(id(coll))
+        decaying = [
+            (p, float(group["weight_decay"]))
+            for group in optimizer.param_groups
+            if group.get("weight_decay")
+            for p in group["params"]
+        ]
+        if not decaying:
+            continue
+        # Attached, or given to param_groups' groups (whose own warnings cover them).
+        held = coll._held_by_optimizers() | coll._decay.recorded()
+        with coll._registry.lock:
+            entries = [e for e in coll._registry.entries() if e.param is not None]
+            tensors = current_tensors([e.locator for e in entries])
+        entry_of = {id(t): e for e, t in zip(entries, tensors) if t is not None}
+        doubled = [
+            (entry_of[id(p)], wd)
+            for p, wd in decaying
+            if id(p) in entry_of and id(p) not in held and p.requires_grad
+        ]
+        if doubled:
+            _warn_double_decay(coll, optimizer, doubled)
+
+
+def _warn_double_decay(
+    coll: Any, optimizer: torch.optim.Optimizer, doubled: list[tuple[Entry, float]]
+) -> None:
+    names = coll._registry._names()
+    shown = ", ".join(repr(names.get(e, "?")) for e, _ in doubled[:3])
+    more = ", ..." if len(doubled) > 3 else ""
+    n = len(doubled)
+    warn_user(
+        f"{n} parameter{'s' if n > 1 else ''} ({shown}{more}) penalised through rc.loss() "
+        f"{'are' if n > 1 else 'is'} also decayed by weight_decay={doubled[0][1]} on "
+        f"{type(optimizer).__name__}: regularized twice. Set weight_decay=0 for "
+        f"{'them' if n > 1 else 'it'} (rc.l2(wd / 2) is SGD's weight_decay=wd; "
+        "rc.attach_optimizer(opt, decoupled=True) with it is AdamW's)."
+    )
 
 
 def install_group_hook() -> None:

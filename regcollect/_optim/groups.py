@@ -179,6 +179,10 @@ class GroupDecay:
         self._warned.clear()
         self.version += 1
 
+    def recorded(self) -> set[int]:
+        """Every parameter ``param_groups()`` gave to a group (its own warnings cover them)."""
+        return {pid for pid, (ref, _) in list(self._params.items()) if ref() is not None}
+
     def ids(self, declared: Mapping[int, Coefficient]) -> set[int]:
         """The recorded parameters whose declared penalty is still the recorded ``rc.l2(c)``
         (``declared``: ``declared_l2``): those ``loss()`` gives without a gradient."""

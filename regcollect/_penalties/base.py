@@ -21,6 +21,7 @@ __all__ = [
     "Coefficient",
     "Custom",
     "Regularizer",
+    "RegularizerArg",
     "Term",
     "accumulation_dtype",
     "check_coefficient",
@@ -262,3 +263,16 @@ class Custom(Regularizer):
 
     def __hash__(self) -> int:
         return id(self.fn)
+
+
+# What a regularizer argument accepts (``regularizers.get``): a regularizer, its name, its
+# config dict, a factory or class passed uncalled (``rc.l2``), a function of the tensor (a
+# Keras regularizer object is one), or None.
+RegularizerArg = (
+    Regularizer
+    | str
+    | dict[str, Any]
+    | Callable[..., Regularizer]
+    | Callable[[torch.Tensor], torch.Tensor]
+    | None
+)

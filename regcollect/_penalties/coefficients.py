@@ -5,11 +5,12 @@ how a schedule is written into (and read from) a regularizer's config.
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from .._checks import shown
+from .._checks import CoefficientTypeError, shown
 from ..schedules import (
     CosineSchedule,
     FunctionSchedule,
@@ -20,6 +21,7 @@ from ..schedules import (
 
 __all__ = [
     "Coefficient",
+    "CoefficientArg",
     "check_coefficient",
     "coefficient",
     "deserialize_schedule",
@@ -60,6 +62,8 @@ def deserialize_schedule(config: dict[str, Any]) -> Schedule:
 
 
 Coefficient = float | Schedule
+# What a coefficient argument accepts: a number, a schedule, or a function of the step.
+CoefficientArg = float | Schedule | Callable[[int], float]
 
 
 def coefficient(name: str, value: object) -> Coefficient:
@@ -84,6 +88,12 @@ def coefficient(name: str, value: object) -> Coefficient:
                 "(kernel_regularizer=fn, or rc.regularizers.get(fn))"
             ) from None
         return FunctionSchedule(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise CoefficientTypeError(
+            f"{name} must be a non-negative finite real number (int or float), a schedule "
+            "(rc.schedules.warmup(...), a Schedule) or a callable fn(step) -> float; got "
+            f"{shown(value)} of type {type(value).__name__}"
+        )
     return check_coefficient(name, value)
 
 

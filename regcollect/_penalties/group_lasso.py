@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .._checks import keywords_checked
 from .base import (
     Coefficient,
     Regularizer,
@@ -26,6 +27,7 @@ from .base import (
     scale,
     zero_like,
 )
+from .coefficients import CoefficientArg
 from .kernel import Kernel, register_kernel
 from .step import Scalar, scaled
 
@@ -116,7 +118,8 @@ class GroupLasso(Regularizer):
         0.5
     """
 
-    def __init__(self, factor: Coefficient = 0.01, axis: int = 0) -> None:
+    @keywords_checked
+    def __init__(self, factor: CoefficientArg = 0.01, axis: int = 0) -> None:
         self.factor = coefficient("factor", factor)
         if isinstance(axis, bool) or not isinstance(axis, int):
             raise ValueError(f"axis must be an int, got {axis!r} of type {type(axis).__name__}")
@@ -188,7 +191,8 @@ class _GroupLassoKernel(Kernel):
 register_kernel(GroupLasso, _GroupLassoKernel())
 
 
-def group_lasso(factor: Coefficient = 0.01, axis: int = 0) -> GroupLasso:
+@keywords_checked
+def group_lasso(factor: CoefficientArg = 0.01, axis: int = 0) -> GroupLasso:
     """``GroupLasso(factor, axis)``: ``factor * sum_g ||x_g||_2``.
 
     Args:

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .._checks import keywords_checked
 from .base import (
     Coefficient,
     Regularizer,
@@ -24,6 +25,7 @@ from .base import (
     scale,
     zero_like,
 )
+from .coefficients import CoefficientArg
 from .kernel import Kernel, register_kernel
 from .step import Scalar, add_coupled_, by_device_and_dtype, chunks, on_device, scaled
 
@@ -140,7 +142,8 @@ class L1(Regularizer):
         0.25
     """
 
-    def __init__(self, l1: Coefficient = 0.01) -> None:
+    @keywords_checked
+    def __init__(self, l1: CoefficientArg = 0.01) -> None:
         self.l1 = coefficient("l1", l1)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -170,7 +173,8 @@ class L2(Regularizer):
         0.36
     """
 
-    def __init__(self, l2: Coefficient = 0.01) -> None:
+    @keywords_checked
+    def __init__(self, l2: CoefficientArg = 0.01) -> None:
         self.l2 = coefficient("l2", l2)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -197,7 +201,8 @@ class L1L2(Regularizer):
         2.0
     """
 
-    def __init__(self, l1: Coefficient = 0.0, l2: Coefficient = 0.0) -> None:
+    @keywords_checked
+    def __init__(self, l1: CoefficientArg = 0.0, l2: CoefficientArg = 0.0) -> None:
         self.l1 = coefficient("l1", l1)
         self.l2 = coefficient("l2", l2)
 

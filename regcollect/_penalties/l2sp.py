@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from .._checks import keywords_checked
 from .._distributed.seam import is_plain, placement_of
 from .base import (
     Coefficient,
@@ -37,6 +38,7 @@ from .base import (
     coefficient,
     scale,
 )
+from .coefficients import CoefficientArg
 from .kernel import Kernel, register_kernel
 from .kernels import difference_penalty
 from .step import Scalar, add_coupled_, by_device_and_dtype, chunks, scaled
@@ -163,9 +165,10 @@ class L2SP(Regularizer):
         2.5
     """
 
+    @keywords_checked
     def __init__(
         self,
-        l2: Coefficient = 0.01,
+        l2: CoefficientArg = 0.01,
         reference: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         self.l2 = coefficient("l2", l2)
@@ -352,8 +355,9 @@ class _L2SPKernel(Kernel):
 register_kernel(L2SP, _L2SPKernel())
 
 
+@keywords_checked
 def l2sp(
-    l2: Coefficient = 0.01, reference: torch.Tensor | Mapping[str, torch.Tensor] | None = None
+    l2: CoefficientArg = 0.01, reference: torch.Tensor | Mapping[str, torch.Tensor] | None = None
 ) -> L2SP:
     """``L2SP(l2, reference)``: ``l2 * sum((x - x0)**2)``.
 

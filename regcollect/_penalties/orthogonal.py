@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 
+from .._checks import keywords_checked
 from .base import Regularizer, accumulation_dtype, check_tensor, zero_like
-from .coefficients import Coefficient, coefficient, scale
+from .coefficients import CoefficientArg, coefficient, scale
 from .kernel import Kernel, register_kernel
 
 __all__ = ["Orthogonal", "OrthogonalRegularizer", "Rearranged", "output_filters"]
@@ -55,7 +56,8 @@ class Orthogonal(Regularizer):
 
     MODES = ("rows", "columns", "outputs", "inputs")
 
-    def __init__(self, factor: Coefficient = 0.01, mode: str = "rows") -> None:
+    @keywords_checked
+    def __init__(self, factor: CoefficientArg = 0.01, mode: str = "rows") -> None:
         self.factor = coefficient("factor", factor)
         if mode not in self.MODES:
             raise ValueError(

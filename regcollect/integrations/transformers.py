@@ -36,7 +36,9 @@ from .._attach import add_regularizer  # noqa: E402
 from .._checks import check_module  # noqa: E402
 from .._collection.collection import Collection  # noqa: E402
 from .._collection.handle import Handle  # noqa: E402
-from .._context import active_collection, attach_optimizer  # noqa: E402
+from .._context import active_collection  # noqa: E402
+from .._stepping import attach_optimizer  # noqa: E402
+from ..regularizers import RegularizerArg  # noqa: E402
 from ..schedules import resume as resume_schedules  # noqa: E402
 
 __all__ = ["RegularizationMixin", "RegularizedTrainer", "decay_parameter_names", "regularize"]
@@ -64,7 +66,7 @@ def decay_parameter_names(model: torch.nn.Module) -> list[str]:
 
 
 def regularize(
-    model: torch.nn.Module, regularizer: object, *, collection: Collection | None = None
+    model: torch.nn.Module, regularizer: RegularizerArg, *, collection: Collection | None = None
 ) -> Handle:
     """Register ``regularizer`` on exactly the parameters ``Trainer(weight_decay=...)`` decays.
 
