@@ -21,23 +21,6 @@ def fresh_default_collection():
 
 
 @pytest.fixture
-def plan_builds(monkeypatch):
-    """The plans loss() builds, in order: a plan reused between steps is not built again."""
-    import regcollect._collection.plans as plans
-
-    built = []
-    original = plans.Plan
-
-    class Counting(original):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            built.append(self)
-
-    monkeypatch.setattr(plans, "Plan", Counting)
-    return built
-
-
-@pytest.fixture
 def run_in_threads():
     """``run(work, n)``: call ``work(k)`` for k in range(n), each in its own thread started
     at once; re-raise the first exception any of them raised."""
@@ -101,25 +84,6 @@ def same_to_rounding():
             assert diff <= bound, f"{tuple(a.shape)}: differs by {diff:.3g} > {bound:.3g}"
 
     return check
-
-
-def autograd_nodes(tensor):
-    """The autograd nodes behind ``tensor`` (gradient accumulators left out): how many
-    kernels its backward runs, whatever their names."""
-    seen, stack = set(), [tensor.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return [n for n in seen if type(n).__name__ != "AccumulateGrad"]
-
-
-@pytest.fixture
-def node_count():
-    """``node_count(tensor)``: the number of autograd nodes behind ``tensor``."""
-    return lambda tensor: len(autograd_nodes(tensor))
 
 
 @pytest.fixture

@@ -386,28 +386,53 @@ def test_concurrent_registration_counts_each_entry_once(run_in_threads):
     assert len({e.name for e in rc.get_collection().entries()}) == 400
 
 
-def test_loss_plan_is_built_once_and_rebuilt_on_change(plan_builds):
+def test_loss_follows_the_weights_and_a_layer_appended_between_steps():
     model = torch.nn.ModuleList([rc.nn.Linear(2, 2, kernel_regularizer=rc.l2(1.0))])
-    rc.loss()
-    rc.loss()
-    assert len(plan_builds) == 1  # nothing changed: reused
+
+    def check():
+        """loss() is the sum of each layer's own formula, and its gradient 2w for each."""
+        for layer in model:
+            layer.weight.grad = None
+        total = rc.loss()
+        expected = sum((layer.weight.detach().double() ** 2).sum() for layer in model)
+        assert total.item() == pytest.approx(expected.item(), rel=1e-6)
+        total.backward()
+        for layer in model:
+            torch.testing.assert_close(layer.weight.grad, 2 * layer.weight.detach())
+
+    check()
+    with torch.no_grad():
+        model[0].weight.mul_(3)  # a step: the same parameter, new values
+    check()
     torch.nn.Linear(3, 3)  # an unrelated module built between steps changes nothing
-    rc.loss()
-    assert len(plan_builds) == 1
+    check()
     model.append(rc.nn.Linear(2, 2, kernel_regularizer=rc.l2(1.0)))
-    expected = sum((layer.weight**2).sum() for layer in model)
-    assert rc.loss().item() == pytest.approx(expected.item(), rel=1e-6)
-    assert len(plan_builds) == 2 and len(plan_builds[-1].tensors) == 2
+    check()  # the new layer counts from the next loss() on
+    assert rc.get_collection().penalties() == pytest.approx(
+        {
+            "0.weight": (model[0].weight.detach() ** 2).sum().item(),
+            "1.weight": (model[1].weight.detach() ** 2).sum().item(),
+            "total": sum((layer.weight.detach() ** 2).sum().item() for layer in model),
+        },
+        rel=1e-6,
+    )
 
 
-def test_parameters_swapped_back_and_forth_reuse_two_plans(plan_builds):
+def test_parameters_swapped_back_and_forth_each_give_their_own_value_and_gradient():
     # FSDP2 swaps a root module's parameters between two objects every step.
     layer = rc.nn.Linear(2, 2, kernel_regularizer=rc.l2(1.0))
     a, b = layer.weight, torch.nn.Parameter(layer.weight.detach() * 2)
-    for p in (a, b, a, b):
+    for step, p in enumerate((a, b, a, b)):
         layer.weight = p
-        assert rc.loss().item() == pytest.approx((p.detach() ** 2).sum().item())
-    assert len(plan_builds) == 2
+        other = b if p is a else a
+        a.grad = b.grad = None
+        total = rc.loss()
+        assert total.item() == pytest.approx((p.detach() ** 2).sum().item())
+        total.backward()
+        torch.testing.assert_close(p.grad, 2 * p.detach())
+        assert other.grad is None  # the swapped-out parameter is not in this step's penalty
+        with torch.no_grad():
+            p.add_(step + 1.0)  # each object keeps its own values between its steps
 
 
 def test_losses_follow_registration_order_with_activity_entries():

@@ -24,10 +24,10 @@ def test_scales_validated(bad):
         v1.l1_l2_regularizer(scale_l1=bad)
 
 
-def test_sum_regularizer(node_count):
+def test_sum_regularizer():
     reg = v1.sum_regularizer([v1.l1_regularizer(0.1), None, v1.l2_regularizer(0.2)])
     assert reg(W).item() == pytest.approx(0.1 * 6 + 0.2 * 14 / 2)
-    # Computed as the L1L2 it equals: the same value and gradient, the same autograd nodes.
+    # Computed as the L1L2 it equals: the same value and gradient.
     layer = torch.nn.Linear(3, 2, bias=False)
     totals = []
     for r in (reg, rc.l1_l2(0.1, 0.1)):
@@ -35,7 +35,6 @@ def test_sum_regularizer(node_count):
         with rc.regularize(layer, kernel=r, collection=coll):
             totals.append(coll.loss())
     assert totals[0].item() == totals[1].item()
-    assert node_count(totals[0]) == node_count(totals[1])
     grads = [torch.autograd.grad(t, layer.weight)[0] for t in totals]
     assert torch.equal(grads[0], grads[1])
     assert rc.deserialize(rc.serialize(reg))(W).item() == pytest.approx(reg(W).item())

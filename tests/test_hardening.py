@@ -135,13 +135,22 @@ def test_meta_model_next_to_the_real_one():
     assert real[0].weight.grad is not None and shadow[0].weight.grad is None
 
 
-def test_scoped_loss_is_not_replanned_by_unrelated_modules(plan_builds):
+def test_scoped_loss_follows_its_weights_while_unrelated_modules_are_built():
     model = torch.nn.Sequential(rc.nn.Linear(3, 3, kernel_regularizer=rc.l2(1.0)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    helpers = []
     for _ in range(5):
-        rc.loss(scope="0")
-        rc.loss(model)
-        torch.nn.Sequential(torch.nn.Linear(2, 2))  # e.g. a metric or a helper built per step
-    assert len(plan_builds) == 2
+        square = (model[0].weight.detach() ** 2).sum().item()
+        assert rc.loss(scope="0").item() == pytest.approx(square, rel=1e-6)
+        opt.zero_grad()
+        total = rc.loss(model)
+        assert total.item() == pytest.approx(square, rel=1e-6)
+        total.backward()
+        torch.testing.assert_close(model[0].weight.grad, 2 * model[0].weight.detach())
+        opt.step()
+        # e.g. a metric or a helper built per step, one with a regularizer outside the model
+        helpers.append(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+        helpers.append(rc.nn.Linear(2, 2, kernel_regularizer=rc.l1(1.0)))
 
 
 def test_summary_formats_missing_values_and_has_a_short_repr():
