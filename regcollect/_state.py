@@ -1,7 +1,9 @@
 """Everything regcollect keeps for the whole process, in one place.
 
 The hooks it puts into torch's process-wide hook tables, each installed on first need (never
-at import) and removable (``remove()``; the next need installs it again):
+at import); the optimizer-step ones are taken out when the need ends, when no live collection
+holds an entry (the last handle removed, the last model deleted:
+``regcollect._collection.guards.release``), the next need installing them again:
 
 - ``OPTIMIZER_STEP_PRE`` and ``OPTIMIZER_STEP``: around every optimizer step, tell the steps
   that another step runs (nested) from real updates, advance the coefficient schedules a real
@@ -76,6 +78,16 @@ class GlobalHook:
                 return False
             self._handle = self._register(self._call)
             return True
+
+    def discard(self, fn: Callable[..., None]) -> None:
+        """Stop calling ``fn``; with nothing left to call, take the hook out of torch's
+        table (the next ``add`` installs it again)."""
+        with self._lock:
+            if fn in self._functions:
+                self._functions.remove(fn)
+            if not self._functions and self._handle is not None:
+                self._handle.remove()
+                self._handle = None
 
     def remove(self) -> None:
         """Take the hook out of torch's table; the next ``add`` installs it again."""

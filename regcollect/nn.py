@@ -23,7 +23,7 @@ import torch
 
 from ._checks import suggest_keyword
 from ._collection.collection import Collection
-from ._collection.registry import parametrized_tensors
+from ._collection.entries import parametrized_tensors
 from ._context import active_collection, current_prefix, scope_default
 from ._naming import drop_inert_hooks
 from ._naming import inert_hook_factory as _inert_hook  # noqa: F401 (pickles)

@@ -11,51 +11,62 @@ import torch
 import regcollect as rc
 
 
-class HalfHere(torch.Tensor):
-    """A toy sharded tensor: a wrapper subclass whose local storage is half of its rows, as
-    a sharding library nobody taught regcollect about would make (DTensor-like)."""
+class Wrapped(torch.Tensor):
+    """A wrapper subclass with a ``__torch_dispatch__`` of its own holding all its values, as
+    torch's FakeTensor (under ``torch.export``) or a MaskedTensor does in one process."""
 
     @staticmethod
-    def __new__(cls, local: torch.Tensor, rows: int) -> HalfHere:
-        shape = (rows, *local.shape[1:])
+    def __new__(cls, inner: torch.Tensor) -> Wrapped:
         out = torch.Tensor._make_wrapper_subclass(
-            cls, shape, dtype=local.dtype, requires_grad=local.requires_grad
+            cls, inner.shape, dtype=inner.dtype, requires_grad=inner.requires_grad
         )
-        out.local = local
+        out.inner = inner
         return out
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        if func is torch.ops.aten.detach.default:  # what nn.Parameter asks of a subclass
-            return HalfHere(args[0].local.detach(), args[0].shape[0])
-        unwrap = lambda x: x.local if isinstance(x, HalfHere) else x  # noqa: E731
+        unwrap = lambda x: x.inner if isinstance(x, Wrapped) else x  # noqa: E731
         args = torch.utils._pytree.tree_map(unwrap, args)
         kwargs = torch.utils._pytree.tree_map(unwrap, kwargs or {})
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if func is torch.ops.aten.detach.default:  # what nn.Parameter asks of a subclass
+            return Wrapped(out)
+        return out
 
 
-def test_an_unknown_sharded_tensor_is_refused_by_name_not_computed_per_rank():
+def test_a_wrapper_subclass_in_one_process_gets_the_value_and_gradient_of_its_values():
+    """One process holds all of any tensor's values: a subclass regcollect has no adapter for
+    is computed on what it says its values are (with several ranks it is refused by name:
+    tests/distributed, unknown_sharded_refused)."""
     coll = rc.Collection()
-    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
-    local = torch.randn(2, 4)  # this "rank" holds 2 of the 3 rows
-    model[0].weight = torch.nn.Parameter(HalfHere(local, 3))
-    rc.regularize(model, kernel=rc.l2(0.1), bias=None, collection=coll)
-    with pytest.raises(ValueError) as err:
-        coll.loss()
-    message = str(err.value)
-    assert "'0.weight'" in message and "HalfHere" in message
-    assert "__torch_dispatch__" in message and "no regcollect engine adapter knows" in message
-    # Frozen, it is left out as any frozen weight, with nothing to refuse.
-    model[0].weight.requires_grad_(False)
-    assert coll.loss().item() == 0.0
+    layer = torch.nn.Linear(4, 3)
+    weight = torch.randn(3, 4)
+    layer.weight = torch.nn.Parameter(Wrapped(weight.clone()))
+    rc.regularize(layer, kernel=rc.l2(0.1), bias=None, collection=coll)
+    penalty = coll.loss()
+    penalty.backward()
+    torch.testing.assert_close(penalty, 0.1 * (weight**2).sum())
+    grad = layer.weight.grad
+    torch.testing.assert_close(grad.inner if isinstance(grad, Wrapped) else grad, 0.2 * weight)
 
 
-def test_an_unknown_sharded_bare_tensor_is_refused_too():
+def test_torch_export_of_a_model_adding_the_penalty_in_forward_equals_eager():
+    """Non-strict torch.export runs the model on torch's FakeTensors (a wrapper subclass)."""
     coll = rc.Collection()
-    x = HalfHere(torch.ones(2, 2, requires_grad=True), 4)
-    coll.register_tensor(x, rc.l1(1.0), name="half")
-    with pytest.raises(ValueError, match="'half'.*HalfHere"):
-        coll.loss()
+
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x).sum() + coll.loss()
+
+    model = Model()
+    coll.register(model.lin, "weight", rc.l2(0.5))
+    x = torch.randn(3, 4)
+    exported = torch.export.export(model, (x,), strict=False)
+    torch.testing.assert_close(exported.module()(x), model(x))
 
 
 class Logged(torch.Tensor):
@@ -118,3 +129,69 @@ def test_the_several_models_warning_points_at_the_users_line():
     (found,) = [w for w in caught if "separate models" in str(w.message)]
     assert found.filename == __file__
     del first, second
+
+
+HOOKS_SCRIPT = r"""
+import gc, torch
+import torch.optim.optimizer as O
+import torch.nn.modules.module as M
+import regcollect as rc
+
+def tables():
+    return (len(O._global_optimizer_pre_hooks), len(O._global_optimizer_post_hooks),
+            len(M._global_module_registration_hooks))
+
+before = tables()
+model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+handle = rc.regularize(model, kernel=rc.l2(rc.schedules.warmup(0.1, steps=4)))
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+torch.optim.SGD(rc.param_groups(model), lr=0.1)
+(model(torch.randn(4, 3)).sum() + rc.loss()).backward()
+opt.step()
+during = tables()
+handle.remove()
+after_remove = tables()
+# Again, then the model deleted: the next optimizer step finds nothing regularized.
+layer = rc.nn.Linear(3, 2, kernel_regularizer=rc.l2(0.1))
+other = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+again = tables()
+del layer
+gc.collect()
+other.step()
+after_delete = tables()
+print((before, during, after_remove, again, after_delete))
+"""
+
+
+def test_the_optimizer_step_hooks_come_out_when_nothing_is_regularized():
+    """torch's process-wide optimizer-step hook tables hold regcollect's hooks only while a
+    collection holds an entry: the last handle removed, or the last regularized model deleted,
+    takes them out (a fresh process: the suite's own collections would keep them in)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", HOOKS_SCRIPT], capture_output=True, text=True, check=True
+    ).stdout
+    before, during, after_remove, again, after_delete = eval(out)
+    # The optimizer-step hooks come out; the module-registration hook (names) stays once in.
+    assert during == (before[0] + 1, before[1] + 1, before[2] + 1)
+    assert after_remove == (before[0], before[1], during[2])
+    assert again[1] == before[1] + 1 and after_delete == (before[0], before[1], during[2])
+
+
+def test_losses_of_penalties_an_attached_optimizer_applies_have_no_gradient_as_in_loss():
+    coll = rc.Collection()
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    rc.regularize(model, kernel=rc.l2(0.1), bias=None, collection=coll)
+    rc.add_regularizer(
+        model, "0.bias", rc.regularizers.Custom(lambda b: (b**4).sum()), collection=coll
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    handle = rc.attach_optimizer(opt, collection=coll)
+    kernel, bias = coll.losses()
+    # The step applies the kernel's L2: its value, no gradient; the custom penalty stays.
+    assert not kernel.requires_grad and bias.requires_grad
+    assert kernel.item() == pytest.approx(0.1 * (model[0].weight.detach() ** 2).sum().item())
+    handle.remove()
+    assert all(v.requires_grad for v in coll.losses())

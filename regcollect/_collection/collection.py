@@ -30,7 +30,7 @@ from .._optim.groups import GroupDecay
 from .._state import COLLECTIONS
 from .._torch_compat import is_compiling
 from .entries import ACTIVITY, Entry
-from .guards import install_step_hook, model_groups, warn_meta, warn_models
+from .guards import install_step_hook, model_groups, release, warn_meta, warn_models
 from .plans import CachedPlan, PlanCache, View, scope_key, with_records
 from .readout import Last, Readout, Row, as_dict, check_finite
 from .registering import Registering
@@ -73,7 +73,7 @@ class Collection(Registering):
         self._warned_forgotten = False
         self._warned_models = False
         self._warned_meta = False
-        self._registry = Registry(install_step_hook)
+        self._registry = Registry(install_step_hook, release)
         self._plans = PlanCache()
         self._plans_version = 0
         self._readout = Readout()
@@ -260,6 +260,9 @@ class Collection(Registering):
 
         Each weight entry's penalty alone (use ``loss`` in training loops: one grouped
         evaluation); an activity entry gives the sum of its penalties of the last forward pass.
+        As in ``loss``, a penalty an optimizer applies (``attach_optimizer``, the
+        ``weight_decay`` of ``param_groups``) comes without a gradient: adding these values to
+        a loss never counts it twice.
 
         Args:
             scope: As for ``loss``.

@@ -19,7 +19,15 @@ from .. import _naming
 from .._distributed.seam import real_shape
 from ..regularizers import Regularizer
 
-__all__ = ["ACTIVITY", "TENSOR", "WEIGHT", "Entry", "current_tensors", "unique_names"]
+__all__ = [
+    "ACTIVITY",
+    "TENSOR",
+    "WEIGHT",
+    "Entry",
+    "current_tensors",
+    "parametrized_tensors",
+    "unique_names",
+]
 
 WEIGHT, ACTIVITY, TENSOR = "weight", "activity", "tensor"
 
@@ -242,3 +250,19 @@ def current_tensors(locators: list[tuple[Any, str | None]]) -> list[torch.Tensor
 
 # The public path (regcollect.Entry), which pickles and reprs record, not this private module's.
 Entry.__module__ = "regcollect"
+
+
+def parametrized_tensors(module: torch.nn.Module, name: str) -> list[tuple[torch.nn.Module, str]]:
+    """Where ``module``'s parameter ``name`` lives once parametrized: ``(owner, parameter)``
+    pairs of ``parametrizations.<name>.original*`` (``torch.nn.utils.parametrize``) or of the
+    hook-based ``<name>_orig`` (spectral_norm) / ``<name>_g``, ``<name>_v`` (weight_norm)."""
+    lists = module._modules.get("parametrizations")
+    holder = lists._modules.get(name) if lists is not None else None
+    if holder is not None:
+        return [(holder, n) for n, p in holder._parameters.items() if p is not None]
+    found = [
+        n
+        for n in (f"{name}_orig", f"{name}_g", f"{name}_v")
+        if module._parameters.get(n) is not None
+    ]
+    return [(module, n) for n in found]

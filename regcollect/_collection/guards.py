@@ -12,6 +12,7 @@ import torch
 
 from .. import _naming
 from .._checks import warn_user
+from .._optim import following as _following
 from .._optim.groups import declared_l2
 from .._state import COLLECTIONS, OPTIMIZER_STEP, OPTIMIZER_STEP_PRE
 from .entries import Entry, current_tensors
@@ -149,11 +150,29 @@ def install_step_hook() -> None:
     OPTIMIZER_STEP.add(_after_optimizer_step)
 
 
+def release() -> None:
+    """When no live collection holds an entry, the optimizer-step hooks (warnings, the
+    parameter groups' schedules, the schedules' clock), which run at every optimizer step in
+    the process, come out; registering again puts them back. The module-registration hook
+    stays once in: the parent links it records while nothing is regularized name the layers of
+    models built then (a block whose ModuleList is attached before its layers are made)."""
+    if any(len(coll) for coll in list(COLLECTIONS.live)):
+        return
+    OPTIMIZER_STEP.discard(_after_optimizer_step)
+    OPTIMIZER_STEP_PRE.discard(_before_optimizer_step)
+    _following.release()
+
+
 def _after_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     """Warn once per collection whose penalties never reach a loss, and once per optimizer
-    that decays parameters whose penalty also reaches the loss."""
-    forgotten_loss_check(COLLECTIONS.live, optimizer)
-    double_decay_check(COLLECTIONS.live, optimizer)
+    that decays parameters whose penalty also reaches the loss; with no entry left anywhere
+    (the models deleted), take the hooks out."""
+    live = list(COLLECTIONS.live)
+    if not any(len(coll) for coll in live):
+        release()
+        return
+    forgotten_loss_check(live, optimizer)
+    double_decay_check(live, optimizer)
 
 
 # The optimizers each collection has been checked against for double decay: once each.

@@ -47,6 +47,7 @@ def restorable(replaced: list[Undo], entry: Entry) -> list[Undo]:
 class _Registry(Protocol):
     def _discard(self, entry: Entry) -> Undo | None: ...
     def _restore(self, record: Undo) -> None: ...
+    def settle(self) -> None: ...
     def _names(self) -> dict[Entry, str]: ...
 
 
@@ -108,7 +109,10 @@ class Handle:
                     registry._restore(old)
             else:
                 record.retired = True
+        registries = {id(r): r for r, _ in self._added}
         self._added = []
+        for registry in registries.values():
+            registry.settle()
         if self._on_remove is not None:
             on_remove, self._on_remove = self._on_remove, None
             on_remove()

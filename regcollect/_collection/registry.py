@@ -25,26 +25,10 @@ from .._optim import following as _following
 from .._penalties.kernel import kernel_of
 from ..regularizers import Regularizer
 from .activity import Activity
-from .entries import ACTIVITY, TENSOR, WEIGHT, Entry, tied_name, unique_names
+from .entries import ACTIVITY, TENSOR, WEIGHT, Entry, parametrized_tensors, tied_name, unique_names
 from .handle import Handle, Undo, restorable
 
-__all__ = ["Registry", "parametrized_tensors"]
-
-
-def parametrized_tensors(module: torch.nn.Module, name: str) -> list[tuple[torch.nn.Module, str]]:
-    """Where ``module``'s parameter ``name`` lives once parametrized: ``(owner, parameter)``
-    pairs of ``parametrizations.<name>.original*`` (``torch.nn.utils.parametrize``) or of the
-    hook-based ``<name>_orig`` (spectral_norm) / ``<name>_g``, ``<name>_v`` (weight_norm)."""
-    lists = module._modules.get("parametrizations")
-    holder = lists._modules.get(name) if lists is not None else None
-    if holder is not None:
-        return [(holder, n) for n, p in holder._parameters.items() if p is not None]
-    found = [
-        n
-        for n in (f"{name}_orig", f"{name}_g", f"{name}_v")
-        if module._parameters.get(n) is not None
-    ]
-    return [(module, n) for n in found]
+__all__ = ["Registry"]
 
 
 def _compile_scope(pattern: str) -> Any:
@@ -73,9 +57,13 @@ class Registry:
     Args:
         on_register: Called at every registration (the collection installs its
             optimizer-step hook with the first).
+        on_empty: Called, outside the lock, when removals leave it empty (the collection
+            takes out the process-wide hooks when no collection needs them).
     """
 
-    def __init__(self, on_register: Callable[[], None]) -> None:
+    def __init__(
+        self, on_register: Callable[[], None], on_empty: Callable[[], None] = lambda: None
+    ) -> None:
         self.lock = _locks.RLock()
         self._entries: dict[tuple[Any, ...], Entry] = {}
         # The undo record of each registered entry, by the same keys.
@@ -90,6 +78,7 @@ class Registry:
         # The activity entries' penalties of the current forward pass, and their hooks.
         self.activity = Activity(self)
         self._on_register = on_register
+        self._on_empty = on_empty
 
     def __len__(self) -> int:
         with self.lock:
@@ -346,7 +335,8 @@ class Registry:
             self._detach_all(doomed)  # the activity hooks: one rebuild for all
             for entry in doomed:
                 self._discard(entry)
-            return len(doomed)
+        self.settle()
+        return len(doomed)
 
     def clear(self) -> None:
         """Remove every entry and every recorded activity penalty; start over as if new."""
@@ -360,6 +350,12 @@ class Registry:
             self._by_tensor.clear()
             self.activity.clear()
             self._changed()
+        self.settle()
+
+    def settle(self) -> None:
+        """After removals (called outside the lock): empty, say so (``on_empty``)."""
+        if not len(self):
+            self._on_empty()
 
     # -- names and scopes --
 

@@ -5,8 +5,6 @@ no break. The collection evaluates it as it evaluates a cached one (``Collection
 
 from __future__ import annotations
 
-import torch
-
 from .._checks import ScopeArg, check_scope
 from .._distributed.seam import engine_in_parts
 from .._engine.plan import Plan
@@ -38,11 +36,14 @@ def traced_view(registry: Registry, scope: ScopeArg, held: set[int]) -> View | N
         in_scope = [in_scope[i] for i in found]
     candidates = [e for e in in_scope if e.kind != ACTIVITY]
     current = traced_tensors(candidates)
-    positions = choose(candidates, current)
-    tensors: list[torch.Tensor] = [t for i in positions if (t := current[i]) is not None]
-    entries = [candidates[i] for i in positions]
+    entries, tensors = [], []
+    for i in choose(candidates, current):  # a loop: dynamo before torch 2.7 misreads a walrus
+        tensor = current[i]
+        if tensor is not None:
+            entries.append(candidates[i])
+            tensors.append(tensor)
     return View(
-        plan=Plan(tensors, applied(entries), no_grad=held),
+        plan=Plan(tensors, applied(entries), lambda i: repr(entries[i].name), no_grad=held),
         entries=entries,
         in_scope=in_scope,
         activity=[e for e in in_scope if e.kind == ACTIVITY],

@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .. import _naming
 from .._torch_compat import in_backward
-from .placement import PLAIN, Adapter, Placed, Placement, by_type
+from .placement import Adapter, Placed, Placement, by_type
 
 __all__ = ["DDPAdapter", "joined"]
 
@@ -99,7 +99,10 @@ class DDPAdapter(Adapter):
         name: str | None,
         describe: Callable[[], str],
     ) -> Placed | None:
-        if tensor is None or module is None or name is None or by_type(tensor) is not PLAIN:
+        if tensor is None or module is None or name is None:
+            return None
+        default = by_type(tensor)
+        if default.refused:
             return None
         ddp = next(
             (m for m in _naming.ancestors(module) if isinstance(m, DistributedDataParallel)), None
@@ -107,4 +110,6 @@ class DDPAdapter(Adapter):
         if ddp is None:
             return None
         route = partial(_routed, weakref.ref(ddp))
-        return tensor, Placement("ddp", self.engine, local=route, whole=route, plain=True)
+        return tensor, Placement(
+            "ddp", self.engine, local=route, whole=route, plain=default.plain, needs_local=True
+        )

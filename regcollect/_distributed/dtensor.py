@@ -132,6 +132,7 @@ class DTensorAdapter(Adapter):
             "dtensor",
             self.engine,
             local=_local,
+            needs_local=True,
             reduce_over=reduce_over(tensor),
             whole=_whole,
             steps=steps_shards,

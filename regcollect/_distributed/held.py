@@ -153,6 +153,7 @@ class Part:
             "held",
             self.held.engine,
             local=lambda _: self.current(),
+            needs_local=True,
             reduce_over=self.held.over,
             whole=None,
             holder=self.held._param(),

@@ -61,6 +61,9 @@ class Placement:
     refused: str = ""
     # The engine's parameter holding a tensor gone from its module (an FSDP1 flat parameter).
     holder: torch.Tensor | None = None
+    # Whether ``local`` is more than the identity: a plain field, not a comparison of
+    # functions, which dynamo before torch 2.7 cannot fold into a constant while it traces.
+    needs_local: bool = False
     # Whether the attached step's math of the given terms, applied to the local values, is
     # the whole tensor's (a DTensor's rule, by its placements); None: ``elementwise`` decides.
     steps: Callable[[torch.Tensor, Sequence[Any]], bool] | None = None
@@ -71,15 +74,18 @@ class Placement:
         attached step's elementwise math applies to the local values as they are)."""
         return self.reduce_over is not None and not self.refused
 
-    @property
-    def needs_local(self) -> bool:
-        return self.local is not identity
-
 
 # A Tensor or Parameter (or a subclass of Parameter that only tags it): all here, stackable.
 PLAIN = Placement("plain", plain=True)
-# A subclass with a __torch_function__ of its own: all here, computed on its own.
+# A subclass with a __torch_function__ (or, in one process, a __torch_dispatch__) of its own:
+# all here, not stacked with other tensors.
 TAGGED = Placement("tagged")
+
+
+def _several_ranks() -> bool:
+    dist = torch.distributed
+    return bool(dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
+
 
 # A tensor stand-in and where its values are; None for an entry with no tensor now.
 Placed = tuple[torch.Tensor, Placement]
@@ -92,15 +98,17 @@ def by_type(x: torch.Tensor) -> Placement:
     """The placement of a tensor no engine's adapter recognises, from its class alone.
 
     ``Tensor`` and ``Parameter``, and subclasses of ``Parameter`` that only tag it: ``PLAIN``.
-    A subclass with a ``__torch_function__`` of its own computes on its own values: ``TAGGED``.
-    A subclass with a ``__torch_dispatch__`` of its own (a wrapper subclass, as DTensor is)
-    decides itself what its values are, and whether this rank holds them all cannot be told:
-    refused, never computed on one rank's values as if they were the whole.
+    A subclass with a ``__torch_function__`` of its own holds its values here but is not
+    stacked with others: ``TAGGED``. A subclass with a ``__torch_dispatch__`` of its own (a
+    wrapper subclass, as DTensor is) decides itself what its values are: in one process they
+    are all here (torch's own FakeTensor under ``torch.export``, a MaskedTensor), but with
+    several ranks whether this one holds them all cannot be told, and it is refused, never
+    computed on one rank's values as if they were the whole.
     """
     cls = type(x)
     if cls is torch.Tensor or cls is torch.nn.Parameter:
         return PLAIN
-    if cls.__torch_dispatch__ is not _NO_DISPATCH:
+    if cls.__torch_dispatch__ is not _NO_DISPATCH and _several_ranks():
         return Placement(
             "refused",
             cls.__name__,
@@ -115,6 +123,8 @@ def by_type(x: torch.Tensor) -> Placement:
             ),
         )
     function = cls.__torch_function__
+    if cls.__torch_dispatch__ is not _NO_DISPATCH:
+        return TAGGED
     if issubclass(cls, torch.nn.Parameter) and getattr(function, "__func__", function) is (
         _NO_FUNCTION
     ):

@@ -92,7 +92,12 @@ def engine_in_parts(
 ) -> str | None:
     """The engine holding ``module``'s parameter ``name`` (now ``tensor``) in parts that no
     rank gathers for a penalty, for messages; None when none does."""
-    return next((e for a in ADAPTERS if (e := a.in_parts(tensor, module, name)) is not None), None)
+    # Loops, not next() with a default: dynamo before torch 2.7 cannot trace that.
+    for adapter in ADAPTERS:
+        engine = adapter.in_parts(tensor, module, name)
+        if engine is not None:
+            return engine
+    return None
 
 
 def holds(module: torch.nn.Module, name: str) -> bool:
@@ -131,15 +136,21 @@ def stepped(optimizer: Any) -> Any:
 def refuse_step(optimizer: Any) -> str | None:
     """Why the attached step cannot apply penalties through ``optimizer`` (an engine's
     optimizer holding flat copies of the parameters), or None."""
-    return next((m for a in ADAPTERS if (m := a.refuse_step(optimizer)) is not None), None)
+    for adapter in ADAPTERS:
+        message = adapter.refuse_step(optimizer)
+        if message is not None:
+            return message
+    return None
 
 
 def unstepped(tensor: torch.Tensor, regularizer: object, terms: Sequence[Any]) -> str | None:
     """Why a decoupled step cannot apply ``regularizer`` to ``tensor`` exactly (the end of an
     error naming the parameter), when an engine's rule says so; else None."""
-    return next(
-        (m for a in ADAPTERS if (m := a.unstepped(tensor, regularizer, terms)) is not None), None
-    )
+    for adapter in ADAPTERS:
+        message = adapter.unstepped(tensor, regularizer, terms)
+        if message is not None:
+            return message
+    return None
 
 
 def stepped_twins(modules: Sequence[torch.nn.Module]) -> dict[int, torch.Tensor]:

@@ -106,7 +106,7 @@ class Plan:
         self.regularizers = list(regularizers)
         self.no_grad = frozenset(no_grad)
         # Names the tensor in error messages; called only when a regularizer fails.
-        self.describe = describe or (lambda i: f"tensor {i}")
+        self.describe = describe if describe is not None else (lambda i: f"tensor {i}")
         # Where each tensor's values are: plain tensors go straight to the kernels; the others
         # contribute their local values, taken through the placement at every call so that
         # gradients reach the parameter by the engine's route.
@@ -115,6 +115,7 @@ class Plan:
         )
         groups: dict[tuple[Any, ...], list[int]] = {}
         batched: dict[tuple[Any, ...], list[int]] = {}
+        self._coefs: dict[Any, Coefficient] = {}  # a group key's coefficient part -> it
         self.fallback: list[int] = []
         self.fallback_detached: set[int] = set()
         for i, (x, reg, where) in enumerate(zip(self.tensors, self.regularizers, self.placements)):
@@ -124,8 +125,9 @@ class Plan:
             if terms is None or not where.elementwise:
                 self._place_other(i, x, reg, id(x) in no_grad, batched)
             else:
-                for key in _group_keys(x, where, terms, id(x) in no_grad):
+                for key, coef in _group_keys(x, where, terms, id(x) in no_grad):
                     groups.setdefault(key, []).append(i)
+                    self._coefs[key[1]] = coef
         self.groups = self._make_groups(groups)
         self.batches = [(k[0], idx, k[-1]) for k, idx in batched.items()]
         self.device = self.tensors[0].device if self.tensors else torch.device("cpu")
@@ -176,7 +178,7 @@ class Plan:
         return [
             _Group(
                 p,
-                coef,
+                self._coefs[coef],
                 idx,
                 [self.tensors[i] for i in idx],
                 [self.placements[i].local for i in idx] if local else None,
@@ -304,8 +306,8 @@ def _group_keys(
     where: Placement,
     terms: tuple[tuple[Term, Coefficient], ...],
     detached: bool,
-) -> list[tuple[Any, ...]]:
-    """The keys of the groups ``x``'s p-norm parts go into.
+) -> list[tuple[tuple[Any, ...], Coefficient]]:
+    """The keys of the groups ``x``'s p-norm parts go into, each with its coefficient.
 
     Zero terms are skipped, but a tensor whose terms are all zero (a lambda = 0 run of a
     sweep) keeps one, so that it stays in the graph with a zero gradient. Tensors whose
@@ -319,7 +321,16 @@ def _group_keys(
     # The value of a DDP parameter an optimizer applies needs no route: no gradient.
     local = where.kind if where.needs_local and not (detached and where.plain) else None
     key = (x.device, x.dtype, local, where.reduce_over, detached, shape)
-    return [(term.p, coef, *key) for term, coef in [t for t in terms if t[1]] or terms[:1]]
+    return [
+        ((term.p, _coef_key(coef), *key), coef)
+        for term, coef in [t for t in terms if t[1]] or terms[:1]
+    ]
+
+
+def _coef_key(coef: Coefficient) -> Any:
+    """A coefficient as a group key: a number itself, a schedule by identity (dynamo before
+    torch 2.7 cannot key a dict by an object while it traces)."""
+    return coef if type(coef) in (int, float) else ("schedule", id(coef))
 
 
 @dataclass

@@ -62,6 +62,12 @@ def follow(schedule: Schedule, user: Any) -> None:
     OPTIMIZER_STEP.add(_after_step)
 
 
+def release() -> None:
+    """Nothing is regularized any more: the schedules' clock leaves torch's step hooks."""
+    OPTIMIZER_STEP_PRE.discard(_before_step)
+    OPTIMIZER_STEP.discard(_after_step)
+
+
 def changed() -> None:
     """Something the schedules follow changed (an entry removed): recompute on next step."""
     FOLLOWING.version += 1

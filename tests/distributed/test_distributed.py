@@ -319,9 +319,25 @@ def test_zero_redundancy_optimizer_advances_a_schedule_once_per_step(
     assert r["param_diff"] < TOL
 
 
-def test_ddp_join_with_uneven_inputs_equals_weight_decay(report: dict[str, Any]) -> None:
+@pytest.mark.parametrize("scenario", ["ddp_join", "ddp_join_tagged"])
+def test_ddp_join_with_uneven_inputs_equals_weight_decay(
+    report: dict[str, Any], scenario: str
+) -> None:
     """On the step where one rank has run out of inputs, DDP averages gradients with its
-    zeros; the penalty's gradient goes around that average, as SGD(weight_decay) does."""
-    r = report["ddp_join"]
+    zeros; the penalty's gradient goes around that average, as SGD(weight_decay) does (also
+    for weights of a Parameter subclass with a __torch_function__ of its own)."""
+    r = report[scenario]
     assert "error" not in r, r.get("error")
     assert r["param_diff"] < TOL
+
+
+def test_an_unknown_sharded_tensor_is_refused_by_name_on_every_rank(
+    report: dict[str, Any],
+) -> None:
+    """A wrapper subclass no adapter knows, with several ranks: refused naming the entry, not
+    computed on the rows one rank holds."""
+    r = report["unknown_sharded_refused"]
+    assert "error" not in r, r.get("error")
+    text = r["error_text"]
+    assert text is not None and "'0.weight'" in text and "PartOfRows" in text
+    assert "no regcollect engine adapter knows" in text

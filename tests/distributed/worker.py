@@ -509,10 +509,53 @@ def zero_redundancy_schedule() -> dict[str, Any]:
     }
 
 
-def ddp_join(regcollect_penalty: bool) -> dict[str, Any]:
+class TaggedParameter(torch.nn.Parameter):
+    """A Parameter subclass with a ``__torch_function__`` of its own (its values all here)."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+class PartOfRows(torch.Tensor):
+    """A sharded tensor nobody taught regcollect about: a wrapper subclass holding some rows."""
+
+    @staticmethod
+    def __new__(cls, local: torch.Tensor, rows: int) -> Any:
+        out = torch.Tensor._make_wrapper_subclass(
+            cls, (rows, *local.shape[1:]), dtype=local.dtype, requires_grad=local.requires_grad
+        )
+        out.local = local
+        return out
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func is torch.ops.aten.detach.default:
+            return PartOfRows(args[0].local.detach(), args[0].shape[0])
+        unwrap = lambda x: x.local if isinstance(x, PartOfRows) else x  # noqa: E731
+        args = torch.utils._pytree.tree_map(unwrap, args)
+        return func(*args, **torch.utils._pytree.tree_map(unwrap, kwargs or {}))
+
+
+def unknown_sharded_refused() -> dict[str, Any]:
+    """A parameter of an unknown sharded-tensor class: refused by name on every rank (one
+    process holding the rows it holds would give a per-rank penalty)."""
+    coll = rc.Collection()
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    model[0].weight = torch.nn.Parameter(PartOfRows(torch.randn(2, 4), 4))
+    rc.regularize(model, kernel=rc.l2(0.1), bias=None, collection=coll)
+    try:
+        coll.loss()
+    except ValueError as exc:
+        return {"error_text": str(exc)}
+    return {"error_text": None}
+
+
+def ddp_join(regcollect_penalty: bool, tagged: bool = False) -> dict[str, Any]:
     """DDP under ``Join`` with uneven inputs (rank 0: 3 batches, rank 1: 2): the rank that ran
     out shadows the last step's all-reduce with zeros. ``rc.l2(wd / 2)`` in the loss against
-    ``SGD(weight_decay=wd)`` (applied in each rank's step, never averaged)."""
+    ``SGD(weight_decay=wd)`` (applied in each rank's step, never averaged). ``tagged``: the
+    weights are a Parameter subclass with a ``__torch_function__`` of its own."""
     from torch.distributed.algorithms.join import Join
 
     wd = 0.5
@@ -524,6 +567,10 @@ def ddp_join(regcollect_penalty: bool) -> dict[str, Any]:
     ]
     coll = rc.Collection()
     model = build(None)
+    if tagged:
+        for layer in model.modules():
+            if isinstance(layer, torch.nn.Linear):
+                layer.weight = TaggedParameter(layer.weight.detach().clone())
     if regcollect_penalty:
         rc.regularize(model, kernel=rc.l2(wd / 2), bias=rc.l2(wd / 2), collection=coll)
     ddp = DDP(model)
@@ -540,9 +587,9 @@ def ddp_join(regcollect_penalty: bool) -> dict[str, Any]:
     return {"params": {k: v.tolist() for k, v in full_state(ddp).items()}}
 
 
-def ddp_join_against_weight_decay() -> dict[str, Any]:
-    ours = ddp_join(True)["params"]
-    want = ddp_join(False)["params"]
+def ddp_join_against_weight_decay(tagged: bool = False) -> dict[str, Any]:
+    ours = ddp_join(True, tagged)["params"]
+    want = ddp_join(False, tagged)["params"]
     diff = max(float((torch.tensor(ours[k]) - torch.tensor(want[k])).abs().max()) for k in want)
     return {"param_diff": diff}
 
@@ -551,6 +598,8 @@ SCENARIOS: dict[str, Callable[[], dict[str, Any]]] = {
     "replicated_beside_plain": replicated_beside_plain,
     "zero_redundancy_schedule": zero_redundancy_schedule,
     "ddp_join": ddp_join_against_weight_decay,
+    "ddp_join_tagged": lambda: ddp_join_against_weight_decay(tagged=True),
+    "unknown_sharded_refused": unknown_sharded_refused,
     "ddp": lambda: compare(DDP),
     "ddp_find_unused": lambda: compare(ddp_find_unused),
     "ddp_penalty_only_param": lambda: compare(DDP, side=True),
