@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .._engine.plan import Plan
+from .._engine.plan import Plan, elementwise_terms
 from .._penalties.base import Regularizer
 from .._penalties.kernel import kernel_of
 from .entries import ACTIVITY, TENSOR, Entry, current_tensors, tied_name
@@ -192,6 +192,7 @@ class PlanCache:
                 # Every rank lays out the same sharded tensors, trained here or not.
                 registered=placed,
                 describe_registered=describe(candidates),
+                registered_terms=[elementwise_terms(e.regularizer) for e in candidates],
                 no_grad=no_grad() if no_grad is not None else frozenset(),
             ),
             entries=entries,

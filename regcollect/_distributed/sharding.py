@@ -32,9 +32,10 @@ __all__ = ["GroupAxis", "Layout", "ShardedGroup", "all_reduce", "layouts"]
 
 
 class ShardedGroup(Protocol):
-    """What a layout reads of a plan's group."""
+    """What a layout reads of a plan's group: for each of its tensors, the plan index and the
+    position of the group's term among that tensor's elementwise terms."""
 
-    p: int
+    positions: list[int]
     indices: list[int]
     tensors: list[torch.Tensor]
     reduce_over: tuple[Any, ...]
@@ -43,8 +44,10 @@ class ShardedGroup(Protocol):
 class Layout:
     """The all-reduce vector of one set of mesh dimensions, the same on every rank.
 
-    Three slots per sharded tensor registered (trained on this rank or not), in registration
-    order: its L1 and L2 partial values, and 1 if this rank trains it. After the all-reduce,
+    ``width + 1`` slots per sharded tensor registered (trained on this rank or not), in
+    registration order: the partial value of each of its elementwise terms (``width``: the
+    most any of them has, the same on every rank, since every rank registers the same
+    penalties), and 1 if this rank trains it. After the all-reduce,
     a count other than 0 or the number of ranks means the ranks disagree on what they
     regularize (a parameter frozen on some ranks only); ``check`` raises then, on every
     rank at once, instead of letting the next collective hang.
@@ -58,6 +61,7 @@ class Layout:
         reduce_over: tuple[Any, ...],
         describe: Callable[[int], str],
         registered_index: list[int],
+        width: int,
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
@@ -66,28 +70,30 @@ class Layout:
         for mesh, dim in reduce_over:
             self.ranks *= mesh.size(dim)
         self.describe, self.registered_index = describe, registered_index
-        flags = torch.zeros(3 * len(registered), dtype=dtype)
+        self.width = stride = width + 1
+        flags = torch.zeros(stride * len(registered), dtype=dtype)
         for x in registered:
             if id(x) in here:
-                flags[3 * slot[id(x)] + 2] = 1.0
+                flags[stride * slot[id(x)] + width] = 1.0
         self.flags = flags.to(device)
         self.values = torch.tensor(
-            [3 * i + k for i in range(len(registered)) for k in (0, 1)], device=device
+            [stride * i + k for i in range(len(registered)) for k in range(width)],
+            device=device,
+            dtype=torch.long,
         )
         self.slots: dict[int, torch.Tensor] = {}
         used: dict[int, int] = {}  # value slot -> the plan index of its tensor
         for g in groups:
             if g.reduce_over != reduce_over:
                 continue
-            offset = 0 if g.p == 1 else 1
-            positions = [3 * slot[id(x)] + offset for x in g.tensors]
+            positions = [stride * slot[id(x)] + k for x, k in zip(g.tensors, g.positions)]
             self.slots[id(g)] = torch.tensor(positions, device=device)
             used.update(zip(positions, g.indices))
         self.part_slots = torch.tensor(sorted(used), device=device, dtype=torch.long)
         self.part_indices = [used[p] for p in sorted(used)]
 
     def check(self, full: torch.Tensor) -> None:
-        counts = full[2::3]
+        counts = full[self.width - 1 :: self.width]
         bad = (counts != 0) & (counts != self.ranks)
         if is_compiling() or counts.device.type != "cpu":
             # No host synchronisation on a GPU: the check runs on the device.
@@ -116,11 +122,13 @@ def layouts(
     tensors: list[torch.Tensor],
     groups: Sequence[ShardedGroup],
     registered: Sequence[Placed | None],
+    terms: Sequence[int],
     describe: Callable[[int], str],
     dtype: torch.dtype,
 ) -> dict[tuple[Any, ...], Layout]:
     """One ``Layout`` per set of mesh dimensions that sharded tensors reduce over, from every
-    tensor registered (``(tensor, placement)``; None: none now)."""
+    tensor registered (``(tensor, placement)``; None: none now) and the number of elementwise
+    terms of its penalty (``terms``)."""
     here = {id(x): i for i, x in enumerate(tensors)}
     by_key: dict[tuple[Any, ...], tuple[list[torch.Tensor], list[int]]] = {}
     seen: set[int] = set()
@@ -136,7 +144,17 @@ def layouts(
             listed.append(x)
             index.append(i)
     return {
-        key: Layout(listed, here, groups, key, describe, index, dtype, listed[0].device)
+        key: Layout(
+            listed,
+            here,
+            groups,
+            key,
+            describe,
+            index,
+            max(terms[i] for i in index),
+            dtype,
+            listed[0].device,
+        )
         for key, (listed, index) in by_key.items()
     }
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -36,7 +36,7 @@ from .._penalties.base import Coefficient, Regularizer, Term, accumulation_dtype
 from .._penalties.kernel import kernel_of
 from .._penalties.kernels import group_penalty, group_value
 
-__all__ = ["Plan", "Result", "group_penalty", "powers", "steppable"]
+__all__ = ["Plan", "Result", "elementwise_terms", "group_penalty", "powers", "steppable"]
 
 
 def steppable(x: torch.Tensor, reg: Regularizer) -> bool:
@@ -54,6 +54,12 @@ def steppable(x: torch.Tensor, reg: Regularizer) -> bool:
     if all(term.local for term, _ in terms):  # elementwise: each shard as it is
         return placement.elementwise
     return placement.plain
+
+
+def elementwise_terms(reg: Regularizer) -> int:
+    """How many elementwise-sum parts ``reg`` has (its slots in an all-reduce layout)."""
+    terms = powers(reg)
+    return len(terms) if terms else 0
 
 
 def powers(reg: Regularizer) -> tuple[tuple[Term, Coefficient], ...] | None:
@@ -94,6 +100,7 @@ class Plan:
         describe: Callable[[int], str] | None = None,
         registered: Sequence[Placed | None] | None = None,
         describe_registered: Callable[[int], str] | None = None,
+        registered_terms: Sequence[int] | None = None,
         no_grad: set[int] | frozenset[int] = frozenset(),
         placements: Sequence[Placement] | None = None,
     ):
@@ -113,7 +120,8 @@ class Plan:
         self.placements = (
             list(placements) if placements is not None else list(map(placement_of, tensors))
         )
-        groups: dict[tuple[Any, ...], list[int]] = {}
+        # Per group key, (plan index, position of the key's term among the tensor's terms).
+        groups: dict[tuple[Any, ...], list[tuple[int, int]]] = {}
         batched: dict[tuple[Any, ...], list[int]] = {}
         self._coefs: dict[Any, Coefficient] = {}  # a group key's coefficient part -> it
         self.fallback: list[int] = []
@@ -125,8 +133,8 @@ class Plan:
             if terms is None or not where.elementwise:
                 self._place_other(i, x, reg, id(x) in no_grad, batched)
             else:
-                for key, coef in _group_keys(x, where, terms, id(x) in no_grad):
-                    groups.setdefault(key, []).append(i)
+                for key, coef, position in _group_keys(x, where, terms, id(x) in no_grad):
+                    groups.setdefault(key, []).append((i, position))
                     self._coefs[key[1]] = coef
         self.groups = self._make_groups(groups)
         self.batches = [(k[0], idx, k[-1]) for k, idx in batched.items()]
@@ -138,6 +146,9 @@ class Plan:
             self.tensors,
             self.groups,
             list(zip(self.tensors, self.placements)) if registered is None else registered,
+            list(map(elementwise_terms, self.regularizers))
+            if registered_terms is None
+            else registered_terms,
             describe_registered or self.describe,
             self.dtype,
         )
@@ -166,27 +177,28 @@ class Plan:
         else:
             batched.setdefault((kernel, key, x.device, x.dtype, detached), []).append(i)
 
-    def _make_groups(self, groups: dict[tuple[Any, ...], list[int]]) -> list[_Group]:
+    def _make_groups(self, groups: dict[tuple[Any, ...], list[tuple[int, int]]]) -> list[_Group]:
         """The grouped kernels' groups. Stacking pays for its extra node only with enough
         tensors of one shape; fewer go back to the group's foreach node, so the node count
         stays bounded."""
-        merged: dict[tuple[Any, ...], list[int]] = {}
-        for key, idx in groups.items():
-            if key[-1] is not None and len(idx) < _STACK_MIN:
+        merged: dict[tuple[Any, ...], list[tuple[int, int]]] = {}
+        for key, members in groups.items():
+            if key[-1] is not None and len(members) < _STACK_MIN:
                 key = (*key[:-1], None)
-            merged.setdefault(key, []).extend(idx)
+            merged.setdefault(key, []).extend(members)
         return [
             _Group(
                 p,
                 self._coefs[coef],
-                idx,
-                [self.tensors[i] for i in idx],
-                [self.placements[i].local for i in idx] if local else None,
+                [i for i, _ in members],
+                [self.tensors[i] for i, _ in members],
+                [self.placements[i].local for i, _ in members] if local else None,
                 reduce_over,
                 shape is not None,
                 detached,
+                [k for _, k in members],
             )
-            for ((p, coef, _, _, local, reduce_over, detached, shape), idx) in merged.items()
+            for ((p, coef, _, _, local, reduce_over, detached, shape), members) in merged.items()
         ]
 
     def split(self) -> list[Plan]:
@@ -306,8 +318,9 @@ def _group_keys(
     where: Placement,
     terms: tuple[tuple[Term, Coefficient], ...],
     detached: bool,
-) -> list[tuple[tuple[Any, ...], Coefficient]]:
-    """The keys of the groups ``x``'s p-norm parts go into, each with its coefficient.
+) -> list[tuple[tuple[Any, ...], Coefficient, int]]:
+    """The keys of the groups ``x``'s p-norm parts go into, each with its coefficient and the
+    part's position among ``x``'s (its slot in an all-reduce layout).
 
     Zero terms are skipped, but a tensor whose terms are all zero (a lambda = 0 run of a
     sweep) keeps one, so that it stays in the graph with a zero gradient. Tensors whose
@@ -321,10 +334,8 @@ def _group_keys(
     # The value of a DDP parameter an optimizer applies needs no route: no gradient.
     local = where.kind if where.needs_local and not (detached and where.plain) else None
     key = (x.device, x.dtype, local, where.reduce_over, detached, shape)
-    return [
-        ((term.p, _coef_key(coef), *key), coef)
-        for term, coef in [t for t in terms if t[1]] or terms[:1]
-    ]
+    kept = [(k, t) for k, t in enumerate(terms) if t[1]] or [(0, terms[0])]
+    return [((term.p, _coef_key(coef), *key), coef, k) for k, (term, coef) in kept]
 
 
 def _coef_key(coef: Coefficient) -> Any:
@@ -348,6 +359,8 @@ class _Group:
     stacked: bool
     # Applied by an optimizer (attach_optimizer): the value only, no autograd node.
     detached: bool = False
+    # Per tensor, the position of this group's term among the tensor's elementwise terms.
+    positions: list[int] = field(default_factory=list)
 
 
 # Stacking small CPU tensors: at most this many bytes each, at least this many of one shape.

@@ -42,6 +42,7 @@ EXACT = [
     "fsdp2_root_only",
     "fsdp2_orthogonal",
     "fsdp2_custom",
+    "fsdp2_three_terms",
     "ddp_l2sp",
     "fsdp2_l2sp",
     "ddp_group_lasso",

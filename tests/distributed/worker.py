@@ -36,6 +36,36 @@ STEPS, BATCH, LR = 4, 8, 0.1
 Wrap = Callable[[torch.nn.Module], torch.nn.Module]
 
 
+class ThreeTerms(rc.Regularizer):
+    """``a * sum|x| + b * sum(x**2) + c * sum|x|``: three elementwise parts, two of one
+    exponent, with a kernel defined here (a custom penalty made of the built-in terms)."""
+
+    def __init__(self, a: float = 1e-3, b: float = 1e-2, c: float = 2e-3) -> None:
+        self.a, self.b, self.c = a, b, c
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a * x.abs().sum() + self.b * (x * x).sum() + self.c * x.abs().sum()
+
+    def get_config(self) -> dict[str, Any]:
+        return {"a": self.a, "b": self.b, "c": self.c}
+
+
+def _three_terms_kernel() -> None:
+    from regcollect._penalties.kernel import Kernel, kernel_of, register_kernel
+
+    l1 = kernel_of(rc.l1(1.0)).terms(rc.l1(1.0))[0][0]
+    l2 = kernel_of(rc.l2(1.0)).terms(rc.l2(1.0))[0][0]
+
+    class ThreeKernel(Kernel):
+        def terms(self, reg: Any) -> tuple[Any, ...]:
+            return ((l1, reg.a), (l2, reg.b), (l1, reg.c))
+
+    register_kernel(ThreeTerms, ThreeKernel())
+
+
+_three_terms_kernel()
+
+
 def build(coll: rc.Collection | None, *, middle: str = "l1_l2", side: bool = False) -> Any:
     """The test MLP. ``coll=None`` builds plain torch layers (for ``rc.regularize``).
 
@@ -46,6 +76,7 @@ def build(coll: rc.Collection | None, *, middle: str = "l1_l2", side: bool = Fal
     torch.manual_seed(0)
     regs: dict[str, Any] = {
         "l1_l2": rc.l1_l2(l1=1e-3, l2=1e-2),
+        "three_terms": ThreeTerms(),
         "orthogonal": rc.orthogonal(0.5),
         "custom": rc.regularizers.get(lambda w: 0.05 * (w.sum(dim=1) ** 2).sum()),
         "l2sp": rc.L2SP(0.5),
@@ -614,6 +645,8 @@ SCENARIOS: dict[str, Callable[[], dict[str, Any]]] = {
     "fsdp2_root_only": lambda: compare(root_only),
     "fsdp2_orthogonal": lambda: compare(fsdp, middle="orthogonal"),
     "fsdp2_custom": lambda: compare(fsdp, middle="custom"),
+    # Completed by elementwise part, whatever their exponents: three slots, not one per p.
+    "fsdp2_three_terms": lambda: compare(fsdp, middle="three_terms"),
     "ddp_l2sp": lambda: compare(DDP, middle="l2sp"),
     "fsdp2_l2sp": lambda: compare(fsdp, middle="l2sp"),
     "ddp_group_lasso": lambda: compare(DDP, middle="group_lasso"),
