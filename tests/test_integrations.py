@@ -184,9 +184,44 @@ def test_transformers_trainer_adds_the_penalty_once_per_step(kind, tmp_path, tin
         # two micro-batches of 4 = one batch of 8: the penalty counted once per step
         assert torch.allclose(accumulated[name], hand[name], atol=1e-5), name
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
-    assert logged and "reg/total" in logged[-1]
-    assert logged[-1]["reg/total"] > 0
-    assert any(key.startswith("reg/") and key != "reg/total" for key in logged[-1])
+    assert logged and logged[-1]["reg/total"] > 0
+    # The default log is compact: the total alone.
+    assert [key for key in logged[-1] if key.startswith("reg/")] == ["reg/total"]
+
+
+def test_the_trainer_logs_the_total_per_module_or_per_parameter():
+    """``regularization_log`` picks what a training log gets: the values of the last loss()."""
+    transformers = pytest.importorskip("transformers")
+    from regcollect.integrations.transformers import RegularizationMixin
+
+    class Logging:  # stands for the Trainer: what the mixin's log() hands on
+        def __init__(self, model):
+            self.model, self.logged = model, None
+
+        def log(self, logs):
+            self.logged = logs
+
+    class Trainer(RegularizationMixin, Logging):
+        pass
+
+    del transformers
+    coll = rc.Collection()
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1))
+    rc.regularize(model, kernel=rc.l2(0.1), bias=rc.l1(0.2), collection=coll)
+    coll.loss(model)
+    want = coll.penalties(model)
+    by_mode = {}
+    for mode in ("total", "per_module", "per_parameter"):
+        trainer = Trainer(model, regularization_collection=coll, regularization_log=mode)
+        trainer.log({"loss": 1.0})
+        by_mode[mode] = trainer.logged
+    assert by_mode["total"] == {"loss": 1.0, "reg/total": want["total"]}
+    assert by_mode["per_parameter"] == {"loss": 1.0, **{f"reg/{k}": v for k, v in want.items()}}
+    per_module = by_mode["per_module"]
+    assert set(per_module) == {"loss", "reg/0", "reg/2", "reg/total"}
+    assert per_module["reg/0"] == pytest.approx(want["0.weight"] + want["0.bias"])
+    with pytest.raises(ValueError, match="regularization_log must be one of"):
+        Trainer(model, regularization_collection=coll, regularization_log="all")
 
 
 @pytest.mark.parametrize("accumulation", [1, 2])

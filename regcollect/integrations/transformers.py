@@ -102,6 +102,29 @@ def regularize(
     return Handle.join([add_regularizer(model, n, regularizer, collection=coll) for n in names])
 
 
+_LOGS = ("total", "per_module", "per_parameter")
+
+
+def per_module(values: dict[str, float]) -> dict[str, float]:
+    """``penalties()``'s values added up per module: an entry ``"encoder.0.weight"`` (or an
+    activity entry ``"encoder.0:activity"``) counts for ``"encoder.0"``, a root parameter for
+    ``"(root)"``; ``"total"`` stays.
+
+    Examples:
+        >>> per_module({"0.weight": 1.0, "0.bias": 0.5, "2.weight": 2.0, "total": 3.5})
+        {'0': 1.5, '2': 2.0, 'total': 3.5}
+    """
+    out: dict[str, float] = {}
+    for name, value in values.items():
+        if name == "total":
+            continue
+        module = name.partition(":")[0] if ":" in name else name.rpartition(".")[0]
+        key = module or "(root)"
+        out[key] = out.get(key, 0.0) + value
+    out["total"] = values["total"]
+    return out
+
+
 class RegularizationMixin:
     """Adds ``collection.loss(model)`` to the training loss and the penalties to the logs.
 
@@ -111,8 +134,11 @@ class RegularizationMixin:
       divided here, so that the accumulated micro-batches add up to one penalty either way.
     - **Training only.** Evaluation losses stay the data loss, as before (the model is in
       eval mode there; activity penalties are not recorded under ``no_grad``).
-    - **Logs**: every time the Trainer logs the training loss, ``{prefix}{entry}`` and
-      ``{prefix}total`` from the last ``loss()`` are added (one device-to-host copy).
+    - **Logs**: every time the Trainer logs the training loss, the penalties of the last
+      ``loss()`` are added (one device-to-host copy): ``{prefix}total`` alone
+      (``regularization_log="total"``, the default), with one ``{prefix}{module}`` per module
+      holding penalties (``"per_module"``), or with one ``{prefix}{entry}`` per regularized
+      tensor (``"per_parameter"``: a dozen keys per transformer layer).
 
     - **In the optimizer step**, with ``regularization_in_step="coupled"`` or
       ``"decoupled"``: the Trainer's optimizer is attached when it is created
@@ -124,13 +150,16 @@ class RegularizationMixin:
         *args: The wrapped Trainer's positional arguments.
         regularization_collection: the collection to use (default: the active one).
         regularization_log_prefix: prefix of the logged penalty names (default ``"reg/"``).
+        regularization_log: ``"total"`` (default), ``"per_module"`` or ``"per_parameter"``:
+            what the logs get of the penalties.
         regularization_in_step: None (the penalty in the loss), ``"coupled"`` or
             ``"decoupled"`` (applied by the Trainer's optimizer, see ``rc.attach_optimizer``).
         **kwargs: The wrapped Trainer's keyword arguments.
 
     Raises:
         TypeError: ``regularization_log_prefix`` is not a string.
-        ValueError: ``regularization_in_step`` is not None, ``"coupled"`` or ``"decoupled"``.
+        ValueError: ``regularization_in_step`` is not None, ``"coupled"`` or ``"decoupled"``;
+            ``regularization_log`` is none of its values.
 
     Examples:
         >>> import transformers
@@ -147,6 +176,7 @@ class RegularizationMixin:
         regularization_collection: Collection | None = None,
         regularization_log_prefix: str = "reg/",
         regularization_in_step: str | None = None,
+        regularization_log: str = "total",
         **kwargs: Any,
     ) -> None:
         if not isinstance(regularization_log_prefix, str):
@@ -162,6 +192,12 @@ class RegularizationMixin:
         self.regularization_collection = active_collection(regularization_collection)
         self.regularization_log_prefix = regularization_log_prefix
         self.regularization_in_step = regularization_in_step
+        if regularization_log not in _LOGS:
+            raise ValueError(
+                f"regularization_log must be one of {', '.join(map(repr, _LOGS))}, "
+                f"got {regularization_log!r}"
+            )
+        self.regularization_log = regularization_log
         super().__init__(*args, **kwargs)
 
     def create_optimizer(self, *args: Any, **kwargs: Any) -> Any:
@@ -241,6 +277,10 @@ class RegularizationMixin:
             model = getattr(self, "model", None)
             scope = model if isinstance(model, torch.nn.Module) else None
             values = self.regularization_collection.penalties(scope)
+            if self.regularization_log == "total":
+                values = {"total": values["total"]}
+            elif self.regularization_log == "per_module":
+                values = per_module(values)
             prefix = self.regularization_log_prefix
             logs = {**logs, **{f"{prefix}{name}": value for name, value in values.items()}}
         super().log(logs, *args, **kwargs)  # type: ignore[misc]
@@ -255,11 +295,13 @@ class RegularizedTrainer(RegularizationMixin, transformers.Trainer):
         regularization_log_prefix: prefix of the logged penalty names (default ``"reg/"``).
         regularization_in_step: None (the penalty in the loss), ``"coupled"`` or
             ``"decoupled"`` (applied by the Trainer's optimizer).
+        regularization_log: ``"total"`` (default), ``"per_module"`` or ``"per_parameter"``.
         **kwargs: ``transformers.Trainer``'s keyword arguments.
 
     Raises:
         TypeError: ``regularization_log_prefix`` is not a string.
-        ValueError: ``regularization_in_step`` is not None, ``"coupled"`` or ``"decoupled"``.
+        ValueError: ``regularization_in_step`` is not None, ``"coupled"`` or ``"decoupled"``;
+            ``regularization_log`` is none of its values.
 
     Examples:
         >>> import regcollect as rc
