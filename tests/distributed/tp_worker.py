@@ -13,12 +13,8 @@ the same model in this process alone on the whole batch (the reference).
 
 from __future__ import annotations
 
-import datetime
 import io
-import json
-import os
 import sys
-import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -33,7 +29,7 @@ from torch.distributed.tensor.parallel import (
     SequenceParallel,
     parallelize_module,
 )
-from worker import everyone  # type: ignore[import-not-found]
+from worker import everyone, main  # type: ignore[import-not-found]
 
 import regcollect as rc
 
@@ -196,27 +192,5 @@ def scenarios() -> dict[str, Callable[[], dict[str, Any]]]:
     return out
 
 
-def main(path: str, names: list[str]) -> None:
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
-    torch.set_num_threads(1)
-    table = scenarios()
-    report: dict[str, Any] = {}
-    for name in names or table:
-        try:
-            report[name] = table[name]()
-        except Exception:
-            report[name] = {"error": traceback.format_exc()}
-        dist.barrier()
-    if dist.get_rank() == 0:
-        with open(path, "w") as f:
-            json.dump(report, f, indent=1)
-    dist.barrier()
-    dist.destroy_process_group()
-    # As worker.py: skip an interpreter teardown that gloo sometimes aborts.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2:])
+    main(sys.argv[1], sys.argv[2:], scenarios())

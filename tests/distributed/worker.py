@@ -720,13 +720,18 @@ SCENARIOS: dict[str, Callable[[], dict[str, Any]]] = {
 }
 
 
-def main(path: str, names: list[str]) -> None:
+def main(
+    path: str, names: list[str], table: dict[str, Callable[[], dict[str, Any]]] | None = None
+) -> None:
+    """Run the scenarios ``names`` (all when empty) of ``table`` (default: this file's) and
+    write rank 0's report to ``path``; ``tp_worker.py`` runs its own table through this."""
+    table = SCENARIOS if table is None else table
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     torch.set_num_threads(1)
     report: dict[str, Any] = {}
-    for name in names or SCENARIOS:
+    for name in names or table:
         try:
-            report[name] = SCENARIOS[name]()
+            report[name] = table[name]()
         except Exception:
             report[name] = {"error": traceback.format_exc()}
         dist.barrier()
