@@ -22,30 +22,15 @@ Scenarios (CPU, float32):
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from collections.abc import Callable
 
 import torch
+from timing import measure  # benchmarks/timing.py, beside this script
 
 import regcollect as rc
 
 WIDTH, DEPTH, BATCH, C = 256, 12, 64, 1e-4
-
-
-def measure(candidates: dict[str, Callable[[], object]], repeats: int, inner: int) -> dict:
-    """Median seconds per call of each candidate, repetitions interleaved between them."""
-    for fn in candidates.values():
-        for _ in range(3):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(repeats):
-        for name, fn in candidates.items():
-            start = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            times[name].append((time.perf_counter() - start) / inner)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def report(title: str, medians: dict[str, float], base: str) -> None:

@@ -31,40 +31,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 from collections.abc import Callable
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
 import torch
 from memory import peak_bytes  # benchmarks/memory.py, beside this script
+from timing import measure  # benchmarks/timing.py, beside this script
 
 import regcollect as rc
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def measure(
-    candidates: dict[str, Callable[[], object]], repeats: int, inner: int, device: torch.device
-) -> dict[str, float]:
-    """Median seconds per call of each candidate, repetitions interleaved between them."""
-    for fn in candidates.values():  # warm-up
-        for _ in range(3):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(repeats):
-        for name, fn in candidates.items():
-            sync(device)
-            start = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            sync(device)
-            times[name].append((time.perf_counter() - start) / inner)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def report(title: str, medians: dict[str, float], base: str) -> None:

@@ -23,13 +23,12 @@ Sections:
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import cast
 
 import torch
+from timing import measure  # benchmarks/timing.py, beside this script
 
 import regcollect as rc
 import regcollect._collection.plans as plans
@@ -223,21 +222,6 @@ def node_counts() -> None:
 
 
 # -- 3. time per call ------------------------------------------------------------------------
-
-
-def measure(candidates: dict[str, Callable[[], object]], repeats: int, inner: int) -> dict:
-    """Median seconds per call of each candidate, repetitions interleaved between them."""
-    for fn in candidates.values():  # warm-up
-        for _ in range(3):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(repeats):
-        for name, fn in candidates.items():
-            start = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            times[name].append((time.perf_counter() - start) / inner)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def call_times(repeats: int) -> None:
