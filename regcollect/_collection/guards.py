@@ -156,8 +156,11 @@ def release() -> None:
     the process, come out; registering again puts them back. The module-registration hook
     stays once in: the parent links it records while nothing is regularized name the layers of
     models built then (a block whose ModuleList is attached before its layers are made)."""
-    if any(len(coll) for coll in list(COLLECTIONS.live)):
-        return
+    if not any(len(coll) for coll in list(COLLECTIONS.live)):
+        _take_out()
+
+
+def _take_out() -> None:
     OPTIMIZER_STEP.discard(_after_optimizer_step)
     OPTIMIZER_STEP_PRE.discard(_before_optimizer_step)
     _following.release()
@@ -169,7 +172,7 @@ def _after_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: A
     (the models deleted), take the hooks out."""
     live = list(COLLECTIONS.live)
     if not any(len(coll) for coll in live):
-        release()
+        _take_out()
         return
     forgotten_loss_check(live, optimizer)
     double_decay_check(live, optimizer)
