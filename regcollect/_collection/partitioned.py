@@ -9,6 +9,7 @@ parameters an engine holds in parts, clearly, rather than computed on a part
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 
@@ -17,6 +18,10 @@ from .._distributed.seam import place
 from .entries import WEIGHT, Entry
 
 __all__ = ["prepare"]
+
+
+def _named(entry: Entry) -> str:
+    return repr(entry.base_name()[0])
 
 
 def prepare(
@@ -38,7 +43,7 @@ def prepare(
             tensor,
             entry.module if weight else None,
             entry.param if weight else None,
-            lambda entry=entry: repr(entry.base_name()[0]),  # type: ignore[misc]
+            partial(_named, entry),
         )
         if tensor is None and placed is not None:
             holder = placed[1].holder

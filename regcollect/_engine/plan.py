@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -208,7 +209,7 @@ class Plan:
             Plan(
                 [x],
                 [reg],
-                lambda _, i=i: self.describe(i),  # type: ignore[misc]
+                partial(_first_as, self.describe, i),
                 no_grad=self.no_grad & {id(x)},
                 placements=[where],
             )
@@ -336,6 +337,11 @@ def _group_keys(
     key = (x.device, x.dtype, local, where.reduce_over, detached, shape)
     kept = [(k, t) for k, t in enumerate(terms) if t[1]] or [(0, terms[0])]
     return [((term.p, _coef_key(coef), *key), coef, k) for k, (term, coef) in kept]
+
+
+def _first_as(describe: Callable[[int], str], i: int, _: int) -> str:
+    """``describe(i)`` for a one-tensor plan split from a plan, whose only tensor is 0."""
+    return describe(i)
 
 
 def _coef_key(coef: Coefficient) -> Any:

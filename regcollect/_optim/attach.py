@@ -131,7 +131,7 @@ class OptimizerAttachment:
             return set()
         ids = self._held_parameters(optimizer)
         entries = [e for e in self._entries() if e.param is not None and e.module is not None]
-        twins = stepped_twins([e.module for e in entries])  # type: ignore[misc]
+        twins = stepped_twins([m for e in entries if (m := e.module) is not None])
         for entry in entries if twins else ():
             tensor = entry.resolve()
             sharded = twins.get(id(tensor)) if tensor is not None else None
