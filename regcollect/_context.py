@@ -236,12 +236,21 @@ def assert_finite(scope: ScopeArg = None, *, collection: Collection | None = Non
 
 
 @keywords_checked
-def penalties(scope: ScopeArg = None, *, collection: Collection | None = None) -> dict[str, float]:
+def penalties(
+    scope: ScopeArg = None,
+    *,
+    collection: Collection | None = None,
+    by: View = "entry",
+    depth: int | None = None,
+) -> dict[str, float]:
     """``{name: value, ..., "total": sum}`` from the last ``loss()``, for loggers.
 
     Args:
         scope: as for ``loss``; with a model, names are unique within it (``"0.weight"``).
         collection: the collection (default: the active one).
+        by: ``"entry"`` (default), ``"module"`` (a value per module, the rows
+            ``summary(by="module")`` shows) or ``"total"`` (the total alone).
+        depth: with ``by="module"``, as for ``summary``.
 
     Returns:
         Entry names mapped to their last penalty (entries never evaluated are left out), plus
@@ -257,7 +266,7 @@ def penalties(scope: ScopeArg = None, *, collection: Collection | None = None) -
         >>> rc.penalties(model)
         {'0.weight': 2.0, 'total': 2.0}
     """
-    return active_collection(collection).penalties(scope)
+    return active_collection(collection).penalties(scope, by=by, depth=depth)
 
 
 @keywords_checked

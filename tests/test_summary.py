@@ -284,6 +284,22 @@ def test_summary_by_module_adds_up_each_module():
     assert rows[activity_name(activity)][-2:] == ["1", "100.00%"]
 
 
+def test_penalties_by_module_and_total_are_the_summarys_views_as_numbers():
+    """What loggers get: the module sums summary(by="module") shows, or the total alone."""
+    _model = many_layers()  # layer k: weight k*k (l2), zero bias (l1)
+    assert rc.penalties(by="module") == {
+        "0.0": 1.0,
+        "0.1": 4.0,
+        "1.0": 9.0,
+        "1.1": 16.0,
+        "total": 30.0,
+    }
+    assert rc.penalties(by="module", depth=1) == {"0": 5.0, "1": 25.0, "total": 30.0}
+    assert rc.penalties(by="total") == {"total": 30.0}
+    with pytest.raises(ValueError, match="by must be one of 'entry', 'module', 'total'"):
+        rc.penalties(by="layer")
+
+
 def activity_name(layer):
     (entry,) = rc.get_collection().entries(layer)
     return entry.name.split(":")[0]

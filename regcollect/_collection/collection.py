@@ -32,10 +32,10 @@ from .._torch_compat import is_compiling
 from .entries import ACTIVITY, Entry
 from .guards import install_step_hook, model_groups, release, warn_meta, warn_models
 from .plans import CachedPlan, PlanCache, View, scope_key, with_records
-from .readout import Last, Readout, Row, as_dict, check_finite
+from .readout import Last, Readout, Row, check_finite
 from .registering import Registering
 from .registry import Registry
-from .summary import Summary, check_tablefmt, check_view, render, table_extra
+from .summary import Summary, check_tablefmt, check_view, render, table_extra, values_by
 from .summary import View as SummaryView
 from .traced import traced_view
 
@@ -295,17 +295,26 @@ class Collection(Registering):
         """
         check_finite(self._rows(scope)[0])
 
-    def penalties(self, scope: ScopeArg = None) -> dict[str, float]:
+    def penalties(
+        self, scope: ScopeArg = None, *, by: SummaryView = "entry", depth: int | None = None
+    ) -> dict[str, float]:
         """``{entry name: penalty, ..., "total": sum}`` from the last ``loss`` call.
 
         Args:
             scope: As for ``loss``.
+            by: ``"entry"``; ``"module"`` (a value per module, as ``summary(by="module")``
+                folds the rows); ``"total"`` (the total alone).
+            depth: As for ``summary``.
 
         Returns:
             The dict (one device-to-host copy).
+
+        Raises:
+            ValueError: An unknown ``by``, or a ``depth`` that is no positive int.
         """
+        check_view(None, by, depth)
         rows, total, _ = self._rows(scope)
-        return as_dict(rows, total)
+        return values_by(rows, total, by, depth)
 
     def summary(
         self,

@@ -19,7 +19,7 @@ from .. import _locks
 from .._torch_compat import is_compiling
 from .entries import Entry
 
-__all__ = ["Last", "Readout", "Row", "as_dict", "check_finite", "to_host"]
+__all__ = ["Last", "Readout", "Row", "as_dict", "check_finite", "to_host", "with_total"]
 
 Row = tuple[Entry, str, "float | None"]
 
@@ -136,9 +136,14 @@ def as_dict(rows: Sequence[Row], total: float) -> dict[str, float]:
     """``{name: value, ..., "total": total}`` for loggers; rows without a value left out.
     An entry named ``total`` (a root-level parameter) keeps its name; the sum is then
     ``"total (sum)"``."""
-    out = {name: value for _, name, value in rows if value is not None}
-    out["total (sum)" if "total" in out else "total"] = total
-    return out
+    return with_total({name: value for _, name, value in rows if value is not None}, total)
+
+
+def with_total(values: dict[str, float], total: float) -> dict[str, float]:
+    """``values`` with the sum under ``"total"``, or ``"total (sum)"`` when a row is named
+    ``total``."""
+    values["total (sum)" if "total" in values else "total"] = total
+    return values
 
 
 def to_host(tensors: Sequence[torch.Tensor]) -> list[list[float]]:

@@ -20,9 +20,18 @@ from tabulate import tabulate, tabulate_formats
 from ..regularizers import Regularizer
 from ..schedules import Schedule
 from .entries import ACTIVITY, WEIGHT, Entry
-from .readout import Row
+from .readout import Row, as_dict, with_total
 
-__all__ = ["VIEWS", "Summary", "View", "check_view", "compact", "render", "table_extra"]
+__all__ = [
+    "VIEWS",
+    "Summary",
+    "View",
+    "check_view",
+    "compact",
+    "render",
+    "table_extra",
+    "values_by",
+]
 
 View = Literal["entry", "module", "total"]
 VIEWS: tuple[View, ...] = ("entry", "module", "total")
@@ -257,6 +266,20 @@ def _module_of(entry: Entry, name: str, depth: int | None) -> str:
     if depth is not None:
         path = ".".join(path.split(".")[:depth])
     return prefix + path if prefix + path else "(root)"
+
+
+def values_by(rows: list[Row], total: float, by: View, depth: int | None) -> dict[str, float]:
+    """``penalties()``'s dict in a summary view: a value per entry, per module (the rows the
+    summary folds together, by ``_module_of``) or the total alone."""
+    if by == "entry":
+        return as_dict(rows, total)
+    out: dict[str, float] = {}
+    if by == "module":
+        for entry, name, value in rows:
+            if value is not None:
+                module = _module_of(entry, name, depth)
+                out[module] = out.get(module, 0.0) + value
+    return with_total(out, total)
 
 
 def _sum(values: Sequence[float | None]) -> float | None:

@@ -23,7 +23,7 @@ Examples:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from . import require
 
@@ -102,27 +102,12 @@ def regularize(
     return Handle.join([add_regularizer(model, n, regularizer, collection=coll) for n in names])
 
 
-_LOGS = ("total", "per_module", "per_parameter")
-
-
-def per_module(values: dict[str, float]) -> dict[str, float]:
-    """``penalties()``'s values added up per module: an entry ``"encoder.0.weight"`` (or an
-    activity entry ``"encoder.0:activity"``) counts for ``"encoder.0"``, a root parameter for
-    ``"(root)"``; ``"total"`` stays.
-
-    Examples:
-        >>> per_module({"0.weight": 1.0, "0.bias": 0.5, "2.weight": 2.0, "total": 3.5})
-        {'0': 1.5, '2': 2.0, 'total': 3.5}
-    """
-    out: dict[str, float] = {}
-    for name, value in values.items():
-        if name == "total":
-            continue
-        module = name.partition(":")[0] if ":" in name else name.rpartition(".")[0]
-        key = module or "(root)"
-        out[key] = out.get(key, 0.0) + value
-    out["total"] = values["total"]
-    return out
+# regularization_log -> the penalties() view it logs.
+_LOGS: dict[str, Literal["total", "module", "entry"]] = {
+    "total": "total",
+    "per_module": "module",
+    "per_parameter": "entry",
+}
 
 
 class RegularizationMixin:
@@ -276,11 +261,8 @@ class RegularizationMixin:
         if "loss" in logs:  # a training log
             model = getattr(self, "model", None)
             scope = model if isinstance(model, torch.nn.Module) else None
-            values = self.regularization_collection.penalties(scope)
-            if self.regularization_log == "total":
-                values = {"total": values["total"]}
-            elif self.regularization_log == "per_module":
-                values = per_module(values)
+            view = _LOGS[self.regularization_log]
+            values = self.regularization_collection.penalties(scope, by=view)
             prefix = self.regularization_log_prefix
             logs = {**logs, **{f"{prefix}{name}": value for name, value in values.items()}}
         super().log(logs, *args, **kwargs)  # type: ignore[misc]
