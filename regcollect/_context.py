@@ -242,6 +242,7 @@ def penalties(
     collection: Collection | None = None,
     by: View = "entry",
     depth: int | None = None,
+    prefix: str | None = None,
 ) -> dict[str, float]:
     """``{name: value, ..., "total": sum}`` from the last ``loss()``, for loggers.
 
@@ -251,11 +252,19 @@ def penalties(
         by: ``"entry"`` (default), ``"module"`` (a value per module, the rows
             ``summary(by="module")`` shows) or ``"total"`` (the total alone).
         depth: with ``by="module"``, as for ``summary``.
+        prefix: keys for a logger (W&B, MLflow, TensorBoard): the sum under
+            ``{prefix}total`` and each value under ``{prefix}penalty/{entry}`` (``by="module"``:
+            ``{prefix}module/{module}``), so that no parameter or module name can take the
+            sum's key. The loggers in ``regcollect.integrations`` write these keys.
 
     Returns:
         Entry names mapped to their last penalty (entries never evaluated are left out), plus
-        ``"total"`` (``"total (sum)"`` when an entry itself is named ``total``). One
-        device-to-host copy.
+        ``"total"`` (``"total (sum)"`` when an entry itself is named ``total``); with
+        ``prefix``, the logger keys. One device-to-host copy.
+
+    Raises:
+        ValueError: an unknown ``by``, or a ``depth`` that is no positive int.
+        TypeError: a ``prefix`` that is no string.
 
     Examples:
         >>> import torch, regcollect as rc
@@ -265,8 +274,10 @@ def penalties(
         >>> _ = rc.loss(model)
         >>> rc.penalties(model)
         {'0.weight': 2.0, 'total': 2.0}
+        >>> rc.penalties(model, prefix="reg/")
+        {'reg/penalty/0.weight': 2.0, 'reg/total': 2.0}
     """
-    return active_collection(collection).penalties(scope, by=by, depth=depth)
+    return active_collection(collection).penalties(scope, by=by, depth=depth, prefix=prefix)
 
 
 @keywords_checked

@@ -47,13 +47,13 @@ def test_tensorboard_scalars_norms_and_histograms(tmp_path):
     writer = SummaryWriter(str(tmp_path))
     logged = log_penalties(writer, 7, weight_norms=True, histograms=True)
     writer.close()
-    assert logged == rc.penalties()
+    assert logged == rc.penalties(prefix="regularization/")
 
     events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "histograms": 0})
     events.Reload()
     tags = events.Tags()
-    for name, value in logged.items():
-        (event,) = events.Scalars(f"regularization/{name}")
+    for tag, value in logged.items():
+        (event,) = events.Scalars(tag)
         assert event.step == 7 and event.value == pytest.approx(value, rel=1e-6)
     (norm,) = events.Scalars("regularization/norm/0.weight")
     assert norm.value == pytest.approx(net[0].weight.norm().item(), rel=1e-6)
@@ -102,8 +102,9 @@ def test_lightning_callback_logs_the_penalties(tmp_path):
     rows = [r for r in csv.DictReader(metrics.open()) if r.get("reg/total")]
     assert [int(r["step"]) for r in rows] == [1, 3]  # the trainer's logging steps only
     last = rc.penalties()  # the last step's loss() is the last row logged
-    for name in ("net.0.weight", "net.0.bias", "net.2.weight", "total"):
-        assert float(rows[-1][f"reg/{name}"]) == pytest.approx(last[name], rel=1e-6)
+    for name in ("net.0.weight", "net.0.bias", "net.2.weight"):
+        assert float(rows[-1][f"reg/penalty/{name}"]) == pytest.approx(last[name], rel=1e-6)
+    assert float(rows[-1]["reg/total"]) == pytest.approx(last["total"], rel=1e-6)
 
     with pytest.raises(TypeError, match="collection must be a regcollect.Collection"):
         RegularizationLogger(collection="default")
@@ -216,10 +217,11 @@ def test_the_trainer_logs_the_total_per_module_or_per_parameter():
         trainer.log({"loss": 1.0})
         by_mode[mode] = trainer.logged
     assert by_mode["total"] == {"loss": 1.0, "reg/total": want["total"]}
-    assert by_mode["per_parameter"] == {"loss": 1.0, **{f"reg/{k}": v for k, v in want.items()}}
+    entries = {f"reg/penalty/{k}": v for k, v in want.items() if k != "total"}
+    assert by_mode["per_parameter"] == {"loss": 1.0, **entries, "reg/total": want["total"]}
     per_module = by_mode["per_module"]
-    assert set(per_module) == {"loss", "reg/0", "reg/2", "reg/total"}
-    assert per_module["reg/0"] == pytest.approx(want["0.weight"] + want["0.bias"])
+    assert set(per_module) == {"loss", "reg/module/0", "reg/module/2", "reg/total"}
+    assert per_module["reg/module/0"] == pytest.approx(want["0.weight"] + want["0.bias"])
     with pytest.raises(ValueError, match="regularization_log must be one of"):
         Trainer(model, regularization_collection=coll, regularization_log="all")
 
@@ -446,3 +448,62 @@ def test_transformers_trainer_builds_its_optimizer_from_param_groups(tmp_path, t
         assert torch.equal(p, want[name]), name
     logged = [h["reg/total"] for h in trainer.state.log_history if "reg/total" in h]
     assert logged and logged[-1] > 0
+
+
+class _Totalled(torch.nn.Module):
+    """A root parameter named ``total`` and a scope named ``norm``: names that the loggers'
+    own keys (the sum, the weight norms) must never take."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = torch.nn.Parameter(torch.full((2,), 3.0))
+        with rc.scope("norm"):
+            self.inner = rc.nn.Linear(2, 2, kernel_regularizer=rc.l2(0.5), bias=False)
+        torch.nn.init.constant_(self.inner.weight, 1.0)
+
+
+def _totalled():
+    net = _Totalled()
+    rc.add_regularizer(net, "total", rc.l1(0.25))
+    rc.loss(net)
+    return net  # penalties: total 0.25 * 6 = 1.5, norm/inner.weight 0.5 * 4 = 2.0, sum 3.5
+
+
+def test_logged_keys_keep_the_sum_apart_from_every_name():
+    net = _totalled()
+    assert rc.penalties(net) == {"total": 1.5, "norm/inner.weight": 2.0, "total (sum)": 3.5}
+    assert rc.penalties(net, prefix="reg/") == {
+        "reg/penalty/total": 1.5,
+        "reg/penalty/norm/inner.weight": 2.0,
+        "reg/total": 3.5,
+    }
+    by_module = rc.penalties(net, by="module", prefix="")
+    assert by_module == {"module/(root)": 1.5, "module/norm/inner": 2.0, "total": 3.5}
+    assert rc.penalties(net, by="total", prefix="r.") == {"r.total": 3.5}
+    with pytest.raises(TypeError, match="prefix must be a string or None, got int"):
+        rc.penalties(net, prefix=1)
+
+
+def test_tensorboard_total_is_the_sum_whatever_the_entries_are_named(tmp_path):
+    pytest.importorskip("tensorboard", reason="pip install -e .[tensorboard]")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    from regcollect.integrations.tensorboard import log_penalties
+
+    net = _totalled()
+    with SummaryWriter(str(tmp_path)) as writer:
+        logged = log_penalties(writer, 1, scope=net, weight_norms=True)
+    events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    events.Reload()
+    scalars = {tag: events.Scalars(tag)[0].value for tag in events.Tags()["scalars"]}
+    assert scalars == pytest.approx(
+        {
+            "regularization/total": 3.5,
+            "regularization/penalty/total": 1.5,
+            "regularization/penalty/norm/inner.weight": 2.0,
+            "regularization/norm/total": 18**0.5,  # the values 3, 3
+            "regularization/norm/norm/inner.weight": 2.0,
+        }
+    )
+    assert logged == {k: v for k, v in scalars.items() if not k.startswith("regularization/norm/")}

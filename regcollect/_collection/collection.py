@@ -296,7 +296,12 @@ class Collection(Registering):
         check_finite(self._rows(scope)[0])
 
     def penalties(
-        self, scope: ScopeArg = None, *, by: SummaryView = "entry", depth: int | None = None
+        self,
+        scope: ScopeArg = None,
+        *,
+        by: SummaryView = "entry",
+        depth: int | None = None,
+        prefix: str | None = None,
     ) -> dict[str, float]:
         """``{entry name: penalty, ..., "total": sum}`` from the last ``loss`` call.
 
@@ -305,16 +310,21 @@ class Collection(Registering):
             by: ``"entry"``; ``"module"`` (a value per module, as ``summary(by="module")``
                 folds the rows); ``"total"`` (the total alone).
             depth: As for ``summary``.
+            prefix: Logger keys: ``{prefix}total`` and ``{prefix}penalty/{entry}`` (or
+                ``{prefix}module/{module}``); see ``regcollect.penalties``.
 
         Returns:
             The dict (one device-to-host copy).
 
         Raises:
             ValueError: An unknown ``by``, or a ``depth`` that is no positive int.
+            TypeError: A ``prefix`` that is no string.
         """
         check_view(None, by, depth)
+        if prefix is not None and not isinstance(prefix, str):
+            raise TypeError(f"prefix must be a string or None, got {type(prefix).__name__}")
         rows, total, _ = self._rows(scope)
-        return values_by(rows, total, by, depth)
+        return values_by(rows, total, by, depth, prefix)
 
     def summary(
         self,

@@ -268,18 +268,26 @@ def _module_of(entry: Entry, name: str, depth: int | None) -> str:
     return prefix + path if prefix + path else "(root)"
 
 
-def values_by(rows: list[Row], total: float, by: View, depth: int | None) -> dict[str, float]:
+def values_by(
+    rows: list[Row], total: float, by: View, depth: int | None, prefix: str | None = None
+) -> dict[str, float]:
     """``penalties()``'s dict in a summary view: a value per entry, per module (the rows the
-    summary folds together, by ``_module_of``) or the total alone."""
-    if by == "entry":
+    summary folds together, by ``_module_of``) or the total alone.
+
+    With a ``prefix`` (the loggers' keys), the sum is ``{prefix}total`` and each row is
+    ``{prefix}penalty/{entry}`` or ``{prefix}module/{module}``: in a namespace of its own, so
+    that no name (a root parameter called ``total``) can take the sum's key."""
+    if by == "entry" and prefix is None:
         return as_dict(rows, total)
     out: dict[str, float] = {}
-    if by == "module":
-        for entry, name, value in rows:
-            if value is not None:
-                module = _module_of(entry, name, depth)
-                out[module] = out.get(module, 0.0) + value
-    return with_total(out, total)
+    for entry, name, value in rows if by != "total" else ():
+        if value is not None:
+            key = name if by == "entry" else _module_of(entry, name, depth)
+            out[key] = out.get(key, 0.0) + value
+    if prefix is None:
+        return with_total(out, total)
+    space = f"{prefix}{'penalty' if by == 'entry' else 'module'}/"
+    return {**{space + key: value for key, value in out.items()}, f"{prefix}total": total}
 
 
 def _sum(values: Sequence[float | None]) -> float | None:

@@ -31,8 +31,8 @@ __all__ = ["RegularizationLogger"]
 
 
 class RegularizationLogger(pl.Callback):
-    """Logs ``{prefix}{entry name}`` and ``{prefix}total`` with ``log_dict`` while training;
-    resumes the coefficient schedules with the optimizers' state (``fit(ckpt_path=...)``).
+    """Logs ``{prefix}total`` and ``{prefix}penalty/{entry name}`` with ``log_dict`` while
+    training; resumes the coefficient schedules with the optimizers' state (``fit(ckpt_path=...)``).
 
     Values are those of the last ``rc.loss()``: one device-to-host copy, no recomputation and
     no collective under DDP/FSDP (every rank holds the same values). The callback reads them
@@ -100,11 +100,11 @@ class RegularizationLogger(pl.Callback):
         connector = getattr(trainer, "_logger_connector", None)
         if not getattr(connector, "should_update_logs", True):
             return
-        values = active_collection(self.collection).penalties(self.scope)
+        values = active_collection(self.collection).penalties(self.scope, prefix=self.prefix)
         if len(values) <= 1:  # no loss() computed yet: only the "total" key
             return
         pl_module.log_dict(
-            {f"{self.prefix}{name}": value for name, value in values.items()},
+            values,
             on_step=True,
             on_epoch=False,
             prog_bar=self.prog_bar,

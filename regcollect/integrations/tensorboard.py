@@ -40,10 +40,13 @@ def log_penalties(
     weight_norms: bool = False,
     histograms: bool = False,
 ) -> dict[str, float]:
-    """Write ``{prefix}/{entry name}`` and ``{prefix}/total`` scalars for the last ``loss()``.
+    """Write ``{prefix}/total`` and ``{prefix}/penalty/{entry name}`` scalars for the last
+    ``loss()``.
 
     ``weight_norms`` adds ``{prefix}/norm/{name}`` (the L2 norm of each regularized weight);
-    ``histograms`` adds ``{prefix}/weights/{name}`` histograms.
+    ``histograms`` adds ``{prefix}/weights/{name}`` histograms. Each kind of tag has its own
+    namespace, so no entry name (a root parameter called ``total``, a scope called ``norm``)
+    can write over another tag.
 
     Args:
         writer: A ``torch.utils.tensorboard.SummaryWriter`` (anything with ``add_scalar``
@@ -56,7 +59,7 @@ def log_penalties(
         histograms: Also log a histogram of each regularized weight.
 
     Returns:
-        The penalties logged, ``{name: value, ..., "total": sum}``.
+        The scalars logged, ``{tag: value}``: ``rc.penalties(scope, prefix=prefix + "/")``.
 
     Raises:
         TypeError: ``writer`` has no ``add_scalar``.
@@ -72,7 +75,7 @@ def log_penalties(
         >>> _ = rc.loss(model)
         >>> with tempfile.TemporaryDirectory() as logdir, SummaryWriter(logdir) as writer:
         ...     log_penalties(writer, step=0, scope=model)
-        {'0.weight': 2.0, 'total': 2.0}
+        {'regularization/penalty/0.weight': 2.0, 'regularization/total': 2.0}
     """
     if not callable(getattr(writer, "add_scalar", None)):
         raise TypeError(
@@ -84,9 +87,9 @@ def log_penalties(
     if not isinstance(prefix, str) or not prefix:
         raise ValueError(f"prefix must be a non-empty string, got {prefix!r}")
     coll = active_collection(collection)
-    values = coll.penalties(scope)
-    for name, value in values.items():
-        writer.add_scalar(f"{prefix}/{name}", value, step)
+    values = coll.penalties(scope, prefix=f"{prefix}/")
+    for tag, value in values.items():
+        writer.add_scalar(tag, value, step)
     if weight_norms or histograms:
         weights = [(e.name, e.resolve()) for e in coll.entries(scope) if e.kind == WEIGHT]
         live = [(name, t.detach()) for name, t in weights if t is not None]

@@ -121,9 +121,9 @@ class RegularizationMixin:
       eval mode there; activity penalties are not recorded under ``no_grad``).
     - **Logs**: every time the Trainer logs the training loss, the penalties of the last
       ``loss()`` are added (one device-to-host copy): ``{prefix}total`` alone
-      (``regularization_log="total"``, the default), with one ``{prefix}{module}`` per module
-      holding penalties (``"per_module"``), or with one ``{prefix}{entry}`` per regularized
-      tensor (``"per_parameter"``: a dozen keys per transformer layer).
+      (``regularization_log="total"``, the default), with one ``{prefix}module/{module}`` per
+      module holding penalties (``"per_module"``), or with one ``{prefix}penalty/{entry}`` per
+      regularized tensor (``"per_parameter"``: a dozen keys per transformer layer).
 
     - **In the optimizer step**, with ``regularization_in_step="coupled"`` or
       ``"decoupled"``: the Trainer's optimizer is attached when it is created
@@ -262,9 +262,11 @@ class RegularizationMixin:
             model = getattr(self, "model", None)
             scope = model if isinstance(model, torch.nn.Module) else None
             view = _LOGS[self.regularization_log]
-            values = self.regularization_collection.penalties(scope, by=view)
             prefix = self.regularization_log_prefix
-            logs = {**logs, **{f"{prefix}{name}": value for name, value in values.items()}}
+            logs = {
+                **logs,
+                **self.regularization_collection.penalties(scope, by=view, prefix=prefix),
+            }
         super().log(logs, *args, **kwargs)  # type: ignore[misc]
 
 
