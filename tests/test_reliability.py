@@ -362,6 +362,17 @@ def test_forgotten_loss_warns_once_naming_an_entry():
         opt.step()  # once only
 
 
+def test_forgotten_loss_of_one_penalty_reads_in_the_singular():
+    model = torch.nn.Sequential(rc.nn.Linear(4, 2, kernel_regularizer=rc.l2(0.1)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(
+        rc.RegcollectWarning,
+        match=r"^1 regularization penalty \('0\.weight'\) is registered, but SGD",
+    ):
+        model(torch.randn(2, 4)).sum().backward()
+        opt.step()
+
+
 def test_no_warning_when_loss_is_used_or_optimizer_is_unrelated():
     model = mlp()
     other = torch.nn.Linear(3, 3)

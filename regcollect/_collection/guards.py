@@ -104,11 +104,17 @@ def forgotten_loss_check(collections: Iterable[Any], optimizer: torch.optim.Opti
         names = coll._registry._names()
         example = names.get((trained or recorded)[0], "?")
         warn_user(
-            f"{len(entries)} regularization penalties (e.g. {example!r}) are registered, but "
+            f"{_counted(len(entries), example)} registered, but "
             f"{type(optimizer).__name__}.step() ran before rc.loss() was ever called: the "
             "penalties are not part of training. Add rc.loss() to the loss you backpropagate "
             "(total_loss = loss + rc.loss())."
         )
+
+
+def _counted(n: int, example: str) -> str:
+    if n == 1:
+        return f"1 regularization penalty ({example!r}) is"
+    return f"{n} regularization penalties (e.g. {example!r}) are"
 
 
 class _Names(Protocol):
