@@ -330,3 +330,50 @@ def test_code_of_code_width_fits_every_page_at_1280_px(site_dir):
         ]
     assert len(pages) >= 15
     assert not problems, "\n".join(problems)
+
+
+def _front_matter(page):
+    yaml = pytest.importorskip("yaml", reason="pip install .[test] installs the docs tools")
+
+    match = re.match(r"---\n(.*?)\n---\n", (ROOT / "docs" / page).read_text(), re.S)
+    return yaml.safe_load(match.group(1)) if match else {}
+
+
+SEARCH_BOOST = {"api.md": 2, "attaching.md": 2, "architecture.md": 0.5}
+
+
+def test_search_finds_api_names_on_the_api_pages_first():
+    """Material's search ranks a page's sections by their boost: the API reference and
+    "Attaching" above the contributors' architecture page, which names the same functions
+    (issue 38: `attach_optimizer` found the architecture page first). Its separator splits
+    ``regcollect.attach_optimizer`` (an API heading) into words, keeping ``_`` in names."""
+    import yaml
+
+    for page, boost in SEARCH_BOOST.items():
+        assert _front_matter(page) == {"search": {"boost": boost}}, page
+
+    class Loader(yaml.SafeLoader):  # mkdocs.yml's !!python/name tags are not needed here
+        pass
+
+    Loader.add_multi_constructor("", lambda loader, suffix, node: None)
+    config = yaml.load((ROOT / "mkdocs.yml").read_text(), Loader=Loader)
+    (search,) = [p["search"] for p in config["plugins"] if isinstance(p, dict) and "search" in p]
+    words = [w for w in re.split(search["separator"], 'rc.attach_optimizer("x", 1.5)') if w]
+    assert words == ["rc", "attach_optimizer", "x", "1.5"]
+
+
+@slow
+def test_the_search_index_carries_the_boosts(site_dir):
+    import json
+
+    index = json.loads((site_dir / "search" / "search_index.json").read_text())
+    for page, boost in SEARCH_BOOST.items():
+        location = page.removesuffix(".md") + "/"
+        sections = [d for d in index["docs"] if d["location"].split("#")[0] == location]
+        assert sections and all(d.get("boost") == boost for d in sections), page
+    assert not [
+        d
+        for d in index["docs"]
+        if d.get("boost")
+        and d["location"].split("/")[0] not in {p.removesuffix(".md") for p in SEARCH_BOOST}
+    ]
