@@ -347,7 +347,7 @@ def test_search_finds_api_names_on_the_api_pages_first():
     "Attaching" above the contributors' architecture page, which names the same functions
     (issue 38: `attach_optimizer` found the architecture page first). Its separator splits
     ``regcollect.attach_optimizer`` (an API heading) into words, keeping ``_`` in names."""
-    import yaml
+    yaml = pytest.importorskip("yaml", reason="pip install .[test] installs the docs tools")
 
     for page, boost in SEARCH_BOOST.items():
         assert _front_matter(page) == {"search": {"boost": boost}}, page
