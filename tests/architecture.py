@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ast
 import sys
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 
@@ -288,7 +289,17 @@ def picture(graph: dict[str, set[str]]) -> str:
     lines = []
     for name in order:
         uses = ", ".join(short(t) for t in sorted(packages.get(name, ())))
-        lines.append(f"{short(name):<16} <- {uses}" if uses else short(name))
+        if not uses:
+            lines.append(short(name))
+            continue
+        # wrapped at 88 characters, the docs' code width (tests/test_docs.py), continuation
+        # lines under the first import
+        indent = " " * len(f"{'':<16} <- ")
+        lines.append(
+            textwrap.fill(
+                uses, 88, initial_indent=f"{short(name):<16} <- ", subsequent_indent=indent
+            )
+        )
     return "\n".join(lines)
 
 

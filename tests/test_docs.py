@@ -158,6 +158,67 @@ def test_every_documented_function_and_class_has_google_sections():
     assert not problems, f"{len(problems)} problems:\n" + "\n".join(problems)
 
 
+# The widest code line the site shows without a scrollbar at a 1280 px window (issue 38), from
+# docs/stylesheets/extra.css: the grid capped at 70rem takes the whole window, and the content
+# column is 1280 - 2 x 242 (both sidebars, 12.1rem) - 2 x 24 (margins, 1.2rem) = 748 px. Block
+# code at 0.8em of 16 px is 12.8 px, a monospace character 0.6em = 7.68 px (DejaVu Sans Mono
+# 0.602em: 7.71 px), less 2 x 1.176em = 30.1 px of padding: (748 - 30.1) / 7.71 = 93 characters,
+# 89 in a list item (30 px of indent). 88 leaves a character to spare; the python blocks of the
+# quickstart pages are held to the same 88 by tests/test_snippets.py.
+CODE_WIDTH = 88
+
+
+def _fenced_lines(path):
+    """``(line number, language, line)`` for the lines inside the page's fences, without the
+    fence's own indent (a fence in a list item is indented)."""
+    fence = None
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if fence is None:
+            match = re.match(r"^(\s*)(`{3,}|~{3,})\s*([\w+-]*)", line)
+            if match:
+                fence = match.groups()
+        elif line.strip() == fence[1]:
+            fence = None
+        else:
+            yield number, fence[2], line[len(fence[0]) :]
+
+
+def test_code_lines_fit_the_page_at_1280_px():
+    """Every line of the docs' text/bash/... blocks and of the API's docstring examples fits
+    CODE_WIDTH characters, so no code box scrolls at 1280 px (the summary tables' ``% of
+    loss`` column stayed out of view)."""
+    import inspect
+
+    long = [
+        f"{path.relative_to(ROOT)}:{number} ({len(line)}): {line}"
+        for path in sorted((ROOT / "docs").rglob("*.md"))
+        for number, language, line in _fenced_lines(path)
+        if language != "python" and len(line) > CODE_WIDTH
+    ]
+    for name, obj, _ in _documented():
+        examples = _section(inspect.getdoc(obj) or "", "Examples") or ""
+        long += [
+            f"{name} docstring ({len(line) - 4}): {line[4:]}"
+            for line in examples.splitlines()
+            if len(line) - 4 > CODE_WIDTH
+        ]
+    assert not long, "\n".join(long)
+
+
+def test_the_fence_reader_sees_a_long_text_line_and_skips_python(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text(
+        "```text\nshort\n```\n\n- item\n\n  ```text\n  " + "x" * 89 + "\n  ```\n"
+        "```python\n" + "y" * 99 + "\n```\n"
+    )
+    lines = list(_fenced_lines(page))
+    assert [(n, lang, len(text)) for n, lang, text in lines] == [
+        (2, "text", 5),
+        (8, "text", 89),
+        (11, "python", 99),
+    ]
+
+
 BROWSER = next(
     (b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None
 )
@@ -198,3 +259,121 @@ def test_pages_as_a_browser_renders_them(site_dir, page):
         for layer in rc.nn.__all__:
             assert f'id="regcollect.nn.{layer}"' in dom, layer
         assert dom.count("kernel_regularizer") >= 11
+
+
+# Run after the page's scripts: each code box's overflow and its longest line, then two probe
+# boxes of CODE_WIDTH characters (in document order: one in a list item, one in the article).
+MEASURE = """<script>
+window.addEventListener("load", () => setTimeout(() => {
+  const article = document.querySelector("article.md-typeset");
+  const probe = (parent) => {
+    const box = document.createElement("div");
+    box.className = "highlight";
+    box.innerHTML = "<pre><code></code></pre>";
+    box.querySelector("code").textContent = "x".repeat(%d);
+    parent.appendChild(box);
+  };
+  const item = document.createElement("ul");
+  item.innerHTML = "<li></li>";
+  article.appendChild(item);
+  probe(article);
+  probe(item.querySelector("li"));
+  const blocks = [...article.querySelectorAll("pre > code")].map((code) => [
+    code.scrollWidth - code.clientWidth,
+    Math.max(...code.textContent.split("\\n").map((line) => line.length)),
+  ]);
+  const out = document.createElement("div");
+  out.id = "rc-measure";
+  out.textContent = JSON.stringify({width: window.innerWidth, blocks});
+  document.body.appendChild(out);
+}, 300));
+</script>"""
+
+
+CHROMIUM_AT_1280 = [
+    *(BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"),
+    *("--window-size=1280,900", "--virtual-time-budget=5000", "--dump-dom"),
+]
+
+
+@slow
+@pytest.mark.skipif(BROWSER is None, reason="no Chromium (apt-get install chromium)")
+def test_code_of_code_width_fits_every_page_at_1280_px(site_dir):
+    """The arithmetic behind CODE_WIDTH, as Chromium lays the pages out at 1280 x 900: a box
+    of CODE_WIDTH characters fits in the article and in a list item, and no code box whose
+    lines are that short scrolls (the fast test holds the docs' lines to it)."""
+    import html
+    import json
+
+    problems = []
+    pages = sorted(p for p in site_dir.rglob("index.html") if p.parent.name != "search")
+    for page in pages:
+        probe = page.with_name("_measure.html")
+        probe.write_text(page.read_text().replace("</body>", MEASURE % CODE_WIDTH + "</body>"))
+        result = subprocess.run(
+            [*CHROMIUM_AT_1280, probe.as_uri()],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        probe.unlink()
+        found = re.search(r'<div id="rc-measure">(.*?)</div>', result.stdout, re.S)
+        assert found, f"{page}: no measure\n{result.stderr[-2000:]}"
+        measured = json.loads(html.unescape(found.group(1)))
+        assert measured["width"] == 1280
+        *blocks, in_list, in_article = measured["blocks"]
+        assert in_article == [0, CODE_WIDTH] and in_list == [0, CODE_WIDTH], (page, measured)
+        problems += [
+            f"{page.relative_to(site_dir)}: a box of {chars} characters scrolls by {over} px"
+            for over, chars in blocks
+            if over > 0 and chars <= CODE_WIDTH
+        ]
+    assert len(pages) >= 15
+    assert not problems, "\n".join(problems)
+
+
+def _front_matter(page):
+    yaml = pytest.importorskip("yaml", reason="pip install .[test] installs the docs tools")
+
+    match = re.match(r"---\n(.*?)\n---\n", (ROOT / "docs" / page).read_text(), re.S)
+    return yaml.safe_load(match.group(1)) if match else {}
+
+
+SEARCH_BOOST = {"api.md": 2, "attaching.md": 2, "architecture.md": 0.5}
+
+
+def test_search_finds_api_names_on_the_api_pages_first():
+    """Material's search ranks a page's sections by their boost: the API reference and
+    "Attaching" above the contributors' architecture page, which names the same functions
+    (issue 38: `attach_optimizer` found the architecture page first). Its separator splits
+    ``regcollect.attach_optimizer`` (an API heading) into words, keeping ``_`` in names."""
+    yaml = pytest.importorskip("yaml", reason="pip install .[test] installs the docs tools")
+
+    for page, boost in SEARCH_BOOST.items():
+        assert _front_matter(page) == {"search": {"boost": boost}}, page
+
+    class Loader(yaml.SafeLoader):  # mkdocs.yml's !!python/name tags are not needed here
+        pass
+
+    Loader.add_multi_constructor("", lambda loader, suffix, node: None)
+    config = yaml.load((ROOT / "mkdocs.yml").read_text(), Loader=Loader)
+    (search,) = [p["search"] for p in config["plugins"] if isinstance(p, dict) and "search" in p]
+    words = [w for w in re.split(search["separator"], 'rc.attach_optimizer("x", 1.5)') if w]
+    assert words == ["rc", "attach_optimizer", "x", "1.5"]
+
+
+@slow
+def test_the_search_index_carries_the_boosts(site_dir):
+    import json
+
+    index = json.loads((site_dir / "search" / "search_index.json").read_text())
+    for page, boost in SEARCH_BOOST.items():
+        location = page.removesuffix(".md") + "/"
+        sections = [d for d in index["docs"] if d["location"].split("#")[0] == location]
+        assert sections and all(d.get("boost") == boost for d in sections), page
+    assert not [
+        d
+        for d in index["docs"]
+        if d.get("boost")
+        and d["location"].split("/")[0] not in {p.removesuffix(".md") for p in SEARCH_BOOST}
+    ]

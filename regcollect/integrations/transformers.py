@@ -12,7 +12,7 @@ bit, gradient accumulation included).
 Examples:
     >>> from regcollect.integrations.transformers import RegularizedTrainer, regularize
     >>> regularize(model, rc.l2(1e-4))     # the Trainer's decay set  # doctest: +SKIP
-    >>> trainer = RegularizedTrainer(model=model, args=args, train_dataset=ds)  # doctest: +SKIP
+    >>> trainer = RegularizedTrainer(model, args, train_dataset=ds)          # doctest: +SKIP
     >>> trainer.train()                                                      # doctest: +SKIP
 
     >>> args = TrainingArguments(..., weight_decay=0.0)                      # doctest: +SKIP
@@ -291,6 +291,6 @@ class RegularizedTrainer(RegularizationMixin, transformers.Trainer):
         >>> import regcollect as rc
         >>> from regcollect.integrations.transformers import RegularizedTrainer, regularize
         >>> regularize(model, rc.l2(1e-4))    # the Trainer's decay set  # doctest: +SKIP
-        >>> trainer = RegularizedTrainer(model=model, args=args, train_dataset=ds)  # doctest: +SKIP
+        >>> trainer = RegularizedTrainer(model, args, train_dataset=ds)  # doctest: +SKIP
         >>> trainer.train()   # logs "reg/total" and each penalty  # doctest: +SKIP
     """
