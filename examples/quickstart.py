@@ -48,6 +48,9 @@ def main(steps: int = 300, log_every: int = 100) -> dict[str, float]:
         if step % log_every == 0 or step == steps:
             print(f"\nstep {step}: data loss {data_loss.item():.4f}")
             rc.summary(loss=total_loss)  # values of the rc.loss() above: no recomputation
+            # The share of the penalty grows as the data loss falls: near the end (data loss
+            # about 0.006 on 256 examples) it is most of the loss. What that means, and how to
+            # pick a coefficient: docs/faq.md, "How big should the penalty be?".
 
     with torch.no_grad():  # no_grad: evaluation records no activity penalty
         accuracy = (model(x_test).argmax(dim=1) == y_test).float().mean().item()
