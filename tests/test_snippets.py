@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 import regcollect as rc
 from regcollect import regularizers
@@ -86,6 +87,8 @@ def page_state(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     registered = dict(regularizers.REGULARIZER_CLASSES)
     yield
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # docs/distributed.md's group of one rank
     regularizers.REGULARIZER_CLASSES.clear()
     regularizers.REGULARIZER_CLASSES.update(registered)
 
