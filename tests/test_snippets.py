@@ -98,9 +98,16 @@ def page_state(tmp_path, monkeypatch):
 @pytest.mark.filterwarnings("ignore:.*CUDA is not available:UserWarning")
 @pytest.mark.parametrize("page", PAGES)
 def test_page_runs_as_pasted(page, page_state):
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        run_blocks(python_blocks(page), {"__name__": "__main__"})
+    namespace = {"__name__": "__main__"}
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            run_blocks(python_blocks(page), namespace)
+    finally:
+        # A writer's thread flushes to its relative path: close it in the page's directory.
+        tensorboard = sys.modules.get("torch.utils.tensorboard")
+        for value in namespace.values():
+            if tensorboard is not None and isinstance(value, tensorboard.SummaryWriter):
+                value.close()
 
 
 @pytest.mark.parametrize("page", PAGES)
