@@ -113,7 +113,10 @@ def test_page_runs_as_pasted(page, page_state):
 @pytest.mark.parametrize("page", PAGES)
 def test_markers_give_an_allowed_reason(page):
     text = (ROOT / page).read_text()
-    reasons = [b.not_run for b in python_blocks(page) if b.not_run is not None]
+    blocks = python_blocks(page)
+    # Every python fence is a block the runner sees (none lost to an unmatched closing fence).
+    assert len(re.findall(r"^[ \t]*```(?:python|py|pycon)\b", text, re.M)) == len(blocks)
+    reasons = [b.not_run for b in blocks if b.not_run is not None]
     # A marker not on the line before a python fence marks nothing: a mistake.
     assert len(MARKER.findall(text)) == len(reasons), f"{page}: a marker not before a block"
     for reason in reasons:
