@@ -176,6 +176,18 @@ def test_the_quickstart_runs_as_pasted(page):
         for name, value in expected.items():
             assert values[name] == pytest.approx(value.item(), rel=1e-5)
     assert values["total"] == pytest.approx(sum(v for k, v in values.items() if k != "total"))
+    # The table the page shows under the block is the one it prints: the same words, the
+    # numbers to the 6 significant digits printed (a float32 sum of 200,704 squares may end
+    # in another last digit on other hardware: about log2(n) * 6e-8 relative, far below 1e-5).
+    shown = re.search(r"```python\n.*?```\n+```\n(.*?)```", (ROOT / page).read_text(), re.S)
+    assert shown is not None, f"{page}: no output block under the first python block"
+    got, want = text.split(), shown.group(1).split()
+    assert len(got) == len(want), (got, want)
+    for g, w in zip(got, want):
+        if re.fullmatch(r"-?[\d.]+(e-?\d+)?%?", w):
+            assert float(g.rstrip("%")) == pytest.approx(float(w.rstrip("%")), rel=1e-5), (g, w)
+        else:
+            assert g == w
 
 
 # --strict, less what asks the snippets' own code for annotations (its functions, its empty
