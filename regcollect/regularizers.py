@@ -184,7 +184,9 @@ def register(name: str) -> Callable[[R], R]:
         The decorator, which returns the class unchanged.
 
     Raises:
-        ValueError: ``name`` is empty or not a string, or already names another class.
+        ValueError: ``name`` is empty or not a string, or already names another class. The
+            same class defined again (a notebook cell run twice, a reloaded module: the same
+            module and qualified name) takes the name over, as in Keras.
         TypeError: The decorated object is not a ``Regularizer`` subclass.
 
     Examples:
@@ -207,13 +209,20 @@ def register(name: str) -> Callable[[R], R]:
         if not (isinstance(cls, type) and issubclass(cls, Regularizer)):
             raise TypeError(f"register({name!r}) expects a Regularizer subclass, got {cls!r}")
         existing = REGULARIZER_CLASSES.get(name)
-        if existing is not None and existing is not cls:
-            raise ValueError(f"a regularizer is already registered as {name!r}: {existing!r}")
+        if existing is not None and _where(existing) != _where(cls):  # not a redefinition
+            raise ValueError(
+                f"a regularizer is already registered as {name!r}: {_where(existing)}; "
+                f"register {_where(cls)} under another name"
+            )
         REGULARIZER_CLASSES[name] = cls
         cls._registered_name = name  # type: ignore[attr-defined]
         return cls
 
     return decorator
+
+
+def _where(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 for _cls in (L1, L2, L1L2, L2SP, GroupLasso):
@@ -267,8 +276,11 @@ def serialize(regularizer: Regularizer) -> dict[str, Any]:
     """
     if not isinstance(regularizer, Regularizer):
         raise TypeError(f"serialize expects a Regularizer, got {type(regularizer).__name__}")
-    name = getattr(type(regularizer), "_registered_name", None)
-    if name is None or REGULARIZER_CLASSES.get(name) is not type(regularizer):
+    cls = type(regularizer)
+    name = vars(cls).get("_registered_name")  # its own, not a registered base class's
+    registered = REGULARIZER_CLASSES.get(name) if name is not None else None
+    # An instance made before its class was defined again (a cell run twice) still counts.
+    if registered is None or _where(registered) != _where(cls):
         raise ValueError(
             f"{type(regularizer).__name__} is not registered; decorate it with "
             "@regcollect.register(name) to serialise it"

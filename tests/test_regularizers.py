@@ -1,5 +1,6 @@
 import json
 import math
+import textwrap
 
 import pytest
 import torch
@@ -206,6 +207,38 @@ def test_register_custom_regularizer():
     assert regularizers.get("TestMaxAbs") == MaxAbs()
     with pytest.raises(ValueError, match="already registered"):
         rc.register("TestMaxAbs")(type("Other", (rc.Regularizer,), {}))
+
+
+def test_a_notebook_cell_run_again_registers_its_new_class():
+    """Running a cell (or reloading a module) defines the class again: the name moves to the
+    new definition, as Keras's register_keras_serializable does; another class is refused."""
+    cell = textwrap.dedent(
+        """
+        import regcollect as rc
+
+        @rc.register("TestCellMaxAbs")
+        class MaxAbs(rc.Regularizer):
+            def __init__(self, c=1.0):
+                self.c = c
+
+            def __call__(self, x):
+                return SCALE * self.c * x.abs().max()
+
+            def get_config(self):
+                return {"c": self.c}
+        """
+    )
+    first, second = {"__name__": "__main__", "SCALE": 1.0}, {"__name__": "__main__", "SCALE": 10.0}
+    exec(cell, first)
+    exec(cell, second)  # the same cell run again, after an edit
+    config = rc.serialize(first["MaxAbs"](2.0))
+    assert rc.deserialize(config)(X).item() == pytest.approx(60.0)  # the new definition
+    with pytest.raises(
+        ValueError, match=r"already registered as 'TestCellMaxAbs'.*__main__\.MaxAbs"
+    ):
+        rc.register("TestCellMaxAbs")(type("MaxAbs", (rc.Regularizer,), {"__module__": "other"}))
+    with pytest.raises(ValueError, match="already registered as 'L2'"):
+        rc.register("L2")(type("L2", (rc.Regularizer,), {"__module__": "__main__"}))
 
 
 def test_serialize_unregistered_fails_clearly():
