@@ -219,6 +219,20 @@ def test_the_fence_reader_sees_a_long_text_line_and_skips_python(tmp_path):
     ]
 
 
+def test_fences_in_list_items_are_indented_as_the_item_content():
+    """Python-Markdown takes a list item's later blocks (after a blank line) only when they are
+    indented by 4 spaces: a fence indented by 1 to 3 ends the list, and its code shows after
+    the list instead of inside its item."""
+    fence = re.compile(r"^( *)(`{3,}|~{3,})")
+    bad = [
+        f"{path.relative_to(ROOT)}:{number}: {line}"
+        for path in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if (match := fence.match(line)) and len(match.group(1)) % 4
+    ]
+    assert not bad, "\n".join(bad)
+
+
 BROWSER = next(
     (b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None
 )
