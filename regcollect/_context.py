@@ -297,8 +297,9 @@ def summary(
     One row per entry: name, shape, regularizer, penalty, share of the regularization total and,
     when ``loss`` (the total training loss) is given, share of it; then a total row. Values are
     those of the last ``loss()`` call, fetched with one device-to-host copy; ``-`` marks entries
-    no call has evaluated (registered since, or frozen). A schedule shows its current value,
-    kind and step (``L2(l2=0.0075 linear@3)``).
+    no call has evaluated (registered since, or frozen). A schedule shows the value, kind and
+    step its row was computed with (``L2(l2=0.0075 linear@3)``), not the step an
+    ``optimizer.step()`` since has moved it to; after a compiled ``loss()``, its current step.
 
     The result is a ``str`` (the table in ``tablefmt``) that Jupyter renders as an HTML table
     (as Markdown with ``tablefmt="github"``), shown once: in a notebook the call displays it

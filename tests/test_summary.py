@@ -335,6 +335,25 @@ def test_summary_regularizer_column_is_compact_with_schedules():
     assert bias == "L1L2(l1=0.001 cosine@0, l2=0.0001)"
 
 
+def test_a_scheduled_row_shows_the_coefficient_its_penalty_was_computed_with():
+    """The documented order (loss, backward, step, then the summary): the step has moved the
+    schedule on, but the row's penalty is the last loss()'s, so its coefficient is too."""
+    model = torch.nn.Sequential(
+        rc.nn.Linear(2, 1, bias=False, kernel_regularizer=rc.l2(rc.schedules.warmup(1e-4, 4)))
+    )
+    torch.nn.init.constant_(model[0].weight, 10.0)  # sum(w**2) = 200
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    for step in range(3):
+        total = model(torch.ones(1, 2)).sum() + rc.loss()
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+        row = rows_of(rc.summary(file=io.StringIO()))["0.weight"]
+        coefficient = 1e-4 * step / 4  # warmup: 0, 2.5e-5, 5e-5 at the steps 0, 1, 2
+        assert float(row[-2]) == pytest.approx(200 * coefficient, abs=1e-12)
+        assert " ".join(row[2:-2]) == f"L2(l2={coefficient:.4g} linear@{step})"
+
+
 def test_summary_in_a_real_notebook_shows_one_table(tmp_path):
     """Executed by a real Jupyter kernel (skipped where nbclient/ipykernel are missing)."""
     nbformat = pytest.importorskip("nbformat")

@@ -31,7 +31,7 @@ from .._state import COLLECTIONS
 from .._torch_compat import is_compiling
 from .entries import ACTIVITY, Entry
 from .guards import install_step_hook, model_groups, release, warn_meta, warn_models
-from .plans import CachedPlan, PlanCache, View, scope_key, with_records
+from .plans import CachedPlan, PlanCache, View, scope_key, values_each, with_records
 from .readout import Last, Readout, Row, check_finite
 from .registering import Registering
 from .registry import Registry
@@ -222,12 +222,12 @@ class Collection(Registering):
                 self._warn_once(key, cached, records)
             view = cached
         if each:
-            out, parts = _each(view, records)
+            out, parts = values_each(view, records)
         else:
             result = view.plan()
             parts = result.parts
             out = [with_records(result.total, [v for _, v in records], len(view.entries) > 0)]
-        self._readout.store(key, Last(view.entries, parts, records, view.activity))
+        self._readout.store(key, Last(view.entries, parts, records, view.activity, view.steps()))
         self._consumed = True
         if self.check_finite and not traced:
             self.assert_finite(scope)
@@ -361,7 +361,15 @@ class Collection(Registering):
         if extra_values:
             loss_value = extra_values[0]
         return render(
-            rows, total, loss_value, tablefmt=tablefmt, file=file, top=top, by=by, depth=depth
+            rows,
+            total,
+            loss_value,
+            self._readout.steps(),
+            tablefmt=tablefmt,
+            file=file,
+            top=top,
+            by=by,
+            depth=depth,
         )
 
 
@@ -401,20 +409,3 @@ _DEFAULT_LOCK = _locks.Lock()
 
 # The public path (regcollect.Collection), which pickles record, not this private module's.
 Collection.__module__ = Collection._unpickle.__module__ = "regcollect"
-
-
-def _each(
-    view: View, records: list[tuple[Entry, torch.Tensor]]
-) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, list[int]]]]:
-    """``losses()``'s values: each entry's in registration order (a weight's alone, an
-    activity entry's of the last forward pass), and the parts the read-back keeps."""
-    values = view.each()
-    parts = [(v.detach().reshape(1), [i]) for i, v in enumerate(values)]
-    by_entry = dict(records)
-    position = {id(e): i for i, e in enumerate(view.entries)}
-    out = [
-        values[position[id(e)]] if id(e) in position else by_entry[e]
-        for e in view.in_scope
-        if id(e) in position or e in by_entry
-    ]
-    return out, parts

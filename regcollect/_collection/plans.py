@@ -21,6 +21,7 @@ import torch
 from .._engine.plan import Plan, elementwise_terms
 from .._penalties.base import Regularizer
 from .._penalties.kernel import kernel_of
+from ..schedules import Schedule
 from .entries import ACTIVITY, TENSOR, Entry, current_tensors, tied_name
 from .partitioned import prepare as prepare_partitioned
 
@@ -100,6 +101,12 @@ class View:
     activity: list[Entry]
     # One plan per tensor, for losses(): built on its first call, then kept with the plan.
     singles: list[Plan] | None = None
+    # The schedules of the entries' coefficients (None: not collected, as while tracing).
+    schedules: tuple[Schedule, ...] | None = None
+
+    def steps(self) -> dict[int, int] | None:
+        """``{id(schedule): step}`` now: the steps this evaluation's coefficients are at."""
+        return None if self.schedules is None else {id(s): s.step for s in self.schedules}
 
     def each(self) -> list[torch.Tensor]:
         """Each tensor's penalty alone, differentiable (sharded ones completed, as in the
@@ -202,6 +209,7 @@ class PlanCache:
             weight_models=frozenset(model_of[id(e)] for e in entries if id(e) in model_of),
             in_scope_ids=frozenset(map(id, in_scope)),
             meta=_meta_only(candidates, tensors, entries),
+            schedules=_schedules([*entries, *activity]),
             flat=flat,
             flat_trains=[t.requires_grad for t in flat],
         )
@@ -209,6 +217,35 @@ class PlanCache:
             del self._plans[next(iter(self._plans))]
         self._plans[key] = [cached, *recent[:1]]
         return cached
+
+
+def _schedules(entries: Sequence[Entry]) -> tuple[Schedule, ...]:
+    """The distinct schedules among the entries' coefficients (their configs' values)."""
+    found: dict[int, Schedule] = {}
+    for entry in entries:
+        try:
+            config = entry.regularizer.get_config()
+        except Exception:  # custom regularizers need not be configurable
+            continue
+        found.update({id(v): v for v in config.values() if isinstance(v, Schedule)})
+    return tuple(found.values())
+
+
+def values_each(
+    view: View, records: list[tuple[Entry, torch.Tensor]]
+) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, list[int]]]]:
+    """``losses()``'s values: each entry's in registration order (a weight's alone, an
+    activity entry's of the last forward pass), and the parts the read-back keeps."""
+    values = view.each()
+    parts = [(v.detach().reshape(1), [i]) for i, v in enumerate(values)]
+    by_entry = dict(records)
+    position = {id(e): i for i, e in enumerate(view.entries)}
+    out = [
+        values[position[id(e)]] if id(e) in position else by_entry[e]
+        for e in view.in_scope
+        if id(e) in position or e in by_entry
+    ]
+    return out, parts
 
 
 def _meta_only(

@@ -34,6 +34,9 @@ class Last:
     # Detached activity penalties, and the activity entries the call covered.
     records: list[tuple[Entry, torch.Tensor]]
     activity: list[Entry] = field(default_factory=list)
+    # {id(schedule): step} of the coefficients when it was computed (None: not known, as in
+    # a compiled step), so a summary shows the coefficient each value was computed with.
+    steps: dict[int, int] | None = None
 
     def __post_init__(self) -> None:
         # Holding a differentiable value would keep the step's autograd graph (and the
@@ -80,6 +83,19 @@ class Readout:
     def clear(self) -> None:
         with self._lock:
             self._lasts, self._traced = {}, None
+
+    def steps(self) -> dict[int, int]:
+        """The schedules' steps at the last values, the latest view's winning; empty (the
+        schedules' current steps) once a compiled step, whose steps are not known, stored."""
+        with self._lock:
+            self._fold()
+            lasts = list(self._lasts.values())
+        steps: dict[int, int] = {}
+        for last in lasts:
+            if last.steps is None:
+                return {}
+            steps.update(last.steps)
+        return steps
 
     def rows(
         self,

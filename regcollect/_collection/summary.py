@@ -11,7 +11,7 @@ from __future__ import annotations
 import html
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import IO, Any, Literal
 
 import torch
@@ -226,26 +226,29 @@ def check_view(top: object, by: object, depth: object) -> None:
         raise ValueError(f"depth applies to by='module' only, got by={by!r}")
 
 
-def _schedule_now(schedule: Schedule) -> str:
+def _schedule_at(schedule: Schedule, step: int) -> str:
     kind = type(schedule).__name__.removesuffix("Schedule").lower() or "schedule"
     try:
-        now = f"{float(schedule):.4g}"
+        now = f"{float(schedule.value(step)):.4g}"
     except Exception:  # a table must show; the value's own error comes where it is used
         now = "?"
-    return f"{now} {kind}@{schedule.step}"
+    return f"{now} {kind}@{step}"
 
 
-def compact(regularizer: Regularizer) -> str:
-    """The regularizer for the table: its ``repr``, with each schedule shown as its current
-    value, kind and step (``L2(l2=0.0075 linear@3)``) instead of its whole configuration."""
+def compact(regularizer: Regularizer, steps: Mapping[int, int] | None = None) -> str:
+    """The regularizer for the table: its ``repr``, with each schedule shown as its value,
+    kind and step (``L2(l2=0.0075 linear@3)``) instead of its whole configuration: at the
+    step in ``steps`` (``{id(schedule): step}``, those of the values shown), else now."""
     try:
         config = regularizer.get_config()
     except Exception:  # custom ones need not be configurable
         return repr(regularizer)
     if not any(isinstance(v, Schedule) for v in config.values()):
         return repr(regularizer)
+    steps = steps or {}
     args = ", ".join(
-        f"{k}={_schedule_now(v) if isinstance(v, Schedule) else repr(v)}" for k, v in config.items()
+        f"{k}={_schedule_at(v, steps.get(id(v), v.step)) if isinstance(v, Schedule) else repr(v)}"
+        for k, v in config.items()
     )
     return f"{type(regularizer).__name__}({args})"
 
@@ -295,11 +298,11 @@ def _sum(values: Sequence[float | None]) -> float | None:
     return sum(known) if known else None
 
 
-def _by_module(rows: list[Row], depth: int | None) -> list[Line]:
+def _by_module(rows: list[Row], depth: int | None, steps: Mapping[int, int]) -> list[Line]:
     groups: dict[str, list[tuple[str, float | None]]] = {}
     for entry, name, value in rows:
         groups.setdefault(_module_of(entry, name, depth), []).append(
-            (compact(entry.regularizer), value)
+            (compact(entry.regularizer, steps), value)
         )
     lines: list[Line] = []
     for module, members in groups.items():
@@ -309,12 +312,12 @@ def _by_module(rows: list[Row], depth: int | None) -> list[Line]:
     return lines
 
 
-def _by_entry(rows: list[Row]) -> list[Line]:
+def _by_entry(rows: list[Row], steps: Mapping[int, int]) -> list[Line]:
     return [
         (
             name,
             "x".join(map(str, entry.shape)) if entry.shape is not None else _no_shape(entry),
-            compact(entry.regularizer),
+            compact(entry.regularizer, steps),
             value,
         )
         for entry, name, value in rows
@@ -334,6 +337,7 @@ def render(
     rows: list[Row],
     total: float,
     loss_value: float | None,
+    steps: Mapping[int, int] | None = None,
     *,
     tablefmt: str = "simple",
     file: IO[str] | None = None,
@@ -348,7 +352,10 @@ def render(
         headers = ["name", "shape", "regularizer", "penalty", "% of reg.", "% of loss"]
         if by == "module":
             headers[:2] = ["module", "entries"]
-        lines = _top(_by_module(rows, depth) if by == "module" else _by_entry(rows), top)
+        steps = steps or {}
+        lines = _top(
+            _by_module(rows, depth, steps) if by == "module" else _by_entry(rows, steps), top
+        )
     if loss_value is None:
         headers.pop()
     cells: list[list[str]] = []
