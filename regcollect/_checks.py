@@ -117,12 +117,24 @@ def suggest_keyword(
     unknown = next((k for k in kwargs if k not in accepted), None)
     if unknown is None:
         return
-    close = difflib.get_close_matches(unknown, accepted, n=1, cutoff=0.5)
+    close = [k for k in _in_keras_words(unknown) if k in accepted][:1]
+    close = close or difflib.get_close_matches(unknown, accepted, n=1, cutoff=0.5)
     if not close:  # a prefix (bias_regularizer for bias) is a near miss too
         close = [a for a in accepted if unknown.startswith(a) or a.startswith(unknown)][:1]
     start = f"{name}() got an unexpected keyword argument {unknown!r}"
     hint = f"did you mean {close[0]!r}?" if close else f"{name}() takes: {', '.join(accepted)}"
     raise TypeError(f"{start}; {hint}") from None
+
+
+# PyTorch's and Keras 1's words for what Keras 2 (and regcollect) call a kernel and a bias:
+# ``weight_regularizer`` and ``W_regularizer`` mean ``kernel_regularizer``.
+_KERAS_WORDS = {"weight": "kernel", "weights": "kernel", "w": "kernel", "b": "bias"}
+
+
+def _in_keras_words(keyword: str) -> list[str]:
+    head, sep, tail = keyword.partition("_")
+    word = _KERAS_WORDS.get(head.lower())
+    return [] if word is None else [word + sep + tail]
 
 
 # Frames of these packages lie between a user's call and a warning: regcollect's own, and

@@ -149,6 +149,12 @@ def test_a_users_keras_subclass_stays_their_function():
         (lambda m: rc.attach_optimizer(None, decouple=True), "did you mean 'decoupled'?"),
         (lambda m: rc.nn.Linear(2, 2, kernal_regularizer="l2"), "'kernel_regularizer'?"),
         (lambda m: rc.nn.Conv2d(1, 1, 3, padding_mod="zeros"), "did you mean 'padding_mode'?"),
+        # PyTorch's and Keras 1's words for a kernel and a bias:
+        (lambda m: rc.nn.Linear(2, 2, weight_regularizer="l2"), "'kernel_regularizer'?"),
+        (lambda m: rc.nn.Conv2d(1, 1, 3, W_regularizer="l2"), "'kernel_regularizer'?"),
+        (lambda m: rc.nn.Linear(2, 2, b_regularizer="l2"), "did you mean 'bias_regularizer'?"),
+        (lambda m: rc.regularize(m, weight=rc.l2(1e-4)), "'weight'; did you mean 'kernel'?"),
+        (lambda m: rc.regularize(m, weights=rc.l2(1e-4)), "did you mean 'kernel'?"),
     ],
 )
 def test_a_misspelled_keyword_gets_a_suggestion(call, message):
