@@ -33,6 +33,7 @@ __all__ = [
     "running_modules",
     "auto_name",
     "follow_links",
+    "glob_of",
     "holders",
     "is_wrapper",
     "learn_model",
@@ -318,3 +319,10 @@ def auto_name(module: torch.nn.Module) -> str:
             name = prefix if uid == 0 else f"{prefix}_{uid}"
             NAMING.auto_names[module] = name
         return name
+
+
+def glob_of(pattern: str) -> str:
+    """A target pattern as a reader's glob: ``weight_(ih|hr)_l\\d+(_reverse)?`` ->
+    ``weight_{ih,hr}_l*``."""
+    glob = pattern.replace("(_reverse)?", "").replace(r"\d+", "*")
+    return re.sub(r"\(([^)]*)\)", lambda m: "{" + m.group(1).replace("|", ",") + "}", glob)

@@ -21,11 +21,11 @@ from typing import Any, ClassVar
 
 import torch
 
-from ._checks import suggest_keyword
+from ._checks import suggest_keyword, warn_user
 from ._collection.collection import Collection
 from ._collection.entries import parametrized_tensors
 from ._context import active_collection, current_prefix, scope_default
-from ._naming import drop_inert_hooks
+from ._naming import drop_inert_hooks, glob_of
 from ._naming import inert_hook_factory as _inert_hook  # noqa: F401 (pickles)
 from .regularizers import Regularizer
 from .regularizers import get as get_regularizer
@@ -139,8 +139,11 @@ class RegularizedLayer(torch.nn.Module):
         self._rc_collection = coll
         self._rc_prefix = current_prefix()
         for name, reg in regs.items():
-            if reg is not None:
-                self._rc_write(name, reg)
+            if reg is not None and not self._rc_write(name, reg) and given[name] is not _UNSET:
+                warn_user(  # a scope's default is for the layers that have the parameter
+                    f"{type(self).__name__}({name}={reg!r}) regularizes nothing: the layer has "
+                    f"no parameter named {glob_of(self._rc_targets[name])} (made without it?)"
+                )
 
     @classmethod
     def _rc_arguments(cls) -> tuple[str, ...]:
@@ -178,15 +181,16 @@ class RegularizedLayer(torch.nn.Module):
                 return entry.regularizer  # type: ignore[no-any-return]
         return None
 
-    def _rc_write(self, argument: str, reg: Regularizer | None) -> None:
+    def _rc_write(self, argument: str, reg: Regularizer | None) -> bool:
+        """Register ``reg`` (None: unregister) on what ``argument`` covers; False if nothing."""
         coll: Collection = self._rc_collection
-        for module, name in self._rc_params(argument):
+        covered = self._rc_params(argument)
+        for module, name in covered:
             if reg is not None:
                 self._rc_add(module, name, reg)
-            else:
-                entry = coll.find(module, name)
-                if entry is not None:
-                    coll.unregister(entry)
+            elif (entry := coll.find(module, name)) is not None:
+                coll.unregister(entry)
+        return bool(covered)
 
     def _rc_add(self, module: torch.nn.Module, param: str | None, reg: Regularizer) -> None:
         coll: Collection = self._rc_collection
@@ -229,13 +233,6 @@ class RegularizedLayer(torch.nn.Module):
         return ", ".join([s for s in (super().extra_repr(), *regs) if s])
 
 
-def _covers(pattern: str) -> str:
-    """A target pattern as a reader's glob: ``weight_(ih|hr)_l\\d+(_reverse)?`` ->
-    ``weight_{ih,hr}_l*``."""
-    glob = pattern.replace("(_reverse)?", "").replace(r"\d+", "*")
-    return re.sub(r"\(([^)]*)\)", lambda m: "{" + m.group(1).replace("|", ",") + "}", glob)
-
-
 def _layer_doc(cls: type[RegularizedLayer], base: type) -> str:
     """The docstring of a layer class: its summary, then Google-style sections built from
     its ``_rc_targets``, so every layer documents its arguments the same way."""
@@ -243,7 +240,7 @@ def _layer_doc(cls: type[RegularizedLayer], base: type) -> str:
     summary = inspect.cleandoc(cls.__doc__ or f"``{twin}`` with regularizer arguments.")
     accepted = 'a ``Regularizer``, a name (``"l2"``), a config dict or a callable'
     args = [
-        f"{argument}: Penalty on ``{_covers(pattern)}``: {accepted}. None (the default) "
+        f"{argument}: Penalty on ``{glob_of(pattern)}``: {accepted}. None (the default) "
         "registers nothing, unless an enclosing ``rc.scope`` gives a default."
         for argument, pattern in cls._rc_targets.items()
     ]

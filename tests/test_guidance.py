@@ -196,3 +196,32 @@ def test_nn_exports_only_layers():
         for n in rc.nn.__all__
     )
     assert callable(rc.nn._inert_hook)  # where pickles of regularized models find it
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (
+            lambda: rc.nn.Linear(4, 4, bias=False, bias_regularizer=rc.l2(1e-4)),
+            r"Linear\(bias_regularizer=L2\(l2=0\.0001\)\) regularizes nothing: the layer has no "
+            r"parameter named bias",
+        ),
+        (
+            lambda: rc.nn.LayerNorm(4, elementwise_affine=False, gamma_regularizer="l2"),
+            r"LayerNorm\(gamma_regularizer=L2\(l2=0\.01\)\) regularizes nothing: the layer has "
+            r"no parameter named weight",
+        ),
+    ],
+)
+def test_a_regularizer_for_a_parameter_the_layer_lacks_warns_at_the_users_line(make, message):
+    with pytest.warns(rc.RegcollectWarning, match=message) as seen:
+        layer = make()
+    assert seen[0].filename == __file__
+    assert rc.get_collection().entries(layer) == []
+
+
+def test_a_scope_default_for_a_parameter_the_layer_lacks_is_silent():
+    with rc.scope("net", bias_regularizer=rc.l2(1e-4)), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer = rc.nn.Linear(4, 4, bias=False)
+    assert rc.get_collection().entries(layer) == []

@@ -89,16 +89,18 @@ def test_bidirectional_rnn_and_projections():
 
 
 def test_string_and_dict_identifiers_and_no_bias():
-    layer = rc.nn.Linear(
-        2,
-        2,
-        bias=False,
-        kernel_regularizer="l1_l2",
-        bias_regularizer={"class_name": "L1", "config": {"l1": 0.1}},
-    )
+    with pytest.warns(rc.RegcollectWarning, match="regularizes nothing"):  # no bias to penalise
+        layer = rc.nn.Linear(
+            2,
+            2,
+            bias=False,
+            kernel_regularizer="l1_l2",
+            bias_regularizer={"class_name": "L1", "config": {"l1": 0.1}},
+        )
     assert layer.kernel_regularizer == rc.L1L2(0.01, 0.01)
-    assert [e.param for e in rc.get_collection().entries()] == ["weight"]  # no bias to penalise
-    norm = rc.nn.LayerNorm(3, elementwise_affine=False, gamma_regularizer="l2")
+    assert [e.param for e in rc.get_collection().entries()] == ["weight"]
+    with pytest.warns(rc.RegcollectWarning, match="regularizes nothing"):
+        norm = rc.nn.LayerNorm(3, elementwise_affine=False, gamma_regularizer="l2")
     assert norm.gamma_regularizer is None  # no weight: nothing counts, the attribute says so
     assert len(rc.get_collection()) == 1
 
