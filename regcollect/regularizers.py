@@ -203,7 +203,8 @@ def register(name: str) -> Callable[[R], R]:
         MaxAbs(c=0.01)
     """
     if not isinstance(name, str) or not name:
-        raise ValueError(f"register expects a non-empty string name, got {name!r}")
+        hint = ' (decorate with @rc.register("Name"), with the name)' if callable(name) else ""
+        raise ValueError(f"register expects a non-empty string name, got {name!r}{hint}")
 
     def decorator(cls: R) -> R:
         if not (isinstance(cls, type) and issubclass(cls, Regularizer)):

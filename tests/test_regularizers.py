@@ -241,6 +241,16 @@ def test_a_notebook_cell_run_again_registers_its_new_class():
         rc.register("L2")(type("L2", (rc.Regularizer,), {"__module__": "__main__"}))
 
 
+def test_register_without_a_name_says_how_to_decorate():
+    with pytest.raises(
+        ValueError, match=r'got <class .*Bare.*> \(decorate with @rc.register\("Name"\)'
+    ):
+
+        @rc.register  # type: ignore[arg-type]
+        class Bare(rc.Regularizer):
+            pass
+
+
 def test_serialize_unregistered_fails_clearly():
     class Unregistered(rc.Regularizer):
         def get_config(self):

@@ -186,7 +186,7 @@ class OptimizerAttachment:
         if doubled and not self._warned_decay:
             self._warned_decay = True
             warnings.warn(
-                f"{len(doubled)} parameters regularized by regcollect are also in a parameter "
+                f"parameters regularized by regcollect ({len(doubled)}) are also in a parameter "
                 f"group with weight_decay={first_decay(optimizer)} on "
                 f"{type(optimizer).__name__}: they are regularized twice. Set weight_decay=0 "
                 "for them (rc.l2(wd / 2) is SGD's weight_decay=wd).",

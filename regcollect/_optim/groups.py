@@ -241,16 +241,16 @@ class GroupDecay:
         if forgotten and "forgotten" not in self._warned:
             self._warned.add("forgotten")
             _warn(
-                f"{len(forgotten)} parameters ({names(forgotten)}) whose rc.l2 penalty "
-                f"rc.param_groups() handed to an optimizer's weight_decay are stepped by "
-                f"{name} in a parameter group rc.param_groups() did not make: nothing applies "
-                "their penalty (rc.loss() gives it no gradient). Build the optimizer from "
+                f"{name} steps parameters whose rc.l2 penalty rc.param_groups() handed to an "
+                f"optimizer's weight_decay ({len(forgotten)}: {names(forgotten)}) in a "
+                "parameter group rc.param_groups() did not make: nothing applies their penalty "
+                "(rc.loss() gives it no gradient). Build the optimizer from "
                 "rc.param_groups(model).",
             )
         if doubled and "doubled" not in self._warned:
             self._warned.add("doubled")
             _warn(
-                f"{len(doubled)} regularized parameters ({names(doubled)}) are in a "
+                f"regularized parameters ({len(doubled)}: {names(doubled)}) are in a "
                 f"parameter group of {name} made by rc.param_groups() with weight_decay > 0, "
                 "but their penalty is not the one the group was made for (another collection, "
                 "or a regularizer changed since): rc.loss()'s gradient and the group's decay "
@@ -259,7 +259,7 @@ class GroupDecay:
         if removed and "removed" not in self._warned:
             self._warned.add("removed")
             _warn(
-                f"{len(removed)} parameters in a parameter group of {name} made by "
+                f"parameters ({len(removed)}) in a parameter group of {name} made by "
                 "rc.param_groups() with weight_decay > 0 no longer carry the rc.l2 penalty the "
                 "group was made for (removed or replaced since): the group still decays them. "
                 "Call rc.param_groups() again and rebuild the optimizer.",
