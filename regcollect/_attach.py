@@ -35,7 +35,12 @@ def resolve_parameter(module: torch.nn.Module, param_name: object) -> tuple[torc
     """``(owning submodule, local name)`` for a dotted parameter name (also one FSDP1 moved
     into a flat parameter, ``use_orig_params=False``), or a clear error."""
     if not isinstance(param_name, str) or not param_name:
-        raise TypeError(f"param_name must be a non-empty string, got {param_name!r}")
+        name = next((n for n, p in module.named_parameters() if p is param_name), None)
+        hint = f"; the model names that tensor {name!r}" if name is not None else ""
+        got = type(param_name).__name__ if isinstance(param_name, torch.Tensor) else ""
+        raise TypeError(
+            f"param_name must be a non-empty string, got {got or shown(param_name)}{hint}"
+        )
     path, _, local = param_name.rpartition(".")
     try:
         owner = module.get_submodule(path) if path else module

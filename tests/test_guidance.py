@@ -225,3 +225,15 @@ def test_a_scope_default_for_a_parameter_the_layer_lacks_is_silent():
         warnings.simplefilter("error")
         layer = rc.nn.Linear(4, 4, bias=False)
     assert rc.get_collection().entries(layer) == []
+
+
+def test_a_tensor_given_for_a_parameter_name_gets_its_name():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    with pytest.raises(
+        TypeError,
+        match=r"^param_name must be a non-empty string, got Parameter; the model names that "
+        r"tensor '0\.weight'$",
+    ):
+        rc.add_regularizer(model, model[0].weight, rc.l2(0.1))
+    with pytest.raises(TypeError, match=r"got 3$"):
+        rc.add_regularizer(model, 3, rc.l2(0.1))
