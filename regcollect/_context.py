@@ -307,7 +307,9 @@ def summary(
     without printing.
 
     Args:
-        loss: the total training loss (tensor or number), for the "% of loss" column.
+        loss: the total training loss (tensor or number), for the "% of loss" column
+            (``-`` where it is not positive; a footnote when it is smaller than the penalties
+            it should include: the data loss alone, most likely).
         scope: as for ``loss``.
         tablefmt: a ``tabulate`` format name.
         file: where to print (default: stdout, or the notebook's display).

@@ -314,7 +314,10 @@ def deserialize(config: dict[str, Any]) -> Regularizer:
         L1L2(l1=0.0, l2=0.5)
     """
     if not isinstance(config, dict):
-        raise TypeError(f"deserialize expects a dict, got {type(config).__name__} {shown(config)}")
+        hint = f"; for a name, rc.regularizers.get({config!r})" if isinstance(config, str) else ""
+        raise TypeError(
+            f"deserialize expects a dict, got {type(config).__name__} {shown(config)}{hint}"
+        )
     unknown = set(config) - {"class_name", "config", "module", "registered_name"}
     if "class_name" not in config or unknown:
         raise ValueError(

@@ -251,6 +251,12 @@ def test_register_without_a_name_says_how_to_decorate():
             pass
 
 
+def test_deserialize_of_a_name_points_to_get():
+    with pytest.raises(TypeError, match=r"got str 'l2'; for a name, rc\.regularizers\.get\('l2'\)"):
+        rc.deserialize("l2")  # type: ignore[arg-type]
+    assert regularizers.get("l2") == rc.l2()
+
+
 def test_serialize_unregistered_fails_clearly():
     class Unregistered(rc.Regularizer):
         def get_config(self):

@@ -78,7 +78,7 @@ def test_summary_one_device_to_host_copy(monkeypatch, device):
         loss=torch.tensor(3.0, device=device), scope=[model, layer], file=io.StringIO()
     )
     assert len(calls) == 1
-    assert text.splitlines()[-1].split()[-1] == "3"  # the total loss line
+    assert text.splitlines()[-1].startswith("total loss: 3")  # the total loss line
 
 
 def test_summary_scope_tablefmt_and_errors():
@@ -375,3 +375,22 @@ def test_summary_in_a_real_notebook_shows_one_table(tmp_path):
         ["text/markdown", "text/plain"],
         ["text/markdown", "text/plain"],
     ]
+
+
+def test_a_loss_that_cannot_be_the_total_is_pointed_out():
+    """``loss=`` is the total training loss; one smaller than the penalties it includes is
+    most likely the data loss alone, and a share of a loss that is not positive means nothing."""
+    model = torch.nn.Sequential(rc.nn.Linear(2, 1, bias=False, kernel_regularizer=rc.l2(1.0)))
+    torch.nn.init.constant_(model[0].weight, 1.0)  # penalty 2
+    rc.loss()
+    text = rc.summary(loss=0.5, file=io.StringIO())
+    assert rows_of(text)["0.weight"][-1] == "400.00%"
+    assert text.splitlines()[-1] == (
+        "total loss: 0.5, smaller than the penalties (2): pass the total loss, "
+        "data loss + rc.loss()"
+    )
+    for loss in (0.0, -3.0):
+        text = rc.summary(loss=loss, file=io.StringIO())
+        assert rows_of(text)["0.weight"][-1] == "-"
+        assert text.splitlines()[-1] == f"total loss: {loss:g}"
+    assert rc.summary(loss=2.5, file=io.StringIO()).splitlines()[-1] == "total loss: 2.5"

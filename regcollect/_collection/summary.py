@@ -175,9 +175,17 @@ def _percent(part: float | None, whole: float | None) -> str:
         return "-"
     if whole is None:
         return ""
-    if whole == 0:
-        return "-" if part == 0 else "inf"
+    if whole <= 0:  # no penalty at all, or a loss whose share means nothing
+        return "-"
     return f"{100.0 * part / whole:.2f}%"
+
+
+def _loss_footer(loss_value: float, total: float) -> str:
+    footer = f"total loss: {loss_value:.6g}"
+    if 0 < loss_value < total:  # the data loss alone, most likely
+        footer += f", smaller than the penalties ({total:.6g}): pass the total loss, "
+        footer += "data loss + rc.loss()"
+    return footer
 
 
 def _value(value: float | None) -> str:
@@ -366,7 +374,7 @@ def render(
         if loss_value is not None:
             row.append(_percent(value, loss_value))
         cells.append(row)
-    footer = f"total loss: {loss_value:.6g}" if loss_value is not None else ""
+    footer = "" if loss_value is None else _loss_footer(loss_value, total)
     summary = Summary.build(headers, cells, footer, total, tablefmt)
     summary.show(file)
     return summary
