@@ -314,7 +314,9 @@ def deserialize(config: dict[str, Any]) -> Regularizer:
         L1L2(l1=0.0, l2=0.5)
     """
     if not isinstance(config, dict):
-        hint = f"; for a name, rc.regularizers.get({config!r})" if isinstance(config, str) else ""
+        hint = (
+            f"; for a name, rc.regularizers.get({shown(config)})" if isinstance(config, str) else ""
+        )
         raise TypeError(
             f"deserialize expects a dict, got {type(config).__name__} {shown(config)}{hint}"
         )

@@ -564,6 +564,35 @@ def test_an_optimizer_first_seen_at_its_step_restores_its_schedules_and_says_so(
     assert s2.step == s1.step == 4  # restored at the first step: the rest of the run is right
 
 
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_an_attached_optimizer_restores_its_schedules_when_its_state_is_loaded(decoupled):
+    """What ``rc.schedules.resume`` promises: an optimizer attached with
+    ``rc.attach_optimizer`` is known, so loading its state restores the schedules at once,
+    without a resume() call, and the first resumed loss() uses the resumed coefficient."""
+
+    def build():
+        schedule = rc.schedules.warmup(0.5, steps=10)
+        model = warmup_model(schedule)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        rc.attach_optimizer(opt, decoupled=decoupled)
+        return schedule, model, opt
+
+    schedule, model, opt = build()
+    train(model, [opt], 3)
+    state = copy.deepcopy(opt.state_dict())
+    weights = copy.deepcopy(model.state_dict())
+    del model, opt
+    schedule, model, opt = build()
+    model.load_state_dict(weights)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "first seen at its step" warning either
+        opt.load_state_dict(state)
+        assert schedule.step == 3
+        expected = 0.5 * 3 / 10 * sum(float(p.detach().pow(2).sum()) for p in model.parameters())
+        assert rc.loss(model).item() == pytest.approx(expected, rel=1e-6)
+        train(model, [opt], 1)
+
+
 def test_loading_an_earlier_optimizer_state_rolls_the_schedules_back():
     schedule = rc.schedules.warmup(0.5, steps=10)
     model = warmup_model(schedule)

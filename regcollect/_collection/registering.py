@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from .._optim import following as _following
 from .._optim.attach import OptimizerAttachment, held_by
 from .._optim.groups import GroupDecay, build, declared_l2, parameters
 from .._optim.wrappers import stepped
@@ -146,6 +147,8 @@ class Registering:
                 old.remove()
                 self._attachments.remove(old)
             self._attachments.append(attachment)
+        # Known from now on: loading its state (resuming a run) restores the schedules.
+        _following.resume(optimizer)
 
         def undo() -> None:
             attachment.remove()

@@ -35,14 +35,13 @@ would make its differentiation fail.
 from __future__ import annotations
 
 import contextlib
-import warnings
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 import torch
 
-from .._checks import RegcollectWarning
+from .._checks import warn_user
 from .._distributed.seam import placement_of, step_lists, stepped_twins, unstepped
 from .._engine.plan import steppable
 from .._penalties.base import Term
@@ -185,13 +184,12 @@ class OptimizerAttachment:
         self._key = key
         if doubled and not self._warned_decay:
             self._warned_decay = True
-            warnings.warn(
+            warn_user(
                 f"parameters regularized by regcollect ({len(doubled)}) are also in a parameter "
                 f"group with weight_decay={first_decay(optimizer)} on "
                 f"{type(optimizer).__name__}: they are regularized twice. Set weight_decay=0 "
-                "for them (rc.l2(wd / 2) is SGD's weight_decay=wd).",
-                RegcollectWarning,
-                stacklevel=4,
+                "for them (the optimizer's default, as AdamW's 0.01, counts too; "
+                "rc.l2(wd / 2) is SGD's and AdamW's weight_decay=wd, AdamW's decoupled)."
             )
 
     def _parts(self, optimizer: torch.optim.Optimizer) -> dict[int, list[tuple[Term, Any, Any]]]:

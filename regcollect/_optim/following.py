@@ -28,13 +28,12 @@ with the first schedule in use.
 from __future__ import annotations
 
 import threading
-import warnings
 import weakref
 from typing import Any
 
 import torch
 
-from .._checks import RegcollectWarning
+from .._checks import warn_user
 from .._state import FOLLOWING, OPTIMIZER_STEP, OPTIMIZER_STEP_PRE
 from .._torch_compat import calls_under_way
 from ..schedules import Schedule
@@ -251,15 +250,13 @@ def _meet(optimizer: torch.optim.Optimizer, at_step: bool) -> None:
     moved = _restore(optimizer)
     if moved and at_step:
         key, before, now = moved[0]
-        warnings.warn(
+        warn_user(
             f"{type(optimizer).__name__}'s state holds the steps of regularization schedules "
             f"({key!r} at step {now}) that regcollect saw only at its first step(): the "
             f"penalty of this step used step {before}'s coefficient; the schedules resume from "
             "here. After loading an optimizer's state, call rc.schedules.resume(optimizer) "
             "before the first rc.loss() (RegularizedTrainer and the Lightning "
-            "RegularizationLogger do).",
-            RegcollectWarning,
-            stacklevel=4,
+            "RegularizationLogger do)."
         )
 
 

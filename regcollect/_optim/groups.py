@@ -28,14 +28,13 @@ custom ones) are left to ``loss()`` or to ``attach_optimizer``: their parameters
 
 from __future__ import annotations
 
-import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 
-from .._checks import RegcollectWarning
+from .._checks import warn_user
 from .._engine.plan import steppable
 from .._penalties.base import Coefficient, Regularizer
 from .._penalties.kernel import kernel_of
@@ -268,4 +267,4 @@ class GroupDecay:
 
 
 def _warn(message: str) -> None:
-    warnings.warn(message, RegcollectWarning, stacklevel=7)  # the user's step() call
+    warn_user(message)  # at the user's step() call, however deep the wrappers
