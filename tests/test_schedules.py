@@ -113,6 +113,31 @@ def test_compiled_loss_follows_the_schedule_without_break_or_recompile():
     assert values == pytest.approx([sched.value(t) * square for t in range(5)], rel=1e-6)
 
 
+def test_compiled_step_with_a_scheduled_activity_penalty_has_no_graph_break():
+    """The schedule's coefficient tensor of an activity entry is made at registration (on the
+    layer's device), as a weight entry's is, not by the first trace (whose lock broke the
+    graph into four for good)."""
+    import torch._dynamo
+
+    sched = schedules.linear(0.0, 1e-3, steps=4)
+    coll = rc.Collection()
+    layer = rc.nn.Linear(4, 1, activity_regularizer=rc.l1(sched), collection=coll)
+    x = torch.ones(2, 4)
+
+    def step():
+        return layer(x).sum() + coll.loss()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="eager", fullgraph=COMPILED_LOSS_WITHOUT_GRAPH_BREAKS)
+    for t in range(3):
+        sched.set_step(t)
+        got = compiled().item()  # the first call traces before any eager forward pass
+        with torch.no_grad():
+            out = layer(x)
+        expected = out.sum() + sched.value(t) * out.abs().sum() / 2
+        assert got == pytest.approx(expected.item(), rel=1e-6)
+
+
 def test_summary_shows_the_current_coefficient_and_resume_restores_it():
     layer = rc.nn.Linear(3, 2, kernel_regularizer=rc.l2(schedules.warmup(0.01, steps=4)))
     opt = torch.optim.SGD(layer.parameters(), lr=0.1)

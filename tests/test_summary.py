@@ -377,6 +377,26 @@ def test_summary_in_a_real_notebook_shows_one_table(tmp_path):
     ]
 
 
+def test_two_models_sharing_a_schedule_show_the_step_each_row_was_computed_at():
+    """GAN order: loss(G), G's step, loss(D), D's step. One schedule on both: G's row was
+    computed a step before D's, and each row shows its own step."""
+    warmup = rc.l2(rc.schedules.warmup(1.0, 8))
+    G = torch.nn.Sequential(rc.nn.Linear(1, 1, bias=False, kernel_regularizer=warmup))
+    D = torch.nn.Sequential(rc.nn.Linear(1, 1, bias=False, kernel_regularizer=warmup))
+    for model in (G, D):
+        torch.nn.init.constant_(model[0].weight, 1.0)
+    opt_g, opt_d = (torch.optim.SGD(m.parameters(), lr=0.0) for m in (G, D))
+    for _ in range(2):
+        for model, opt in ((G, opt_g), (D, opt_d)):
+            rc.loss(model).backward()
+            opt.step()
+    # G's last loss() ran a step of the shared schedule before D's: sum(w**2) = 1, so each
+    # row's penalty is the coefficient it was computed with, and the rows differ.
+    rows = rows_of(rc.summary(file=io.StringIO()))
+    shown = [(" ".join(r[2:-2]), float(r[-2])) for r in rows.values() if r[0] != "total"]
+    assert shown == [("L2(l2=0.125 linear@1)", 0.125), ("L2(l2=0.25 linear@2)", 0.25)]
+
+
 def test_a_loss_that_cannot_be_the_total_is_pointed_out():
     """``loss=`` is the total training loss; one smaller than the penalties it includes is
     most likely the data loss alone, and a share of a loss that is not positive means nothing."""

@@ -84,17 +84,20 @@ class Readout:
         with self._lock:
             self._lasts, self._traced = {}, None
 
-    def steps(self) -> dict[int, int]:
-        """The schedules' steps at the last values, the latest view's winning; empty (the
-        schedules' current steps) once a compiled step, whose steps are not known, stored."""
+    def steps(self) -> dict[Entry, dict[int, int]]:
+        """Each entry's schedules' steps when its shown value was computed: those of the view
+        whose value ``rows`` shows (the latest to cover it); left out where that view was a
+        compiled step's, whose steps are not known."""
         with self._lock:
             self._fold()
             lasts = list(self._lasts.values())
-        steps: dict[int, int] = {}
-        for last in lasts:
-            if last.steps is None:
-                return {}
-            steps.update(last.steps)
+        steps: dict[Entry, dict[int, int]] = {}
+        for last in lasts:  # oldest first, as in rows(): the latest view wins
+            for entry in [*last.entries, *last.activity]:
+                if last.steps is None:
+                    steps.pop(entry, None)
+                else:
+                    steps[entry] = last.steps
         return steps
 
     def rows(

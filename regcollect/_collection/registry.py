@@ -177,10 +177,11 @@ class Registry:
                 # Replaced, not removed: removing the new entry may restore it, so its state
                 # on the module (an L2SP reference buffer) stays.
                 self._release(gone, keep_state=True)
+            device = _device_of(tensor, module)
             for schedule in kernel_of(entry.regularizer).schedules(entry.regularizer):
                 _following.follow(schedule, entry)
-                if tensor is not None:
-                    schedule.tensor(tensor.device)  # made here, not inside a compiled trace
+                if device is not None:
+                    schedule.tensor(device)  # made here, not inside a compiled trace
             if module is not None:
                 _naming.track(module)
                 if entry.kind == ACTIVITY:
@@ -405,3 +406,12 @@ class Registry:
     def entries(self, scope: ScopeArg = None) -> list[Entry]:
         """Live entries in registration order, optionally filtered by ``scope``."""
         return self._view(scope)[0]
+
+
+def _device_of(tensor: torch.Tensor | None, module: torch.nn.Module | None) -> torch.device | None:
+    """Where an entry's coefficients live: its tensor's device, or for a layer's output that
+    of the layer's first parameter (the CPU for a layer without any)."""
+    if tensor is not None or module is None:
+        return None if tensor is None else tensor.device
+    first = next(module.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")

@@ -306,11 +306,15 @@ def _sum(values: Sequence[float | None]) -> float | None:
     return sum(known) if known else None
 
 
-def _by_module(rows: list[Row], depth: int | None, steps: Mapping[int, int]) -> list[Line]:
+# Each entry's schedules' steps when its value was computed ({id(schedule): step}).
+Steps = Mapping[Entry, Mapping[int, int]]
+
+
+def _by_module(rows: list[Row], depth: int | None, steps: Steps) -> list[Line]:
     groups: dict[str, list[tuple[str, float | None]]] = {}
     for entry, name, value in rows:
         groups.setdefault(_module_of(entry, name, depth), []).append(
-            (compact(entry.regularizer, steps), value)
+            (compact(entry.regularizer, steps.get(entry)), value)
         )
     lines: list[Line] = []
     for module, members in groups.items():
@@ -320,12 +324,12 @@ def _by_module(rows: list[Row], depth: int | None, steps: Mapping[int, int]) -> 
     return lines
 
 
-def _by_entry(rows: list[Row], steps: Mapping[int, int]) -> list[Line]:
+def _by_entry(rows: list[Row], steps: Steps) -> list[Line]:
     return [
         (
             name,
             "x".join(map(str, entry.shape)) if entry.shape is not None else _no_shape(entry),
-            compact(entry.regularizer, steps),
+            compact(entry.regularizer, steps.get(entry)),
             value,
         )
         for entry, name, value in rows
@@ -345,7 +349,7 @@ def render(
     rows: list[Row],
     total: float,
     loss_value: float | None,
-    steps: Mapping[int, int] | None = None,
+    steps: Steps | None = None,
     *,
     tablefmt: str = "simple",
     file: IO[str] | None = None,
