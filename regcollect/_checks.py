@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
+import re
 import reprlib
 import sys
 import warnings
@@ -107,17 +108,31 @@ def _keywords(fn: Callable[..., object]) -> list[str] | None:
 
 
 def suggest_keyword(
-    exc: TypeError, name: str, kwargs: dict[str, object], accepted: list[str] | None
+    exc: TypeError,
+    name: str,
+    kwargs: dict[str, object],
+    accepted: list[str] | None,
+    covers: dict[str, str] | None = None,
 ) -> None:
     """When ``exc`` was raised binding a call to ``name`` (not from inside it), raise a
     ``TypeError`` that suggests the keyword meant for the first of ``kwargs`` that ``name``
-    does not take (of ``accepted``); else return, for the caller to re-raise ``exc``."""
-    if exc.__traceback__ is None or exc.__traceback__.tb_next is not None or accepted is None:
-        return  # raised inside the function, not by the call's arguments
+    does not take (of ``accepted``); else return, for the caller to re-raise ``exc``.
+    ``covers`` (a layer's ``{argument: pattern of the parameter names it covers}``) turns a
+    parameter's own name (``weight_regularizer``; an RNN's ``weight_hh_regularizer``, for
+    ``weight_hh_l0``) into the argument that covers it."""
+    if exc.__traceback__ is None or accepted is None:
+        return
     unknown = next((k for k in kwargs if k not in accepted), None)
     if unknown is None:
         return
-    close = [k for k in _in_keras_words(unknown) if k in accepted][:1]
+    param = unknown.removesuffix("_regularizer")
+    named = (param, f"{param}_l0")
+    close = [a for a, p in (covers or {}).items() if any(re.fullmatch(p, n) for n in named)][:1]
+    if exc.__traceback__.tb_next is not None:  # raised inside the function: is it the binding
+        passed_on = f"unexpected keyword argument {unknown!r}" in str(exc)  # of a base class?
+        if not (close and passed_on):
+            return
+    close = close or [k for k in _in_keras_words(unknown) if k in accepted][:1]
     close = close or difflib.get_close_matches(unknown, accepted, n=1, cutoff=0.5)
     if not close:  # a prefix (bias_regularizer for bias) is a near miss too
         close = [a for a in accepted if unknown.startswith(a) or a.startswith(unknown)][:1]

@@ -134,7 +134,7 @@ class RegularizedLayer(torch.nn.Module):
             super().__init__(*args, **kwargs)
         except TypeError as exc:  # a misspelled keyword: suggest the one meant
             accepted = [*self._rc_arguments(), *inspect.signature(super().__init__).parameters]
-            suggest_keyword(exc, type(self).__name__, kwargs, accepted)
+            suggest_keyword(exc, type(self).__name__, kwargs, accepted, self._rc_targets)
             raise
         self._rc_collection = coll
         self._rc_prefix = current_prefix()

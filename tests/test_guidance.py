@@ -153,6 +153,12 @@ def test_a_users_keras_subclass_stays_their_function():
         (lambda m: rc.nn.Linear(2, 2, weight_regularizer="l2"), "'kernel_regularizer'?"),
         (lambda m: rc.nn.Conv2d(1, 1, 3, W_regularizer="l2"), "'kernel_regularizer'?"),
         (lambda m: rc.nn.Linear(2, 2, b_regularizer="l2"), "did you mean 'bias_regularizer'?"),
+        # A parameter's own name: the argument that covers it on this layer.
+        (lambda m: rc.nn.BatchNorm1d(4, weight_regularizer="l2"), "'gamma_regularizer'?"),
+        (lambda m: rc.nn.Embedding(4, 2, weight_regularizer="l2"), "'embeddings_regularizer'?"),
+        (lambda m: rc.nn.LSTM(2, 2, weight_hh_regularizer="l2"), "'recurrent_regularizer'?"),
+        (lambda m: rc.nn.LSTM(2, 2, weight_ih_regularizer="l2"), "'kernel_regularizer'?"),
+        (lambda m: rc.nn.GRU(2, 2, bias_hh_regularizer="l2"), "'bias_regularizer'?"),
         (lambda m: rc.regularize(m, weight=rc.l2(1e-4)), "'weight'; did you mean 'kernel'?"),
         (lambda m: rc.regularize(m, weights=rc.l2(1e-4)), "did you mean 'kernel'?"),
     ],
