@@ -65,7 +65,7 @@ def _argument_property(argument: str) -> property:
         return self._rc_read(argument)
 
     def set_(self: RegularizedLayer, value: object) -> None:
-        self._rc_write(argument, get_regularizer(value))
+        self._rc_set(argument, get_regularizer(value))
 
     return property(get, set_, doc=f"The regularizer on this layer's {argument} targets.")
 
@@ -138,12 +138,17 @@ class RegularizedLayer(torch.nn.Module):
             raise
         self._rc_collection = coll
         self._rc_prefix = current_prefix()
-        for name, reg in regs.items():
-            if reg is not None and not self._rc_write(name, reg) and given[name] is not _UNSET:
-                warn_user(  # a scope's default is for the layers that have the parameter
-                    f"{type(self).__name__}({name}={reg!r}) regularizes nothing: the layer has "
-                    f"no parameter named {glob_of(self._rc_targets[name])} (made without it?)"
-                )
+        for name, reg in regs.items():  # a scope's default is for the layers it applies to
+            if reg is not None:
+                (self._rc_write if given[name] is _UNSET else self._rc_set)(name, reg)
+
+    def _rc_set(self, argument: str, reg: Regularizer | None) -> None:
+        """What the user set: ``_rc_write``, with a warning when it covers nothing."""
+        if not self._rc_write(argument, reg) and reg is not None:
+            warn_user(
+                f"{type(self).__name__}({argument}={reg!r}) regularizes nothing: the layer has "
+                f"no parameter named {glob_of(self._rc_targets[argument])} (made without it?)"
+            )
 
     @classmethod
     def _rc_arguments(cls) -> tuple[str, ...]:
@@ -173,13 +178,10 @@ class RegularizedLayer(torch.nn.Module):
 
     def _rc_read(self, argument: str) -> Regularizer | None:
         coll: Collection | None = self.__dict__.get("_rc_collection")
-        if coll is None:
-            return None
-        for module, name in self._rc_params(argument):
-            entry = coll.find(module, name)
-            if entry is not None:
-                return entry.regularizer  # type: ignore[no-any-return]
-        return None
+        pairs = self._rc_params(argument) if coll is not None else []
+        found = [coll.find(m, n) for m, n in pairs]  # type: ignore[union-attr]
+        entry = next((e for e in found if e is not None), None)
+        return None if entry is None else entry.regularizer  # type: ignore[no-any-return]
 
     def _rc_write(self, argument: str, reg: Regularizer | None) -> bool:
         """Register ``reg`` (None: unregister) on what ``argument`` covers; False if nothing."""

@@ -226,6 +226,16 @@ def test_a_regularizer_for_a_parameter_the_layer_lacks_warns_at_the_users_line(m
     assert rc.get_collection().entries(layer) == []
 
 
+def test_assigning_a_regularizer_for_a_parameter_the_layer_lacks_warns_too():
+    layer = rc.nn.Linear(4, 4, bias=False)
+    with pytest.warns(rc.RegcollectWarning, match=r"Linear\(bias_regularizer=L1\(l1=0\.01\)\)"):
+        layer.bias_regularizer = "l1"
+    assert layer.bias_regularizer is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer.bias_regularizer = None  # removing what is not there: nothing to say
+
+
 def test_a_scope_default_for_a_parameter_the_layer_lacks_is_silent():
     with rc.scope("net", bias_regularizer=rc.l2(1e-4)), warnings.catch_warnings():
         warnings.simplefilter("error")
