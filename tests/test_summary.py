@@ -406,8 +406,8 @@ def test_a_loss_that_cannot_be_the_total_is_pointed_out():
     text = rc.summary(loss=0.5, file=io.StringIO())
     assert rows_of(text)["0.weight"][-1] == "400.00%"
     assert text.splitlines()[-1] == (
-        "total loss: 0.5, smaller than the penalties (2): pass the total loss, "
-        "data loss + rc.loss()"
+        "total loss: 0.5, smaller than the penalties shown (2): pass the total loss "
+        "(data loss + rc.loss()), and scope= the model it is the loss of"
     )
     for loss in (0.0, -3.0):
         text = rc.summary(loss=loss, file=io.StringIO())

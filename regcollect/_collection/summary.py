@@ -182,9 +182,9 @@ def _percent(part: float | None, whole: float | None) -> str:
 
 def _loss_footer(loss_value: float, total: float) -> str:
     footer = f"total loss: {loss_value:.6g}"
-    if 0 < loss_value < total:  # the data loss alone, most likely
-        footer += f", smaller than the penalties ({total:.6g}): pass the total loss, "
-        footer += "data loss + rc.loss()"
+    if 0 < loss_value < total:  # the data loss alone, or another model's loss
+        footer += f", smaller than the penalties shown ({total:.6g}): pass the total loss "
+        footer += "(data loss + rc.loss()), and scope= the model it is the loss of"
     return footer
 
 
