@@ -286,6 +286,17 @@ def test_a_forgotten_path_is_warned():
         train(model, opt, batches(1), coll.loss)
 
 
+def test_the_forgotten_path_is_warned_again_after_another_param_groups_call():
+    """One warning per set-up, not per process: a notebook that makes the same mistake in a
+    new cell (param_groups() again, the optimizer from model.parameters()) hears it again."""
+    model, coll = regularized()
+    for _ in range(2):
+        rc.param_groups(model, collection=coll)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with pytest.warns(rc.RegcollectWarning, match="nothing applies their penalty"):
+            train(model, opt, batches(1), coll.loss)
+
+
 def test_a_doubled_path_is_warned():
     # Attached too: the step's L2 and the group's weight_decay.
     model, coll = regularized()

@@ -170,6 +170,7 @@ class GroupDecay:
                     self._params.pop(pid, None)
 
             self._params[pid] = (weakref.ref(p, forget), coef)
+        self._warned.clear()  # a new set-up: its mistakes are warned afresh
         self.version += 1
 
     def clear(self) -> None:

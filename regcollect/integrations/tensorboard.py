@@ -46,7 +46,8 @@ def log_penalties(
     ``weight_norms`` adds ``{prefix}/norm/{name}`` (the L2 norm of each regularized weight);
     ``histograms`` adds ``{prefix}/weights/{name}`` histograms. Each kind of tag has its own
     namespace, so no entry name (a root parameter called ``total``, a scope called ``norm``)
-    can write over another tag.
+    can write over another tag. The penalties are those of the last ``loss()`` (the weights
+    before the step that followed it); norms and histograms are of the weights now.
 
     Args:
         writer: A ``torch.utils.tensorboard.SummaryWriter`` (anything with ``add_scalar``

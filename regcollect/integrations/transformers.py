@@ -292,5 +292,5 @@ class RegularizedTrainer(RegularizationMixin, transformers.Trainer):
         >>> from regcollect.integrations.transformers import RegularizedTrainer, regularize
         >>> regularize(model, rc.l2(1e-4))    # the Trainer's decay set  # doctest: +SKIP
         >>> trainer = RegularizedTrainer(model, args, train_dataset=ds)  # doctest: +SKIP
-        >>> trainer.train()   # logs "reg/total" and each penalty  # doctest: +SKIP
+        >>> trainer.train()   # logs "reg/total" beside "loss"  # doctest: +SKIP
     """
