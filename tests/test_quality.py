@@ -2,13 +2,15 @@
 tool steps of ``.ci/run``, not tests."""
 
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from typecheck import mypy  # noqa: E402
 
 
 def test_py_typed_shipped():
@@ -23,24 +25,7 @@ def test_user_code_outside_the_project_type_checks_against_the_installed_package
     (tmp_path / "train.py").write_text(
         "import regcollect as rc\nreveal_type(rc.loss())\nreveal_type(rc.l2(0.01))\n"
     )
-    result = subprocess.run(
-        # The project's options and cache (warm once `.ci/run`'s mypy step or an earlier run
-        # filled it); the file given on the command line replaces the configured packages.
-        [
-            sys.executable,
-            "-m",
-            "mypy",
-            "--cache-dir",
-            str(ROOT / ".mypy_cache"),
-            "--config-file",
-            str(ROOT / "pyproject.toml"),
-            "train.py",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-    )
-    out = result.stdout + result.stderr
+    _, out = mypy(tmp_path, ["train.py"])
     assert "import-not-found" not in out, out
     assert 'Revealed type is "torch._tensor.Tensor"' in out, out
     # The class as mypy sees it, where it is defined (its runtime __module__ is public).
@@ -122,20 +107,5 @@ def test_documented_arguments_type_check_strictly(tmp_path):
         "table: str = rc.summary(top=3, by='module', depth=1)\n"
         "total: torch.Tensor = rc.loss(model)\n"
     )
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mypy",
-            "--strict",
-            "--cache-dir",
-            str(ROOT / ".mypy_cache"),
-            "--config-file",
-            str(ROOT / "pyproject.toml"),
-            "train.py",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    status, out = mypy(tmp_path, ["train.py"], "--strict")
+    assert status == 0, out

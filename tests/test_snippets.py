@@ -16,7 +16,6 @@ is still compiled, and type-checked with the rest of its page (``test_pages_type
 import contextlib
 import io
 import re
-import subprocess
 import sys
 import textwrap
 import traceback
@@ -30,6 +29,10 @@ import regcollect as rc
 from regcollect import regularizers
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from typecheck import mypy  # noqa: E402
+
 PAGES = ["README.md", *sorted(p.relative_to(ROOT).as_posix() for p in ROOT.glob("docs/**/*.md"))]
 
 # Packages a block may need that this project's test environment cannot install (no build
@@ -226,23 +229,7 @@ def test_pages_type_check(tmp_path):
             name = "page_" + re.sub(r"\W", "_", page.removesuffix(".md"))
             modules[f"{name}.py"] = page
             (tmp_path / f"{name}.py").write_text(as_module(blocks))
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mypy",
-            *MYPY_FLAGS,
-            "--cache-dir",
-            str(ROOT / ".mypy_cache"),
-            "--config-file",
-            str(ROOT / "pyproject.toml"),
-            *modules,
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-    )
-    out = result.stdout + result.stderr
+    status, out = mypy(tmp_path, list(modules), *MYPY_FLAGS)
     for module, page in modules.items():
         out = out.replace(module, f"{module} ({page})")
-    assert result.returncode == 0, out
+    assert status == 0, out
