@@ -220,14 +220,12 @@ class PlanCache:
 
 
 def _schedules(entries: Sequence[Entry]) -> tuple[Schedule, ...]:
-    """The distinct schedules among the entries' coefficients (their configs' values)."""
+    """The distinct schedules among the entries' coefficients, found as the registry finds
+    those it follows (``kernel_of(regularizer).schedules``)."""
     found: dict[int, Schedule] = {}
     for entry in entries:
-        try:
-            config = entry.regularizer.get_config()
-        except Exception:  # custom regularizers need not be configurable
-            continue
-        found.update({id(v): v for v in config.values() if isinstance(v, Schedule)})
+        reg = entry.regularizer
+        found.update({id(s): s for s in kernel_of(reg).schedules(reg)})
     return tuple(found.values())
 
 
