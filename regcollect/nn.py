@@ -178,8 +178,7 @@ class RegularizedLayer(torch.nn.Module):
 
     def _rc_read(self, argument: str) -> Regularizer | None:
         coll: Collection | None = self.__dict__.get("_rc_collection")
-        pairs = self._rc_params(argument) if coll is not None else []
-        found = [coll.find(m, n) for m, n in pairs]  # type: ignore[union-attr]
+        found = (coll.find(m, n) for m, n in self._rc_params(argument)) if coll is not None else ()
         entry = next((e for e in found if e is not None), None)
         return None if entry is None else entry.regularizer  # type: ignore[no-any-return]
 

@@ -411,7 +411,9 @@ class Registry:
 def _device_of(tensor: torch.Tensor | None, module: torch.nn.Module | None) -> torch.device | None:
     """Where an entry's coefficients live: its tensor's device, or for a layer's output that
     of the layer's first parameter (the CPU for a layer without any)."""
-    if tensor is not None or module is None:
-        return None if tensor is None else tensor.device
+    if tensor is not None:
+        return tensor.device
+    if module is None:
+        return None
     first = next(module.parameters(), None)
     return first.device if first is not None else torch.device("cpu")
