@@ -32,7 +32,7 @@ from .._torch_compat import is_compiling
 from .entries import ACTIVITY, Entry
 from .guards import install_step_hook, model_groups, release, warn_meta, warn_models
 from .plans import CachedPlan, PlanCache, View, scope_key, values_each, with_records
-from .readout import Last, Readout, Row, check_finite
+from .readout import Last, Readout, Row, check_finite, steps_of
 from .registering import Registering
 from .registry import Registry
 from .summary import Summary, check_tablefmt, check_view, render, table_extra, values_by
@@ -275,10 +275,13 @@ class Collection(Registering):
     # -- reading the last values --
 
     def _rows(
-        self, scope: ScopeArg, extra: Sequence[torch.Tensor] = ()
+        self,
+        scope: ScopeArg,
+        extra: Sequence[torch.Tensor] = (),
+        lasts: Sequence[Last] | None = None,
     ) -> tuple[list[Row], float, list[float]]:
         entries, names = self._registry._view(scope)
-        return self._readout.rows(entries, names, extra)
+        return self._readout.rows(entries, names, extra, lasts)
 
     def assert_finite(self, scope: ScopeArg = None) -> None:
         """Raise ``FloatingPointError`` naming every entry whose last penalty is NaN or inf.
@@ -357,14 +360,15 @@ class Collection(Registering):
         check_tablefmt(tablefmt)
         check_view(top, by, depth)
         extra, loss_value = table_extra(loss)
-        rows, total, extra_values = self._rows(scope, extra)
+        lasts = self._readout.lasts()  # the values and the steps they were computed at, at once
+        rows, total, extra_values = self._rows(scope, extra, lasts)
         if extra_values:
             loss_value = extra_values[0]
         return render(
             rows,
             total,
             loss_value,
-            self._readout.steps(),
+            steps_of(lasts),
             tablefmt=tablefmt,
             file=file,
             top=top,

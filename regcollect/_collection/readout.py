@@ -19,7 +19,16 @@ from .. import _locks
 from .._torch_compat import is_compiling
 from .entries import Entry
 
-__all__ = ["Last", "Readout", "Row", "as_dict", "check_finite", "to_host", "with_total"]
+__all__ = [
+    "Last",
+    "Readout",
+    "Row",
+    "as_dict",
+    "check_finite",
+    "steps_of",
+    "to_host",
+    "with_total",
+]
 
 Row = tuple[Entry, str, "float | None"]
 
@@ -84,35 +93,26 @@ class Readout:
         with self._lock:
             self._lasts, self._traced = {}, None
 
-    def steps(self) -> dict[Entry, dict[int, int]]:
-        """Each entry's schedules' steps when its shown value was computed: those of the view
-        whose value ``rows`` shows (the latest to cover it); left out where that view was a
-        compiled step's, whose steps are not known."""
+    def lasts(self) -> list[Last]:
+        """The views' last values, oldest first (a compiled step's folded in): one snapshot,
+        for ``rows`` and ``steps_of`` to read together."""
         with self._lock:
             self._fold()
-            lasts = list(self._lasts.values())
-        steps: dict[Entry, dict[int, int]] = {}
-        for last in lasts:  # oldest first, as in rows(): the latest view wins
-            for entry in [*last.entries, *last.activity]:
-                if last.steps is None:
-                    steps.pop(entry, None)
-                else:
-                    steps[entry] = last.steps
-        return steps
+            return list(self._lasts.values())
 
     def rows(
         self,
         entries: Sequence[Entry],
         names: dict[Entry, str],
         extra: Sequence[torch.Tensor] = (),
+        lasts: Sequence[Last] | None = None,
     ) -> tuple[list[Row], float, list[float]]:
-        """Rows ``(entry, name, value or None)``, their total, and ``extra`` tensors as floats.
+        """Rows ``(entry, name, value or None)``, their total, and ``extra`` tensors as floats,
+        from ``lasts`` (default: the current ``lasts()``).
 
         None marks an entry no ``loss()`` has evaluated (registered since, or frozen).
         """
-        with self._lock:
-            self._fold()
-            lasts = list(self._lasts.values())
+        lasts = self.lasts() if lasts is None else lasts
         tensors: list[torch.Tensor] = [t.detach().reshape(-1) for t in extra]
         owners: list[tuple[int, list[Entry]]] = []
         for n, last in enumerate(lasts):
@@ -135,6 +135,20 @@ class Readout:
         rows = [(e, names[e], value_of.get(e)) for e in entries]
         total = sum(v for _, _, v in rows if v is not None)
         return rows, total, [f[0] for f in floats[: len(extra)]]
+
+
+def steps_of(lasts: Sequence[Last]) -> dict[Entry, dict[int, int]]:
+    """Each entry's schedules' steps when its value in ``rows`` was computed: those of the
+    latest view to cover it; left out where that view was a compiled step's, whose steps are
+    not known."""
+    steps: dict[Entry, dict[int, int]] = {}
+    for last in lasts:  # oldest first, as in rows(): the latest view wins
+        for entry in [*last.entries, *last.activity]:
+            if last.steps is None:
+                steps.pop(entry, None)
+            else:
+                steps[entry] = last.steps
+    return steps
 
 
 def check_finite(rows: Sequence[Row]) -> None:
