@@ -238,27 +238,27 @@ class GroupDecay:
             else:
                 forgotten += [i for i in ids if i in mine and i not in attached]
         name = type(optimizer).__name__
-        if forgotten and "forgotten" not in self._warned:
-            self._warned.add("forgotten")
-            _warn(
+        if forgotten:
+            self._warn_once(
+                "forgotten",
                 f"{name} steps parameters whose rc.l2 penalty rc.param_groups() handed to an "
                 f"optimizer's weight_decay ({len(forgotten)}: {names(forgotten)}) in a "
                 "parameter group rc.param_groups() did not make: nothing applies their penalty "
                 "(rc.loss() gives it no gradient). Build the optimizer from "
                 "rc.param_groups(model).",
             )
-        if doubled and "doubled" not in self._warned:
-            self._warned.add("doubled")
-            _warn(
+        if doubled:
+            self._warn_once(
+                "doubled",
                 f"regularized parameters ({len(doubled)}: {names(doubled)}) are in a "
                 f"parameter group of {name} made by rc.param_groups() with weight_decay > 0, "
                 "but their penalty is not the one the group was made for (another collection, "
                 "or a regularizer changed since): rc.loss()'s gradient and the group's decay "
                 "both apply it. Call rc.param_groups() again and rebuild the optimizer.",
             )
-        if removed and "removed" not in self._warned:
-            self._warned.add("removed")
-            _warn(
+        if removed:
+            self._warn_once(
+                "removed",
                 f"parameters ({len(removed)}) in a parameter group of {name} made by "
                 "rc.param_groups() with weight_decay > 0 no longer carry the rc.l2 penalty the "
                 "group was made for (removed or replaced since): the group still decays them. "
@@ -266,6 +266,8 @@ class GroupDecay:
             )
         return scheduled
 
-
-def _warn(message: str) -> None:
-    warn_user(message)  # at the user's step() call, however deep the wrappers
+    def _warn_once(self, kind: str, message: str) -> None:
+        """Warn of ``kind`` once per ``param_groups()`` call, at the user's ``step()`` line."""
+        if kind not in self._warned:
+            self._warned.add(kind)
+            warn_user(message)
